@@ -1,0 +1,3 @@
+from auraserve.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""The FastAPI application: factory, lifespan, cross-cutting middleware, media and health.
+
+The app never runs the model: it writes jobs and reads their status. In `serve` the same
+process also runs one worker thread (the embedded default); the runtime owns both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from auraserve import __version__
+from auraserve.api import errors
+from auraserve.api.dialects import queue
+from auraserve.errors import RequestNotFound
+from auraserve.media.storage import media_type_of
+from auraserve.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413 before reading them (Content-Length), or as
+    soon as a streamed body passes the limit. Pure ASGI, so it costs nothing per chunk."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                # The HTTP server enforces the declared length, so the header is enough.
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = self.limit + 1
+                if declared > self.limit:
+                    await self._reject(send)
+                    return
+                await self.app(scope, receive, send)
+                return
+        # No length declared (chunked): buffer up to the limit, then replay to the app.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message]), send)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._reject(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body_message: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body_message], receive), send)
+
+    async def _reject(self, send: Send) -> None:
+        body = (
+            b'{"error":"Payload Too Large","message":"request body exceeds '
+            + str(self.limit).encode()
+            + b' bytes"}'
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    pending = list(messages)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        if then is not None:
+            return await then()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
+    """Build the app around an open runtime. With `owns_runtime`, shutdown closes it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_runtime:
+            runtime.close()
+
+    app = FastAPI(
+        title="auraserve",
+        version=__version__,
+        description="Self-hosted AuraFlow text-to-image API (async queue, sync and OpenAI dialects).",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    errors.install(app)
+    app.include_router(queue.router)
+
+    @app.get("/media/{name}", tags=["media"], responses={404: {}})
+    async def media(name: str) -> Response:
+        path = runtime.media.path(name)
+        if path is None:
+            raise RequestNotFound("No such media")
+        return FileResponse(
+            path,
+            media_type=media_type_of(name),
+            headers={
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "public, max-age=31536000, immutable",
+            },
+        )
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> JSONResponse:
+        workers = [
+            {"id": w.worker_id, "state": w.state.value, "jobs_done": w.jobs_done}
+            for w in runtime.workers
+        ]
+        engine = runtime.engine
+        return JSONResponse(
+            {
+                "status": "ok",
+                "version": __version__,
+                "model": engine.description if engine else None,
+                "test_model": bool(engine and engine.is_test_model),
+                "workers": workers,
+            }
+        )
+
+    @app.get("/metrics", tags=["operations"], include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, limit=runtime.settings.max_body_bytes)
+    return app

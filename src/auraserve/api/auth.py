@@ -1,0 +1,46 @@
+"""API keys → accounts. Every dialect accepts all three headers, so a client of any of the
+hosted APIs can keep its own header: `Ocp-Apim-Subscription-Key` (seed 002), `x-api-key`
+(seed 000) and `Authorization: Bearer` (OpenAI)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from auraserve.errors import Unauthorized
+from auraserve.store import keys
+from auraserve.store.keys import Account
+
+
+def presented_key(request: Request) -> str | None:
+    headers = request.headers
+    for name in ("ocp-apim-subscription-key", "x-api-key"):
+        value = headers.get(name)
+        if value:
+            return value.strip()
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+async def current_account(request: Request) -> Account:
+    raw = presented_key(request)
+    if raw is None:
+        raise Unauthorized(
+            "Missing API key: send it in Ocp-Apim-Subscription-Key, x-api-key or "
+            "Authorization: Bearer"
+        )
+    runtime = request.app.state.runtime
+    account = await run_in_threadpool(keys.authenticate, runtime.db, raw)
+    if account is None:
+        raise Unauthorized("Invalid or revoked API key")
+    request.state.account = account
+    return account
+
+
+CurrentAccount = Annotated[Account, Depends(current_account)]

@@ -1,0 +1,102 @@
+"""What a job is, independent of how it is stored or shown."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from auraserve.core.request import GenerationRequest
+
+
+class JobStatus(StrEnum):
+    QUEUED = "QUEUED"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"  # the request could not be fulfilled (not charged)
+    ERROR = "ERROR"  # a system fault (not charged), e.g. workers kept dying on it
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL = frozenset(
+    {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.ERROR, JobStatus.CANCELLED}
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    account_id: str
+    model_id: str
+    status: JobStatus
+    priority: int
+    request: GenerationRequest
+    price: int
+    attempts: int
+    max_attempts: int
+    lease_owner: str | None
+    progress_step: int
+    progress_total: int
+    cancel_requested: bool
+    error: str | None
+    output: dict[str, Any] | None
+    logs: list[list[Any]]
+    engine_seconds: float | None
+    webhook_url: str | None
+    webhook_mode: str | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    completed_at: float | None
+    queue_position: int | None = field(default=None, compare=False)
+
+    @property
+    def request_id(self) -> str:
+        return request_id(self.model_id, self.id)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_row(cls, row: Any, queue_position: int | None = None) -> Job:
+        return cls(
+            id=row.id,
+            account_id=row.account_id,
+            model_id=row.model_id,
+            status=JobStatus(row.status),
+            priority=row.priority,
+            request=GenerationRequest.model_validate_json(row.params),
+            price=int(row.price),
+            attempts=row.attempts,
+            max_attempts=row.max_attempts,
+            lease_owner=row.lease_owner,
+            progress_step=row.progress_step,
+            progress_total=row.progress_total,
+            cancel_requested=bool(row.cancel_requested),
+            error=row.error,
+            output=json.loads(row.output) if row.output else None,
+            logs=json.loads(row.logs) if row.logs else [],
+            engine_seconds=row.engine_seconds,
+            webhook_url=row.webhook_url,
+            webhook_mode=row.webhook_mode,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            started_at=row.started_at,
+            completed_at=row.completed_at,
+            queue_position=queue_position,
+        )
+
+
+def request_id(model_id: str, job_id: str) -> str:
+    """The public id: `{model_id}_{uuid}`, as the seed's gateway writes it."""
+    return f"{model_id}_{job_id}"
+
+
+def split_request_id(value: str) -> tuple[str, str] | None:
+    """(model_id, job uuid), or None if `value` is not shaped like one of our ids."""
+    model_id, sep, job_id = value.rpartition("_")
+    if not sep or not model_id or len(job_id) != 36 or len(value) > 200:
+        return None
+    return model_id, job_id

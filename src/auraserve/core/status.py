@@ -1,0 +1,67 @@
+"""The status object: what `GET /v2/requests/status/{id}` returns and what webhooks POST.
+
+One function renders it so the poll, the SSE stream and the webhook can never disagree.
+Field names and shapes follow seed 002; `queue_position`, `progress`, `logs`, `seeds`,
+`metrics` and the rest are additions that clients of that API can ignore.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from auraserve.core.jobs import Job, JobStatus
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + (
+        f"{int(ts * 1000) % 1000:03d}Z"
+    )
+
+
+def media_url(public_url: str, name: str) -> str:
+    return f"{public_url}/media/{name}"
+
+
+def status_body(job: Job, public_url: str) -> dict[str, Any]:
+    output = None
+    if job.status == JobStatus.COMPLETED and job.output is not None:
+        output = {
+            "media_url": [media_url(public_url, n) for n in job.output["media"]],
+            "media_type": job.output["media_type"],
+        }
+    body: dict[str, Any] = {
+        "request_id": job.request_id,
+        "status": job.status.value,
+        "model_id": job.model_id,
+        "error": job.error,
+        "output": output,
+        "created_at": iso(job.created_at),
+        "updated_at": iso(job.updated_at),
+        "completed_at": iso(job.completed_at),
+    }
+    if job.status == JobStatus.QUEUED:
+        body["queue_position"] = job.queue_position
+    if job.status == JobStatus.PROCESSING or job.progress_total:
+        total = job.progress_total or job.request.steps
+        step = job.progress_step
+        body["progress"] = {
+            "step": step,
+            "total_steps": total,
+            "total": total,
+            "percent": round(100.0 * step / total, 1) if total else 0.0,
+        }
+    if job.logs:
+        body["logs"] = [{"timestamp": iso(t), "message": m} for t, m in job.logs]
+    if job.output is not None:
+        body["seeds"] = job.output.get("seeds")
+        body["width"] = job.output.get("width")
+        body["height"] = job.output.get("height")
+        body["prompt"] = job.output.get("prompt_used")
+        if job.output.get("warnings"):
+            body["warnings"] = job.output["warnings"]
+    if job.engine_seconds is not None:
+        body["metrics"] = {"inference_time": round(job.engine_seconds, 4)}
+    return body

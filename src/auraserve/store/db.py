@@ -1,0 +1,130 @@
+"""Database access: one SQLAlchemy engine, explicit read and write transactions, migrations.
+
+SQLite runs in WAL mode with one writer at a time. Python's sqlite3 driver would otherwise
+open a deferred transaction and upgrade it to a write lock at the first write, which deadlocks
+two writers against each other; we therefore issue `BEGIN IMMEDIATE` for write transactions
+ourselves and serialise this process's writers on a lock, so SQLite's busy handler (which
+sleeps) only ever waits for *other* processes such as the CLI.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy.engine import Engine
+
+from auraserve.store.events import LocalBus, PgListener, take_events
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK_ID = 0x61757261  # "aura": advisory lock so replicas never migrate at once
+
+
+class Database:
+    """Owns the engine; hands out short transactions. Thread-safe."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.bus = LocalBus()
+        self._listener: PgListener | None = None
+        self._write_lock = threading.Lock() if self.is_sqlite else None
+        if self.is_sqlite:
+            if sqlite3.sqlite_version_info < (3, 35):
+                raise RuntimeError(
+                    f"SQLite {sqlite3.sqlite_version} is too old: auraserve needs 3.35+ "
+                    "for UPDATE … RETURNING"
+                )
+            db_path = url.split(":///", 1)[-1]
+            if db_path and db_path != ":memory:":
+                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                url,
+                pool_size=pool_size,
+                max_overflow=20,
+                connect_args={"check_same_thread": False, "timeout": 30},
+            )
+            event.listen(self.engine, "connect", _sqlite_on_connect)
+            event.listen(self.engine, "begin", _sqlite_on_begin)
+        else:
+            self.engine = create_engine(
+                url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True
+            )
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A transaction that will write. On SQLite: this process's writers take turns."""
+        if self._write_lock is None:
+            with self.engine.begin() as conn:
+                take_events(conn)  # drop leftovers of a rolled-back transaction
+                yield conn
+                events = take_events(conn)
+        else:
+            with self._write_lock:
+                with self.engine.connect() as conn:
+                    conn = conn.execution_options(auraserve_immediate=True)
+                    take_events(conn)  # drop leftovers of a rolled-back transaction
+                    with conn.begin():
+                        yield conn
+                    events = take_events(conn)
+        # Committed: now it is safe to wake whoever waits on these jobs.
+        for kind, job_id in events:
+            self.bus.publish(kind, job_id)
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction; on SQLite it never blocks writers (WAL)."""
+        with self.engine.connect() as conn:
+            with conn.begin():
+                yield conn
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision; safe to call from many processes at once."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with self.write() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def start_listener(self) -> None:
+        """On PostgreSQL, hear other processes' events (no-op on SQLite: one process writes)."""
+        if self.is_sqlite or self._listener is not None:
+            return
+        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._listener = PgListener(dsn, self.bus)
+        self._listener.start()
+
+    def dispose(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        self.engine.dispose()
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take transaction control away from the driver (see the module docstring).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable against process crashes in WAL mode; only an OS crash can lose the
+    # last commits, which is the standard trade for a local single-node store.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    if conn.get_execution_options().get("auraserve_immediate"):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql("BEGIN")

@@ -1,0 +1,423 @@
+"""The job queue: submit, claim, progress, settle, recover.
+
+Every state change is one short transaction. A worker's writes are fenced by
+`lease_owner = :me AND status = 'PROCESSING'`, so a worker that was presumed dead (its lease
+expired and the job was requeued or finished elsewhere) can neither complete nor charge.
+Credits move in the same transaction as the status they belong to (see `ledger`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, insert, or_, select, tuple_, update
+
+from auraserve.core.ids import uuid7
+from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.request import GenerationRequest
+from auraserve.errors import QueueLimitReached
+from auraserve.store import ledger
+from auraserve.store.db import Database
+from auraserve.store.events import JOB, WORK, emit_in
+from auraserve.store.schema import jobs
+
+QUEUED = JobStatus.QUEUED.value
+PROCESSING = JobStatus.PROCESSING.value
+ACTIVE = (QUEUED, PROCESSING)
+_MAX_LOG_LINES = 50
+
+# Called inside the transaction that moves a job to a new status; used by the webhook outbox
+# so that a delivery is recorded atomically with the status it reports.
+TransitionHook = Callable[[Connection, Job], None]
+_transition_hooks: list[TransitionHook] = []
+
+
+def add_transition_hook(hook: TransitionHook) -> None:
+    if hook not in _transition_hooks:
+        _transition_hooks.append(hook)
+
+
+def _transitioned_in(conn: Connection, row: Any) -> Job:
+    job = Job.from_row(row)
+    emit_in(conn, JOB, job.id)
+    for hook in _transition_hooks:
+        hook(conn, job)
+    return job
+
+
+@dataclass(frozen=True)
+class Submission:
+    job: Job
+    balance: int
+
+
+def submit_in(
+    conn: Connection,
+    *,
+    account_id: str,
+    request: GenerationRequest,
+    price: int,
+    max_queued: int,
+    max_attempts: int,
+    priority: int = 0,
+    webhook_url: str | None = None,
+    webhook_mode: str | None = None,
+) -> Submission:
+    """Check the account's queue limit, reserve credits and insert the job, in `conn`'s
+    transaction. Raises QueueLimitReached or InsufficientBalance (nothing is written then)."""
+    active = conn.execute(
+        select(func.count())
+        .select_from(jobs)
+        .where(jobs.c.account_id == account_id, jobs.c.status.in_(ACTIVE))
+    ).scalar_one()
+    if active >= max_queued:
+        raise QueueLimitReached(
+            f"Too many requests in flight for this account ({active}, limit {max_queued}); "
+            "wait for some to finish"
+        )
+    job_id = uuid7()
+    balance = ledger.reserve_in(conn, account_id, job_id, price)
+    now = time.time()
+    row = conn.execute(
+        insert(jobs)
+        .values(
+            id=job_id,
+            account_id=account_id,
+            model_id=request.model,
+            status=QUEUED,
+            priority=priority,
+            params=request.model_dump_json(),
+            batch_key=request.batch_key,
+            num_images=request.num_images,
+            price=price,
+            attempts=0,
+            max_attempts=max_attempts,
+            progress_step=0,
+            progress_total=request.steps,
+            cancel_requested=False,
+            webhook_url=webhook_url,
+            webhook_mode=webhook_mode,
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(*jobs.c)
+    ).one()
+    emit_in(conn, WORK, job_id)
+    job = _transitioned_in(conn, row)
+    return Submission(job, balance)
+
+
+def submit(db: Database, **kwargs: Any) -> Submission:
+    with db.write() as conn:
+        return submit_in(conn, **kwargs)
+
+
+def _queue_order() -> tuple[Any, ...]:
+    return (jobs.c.priority, jobs.c.created_at, jobs.c.id)
+
+
+def claim(
+    db: Database,
+    *,
+    worker_id: str,
+    models: Collection[str],
+    max_images: int,
+    lease_seconds: float,
+) -> list[Job]:
+    """Lease the oldest claimable job and as many jobs sharing its batch key as fit in
+    `max_images` images. Lower `priority` runs first, then older jobs.
+
+    PostgreSQL: `FOR UPDATE SKIP LOCKED` lets many workers claim at once without waiting on
+    each other. SQLite: the write transaction is `BEGIN IMMEDIATE`, so claims are serialised.
+    """
+    now = time.time()
+    with db.write() as conn:
+        head = conn.execute(
+            select(jobs.c.id, jobs.c.batch_key, jobs.c.num_images)
+            .where(jobs.c.status == QUEUED, jobs.c.model_id.in_(list(models)))
+            .order_by(*_queue_order())
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if head is None:
+            return []
+        ids = [head.id]
+        room = max_images - head.num_images
+        if room > 0:
+            candidates = conn.execute(
+                select(jobs.c.id, jobs.c.num_images)
+                .where(
+                    jobs.c.status == QUEUED,
+                    jobs.c.batch_key == head.batch_key,
+                    jobs.c.id != head.id,
+                    jobs.c.num_images <= room,
+                )
+                .order_by(*_queue_order())
+                .limit(max_images)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for cand in candidates:
+                if cand.num_images <= room:
+                    ids.append(cand.id)
+                    room -= cand.num_images
+        rows = conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(ids), jobs.c.status == QUEUED)
+            .values(
+                status=PROCESSING,
+                lease_owner=worker_id,
+                lease_expires_at=now + lease_seconds,
+                attempts=jobs.c.attempts + 1,
+                started_at=func.coalesce(jobs.c.started_at, now),
+                updated_at=now,
+                progress_step=0,
+            )
+            .returning(*jobs.c)
+        ).all()
+        claimed = [_transitioned_in(conn, r) for r in rows]
+    order = {job_id: i for i, job_id in enumerate(ids)}
+    return sorted(claimed, key=lambda j: order[j.id])
+
+
+def _fenced(job_ids: Collection[str], worker_id: str) -> Any:
+    return and_(
+        jobs.c.id.in_(list(job_ids)),
+        jobs.c.lease_owner == worker_id,
+        jobs.c.status == PROCESSING,
+    )
+
+
+def report_progress(
+    db: Database,
+    *,
+    worker_id: str,
+    job_ids: Collection[str],
+    step: int | None,
+    total: int | None,
+    lease_seconds: float,
+    log: str | None = None,
+) -> tuple[set[str], set[str]]:
+    """Record progress and extend the leases (this doubles as the heartbeat).
+
+    Returns (jobs still ours, jobs whose cancellation was requested). A job missing from the
+    first set was lost: its lease expired and someone else owns its fate now.
+    """
+    now = time.time()
+    values: dict[str, Any] = {"lease_expires_at": now + lease_seconds, "updated_at": now}
+    if step is not None:
+        values["progress_step"] = step
+    if total is not None:
+        values["progress_total"] = total
+    with db.write() as conn:
+        if log is not None:
+            _append_log_in(conn, job_ids, worker_id, now, log)
+        rows = conn.execute(
+            update(jobs)
+            .where(_fenced(job_ids, worker_id))
+            .values(**values)
+            .returning(jobs.c.id, jobs.c.cancel_requested)
+        ).all()
+        for r in rows:
+            if step is not None:
+                emit_in(conn, JOB, r.id)
+    return {r.id for r in rows}, {r.id for r in rows if r.cancel_requested}
+
+
+def _append_log_in(
+    conn: Connection, job_ids: Collection[str], worker_id: str, now: float, message: str
+) -> None:
+    rows = conn.execute(
+        select(jobs.c.id, jobs.c.logs).where(_fenced(job_ids, worker_id))
+    ).all()
+    for r in rows:
+        lines = json.loads(r.logs) if r.logs else []
+        lines.append([now, message])
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == r.id)
+            .values(logs=json.dumps(lines[-_MAX_LOG_LINES:]))
+        )
+
+
+def complete(
+    db: Database,
+    *,
+    worker_id: str,
+    job_id: str,
+    output: dict[str, Any],
+    engine_seconds: float,
+) -> Job | None:
+    """COMPLETED and capture the reservation, if the job is still ours; else None."""
+    now = time.time()
+    with db.write() as conn:
+        row = conn.execute(
+            update(jobs)
+            .where(_fenced([job_id], worker_id))
+            .values(
+                status=JobStatus.COMPLETED.value,
+                output=json.dumps(output),
+                engine_seconds=engine_seconds,
+                progress_step=jobs.c.progress_total,
+                lease_expires_at=None,
+                completed_at=now,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        ).first()
+        if row is None:
+            return None
+        ledger.capture_in(conn, row.account_id, row.id, int(row.price))
+        return _transitioned_in(conn, row)
+
+
+def finish_unsuccessful(
+    db: Database,
+    *,
+    worker_id: str,
+    job_id: str,
+    status: JobStatus,
+    error: str | None,
+) -> Job | None:
+    """FAILED, ERROR or CANCELLED and release the reservation, if the job is still ours."""
+    if status not in (JobStatus.FAILED, JobStatus.ERROR, JobStatus.CANCELLED):
+        raise ValueError(f"not an unsuccessful status: {status}")
+    now = time.time()
+    with db.write() as conn:
+        row = conn.execute(
+            update(jobs)
+            .where(_fenced([job_id], worker_id))
+            .values(
+                status=status.value,
+                error=error,
+                lease_expires_at=None,
+                completed_at=now,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        ).first()
+        if row is None:
+            return None
+        ledger.release_in(conn, row.account_id, row.id, int(row.price))
+        return _transitioned_in(conn, row)
+
+
+def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str], list[str]]:
+    """Requeue jobs whose worker stopped heartbeating; past the attempt cap, ERROR and refund.
+
+    Any worker (or the API) may call this; SKIP LOCKED keeps two callers from fighting.
+    Returns (requeued ids, errored ids).
+    """
+    now = time.time() if now is None else now
+    requeued: list[str] = []
+    errored: list[str] = []
+    with db.write() as conn:
+        expired = conn.execute(
+            select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts)
+            .where(jobs.c.status == PROCESSING, jobs.c.lease_expires_at < now)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job in expired:
+            still_expired = and_(
+                jobs.c.id == job.id,
+                jobs.c.status == PROCESSING,
+                jobs.c.lease_expires_at < now,
+            )
+            if job.attempts < job.max_attempts:
+                row = conn.execute(
+                    update(jobs)
+                    .where(still_expired)
+                    .values(
+                        status=QUEUED,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        progress_step=0,
+                        updated_at=now,
+                    )
+                    .returning(*jobs.c)
+                ).first()
+                if row is not None:
+                    requeued.append(job.id)
+                    emit_in(conn, WORK, job.id)
+                    _transitioned_in(conn, row)
+            else:
+                row = conn.execute(
+                    update(jobs)
+                    .where(still_expired)
+                    .values(
+                        status=JobStatus.ERROR.value,
+                        error=(
+                            f"the worker stopped responding {job.attempts} times; "
+                            "giving up (not charged)"
+                        ),
+                        lease_expires_at=None,
+                        completed_at=now,
+                        updated_at=now,
+                    )
+                    .returning(*jobs.c)
+                ).first()
+                if row is not None:
+                    ledger.release_in(conn, row.account_id, row.id, int(row.price))
+                    errored.append(job.id)
+                    _transitioned_in(conn, row)
+    return requeued, errored
+
+
+def queue_position_in(conn: Connection, row: Any) -> int:
+    """How many queued jobs run before this one (0 = next)."""
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(jobs)
+            .where(
+                jobs.c.status == QUEUED,
+                tuple_(*_queue_order())
+                < tuple_(
+                    *(
+                        (row.priority, row.created_at, row.id)
+                    )
+                ),
+            )
+        ).scalar_one()
+    )
+
+
+def get(db: Database, job_id: str, *, account_id: str | None = None) -> Job | None:
+    """A job by id; with `account_id`, only if it belongs to that account (tenant scoping)."""
+    with db.read() as conn:
+        return get_in(conn, job_id, account_id=account_id)
+
+
+def get_in(conn: Connection, job_id: str, *, account_id: str | None = None) -> Job | None:
+    cond = jobs.c.id == job_id
+    if account_id is not None:
+        cond = and_(cond, jobs.c.account_id == account_id)
+    row = conn.execute(select(jobs).where(cond)).first()
+    if row is None:
+        return None
+    position = queue_position_in(conn, row) if row.status == QUEUED else None
+    return Job.from_row(row, queue_position=position)
+
+
+def count_active(db: Database, account_id: str) -> int:
+    with db.read() as conn:
+        return int(
+            conn.execute(
+                select(func.count())
+                .select_from(jobs)
+                .where(jobs.c.account_id == account_id, jobs.c.status.in_(ACTIVE))
+            ).scalar_one()
+        )
+
+
+def any_active(db: Database) -> bool:
+    with db.read() as conn:
+        return (
+            conn.execute(
+                select(jobs.c.id).where(or_(jobs.c.status == QUEUED, jobs.c.status == PROCESSING)).limit(1)
+            ).first()
+            is not None
+        )

@@ -1,0 +1,166 @@
+"""Accounts and API keys.
+
+A key looks like `aura_<key id>_<secret>`: the key id (public, 16 hex chars) finds the row,
+the secret is 32 random bytes (base64url). Only SHA-256 of the whole key is stored, compared in
+constant time; the key itself is shown once, at creation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select, update
+
+from auraserve.core.ids import short_id
+from auraserve.store import ledger
+from auraserve.store.db import Database
+from auraserve.store.schema import accounts, api_keys
+from auraserve.webhooks.signing import new_secret
+
+KEY_PREFIX = "aura"
+_KEY_SECRET_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Account:
+    id: str
+    name: str
+    max_queued: int | None
+    requests_per_minute: int | None
+    max_concurrent: int | None
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    key: str
+    key_id: str
+    account_id: str
+    credits: int
+    webhook_secret: str
+    name: str
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key_id: str
+    account_id: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+
+
+def _hash(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def _new_key() -> tuple[str, str]:
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(_KEY_SECRET_BYTES)
+    return key_id, f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+def create_account(db: Database, name: str, credits: int = 0) -> CreatedKey:
+    """A new account with one key and `credits` granted. Returns the key (shown once)."""
+    account_id = short_id("acct")
+    key_id, raw = _new_key()
+    secret = new_secret()
+    now = time.time()
+    with db.write() as conn:
+        conn.execute(
+            insert(accounts).values(
+                id=account_id, name=name, balance=0, webhook_secret=secret, created_at=now
+            )
+        )
+        conn.execute(
+            insert(api_keys).values(
+                id=key_id, account_id=account_id, name=name, key_hash=_hash(raw), created_at=now
+            )
+        )
+        if credits:
+            ledger.grant_in(conn, account_id, credits, note="initial credits")
+    return CreatedKey(raw, key_id, account_id, credits, secret, name)
+
+
+def create_key(db: Database, account_id: str, name: str) -> CreatedKey:
+    """Another key for an existing account."""
+    key_id, raw = _new_key()
+    with db.write() as conn:
+        row = conn.execute(
+            select(accounts.c.webhook_secret).where(accounts.c.id == account_id)
+        ).first()
+        if row is None:
+            raise LookupError(f"no account {account_id}")
+        conn.execute(
+            insert(api_keys).values(
+                id=key_id,
+                account_id=account_id,
+                name=name,
+                key_hash=_hash(raw),
+                created_at=time.time(),
+            )
+        )
+        balance = ledger.balance_in(conn, account_id)
+    return CreatedKey(raw, key_id, account_id, balance, row.webhook_secret, name)
+
+
+def list_keys(db: Database) -> list[KeyInfo]:
+    with db.read() as conn:
+        rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
+    return [KeyInfo(r.id, r.account_id, r.name, r.created_at, r.revoked_at) for r in rows]
+
+
+def revoke_key(db: Database, key_id: str) -> bool:
+    with db.write() as conn:
+        result = conn.execute(
+            update(api_keys)
+            .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=time.time())
+        )
+    return result.rowcount == 1
+
+
+def count_keys(db: Database) -> int:
+    with db.read() as conn:
+        return len(conn.execute(select(api_keys.c.id).limit(1)).all())
+
+
+def authenticate(db: Database, raw_key: str) -> Account | None:
+    """The account a presented key belongs to, or None for malformed, unknown or revoked keys."""
+    parts = raw_key.split("_")
+    if len(parts) < 3 or parts[0] != KEY_PREFIX or len(raw_key) > 200:
+        return None
+    key_id = parts[1]
+    with db.read() as conn:
+        row = conn.execute(
+            select(
+                api_keys.c.key_hash,
+                api_keys.c.revoked_at,
+                accounts.c.id,
+                accounts.c.name,
+                accounts.c.max_queued,
+                accounts.c.requests_per_minute,
+                accounts.c.max_concurrent,
+            )
+            .join(accounts, accounts.c.id == api_keys.c.account_id)
+            .where(api_keys.c.id == key_id)
+        ).first()
+    # Compare even when the row is missing so timing does not reveal which key ids exist.
+    expected = row.key_hash if row is not None else "0" * 64
+    if not hmac.compare_digest(expected, _hash(raw_key)) or row is None:
+        return None
+    if row.revoked_at is not None:
+        return None
+    return Account(
+        row.id, row.name, row.max_queued, row.requests_per_minute, row.max_concurrent
+    )
+
+
+def webhook_secret(db: Database, account_id: str) -> str:
+    with db.read() as conn:
+        return conn.execute(
+            select(accounts.c.webhook_secret).where(accounts.c.id == account_id)
+        ).scalar_one()

@@ -1,0 +1,15 @@
+"""Alembic environment: always driven programmatically by `Database.migrate()`, which hands
+us an open connection inside its transaction."""
+
+from alembic import context
+
+from auraserve.store.schema import metadata
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=metadata,
+    render_as_batch=connection.dialect.name == "sqlite",
+    transactional_ddl=True,
+)
+context.run_migrations()

@@ -1,0 +1,164 @@
+"""The tables, in SQLAlchemy Core. Migrations in `migrations/versions` must match this file
+(a test compares them). Times are UNIX seconds as floats: portable across SQLite and
+PostgreSQL, cheap to compare, and formatted as ISO 8601 only at the API edge."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+metadata = MetaData()
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; PostgreSQL wants BIGINT for an append-only log.
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False),
+    # Credits available to spend now (reservations already taken out). Never negative.
+    Column("balance", BigInteger, nullable=False, server_default="0"),
+    Column("webhook_secret", String(100), nullable=False),
+    # Per-account overrides; NULL means the server default.
+    Column("max_queued", Integer, nullable=True),
+    Column("requests_per_minute", Integer, nullable=True),
+    Column("max_concurrent", Integer, nullable=True),
+    Column("created_at", Double, nullable=False),
+    CheckConstraint("balance >= 0", name="ck_accounts_balance_nonnegative"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    # The public part of the key (it is embedded in the key itself); used to look the key up.
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("name", String(200), nullable=False),
+    # SHA-256 of the whole key, hex. Keys carry 256 bits of entropy, so a fast hash is safe.
+    Column("key_hash", String(64), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("revoked_at", Double, nullable=True),
+    Index("ix_api_keys_account", "account_id"),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("job_id", String(36), nullable=True),
+    # grant | reserve | capture | release
+    Column("kind", String(16), nullable=False),
+    # Effect on the available balance: grant +, reserve -, release +, capture 0 (the reserved
+    # credits are spent). `amount` keeps the credits concerned, always >= 0.
+    Column("amount", BigInteger, nullable=False),
+    Column("balance_delta", BigInteger, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("note", String(200), nullable=True),
+    CheckConstraint("amount >= 0", name="ck_ledger_amount_nonnegative"),
+    Index("ix_ledger_account", "account_id", "id"),
+    # At most one reservation and at most one settlement (capture XOR release) per job: the
+    # database itself refuses a double charge or a double refund.
+    Index(
+        "ux_ledger_job_reserve",
+        "job_id",
+        unique=True,
+        sqlite_where=text("kind = 'reserve'"),
+        postgresql_where=text("kind = 'reserve'"),
+    ),
+    Index(
+        "ux_ledger_job_settle",
+        "job_id",
+        unique=True,
+        sqlite_where=text("kind IN ('capture', 'release')"),
+        postgresql_where=text("kind IN ('capture', 'release')"),
+    ),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("model_id", String(100), nullable=False),
+    # QUEUED | PROCESSING | COMPLETED | FAILED | ERROR | CANCELLED
+    Column("status", String(16), nullable=False),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    # The canonical GenerationRequest as JSON.
+    Column("params", Text, nullable=False),
+    Column("batch_key", String(200), nullable=False),
+    # Images this job adds to a batch; the worker fills batches up to max_batch images.
+    Column("num_images", Integer, nullable=False),
+    Column("price", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("max_attempts", Integer, nullable=False),
+    Column("lease_owner", String(100), nullable=True),
+    Column("lease_expires_at", Double, nullable=True),
+    Column("progress_step", Integer, nullable=False, server_default="0"),
+    Column("progress_total", Integer, nullable=False, server_default="0"),
+    Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
+    Column("error", Text, nullable=True),
+    # {"media": [names], "media_type": ..., "seeds": [...], "prompt_used": ..., "warnings": [...]}
+    Column("output", Text, nullable=True),
+    # Timestamped progress lines, JSON list of [unix_time, message].
+    Column("logs", Text, nullable=True),
+    Column("engine_seconds", Double, nullable=True),
+    Column("webhook_url", String(2048), nullable=True),
+    Column("webhook_mode", String(16), nullable=True),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("started_at", Double, nullable=True),
+    Column("completed_at", Double, nullable=True),
+    Index("ix_jobs_queue", "status", "priority", "created_at", "id"),
+    Index("ix_jobs_account_status", "account_id", "status"),
+    Index("ix_jobs_lease", "status", "lease_expires_at"),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("job_id", String(36), nullable=False),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("url", String(2048), nullable=False),
+    # The Standard Webhooks `webhook-id`: the same across retries of one event.
+    Column("event_id", String(80), nullable=False, unique=True),
+    Column("payload", Text, nullable=False),
+    Column("terminal", Boolean, nullable=False),
+    # pending | delivered | failed | gone
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Double, nullable=False),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Index("ix_webhook_due", "state", "next_attempt_at"),
+    Index("ix_webhook_job", "job_id"),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("account_id", String(40), ForeignKey("accounts.id"), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("job_id", String(36), nullable=True),
+    Column("status_code", Integer, nullable=True),
+    Column("response", Text, nullable=True),
+    Column("created_at", Double, nullable=False),
+)
