@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 from sqlalchemy import create_engine, text
 
 from auraserve.config import Settings, load_settings
@@ -68,11 +75,18 @@ def database_url(tmp_path: Path, pg_database_url: str | None) -> str:
     return pg_database_url
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
     return load_settings(
         data_dir=tmp_path / "data",
         database_url=database_url or None,
+        port=free_port(),
         model="tiny",
         lease_seconds=5.0,
         heartbeat_seconds=1.0,
@@ -86,3 +100,113 @@ def db(settings: Settings) -> Iterator[Database]:
     database.migrate()
     yield database
     database.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_engine() -> Any:
+    """The tiny random-weight AuraFlow, built once per test session."""
+    from auraserve.engine.pipeline import load_engine
+
+    return load_engine("tiny", device="cpu", dtype="float32")
+
+
+class LiveServer:
+    """A real uvicorn server on loopback, in a thread, around a runtime."""
+
+    def __init__(self, runtime: Any) -> None:
+        from auraserve.api.app import create_app
+
+        self.runtime = runtime
+        self.app = create_app(runtime)
+        settings = runtime.settings
+        self.url = f"http://{settings.host}:{settings.port}"
+        config = uvicorn.Config(
+            self.app, host=settings.host, port=settings.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def runtime(settings: Settings) -> Iterator[Any]:
+    from auraserve.runtime import Runtime
+
+    rt = Runtime.open(settings)
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def server(runtime: Any, tiny_engine: Any) -> Iterator[LiveServer]:
+    """API plus one in-process worker, as `auraserve serve` runs them."""
+    runtime.engine = tiny_engine
+    runtime.start_worker()
+    live = LiveServer(runtime).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def api_only_server(runtime: Any) -> Iterator[LiveServer]:
+    """API without a worker: jobs stay QUEUED until a test runs one."""
+    live = LiveServer(runtime).start()
+    yield live
+    live.stop()
+
+
+@dataclass
+class Tenant:
+    key: str
+    account_id: str
+    key_id: str
+    webhook_secret: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Ocp-Apim-Subscription-Key": self.key}
+
+
+def make_tenant(runtime: Any, credits: int = 100_000, name: str = "tenant") -> Tenant:
+    from auraserve.store import keys
+
+    created = keys.create_account(runtime.db, name, credits=credits)
+    return Tenant(created.key, created.account_id, created.key_id, created.webhook_secret)
+
+
+@pytest.fixture
+def tenant(runtime: Any) -> Tenant:
+    return make_tenant(runtime)
+
+
+@pytest.fixture
+def client(runtime: Any) -> Iterator[httpx.Client]:
+    s = runtime.settings
+    with httpx.Client(base_url=f"http://{s.host}:{s.port}", timeout=30) as c:
+        yield c
+
+
+def wait_for_status(
+    client: httpx.Client, request_id: str, headers: dict[str, str], *, timeout: float = 60
+) -> dict[str, Any]:
+    """Poll until a terminal status; returns the last status body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(f"/v2/requests/status/{request_id}", headers=headers).json()
+        if body.get("status") in ("COMPLETED", "FAILED", "ERROR", "CANCELLED"):
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job did not finish: {body}")
+        time.sleep(0.05)

@@ -28,6 +28,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         port=getattr(args, "port", None),
         data_dir=getattr(args, "data_dir", None),
         model=getattr(args, "model", None),
+        workers=getattr(args, "workers", None),
     )
 
 
@@ -59,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     weights = settings.weights_for(settings.default_preset)
-    engine = _load_engine(settings, weights)
+    engine = _load_engine(settings, weights) if settings.workers else None
     runtime = Runtime.open(settings, engine=engine)
     created = runtime.bootstrap_key(settings.bootstrap_credits)
     if created is not None:
@@ -70,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "Make more with: auraserve keys create --name NAME --credits N\n",
             flush=True,
         )
-    runtime.start_worker()
+    for _ in range(settings.workers):
+        runtime.start_worker(models=_served_models(settings, weights))
     app = create_app(runtime, owns_runtime=True)
     print(
         f"auraserve {__version__} listening on http://{settings.host}:{settings.port} "
@@ -269,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--workers", type=int, help="in-process workers (default 1; 0 = API only)"
+    )
     common(serve, model=True)
     serve.set_defaults(func=cmd_serve)
 

@@ -6,13 +6,15 @@ environment variable and what it accepts, instead of failing on the first reques
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -100,7 +102,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     offload: Literal["none", "model", "sequential"] = "none"
 
-    # Queue and worker.
+    # Queue and worker. `workers` is the number of in-process workers `serve` runs: 1 on the
+    # embedded default, 0 for API-only replicas when GPU workers run as `auraserve worker`.
+    workers: int = Field(1, ge=0, le=16)
     max_batch: int = Field(4, ge=1, le=64)
     lease_seconds: float = Field(30.0, gt=0)
     heartbeat_seconds: float = Field(5.0, gt=0)
@@ -111,6 +115,72 @@ class Settings(BaseSettings):
     # API.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     bootstrap_credits: int = Field(100_000, ge=0)
+    # How long a sync-dialect request (seed 000, OpenAI) waits for its image before answering
+    # 504 with the request_id; the job keeps running and stays pollable.
+    sync_timeout_seconds: float = Field(300.0, gt=0)
+    # Server-sent events on /v2/requests/status/{id}/stream: a comment line this often keeps
+    # proxies from closing an idle stream.
+    sse_keepalive_seconds: float = Field(15.0, gt=0)
+    # Idempotency-Key: how long a key remembers its first response.
+    idempotency_ttl_seconds: float = Field(24 * 3600.0, gt=0)
+
+    # Rate limits per account; an account's own requests_per_minute / max_concurrent override
+    # these. 0 disables a limit (max_queued_per_account still caps the queue).
+    rate_limit_per_minute: int = Field(600, ge=0)
+    rate_limit_max_concurrent: int = Field(0, ge=0)
+    # Shared limiter state for several API replicas, e.g. redis://127.0.0.1:6379/0; empty
+    # keeps counters in this process.
+    redis_url: str = ""
+    rate_limit_key_prefix: str = Field("auraserve", min_length=1, max_length=100)
+
+    # Webhooks (seed 002). Hosts or networks that deliveries may reach although they are
+    # loopback/private (development and tests), e.g. "127.0.0.1,localhost,::1"; comma separated
+    # or a JSON list. Trust for private CAs comes from SSL_CERT_FILE / SSL_CERT_DIR.
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Accept plain http:// webhook URLs (development only; seed 002 requires https).
+    webhook_allow_http: bool = False
+    # Delay before attempt n, in seconds (Standard Webhooks schedule); jittered by ±10 %.
+    webhook_schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    # X-Webhook-Mode: sync sends progress at most this often (seed 002: 15 s).
+    webhook_sync_interval_seconds: float = Field(15.0, gt=0)
+    # Deliveries in flight at once per API process.
+    webhook_concurrency: int = Field(16, ge=1, le=1000)
+
+    @field_validator("webhook_allow_hosts", "webhook_schedule", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # Environment variables carry lists as "a,b,c" (or JSON, for symmetry with TOML).
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_allow_hosts")
+    @classmethod
+    def _valid_allow_hosts(cls, value: list[str]) -> list[str]:
+        from auraserve.webhooks.ssrf import AddressPolicy
+
+        AddressPolicy(value)  # raises ValueError naming a bad entry
+        return value
+
+    @field_validator("webhook_schedule")
+    @classmethod
+    def _valid_schedule(cls, value: list[float]) -> list[float]:
+        if not value or any(d < 0 for d in value):
+            raise ValueError("must be a non-empty list of delays >= 0 (seconds)")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _valid_redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

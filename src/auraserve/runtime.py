@@ -34,11 +34,13 @@ class Runtime:
         db.migrate()
         return cls(settings=settings, db=db, media=LocalMediaStore(settings.media_dir), engine=engine)
 
-    def start_worker(self) -> Worker:
+    def start_worker(self, models: list[str] | None = None) -> Worker:
         if self.engine is None:
             raise RuntimeError("no engine loaded")
         self.db.start_listener()
-        worker = Worker(db=self.db, settings=self.settings, engine=self.engine, media=self.media)
+        worker = Worker(
+            db=self.db, settings=self.settings, engine=self.engine, media=self.media, models=models
+        )
         worker.start()
         self.workers.append(worker)
         return worker

@@ -366,23 +366,23 @@ def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str
     return requeued, errored
 
 
+# Counting the jobs ahead costs time proportional to the answer; past this many, the exact
+# number no longer helps a client decide anything, so polls stay cheap on deep queues.
+QUEUE_POSITION_CAP = 10_000
+
+
 def queue_position_in(conn: Connection, row: Any) -> int:
-    """How many queued jobs run before this one (0 = next)."""
-    return int(
-        conn.execute(
-            select(func.count())
-            .select_from(jobs)
-            .where(
-                jobs.c.status == QUEUED,
-                tuple_(*_queue_order())
-                < tuple_(
-                    *(
-                        (row.priority, row.created_at, row.id)
-                    )
-                ),
-            )
-        ).scalar_one()
+    """How many queued jobs run before this one (0 = next), capped at QUEUE_POSITION_CAP."""
+    ahead = (
+        select(jobs.c.id)
+        .where(
+            jobs.c.status == QUEUED,
+            tuple_(*_queue_order()) < tuple_(row.priority, row.created_at, row.id),
+        )
+        .limit(QUEUE_POSITION_CAP)
+        .subquery()
     )
+    return int(conn.execute(select(func.count()).select_from(ahead)).scalar_one())
 
 
 def get(db: Database, job_id: str, *, account_id: str | None = None) -> Job | None:

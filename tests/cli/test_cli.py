@@ -1,0 +1,143 @@
+"""The `auraserve` command as scripts use it: real subprocesses, real store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from auraserve.config import Settings
+from tests.conftest import LiveServer, free_port, wait_for_status
+
+
+def run_cli(*args: str, settings: Settings | None = None, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    if settings is not None:
+        full_env["AURASERVE_DATA_DIR"] = str(settings.data_dir)
+        if settings.database_url:
+            full_env["AURASERVE_DATABASE_URL"] = settings.database_url
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "auraserve", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
+
+
+def test_keys_and_credits_commands(settings: Settings) -> None:
+    created = run_cli("keys", "create", "--name", "ci", "--credits", "500", "--json",
+                      settings=settings)
+    assert created.returncode == 0, created.stderr
+    record = json.loads(created.stdout)
+    assert {"key", "key_id", "account_id", "credits", "webhook_secret"} <= set(record)
+    assert record["credits"] == 500
+    assert re.fullmatch(r"aura_[0-9a-f]{16}_[A-Za-z0-9_-]{43}", record["key"])
+    assert record["webhook_secret"].startswith("whsec_")
+
+    listed = run_cli("keys", "list", settings=settings)
+    assert record["key_id"] in listed.stdout and record["key"] not in listed.stdout
+
+    granted = run_cli("credits", "grant", record["account_id"], "250", settings=settings)
+    assert json.loads(granted.stdout) == {"account_id": record["account_id"], "credits": 750}
+    shown = run_cli("credits", "show", record["account_id"], settings=settings)
+    assert json.loads(shown.stdout)["credits"] == 750
+    assert run_cli("credits", "show", "acct_nope", settings=settings).returncode == 1
+
+    assert run_cli("keys", "revoke", record["key_id"], settings=settings).returncode == 0
+    assert run_cli("keys", "revoke", record["key_id"], settings=settings).returncode == 1
+
+
+def test_cli_works_while_the_server_runs(server: LiveServer, client: httpx.Client,
+                                         settings: Settings) -> None:
+    created = run_cli("keys", "create", "--name", "live", "--credits", "1000", "--json",
+                      settings=settings)
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)["key"]
+    headers = {"x-api-key": key}
+    rid = client.post("/auraflow-v0-3-512/v1/auraflow-v0-3-request", headers=headers,
+                      json={"prompt": "from the CLI", "num_inference_steps": 2}).json()["request_id"]
+    assert wait_for_status(client, rid, headers)["status"] == "COMPLETED"
+
+
+def _start_serve(tmp_path: Path, settings: Settings) -> tuple[subprocess.Popen[str], int, list[str]]:
+    port = free_port()
+    env = dict(os.environ, AURASERVE_DATA_DIR=str(tmp_path / "serve"))
+    if settings.database_url:
+        env["AURASERVE_DATABASE_URL"] = settings.database_url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "auraserve", "serve", "--model", "tiny", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "listening on" in line:
+            break
+    return proc, port, lines
+
+
+def test_serve_prints_a_key_on_first_start_only(tmp_path: Path, settings: Settings) -> None:
+    proc, port, lines = _start_serve(tmp_path, settings)
+    try:
+        text = "".join(lines)
+        match = re.search(r"(aura_[0-9a-f]{16}_[A-Za-z0-9_-]{43})", text)
+        assert match, text
+        assert "auraserve keys create" in text
+        assert "TEST model" in text  # the tiny model is clearly labelled
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"{base}/health").json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert health["test_model"] is True
+        headers = {"Ocp-Apim-Subscription-Key": match.group(1)}
+        with httpx.Client(base_url=base) as client:
+            rid = client.post("/auraflow-v0-3/v1/x-request", headers=headers,
+                              json={"prompt": "first", "num_inference_steps": 1,
+                                    "width": 512, "height": 512}).json()["request_id"]
+            assert wait_for_status(client, rid, headers)["status"] == "COMPLETED"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    proc, _, lines = _start_serve(tmp_path, settings)
+    proc.terminate()
+    proc.wait(30)
+    assert not re.search(r"aura_[0-9a-f]{16}_", "".join(lines))
+
+
+def test_generate_writes_an_image_with_a_progress_bar(tmp_path: Path) -> None:
+    out = tmp_path / "out.webp"
+    result = run_cli("generate", "a red cube", "-o", str(out), "--model", "tiny", "--steps", "3",
+                     "--seed", "5", "--width", "512", "--height", "512",
+                     env={"AURASERVE_DATA_DIR": str(tmp_path / "d")})
+    assert result.returncode == 0, result.stderr
+    assert "denoising" in result.stderr and "3/3" in result.stderr
+    info: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["seeds"] == [5] and info["width"] == 512
+    assert out.read_bytes()[:4] == b"RIFF"
+
+
+def test_unloadable_model_ends_with_one_clear_line(tmp_path: Path) -> None:
+    result = run_cli("generate", "x", "-o", str(tmp_path / "o.png"), "--model",
+                     str(tmp_path / "no-such-dir"), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("auraserve:")]
+    assert len(lines) == 1, result.stderr
+    assert "--model" in lines[0]
+
+
+def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
+    result = run_cli("keys", "list", env={"AURASERVE_LEASE_SECONDS": "-3",
+                                          "AURASERVE_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "AURASERVE_LEASE_SECONDS" in result.stderr
