@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from starlette.concurrency import run_in_threadpool
 
+from auraserve.api.store_calls import call_store
 from auraserve.errors import Unauthorized
 from auraserve.store import keys
 from auraserve.store.keys import Account
@@ -36,7 +36,7 @@ async def current_account(request: Request) -> Account:
             "Authorization: Bearer"
         )
     runtime = request.app.state.runtime
-    account = await run_in_threadpool(keys.authenticate, runtime.db, raw)
+    account = await call_store(runtime, keys.authenticate, runtime.db, raw)
     if account is None:
         raise Unauthorized("Invalid or revoked API key")
     request.state.account = account

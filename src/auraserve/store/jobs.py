@@ -9,21 +9,21 @@ Credits move in the same transaction as the status they belong to (see `ledger`)
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, tuple_, update
 
 from auraserve.core.ids import uuid7
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.core.request import GenerationRequest
-from auraserve.errors import QueueLimitReached
 from auraserve.store import ledger
 from auraserve.store.db import Database
 from auraserve.store.events import JOB, WORK, emit_in
-from auraserve.store.schema import jobs
+from auraserve.store.schema import accounts, jobs
 
 QUEUED = JobStatus.QUEUED.value
 PROCESSING = JobStatus.PROCESSING.value
@@ -41,8 +41,22 @@ def add_transition_hook(hook: TransitionHook) -> None:
         _transition_hooks.append(hook)
 
 
+_INSERT_JOB = insert(jobs).returning(*jobs.c)
+_RELEASE_SLOT = (
+    update(accounts)
+    .where(accounts.c.id == bindparam("acct"))
+    .values(active_jobs=accounts.c.active_jobs - 1)
+)
+
+
 def _transitioned_in(conn: Connection, row: Any) -> Job:
+    """Every status change goes through here, in its transaction: the account's active-job
+    counter, the wake-up event and the transition hooks (webhook outbox) stay in step."""
     job = Job.from_row(row)
+    # Callers only pass rows that just changed status (their UPDATEs are fenced on the old
+    # status), so a terminal row here is always a new arrival in a terminal state.
+    if job.is_terminal:
+        conn.execute(_RELEASE_SLOT, {"acct": job.account_id})
     emit_in(conn, JOB, job.id)
     for hook in _transition_hooks:
         hook(conn, job)
@@ -67,44 +81,33 @@ def submit_in(
     webhook_url: str | None = None,
     webhook_mode: str | None = None,
 ) -> Submission:
-    """Check the account's queue limit, reserve credits and insert the job, in `conn`'s
-    transaction. Raises QueueLimitReached or InsufficientBalance (nothing is written then)."""
-    active = conn.execute(
-        select(func.count())
-        .select_from(jobs)
-        .where(jobs.c.account_id == account_id, jobs.c.status.in_(ACTIVE))
-    ).scalar_one()
-    if active >= max_queued:
-        raise QueueLimitReached(
-            f"Too many requests in flight for this account ({active}, limit {max_queued}); "
-            "wait for some to finish"
-        )
+    """Take a queue slot and reserve credits (one guarded UPDATE), then insert the job, in
+    `conn`'s transaction. Raises QueueLimitReached or InsufficientBalance (nothing written)."""
     job_id = uuid7()
-    balance = ledger.reserve_in(conn, account_id, job_id, price)
+    balance = ledger.reserve_in(conn, account_id, job_id, price, max_active=max_queued)
     now = time.time()
     row = conn.execute(
-        insert(jobs)
-        .values(
-            id=job_id,
-            account_id=account_id,
-            model_id=request.model,
-            status=QUEUED,
-            priority=priority,
-            params=request.model_dump_json(),
-            batch_key=request.batch_key,
-            num_images=request.num_images,
-            price=price,
-            attempts=0,
-            max_attempts=max_attempts,
-            progress_step=0,
-            progress_total=request.steps,
-            cancel_requested=False,
-            webhook_url=webhook_url,
-            webhook_mode=webhook_mode,
-            created_at=now,
-            updated_at=now,
-        )
-        .returning(*jobs.c)
+        _INSERT_JOB,
+        {
+            "id": job_id,
+            "account_id": account_id,
+            "model_id": request.model,
+            "status": QUEUED,
+            "priority": priority,
+            "params": request.model_dump_json(),
+            "batch_key": request.batch_key,
+            "num_images": request.num_images,
+            "price": price,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "progress_step": 0,
+            "progress_total": request.steps,
+            "cancel_requested": False,
+            "webhook_url": webhook_url,
+            "webhook_mode": webhook_mode,
+            "created_at": now,
+            "updated_at": now,
+        },
     ).one()
     emit_in(conn, WORK, job_id)
     job = _transitioned_in(conn, row)
@@ -371,8 +374,31 @@ def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str
 QUEUE_POSITION_CAP = 10_000
 
 
+# Positions are advisory and only move when the queue head moves, so each process keeps
+# them for a moment: a client (or many) polling a deep queue costs one count per job per
+# POSITION_TTL instead of one per poll.
+POSITION_TTL = 0.5
+_POSITION_CACHE_MAX = 50_000
+_position_cache: dict[str, tuple[float, int]] = {}
+_position_lock = threading.Lock()
+
+
 def queue_position_in(conn: Connection, row: Any) -> int:
     """How many queued jobs run before this one (0 = next), capped at QUEUE_POSITION_CAP."""
+    now = time.monotonic()
+    with _position_lock:
+        cached = _position_cache.get(row.id)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    position = _count_ahead(conn, row)
+    with _position_lock:
+        if len(_position_cache) >= _POSITION_CACHE_MAX:
+            _position_cache.clear()
+        _position_cache[row.id] = (now + POSITION_TTL, position)
+    return position
+
+
+def _count_ahead(conn: Connection, row: Any) -> int:
     ahead = (
         select(jobs.c.id)
         .where(
@@ -391,11 +417,17 @@ def get(db: Database, job_id: str, *, account_id: str | None = None) -> Job | No
         return get_in(conn, job_id, account_id=account_id)
 
 
+_SELECT_JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
+_SELECT_TENANT_JOB = select(jobs).where(
+    jobs.c.id == bindparam("job_id"), jobs.c.account_id == bindparam("acct")
+)
+
+
 def get_in(conn: Connection, job_id: str, *, account_id: str | None = None) -> Job | None:
-    cond = jobs.c.id == job_id
-    if account_id is not None:
-        cond = and_(cond, jobs.c.account_id == account_id)
-    row = conn.execute(select(jobs).where(cond)).first()
+    if account_id is None:
+        row = conn.execute(_SELECT_JOB, {"job_id": job_id}).first()
+    else:
+        row = conn.execute(_SELECT_TENANT_JOB, {"job_id": job_id, "acct": account_id}).first()
     if row is None:
         return None
     position = queue_position_in(conn, row) if row.status == QUEUED else None
@@ -421,3 +453,53 @@ def any_active(db: Database) -> bool:
             ).first()
             is not None
         )
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """What `cancel` did: `cancelled` (it was queued: now CANCELLED and refunded),
+    `requested` (it is running: the worker stops it at its next step) or `finished` (it had
+    already ended; `job` shows how)."""
+
+    outcome: str
+    job: Job
+
+
+def cancel(db: Database, job_id: str, *, account_id: str) -> Cancellation | None:
+    """Cancel a job of `account_id`; None if there is no such job (or it is another's)."""
+    now = time.time()
+    with db.write() as conn:
+        # Fenced on QUEUED: a worker claiming it concurrently either wins (then it is running
+        # and gets the flag below) or finds it CANCELLED; never both.
+        row = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.account_id == account_id, jobs.c.status == QUEUED)
+            .values(
+                status=JobStatus.CANCELLED.value,
+                error="cancelled by the client",
+                completed_at=now,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        ).first()
+        if row is not None:
+            ledger.release_in(conn, row.account_id, row.id, int(row.price))
+            return Cancellation("cancelled", _transitioned_in(conn, row))
+        row = conn.execute(
+            update(jobs)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.account_id == account_id,
+                jobs.c.status == PROCESSING,
+            )
+            .values(cancel_requested=True, updated_at=now)
+            .returning(*jobs.c)
+        ).first()
+        if row is not None:
+            # Not a status change: wake watchers (SSE, sync waiters) but run no hooks.
+            emit_in(conn, JOB, row.id)
+            return Cancellation("requested", Job.from_row(row))
+        job = get_in(conn, job_id, account_id=account_id)
+    if job is None:
+        return None
+    return Cancellation("finished", job)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from auraserve.core.ids import short_id
 from auraserve.store import ledger
@@ -120,6 +121,7 @@ def revoke_key(db: Database, key_id: str) -> bool:
             .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
             .values(revoked_at=time.time())
         )
+    _forget_cached_keys()
     return result.rowcount == 1
 
 
@@ -128,29 +130,62 @@ def count_keys(db: Database) -> int:
         return len(conn.execute(select(api_keys.c.id).limit(1)).all())
 
 
+_KEY_LOOKUP = (
+    select(
+        api_keys.c.key_hash,
+        api_keys.c.revoked_at,
+        accounts.c.id,
+        accounts.c.name,
+        accounts.c.max_queued,
+        accounts.c.requests_per_minute,
+        accounts.c.max_concurrent,
+    )
+    .join(accounts, accounts.c.id == api_keys.c.account_id)
+    .where(api_keys.c.id == bindparam("key_id"))
+)
+
+
+# Every request authenticates; a verified key is remembered for a moment so hot polling does
+# not repeat the lookup. Revoking in this process clears the cache at once; a revocation made
+# by another process (the CLI, another replica) takes effect within AUTH_CACHE_TTL seconds.
+AUTH_CACHE_TTL = 2.0
+_AUTH_CACHE_MAX = 10_000
+_auth_cache: dict[str, tuple[float, Account]] = {}
+_auth_lock = threading.Lock()
+
+
+def _forget_cached_keys() -> None:
+    with _auth_lock:
+        _auth_cache.clear()
+
+
 def authenticate(db: Database, raw_key: str) -> Account | None:
     """The account a presented key belongs to, or None for malformed, unknown or revoked keys."""
+    digest = _hash(raw_key)
+    now = time.monotonic()
+    with _auth_lock:
+        cached = _auth_cache.get(digest)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    account = _authenticate_uncached(db, raw_key, digest)
+    if account is not None:
+        with _auth_lock:
+            if len(_auth_cache) >= _AUTH_CACHE_MAX:
+                _auth_cache.clear()
+            _auth_cache[digest] = (now + AUTH_CACHE_TTL, account)
+    return account
+
+
+def _authenticate_uncached(db: Database, raw_key: str, digest: str) -> Account | None:
     parts = raw_key.split("_")
     if len(parts) < 3 or parts[0] != KEY_PREFIX or len(raw_key) > 200:
         return None
     key_id = parts[1]
     with db.read() as conn:
-        row = conn.execute(
-            select(
-                api_keys.c.key_hash,
-                api_keys.c.revoked_at,
-                accounts.c.id,
-                accounts.c.name,
-                accounts.c.max_queued,
-                accounts.c.requests_per_minute,
-                accounts.c.max_concurrent,
-            )
-            .join(accounts, accounts.c.id == api_keys.c.account_id)
-            .where(api_keys.c.id == key_id)
-        ).first()
+        row = conn.execute(_KEY_LOOKUP, {"key_id": key_id}).first()
     # Compare even when the row is missing so timing does not reveal which key ids exist.
     expected = row.key_hash if row is not None else "0" * 64
-    if not hmac.compare_digest(expected, _hash(raw_key)) or row is None:
+    if not hmac.compare_digest(expected, digest) or row is None:
         return None
     if row.revoked_at is not None:
         return None

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
-from auraserve.errors import InsufficientBalance
+from auraserve.errors import InsufficientBalance, QueueLimitReached
 from auraserve.store.db import Database
 from auraserve.store.schema import accounts, ledger
 
@@ -43,42 +43,63 @@ def grant_in(conn: Connection, account_id: str, amount: int, note: str | None = 
     return int(row.balance)
 
 
-def reserve_in(conn: Connection, account_id: str, job_id: str, amount: int) -> int:
-    """Take `amount` from the balance for `job_id`; raises InsufficientBalance. Returns the
-    balance left."""
+# Statements built once: constructing SQLAlchemy statements per call cost more than running
+# them (profiled: ~70% of a submit), so the hot paths bind parameters into prebuilt ones.
+_INSERT_ENTRY = insert(ledger)
+_RESERVE = (
+    update(accounts)
+    .where(
+        accounts.c.id == bindparam("acct"),
+        accounts.c.balance >= bindparam("amount"),
+        accounts.c.active_jobs < bindparam("max_active"),
+    )
+    .values(
+        balance=accounts.c.balance - bindparam("amount"),
+        active_jobs=accounts.c.active_jobs + 1,
+    )
+    .returning(accounts.c.balance)
+)
+_ACCOUNT_STATE = select(accounts.c.balance, accounts.c.active_jobs).where(
+    accounts.c.id == bindparam("acct")
+)
+
+
+def _entry(account_id: str, job_id: str | None, kind: str, amount: int, delta: int) -> dict[str, object]:
+    return {
+        "account_id": account_id,
+        "job_id": job_id,
+        "kind": kind,
+        "amount": amount,
+        "balance_delta": delta,
+        "created_at": time.time(),
+        "note": None,
+    }
+
+
+def reserve_in(
+    conn: Connection, account_id: str, job_id: str, amount: int, *, max_active: int
+) -> int:
+    """Take `amount` from the balance and one of the account's `max_active` queue slots for
+    `job_id`, in one guarded UPDATE. Raises QueueLimitReached or InsufficientBalance (nothing
+    written then). Returns the balance left."""
     row = conn.execute(
-        update(accounts)
-        .where(accounts.c.id == account_id, accounts.c.balance >= amount)
-        .values(balance=accounts.c.balance - amount)
-        .returning(accounts.c.balance)
+        _RESERVE, {"acct": account_id, "amount": amount, "max_active": max_active}
     ).first()
     if row is None:
+        state = conn.execute(_ACCOUNT_STATE, {"acct": account_id}).first()
+        if state is not None and state.active_jobs >= max_active:
+            raise QueueLimitReached(
+                f"Too many requests in flight for this account ({state.active_jobs}, limit "
+                f"{max_active}); wait for some to finish"
+            )
         raise InsufficientBalance()
-    conn.execute(
-        insert(ledger).values(
-            account_id=account_id,
-            job_id=job_id,
-            kind="reserve",
-            amount=amount,
-            balance_delta=-amount,
-            created_at=time.time(),
-        )
-    )
+    conn.execute(_INSERT_ENTRY, _entry(account_id, job_id, "reserve", amount, -amount))
     return int(row.balance)
 
 
 def capture_in(conn: Connection, account_id: str, job_id: str, amount: int) -> None:
     """The job completed: its reservation is spent. The unique index refuses a second one."""
-    conn.execute(
-        insert(ledger).values(
-            account_id=account_id,
-            job_id=job_id,
-            kind="capture",
-            amount=amount,
-            balance_delta=0,
-            created_at=time.time(),
-        )
-    )
+    conn.execute(_INSERT_ENTRY, _entry(account_id, job_id, "capture", amount, 0))
 
 
 def release_in(conn: Connection, account_id: str, job_id: str, amount: int) -> None:
@@ -88,16 +109,7 @@ def release_in(conn: Connection, account_id: str, job_id: str, amount: int) -> N
         .where(accounts.c.id == account_id)
         .values(balance=accounts.c.balance + amount)
     )
-    conn.execute(
-        insert(ledger).values(
-            account_id=account_id,
-            job_id=job_id,
-            kind="release",
-            amount=amount,
-            balance_delta=amount,
-            created_at=time.time(),
-        )
-    )
+    conn.execute(_INSERT_ENTRY, _entry(account_id, job_id, "release", amount, amount))
 
 
 def balance_in(conn: Connection, account_id: str) -> int:

@@ -32,6 +32,9 @@ accounts = Table(
     Column("name", String(200), nullable=False),
     # Credits available to spend now (reservations already taken out). Never negative.
     Column("balance", BigInteger, nullable=False, server_default="0"),
+    # Jobs of this account that are QUEUED or PROCESSING, kept in step by store.jobs at every
+    # transition, so the per-account queue limit costs O(1) instead of a count of the queue.
+    Column("active_jobs", Integer, nullable=False, server_default="0"),
     Column("webhook_secret", String(100), nullable=False),
     # Per-account overrides; NULL means the server default.
     Column("max_queued", Integer, nullable=True),
@@ -39,6 +42,7 @@ accounts = Table(
     Column("max_concurrent", Integer, nullable=True),
     Column("created_at", Double, nullable=False),
     CheckConstraint("balance >= 0", name="ck_accounts_balance_nonnegative"),
+    CheckConstraint("active_jobs >= 0", name="ck_accounts_active_nonnegative"),
 )
 
 api_keys = Table(

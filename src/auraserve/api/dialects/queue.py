@@ -5,23 +5,32 @@ Mapping only: field names in, status objects out. Every rule lives in `core.requ
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
+from auraserve.api import idempotency
 from auraserve.api.auth import CurrentAccount
 from auraserve.api.body import json_object
-from auraserve.core.jobs import split_request_id
+from auraserve.api.dialects.requests import load_job, render_status
+from auraserve.api.openapi import ERRORS_QUEUE, StatusBody, error_responses
+from auraserve.api.store_calls import call_store
+from auraserve.api.submit import Webhook, accept
 from auraserve.core.request import GenerationRequest, build_request
 from auraserve.core.status import status_body
-from auraserve.errors import ModelNotFound, RequestNotFound
+from auraserve.errors import InvalidParameter, ModelNotFound
 from auraserve.runtime import Runtime
 from auraserve.store import jobs
+from auraserve.webhooks import outbox
+from auraserve.webhooks.ssrf import AddressPolicy, validate_webhook_url
 
-router = APIRouter(tags=["async queue (seed 002)"])
+def set_dialect(request: Request) -> None:
+    request.state.dialect = "queue"
+
+
+router = APIRouter(tags=["async queue (seed 002)"], dependencies=[Depends(set_dialect)])
 
 # Dialect field → canonical field. Fields not listed are ignored, as the hosted API does.
 FIELDS: dict[str, str] = {
@@ -90,61 +99,117 @@ def parse_submit(runtime: Runtime, model_id: str, data: dict[str, Any]) -> Gener
     )
 
 
-def enqueue(runtime: Runtime, account: Any, request: GenerationRequest) -> jobs.Submission:
+WEBHOOK_URL_HEADER = "X-Webhook-URL"
+WEBHOOK_MODE_HEADER = "X-Webhook-Mode"
+
+
+def webhook_of(request: Request, runtime: Runtime) -> Webhook | None:
+    """Seed 002's webhook headers, validated at submit: https only (unless the operator allows
+    http for development), no credentials, no literal private addresses."""
+    url = request.headers.get(WEBHOOK_URL_HEADER)
+    mode = request.headers.get(WEBHOOK_MODE_HEADER)
+    if url is None:
+        if mode is not None and mode.strip().lower() not in outbox.MODES:
+            raise _bad_mode()
+        return None
     settings = runtime.settings
-    preset = settings.presets[request.model]
-    return jobs.submit(
-        runtime.db,
-        account_id=account.id,
-        request=request,
-        price=request.price(preset),
-        max_queued=account.max_queued or settings.max_queued_per_account,
-        max_attempts=settings.max_attempts,
+    normalised = validate_webhook_url(
+        url.strip(),
+        allow_http=settings.webhook_allow_http,
+        policy=AddressPolicy(settings.webhook_allow_hosts),
     )
+    chosen = (mode or outbox.TERMINAL_MODE).strip().lower()
+    if chosen not in outbox.MODES:
+        raise _bad_mode()
+    return Webhook(url=normalised, mode=chosen)
+
+
+def _bad_mode() -> InvalidParameter:
+    return InvalidParameter(
+        field=WEBHOOK_MODE_HEADER,
+        message=f"{WEBHOOK_MODE_HEADER}: must be one of: {', '.join(outbox.MODES)}",
+        allowed=", ".join(outbox.MODES),
+    )
+
+
+def accepted_body(runtime: Runtime, job: jobs.Job) -> dict[str, Any]:
+    base = runtime.settings.resolved_public_url
+    return {
+        "request_id": job.request_id,
+        "status": job.status.value,
+        "polling_url": f"{base}/v2/requests/status/{job.request_id}",
+    }
 
 
 @router.post(
     "/{model_id}/v1/{name}-request",
     status_code=202,
     response_model=QueueSubmitResponse,
+    summary="Submit a generation request (seed 002)",
     openapi_extra={
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": QueueSubmitBody.model_json_schema()}},
         }
     },
-    responses={400: {}, 401: {}, 402: {}, 429: {}},
+    responses=error_responses(ERRORS_QUEUE, 400, 401, 402, 413, 422, 429),
 )
-async def submit(model_id: str, name: str, request: Request, account: CurrentAccount) -> Response:
+async def submit(
+    model_id: str,
+    name: str,
+    request: Request,
+    account: CurrentAccount,
+    x_webhook_url: Annotated[
+        str | None,
+        Header(alias=WEBHOOK_URL_HEADER, description="HTTPS URL to POST status callbacks to"),
+    ] = None,
+    x_webhook_mode: Annotated[
+        str | None,
+        Header(alias=WEBHOOK_MODE_HEADER, description="terminal (default) or sync (progress too)"),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias=idempotency.HEADER, description="Retries with the same key and body "
+               "return the first response and are charged once (24 h)"),
+    ] = None,
+) -> Response:
     runtime = runtime_of(request)
     resolve_model(runtime, model_id)
     data = await json_object(request)
     gen = parse_submit(runtime, model_id, data)
-    submission = await run_in_threadpool(enqueue, runtime, account, gen)
-    job = submission.job
-    base = runtime.settings.resolved_public_url
+    webhook = webhook_of(request, runtime)
+    accepted = await accept(
+        request,
+        account,
+        gen,
+        dialect="queue",
+        raw_fields=data,
+        webhook=webhook,
+        build_response=lambda job: accepted_body(runtime, job),
+    )
+    job = accepted.job
+    body = accepted.response or accepted_body(runtime, job)
     return JSONResponse(
-        {
-            "request_id": job.request_id,
-            "status": job.status.value,
-            "polling_url": f"{base}/v2/requests/status/{job.request_id}",
-        },
+        body,
         status_code=202,
-        headers={"x-remaining-credits": str(submission.balance), "x-request-id": job.request_id},
+        headers={
+            "x-remaining-credits": str(accepted.balance),
+            "x-request-id": job.request_id,
+            **accepted.headers,
+        },
     )
 
 
-def load_job(runtime: Runtime, account_id: str, request_id: str) -> jobs.Job:
-    parts = split_request_id(request_id)
-    job = jobs.get(runtime.db, parts[1], account_id=account_id) if parts else None
-    # Another account's id looks exactly like a missing one: 404, never 403.
-    if job is None or parts is None or job.model_id != parts[0]:
-        raise RequestNotFound(f"Request '{request_id[:200]}' not found")
-    return job
-
-
-@router.get("/v2/requests/status/{request_id}", responses={401: {}, 404: {}})
-async def status(request_id: str, request: Request, account: CurrentAccount) -> dict[str, Any]:
+@router.get(
+    "/v2/requests/status/{request_id}",
+    summary="Status of a request (seed 002); webhooks POST the same object",
+    response_model=StatusBody,
+    responses=error_responses(ERRORS_QUEUE, 401, 404),
+)
+async def status(request_id: str, request: Request, account: CurrentAccount) -> Response:
     runtime = runtime_of(request)
-    job = await run_in_threadpool(load_job, runtime, account.id, request_id)
-    return status_body(job, runtime.settings.resolved_public_url)
+    job = await call_store(runtime, load_job, runtime, account.id, request_id)
+    if job.webhook_url is None:
+        # status_body is plain JSON types already; skip FastAPI's generic encoder on this hot path.
+        return JSONResponse(status_body(job, runtime.settings.resolved_public_url))
+    return JSONResponse(await call_store(runtime, render_status, runtime, job))

@@ -20,11 +20,13 @@ def upgrade() -> None:
     sa.Column('id', sa.String(length=40), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
     sa.Column('balance', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('active_jobs', sa.Integer(), server_default='0', nullable=False),
     sa.Column('webhook_secret', sa.String(length=100), nullable=False),
     sa.Column('max_queued', sa.Integer(), nullable=True),
     sa.Column('requests_per_minute', sa.Integer(), nullable=True),
     sa.Column('max_concurrent', sa.Integer(), nullable=True),
     sa.Column('created_at', sa.Double(), nullable=False),
+    sa.CheckConstraint('active_jobs >= 0', name='ck_accounts_active_nonnegative'),
     sa.CheckConstraint('balance >= 0', name='ck_accounts_balance_nonnegative'),
     sa.PrimaryKeyConstraint('id')
     )
