@@ -52,8 +52,10 @@ from auraserve.core.request import SIZE_MULTIPLE, GenerationRequest
 from auraserve.core.samplers import SAMPLERS, SCHEDULERS
 from auraserve.engine.base import CancelCheck, JobResult, StepCallback
 from auraserve.engine.expand import OfflineExpander, PromptExpander, expand_prompt
+from auraserve.engine.optimize import EngineOptions, apply_optimizations
 from auraserve.engine.sampling import NoiseSampler, sample
 from auraserve.engine.schedules import sigmas as make_sigmas
+from auraserve.engine.text_cache import TextEmbeddingCache
 from auraserve.engine.tiny import build_tiny_pipeline
 from auraserve.errors import JobCancelled, ModelLoadError
 
@@ -161,10 +163,15 @@ class AuraFlowEngine:
         is_test_model: bool = False,
         expander: PromptExpander | None = None,
         max_rows: int | None = None,
+        options: EngineOptions | None = None,
     ) -> None:
         """`max_rows` caps the rows of one transformer forward (uncond and cond rows count
         alike); a bigger batch runs in chunks, trading speed for bounded activation memory.
-        None runs the whole batch at once."""
+        None runs the whole batch at once.
+
+        `options` switches on speed modes (`engine.optimize`); they are applied to `pipe` in
+        place, here, and `optimization_log` says what was applied or skipped. None (or
+        `EngineOptions()`) leaves the pipeline untouched."""
         if max_rows is not None and max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.pipe = pipe
@@ -174,6 +181,13 @@ class AuraFlowEngine:
         self.max_rows = max_rows
         self._lock = threading.Lock()
         install_pos_embed_interpolation(pipe)
+        self.options = options or EngineOptions()
+        self.optimization_log: list[str] = apply_optimizations(pipe, self.options)
+        self.text_cache: TextEmbeddingCache | None = (
+            TextEmbeddingCache(self.options.text_cache_size)
+            if self.options.text_cache_size
+            else None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -205,6 +219,21 @@ class AuraFlowEngine:
         for result in results:
             result.engine_seconds = elapsed
         return results
+
+    def warmup(self, sizes: Sequence[tuple[int, int]], steps: int = 2) -> float:
+        """Run a short generation at each (width, height) so that compilation, CUDA-graph
+        capture and kernel selection happen now, at worker start, not in a user's request.
+        Returns the seconds it took.
+
+        Per size: one request with CFG (2 rows per forward) and one without (1 row), because
+        torch.compile specialises a batch of one; dynamic shapes cover every other row
+        count. Sizes need not pass API validation (the tiny model warms up at 64 px).
+        """
+        started = time.perf_counter()
+        for width, height in sizes:
+            for guidance in (2.0, 1.0):
+                self.generate([_warmup_request(width, height, steps, guidance)])
+        return time.perf_counter() - started
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -239,6 +268,20 @@ class AuraFlowEngine:
             row.warnings += _truncation_warnings(
                 self.pipe.tokenizer, request.negative_prompt, "negative prompt"
             )
+        if self.text_cache is not None:
+            # Each text on its own, as encode_prompt does internally (batch 1 per text), so
+            # a cached embedding is the same tensor the uncached path would compute.
+            row.embeds = self.text_cache.get_or_encode(
+                row.prompt_used, MAX_TOKENS, self._encode_text
+            )
+            row.negative_embeds = (
+                self.text_cache.get_or_encode(
+                    request.negative_prompt or "", MAX_TOKENS, self._encode_text
+                )
+                if row.uses_cfg
+                else None
+            )
+            return
         embeds, _, negative, _ = self.pipe.encode_prompt(
             prompt=row.prompt_used,
             negative_prompt=request.negative_prompt,
@@ -248,6 +291,19 @@ class AuraFlowEngine:
             max_sequence_length=MAX_TOKENS,
         )
         row.embeds, row.negative_embeds = embeds, negative
+
+    def _encode_text(self, text: str) -> torch.Tensor:
+        """One text, exactly as encode_prompt encodes a prompt (and, for the same string, its
+        negative prompt: both are tokenised to 256 ids and encoded with batch 1)."""
+        embeds: torch.Tensor = self.pipe.encode_prompt(
+            prompt=text,
+            negative_prompt=None,
+            do_classifier_free_guidance=False,
+            num_images_per_prompt=1,
+            device=self.device,
+            max_sequence_length=MAX_TOKENS,
+        )[0]
+        return embeds
 
     def _initial_noise(self, rows: list[_Row]) -> torch.Tensor:
         """diffusers' `randn_tensor` with one CPU generator and batch 1: exactly
@@ -403,6 +459,27 @@ class AuraFlowEngine:
 
 def _cpu_generator(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
+
+
+def _warmup_request(width: int, height: int, steps: int, guidance: float) -> GenerationRequest:
+    # model_construct: warm-up sizes may lie below the API's minimum (tests, the tiny model).
+    return GenerationRequest.model_construct(
+        model="warmup",
+        prompt="warm-up",
+        negative_prompt="",
+        num_images=1,
+        guidance_scale=guidance,
+        steps=steps,
+        width=width,
+        height=height,
+        seed=0,
+        shift=1.73,
+        sampler="euler",
+        scheduler="normal",
+        output_format="png",
+        output_quality=80,
+        expand_prompt=False,
+    )
 
 
 def _check_batch(requests: Sequence[GenerationRequest]) -> None:
@@ -628,6 +705,7 @@ def load_engine(
     offload: str = "none",
     expander: PromptExpander | None = None,
     max_rows: int | None = None,
+    options: EngineOptions | None = None,
 ) -> AuraFlowEngine:
     """Load AuraFlow and wrap it in an engine.
 
@@ -654,7 +732,9 @@ def load_engine(
     On the CPU, offload modes are ignored (with a warning).
 
     `expander` (default: the offline one) serves `expand_prompt`; `max_rows` bounds the rows of
-    one transformer forward (see `AuraFlowEngine`).
+    one transformer forward (see `AuraFlowEngine`). `options`: opt-in speed modes
+    (`engine.optimize.EngineOptions`), applied after the weights are placed; None changes
+    nothing. Compiled modes compile lazily: call `engine.warmup(sizes)` before serving.
     """
     if offload not in OFFLOAD_MODES:  # checked before minutes of loading, not after
         raise ModelLoadError(f"unknown offload mode {offload!r}; use none, model or sequential")
@@ -682,6 +762,7 @@ def load_engine(
         is_test_model=weights == TINY_MODEL or _is_toy(pipe),
         expander=expander,
         max_rows=max_rows,
+        options=options,
     )
 
 
