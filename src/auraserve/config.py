@@ -178,8 +178,8 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _valid_redis_url(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if value and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must start with redis:// or rediss://")
         return value
 
     @model_validator(mode="after")

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from auraserve.config import Settings
 from auraserve.engine.base import Engine
 from auraserve.media.storage import LocalMediaStore
 from auraserve.store import keys
 from auraserve.store.db import Database
+from auraserve.webhooks import outbox
 from auraserve.worker.loop import Worker
+
+if TYPE_CHECKING:
+    from auraserve.api.ratelimit import RateLimiter
+    from auraserve.webhooks.outbox import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +32,19 @@ class Runtime:
     media: LocalMediaStore
     engine: Engine | None = None
     workers: list[Worker] = field(default_factory=list)
+    # Set by the API's lifespan (they live on its event loop): the webhook dispatcher and the
+    # per-account rate limiter. Worker-only processes have neither.
+    outbox: Dispatcher | None = None
+    limiter: RateLimiter | None = None
 
     @classmethod
     def open(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         db = Database(settings.resolved_database_url)
         db.migrate()
+        # Every process that changes job statuses records their webhook deliveries in the
+        # same transactions (API: cancels; workers: results), whoever sends them later.
+        outbox.install(db, settings)
         return cls(settings=settings, db=db, media=LocalMediaStore(settings.media_dir), engine=engine)
 
     def start_worker(self, models: list[str] | None = None) -> Worker:

@@ -17,10 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from auraserve import __version__
 from auraserve.api import errors
-from auraserve.api.dialects import queue
+from auraserve.api.dialects import openai, queue, requests, sync
+from auraserve.api.ratelimit import RateLimiter
 from auraserve.errors import RequestNotFound
 from auraserve.media.storage import media_type_of
 from auraserve.runtime import Runtime
+from auraserve.webhooks.outbox import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +104,45 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
     return receive
 
 
+def _document_presets(app: FastAPI, presets: list[str]) -> None:
+    """Name the configured presets in the OpenAPI document: `{model_id}` path parameters are
+    one of them (the routes are declared once, before any configuration is known)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    for param in operation.get("parameters", []):
+                        if param.get("in") == "path" and param.get("name") == "model_id":
+                            param["schema"] = {**param.get("schema", {}), "enum": presets}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     """Build the app around an open runtime. With `owns_runtime`, shutdown closes it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if owns_runtime:
-            runtime.close()
+        # Hear other processes' job events (PostgreSQL NOTIFY): sync waiters, SSE streams and
+        # the outbox wake on them. No-op on SQLite, and when a worker already started it.
+        runtime.db.start_listener()
+        runtime.limiter = RateLimiter(runtime.settings)
+        runtime.outbox = Dispatcher(runtime.db, runtime.settings)
+        runtime.outbox.start()
+        try:
+            yield
+        finally:
+            await runtime.outbox.stop()
+            await runtime.limiter.close()
+            runtime.outbox = None
+            runtime.limiter = None
+            if owns_runtime:
+                runtime.close()
 
     app = FastAPI(
         title="auraserve",
@@ -120,6 +153,10 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     app.state.runtime = runtime
     errors.install(app)
     app.include_router(queue.router)
+    app.include_router(requests.router)
+    app.include_router(sync.build_router(runtime.settings))
+    app.include_router(openai.router)
+    _document_presets(app, sorted(runtime.settings.presets))
 
     @app.get("/media/{name}", tags=["media"], responses={404: {}})
     async def media(name: str) -> Response:

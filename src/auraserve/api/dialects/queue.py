@@ -18,13 +18,14 @@ from auraserve.api.dialects.requests import load_job, render_status
 from auraserve.api.openapi import ERRORS_QUEUE, StatusBody, error_responses
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import Webhook, accept
+from auraserve.core.jobs import Job
 from auraserve.core.request import GenerationRequest, build_request
 from auraserve.core.status import status_body
 from auraserve.errors import InvalidParameter, ModelNotFound
 from auraserve.runtime import Runtime
-from auraserve.store import jobs
 from auraserve.webhooks import outbox
 from auraserve.webhooks.ssrf import AddressPolicy, validate_webhook_url
+
 
 def set_dialect(request: Request) -> None:
     request.state.dialect = "queue"
@@ -56,7 +57,7 @@ CANONICAL_TO_DIALECT = {v: k for k, v in FIELDS.items()}
 class QueueSubmitBody(BaseModel):
     """Documentation of the body; parsing goes through `core.request.build_request`."""
 
-    prompt: str = Field(description="What to draw.", max_length=10_000)
+    prompt: str = Field(description="What to draw.", min_length=1, max_length=10_000)
     num_images: int | None = Field(None, ge=1, le=10)
     guidance_scale: float | None = Field(None, ge=0, le=20)
     num_inference_steps: int | None = Field(None, ge=1, le=100)
@@ -132,7 +133,7 @@ def _bad_mode() -> InvalidParameter:
     )
 
 
-def accepted_body(runtime: Runtime, job: jobs.Job) -> dict[str, Any]:
+def accepted_body(runtime: Runtime, job: Job) -> dict[str, Any]:
     base = runtime.settings.resolved_public_url
     return {
         "request_id": job.request_id,
@@ -161,15 +162,25 @@ async def submit(
     account: CurrentAccount,
     x_webhook_url: Annotated[
         str | None,
-        Header(alias=WEBHOOK_URL_HEADER, description="HTTPS URL to POST status callbacks to"),
+        Header(
+            alias=WEBHOOK_URL_HEADER,
+            description="HTTPS URL to POST status callbacks to (signed per Standard Webhooks)",
+            json_schema_extra={"format": "uri", "pattern": "^https://", "maxLength": 2048},
+        ),
     ] = None,
     x_webhook_mode: Annotated[
         str | None,
-        Header(alias=WEBHOOK_MODE_HEADER, description="terminal (default) or sync (progress too)"),
+        Header(
+            alias=WEBHOOK_MODE_HEADER,
+            description="terminal (default): one callback at the final status; sync: progress "
+            "callbacks too",
+            json_schema_extra={"enum": list(outbox.MODES)},
+        ),
     ] = None,
     idempotency_key: Annotated[
         str | None,
-        Header(alias=idempotency.HEADER, description="Retries with the same key and body "
+        Header(alias=idempotency.HEADER, json_schema_extra={"pattern": idempotency.PATTERN},
+               description="Retries with the same key and body "
                "return the first response and are charged once (24 h)"),
     ] = None,
 ) -> Response:

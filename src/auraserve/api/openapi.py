@@ -1,0 +1,120 @@
+"""Response models for the OpenAPI document. Routes build their bodies by hand (the status
+object comes from `core.status`), so these models only *describe* them; a Schemathesis run in
+the test suite checks that every response matches what is declared here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorBody(BaseModel):
+    """Seed 002 / seed 000 error shape."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="Short title, e.g. 'Insufficient Balance'")
+    message: str = Field(description="What went wrong and what to do")
+    field: str | None = Field(None, description="The parameter or header at fault")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error shape, which its SDKs turn into typed exceptions."""
+
+    error: OpenAIErrorDetail
+
+
+class Output(BaseModel):
+    media_url: list[str]
+    media_type: str
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int
+    total: int
+    percent: float
+
+
+class LogLine(BaseModel):
+    timestamp: str | None
+    message: str
+
+
+class WebhookDelivery(BaseModel):
+    event_id: str = Field(description="The Standard Webhooks webhook-id (same on every retry)")
+    status: str | None = Field(description="The job status this callback reports")
+    terminal: bool
+    state: str = Field(description="pending | delivered | failed | gone | superseded")
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: str | None
+    created_at: str | None
+    updated_at: str | None
+
+
+class WebhookSection(BaseModel):
+    url: str
+    mode: str
+    deliveries: list[WebhookDelivery]
+
+
+class StatusBody(BaseModel):
+    """`GET /v2/requests/status/{request_id}`; webhooks POST the same object."""
+
+    model_config = ConfigDict(extra="allow")
+
+    request_id: str
+    status: str = Field(description="QUEUED, PROCESSING, COMPLETED, FAILED, ERROR or CANCELLED")
+    model_id: str
+    error: str | None
+    output: Output | None
+    created_at: str | None
+    updated_at: str | None
+    completed_at: str | None
+    queue_position: int | None = Field(None, description="Jobs ahead of this one (QUEUED only)")
+    progress: Progress | None = None
+    logs: list[LogLine] | None = None
+    seeds: list[int] | None = None
+    width: int | None = None
+    height: int | None = None
+    prompt: str | None = None
+    warnings: list[str] | None = None
+    metrics: dict[str, Any] | None = None
+    webhook: WebhookSection | None = Field(
+        None, description="Callback attempts, when a webhook is set"
+    )
+    cancel_requested: bool | None = None
+
+
+ERRORS_QUEUE = "queue"
+ERRORS_OPENAI = "openai"
+
+_DESCRIPTIONS = {
+    400: "Invalid parameter (the body names the field)",
+    401: "Missing, invalid or revoked API key",
+    402: "Insufficient balance",
+    404: "No such request, model or URL",
+    406: "Not enough credits (seed 000)",
+    409: "The request already finished",
+    413: "Request body too large",
+    415: "Unsupported Content-Type",
+    422: "Idempotency-Key reused with a different request",
+    429: "Rate limit or jobs-in-flight limit reached (see Retry-After and RateLimit-*)",
+    500: "The engine failed; nothing was charged",
+    504: "Still running after the sync timeout; poll the request_id",
+}
+
+
+def error_responses(kind: str, *codes: int) -> dict[int | str, dict[str, Any]]:
+    model = OpenAIErrorBody if kind == ERRORS_OPENAI else ErrorBody
+    return {code: {"model": model, "description": _DESCRIPTIONS[code]} for code in codes}

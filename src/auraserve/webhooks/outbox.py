@@ -1,0 +1,488 @@
+"""The webhook outbox: deliveries recorded with the status they report, sent after commit.
+
+Writing side (any process that changes a job's status, API or worker): `install` registers a
+`jobs.add_transition_hook` hook, so the `webhook_deliveries` row is inserted in the *same*
+transaction as the status change. A crash can therefore never lose a callback for a status
+that committed, nor send one for a status that rolled back.
+
+Sending side (`Dispatcher`, an asyncio task in each API process): claims due rows, signs
+them per Standard Webhooks with the account's `whsec_` secret (the `webhook-id` is the row's
+`event_id`, identical across retries), delivers through `webhooks.delivery.deliver` (SSRF
+checks, pinned connections) and reschedules failures by `next_delay`: 2xx ends a delivery,
+410 disables the URL for that request, anything else retries on the schedule, honouring
+Retry-After. Claims set a lease (`next_attempt_at` in the future) under `FOR UPDATE SKIP
+LOCKED`, so several API replicas share the outbox and a crashed one's rows come back.
+
+Modes (seed 002 `X-Webhook-Mode`): `terminal` sends one callback at the final status; `sync`
+also sends progress, at most one per `webhook_sync_interval_seconds`. Progress is not a status
+change, so the dispatcher's ticker enqueues it; event ids name the state they report
+(`…_p<attempt>_<step>`) and are unique, so two replicas ticking at once insert one row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
+
+from auraserve.config import Settings
+from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.status import iso, status_body
+from auraserve.store import jobs as jobstore
+from auraserve.store.db import Database
+from auraserve.store.events import emit_in
+from auraserve.store.schema import accounts, webhook_deliveries
+from auraserve.store.schema import jobs as jobs_table
+from auraserve.webhooks.delivery import DeliveryResult, deliver, next_delay
+from auraserve.webhooks.signing import signed_headers
+from auraserve.webhooks.ssrf import AddressPolicy
+
+log = logging.getLogger(__name__)
+
+TERMINAL_MODE = "terminal"
+SYNC_MODE = "sync"
+MODES = (TERMINAL_MODE, SYNC_MODE)
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"  # the retry schedule ran out
+GONE = "gone"  # the receiver answered 410 (or the URL can never work): disabled for the job
+SUPERSEDED = "superseded"  # a newer progress update replaced this one before it was sent
+
+# The outbox wakes its dispatcher through the store's event bus under this pseudo job id
+# (PostgreSQL NOTIFY carries it to every API replica).
+OUTBOX_KIND = "webhook"
+OUTBOX_KEY = "__webhook_outbox__"
+
+_SECTION_LIMIT = 50  # deliveries shown in a status body's `webhook` section
+_POLL_SECONDS = 1.0  # fallback wake-up when a notification is lost
+_LEASE_EXTRA = 30.0  # a claimed row returns to the pool this long after its timeout
+
+_W = webhook_deliveries.c
+
+
+@dataclass(frozen=True)
+class _Config:
+    public_url: str
+    sync_interval: float
+
+
+_configs: weakref.WeakKeyDictionary[Engine, _Config] = weakref.WeakKeyDictionary()
+
+
+def install(db: Database, settings: Settings) -> None:
+    """Record deliveries for every status change made through `db` (any process)."""
+    _configs[db.engine] = _Config(
+        public_url=settings.resolved_public_url,
+        sync_interval=settings.webhook_sync_interval_seconds,
+    )
+    jobstore.add_transition_hook(_on_transition)
+
+
+def event_id(job_id: str, suffix: str) -> str:
+    return f"msg_{job_id}_{suffix}"
+
+
+def _insert_ignoring_duplicates(conn: Connection, values: dict[str, Any]) -> bool:
+    """Insert a delivery unless its event_id exists; True if inserted."""
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt = (
+        insert(webhook_deliveries)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def enqueue_in(
+    conn: Connection, job: Job, *, suffix: str, terminal: bool, body: dict[str, Any] | None = None
+) -> bool:
+    """Add a delivery of `job`'s current status (in the caller's transaction)."""
+    if job.webhook_url is None:
+        return False
+    config = _configs.get(conn.engine)
+    public_url = config.public_url if config else ""
+    now = time.time()
+    disabled = conn.execute(
+        select(_W.id).where(_W.job_id == job.id, _W.state == GONE).limit(1)
+    ).first()
+    if disabled is not None:
+        return False
+    if body is None:
+        body = status_body(job, public_url)
+    inserted = _insert_ignoring_duplicates(
+        conn,
+        {
+            "job_id": job.id,
+            "account_id": job.account_id,
+            "url": job.webhook_url,
+            "event_id": event_id(job.id, suffix),
+            "payload": json.dumps(body, separators=(",", ":")),
+            "terminal": terminal,
+            "state": PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+    if inserted:
+        # An older progress update still waiting is stale now: send only the newest.
+        conn.execute(
+            update(webhook_deliveries)
+            .where(
+                _W.job_id == job.id,
+                _W.state == PENDING,
+                _W.terminal.is_(False),
+                _W.event_id != event_id(job.id, suffix),
+            )
+            .values(state=SUPERSEDED, updated_at=now)
+        )
+        emit_in(conn, OUTBOX_KIND, OUTBOX_KEY)
+    return inserted
+
+
+def _progress_suffix(job: Job) -> str:
+    if job.status == JobStatus.QUEUED:
+        return f"q{job.attempts}"
+    return f"p{job.attempts}_{job.progress_step}"
+
+
+def _recent_progress_in(conn: Connection, job_id: str, since: float) -> bool:
+    return (
+        conn.execute(
+            select(_W.id)
+            .where(_W.job_id == job_id, _W.terminal.is_(False), _W.created_at > since)
+            .limit(1)
+        ).first()
+        is not None
+    )
+
+
+def _on_transition(conn: Connection, job: Job) -> None:
+    """The transition hook: runs inside the transaction of every status change."""
+    if job.webhook_url is None:
+        return
+    if job.is_terminal:
+        enqueue_in(conn, job, suffix=job.status.value.lower(), terminal=True)
+        return
+    if (job.webhook_mode or TERMINAL_MODE) != SYNC_MODE:
+        return
+    config = _configs.get(conn.engine)
+    interval = config.sync_interval if config else 15.0
+    if job.status == JobStatus.QUEUED and job.attempts == 0:
+        # The first callback (accepted) is never throttled.
+        enqueue_in(conn, job, suffix=_progress_suffix(job), terminal=False)
+    elif not _recent_progress_in(conn, job.id, time.time() - interval):
+        enqueue_in(conn, job, suffix=_progress_suffix(job), terminal=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading deliveries (status bodies)
+# ---------------------------------------------------------------------------------------------
+
+
+def deliveries_in(conn: Connection, job_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(webhook_deliveries)
+        .where(_W.job_id == job_id)
+        .order_by(_W.id.desc())
+        .limit(_SECTION_LIMIT)
+    ).all()
+    out = []
+    for r in reversed(rows):
+        try:
+            reported = json.loads(r.payload).get("status")
+        except (ValueError, AttributeError):
+            reported = None
+        out.append(
+            {
+                "event_id": r.event_id,
+                "status": reported,
+                "terminal": bool(r.terminal),
+                "state": r.state,
+                "attempts": r.attempts,
+                "last_status_code": r.last_status_code,
+                "last_error": r.last_error,
+                "next_attempt_at": iso(r.next_attempt_at) if r.state == PENDING else None,
+                "created_at": iso(r.created_at),
+                "updated_at": iso(r.updated_at),
+            }
+        )
+    return out
+
+
+def webhook_section(db: Database, job: Job) -> dict[str, Any] | None:
+    """The `webhook` part of a status body: where callbacks go and how each one fared."""
+    if job.webhook_url is None:
+        return None
+    with db.read() as conn:
+        deliveries = deliveries_in(conn, job.id)
+    return {
+        "url": job.webhook_url,
+        "mode": job.webhook_mode or TERMINAL_MODE,
+        "deliveries": deliveries,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The dispatcher
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    job_id: str
+    url: str
+    event_id: str
+    payload: bytes
+    attempts: int
+    secret: str
+
+
+class Dispatcher:
+    """Sends due deliveries; one per API process, started and stopped by the app lifespan."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self.policy = AddressPolicy(settings.webhook_allow_hosts)
+        self.schedule = tuple(settings.webhook_schedule)
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._wake: asyncio.Event | None = None
+        self._last_tick = 0.0
+
+    # Lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="webhook-outbox")
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop claiming; give deliveries in flight `grace` seconds, then cancel them (their
+        rows stay leased and are retried after the lease)."""
+        self._stopping.set()
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._inflight:
+            _, pending = await asyncio.wait(self._inflight, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+
+    # Loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        with self.db.bus.watch(OUTBOX_KEY) as wake:
+            self._wake = wake
+            while not self._stopping.is_set():
+                wake.clear()
+                delay = _POLL_SECONDS
+                try:
+                    await self._tick_progress()
+                    # A cheap read first: an idle outbox never takes SQLite's write lock.
+                    delay = await run_in_threadpool(self._until_next_due, _POLL_SECONDS)
+                    room = self.settings.webhook_concurrency - len(self._inflight)
+                    if delay == 0 and room > 0:
+                        claimed = await run_in_threadpool(self._claim, room)
+                        for item in claimed:
+                            task = asyncio.get_running_loop().create_task(self._send(item))
+                            self._inflight.add(task)
+                            task.add_done_callback(self._done)
+                        # More may be due (come straight back), or the due rows were taken
+                        # by another replica (look again after the poll interval).
+                        delay = 0.0 if len(claimed) == room else _POLL_SECONDS
+                        if claimed and len(claimed) < room:
+                            delay = await run_in_threadpool(self._until_next_due, _POLL_SECONDS)
+                    elif delay == 0:
+                        delay = _POLL_SECONDS  # full: a finishing delivery wakes us
+                except Exception:  # the loop must survive a store hiccup
+                    log.exception("webhook dispatcher error; retrying shortly")
+                if delay > 0 and not self._stopping.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), delay)
+            self._wake = None
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._wake is not None:
+            self._wake.set()  # a slot freed up
+
+    def _until_next_due(self, cap: float) -> float:
+        """Seconds until the earliest pending delivery is due, at most `cap`."""
+        with self.db.read() as conn:
+            due = conn.execute(
+                select(func.min(_W.next_attempt_at)).where(_W.state == PENDING)
+            ).scalar_one_or_none()
+        if due is None:
+            return cap
+        return max(0.0, min(cap, float(due) - time.time()))
+
+    # Claim, send, record -------------------------------------------------------------------
+
+    def _claim(self, limit: int) -> list[_Claimed]:
+        now = time.time()
+        lease_until = now + self.settings.webhook_timeout_seconds + _LEASE_EXTRA
+        with self.db.write() as conn:
+            rows = conn.execute(
+                select(_W.id)
+                .where(_W.state == PENDING, _W.next_attempt_at <= now)
+                .order_by(_W.next_attempt_at, _W.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return []
+            ids = [r.id for r in rows]
+            conn.execute(
+                update(webhook_deliveries).where(_W.id.in_(ids)).values(next_attempt_at=lease_until)
+            )
+            claimed = conn.execute(
+                select(
+                    _W.id,
+                    _W.job_id,
+                    _W.url,
+                    _W.event_id,
+                    _W.payload,
+                    _W.attempts,
+                    accounts.c.webhook_secret,
+                )
+                .join(accounts, accounts.c.id == _W.account_id)
+                .where(_W.id.in_(ids))
+                .order_by(_W.id)
+            ).all()
+        return [
+            _Claimed(
+                r.id, r.job_id, r.url, r.event_id, r.payload.encode(), r.attempts, r.webhook_secret
+            )
+            for r in claimed
+        ]
+
+    async def _send(self, item: _Claimed) -> None:
+        try:
+            headers = signed_headers(item.secret, item.event_id, item.payload)
+            result = await deliver(
+                item.url,
+                item.payload,
+                headers,
+                policy=self.policy,
+                timeout=self.settings.webhook_timeout_seconds,
+                allow_http=self.settings.webhook_allow_http,
+            )
+        except Exception as exc:  # deliver() does not raise for network trouble; a bug might
+            log.exception("webhook delivery %s crashed", item.event_id)
+            result = DeliveryResult(outcome="retry", error=f"internal error: {exc}")
+        try:
+            await run_in_threadpool(self._record, item, result)
+        except Exception:
+            log.exception("could not record webhook delivery %s; it will be retried", item.event_id)
+
+    def _record(self, item: _Claimed, result: DeliveryResult) -> None:
+        now = time.time()
+        attempts = item.attempts + 1
+        values: dict[str, Any] = {
+            "attempts": attempts,
+            "last_status_code": result.status_code,
+            "last_error": result.error,
+            "updated_at": now,
+        }
+        with self.db.write() as conn:
+            current = conn.execute(
+                select(_W.state).where(_W.id == item.id).with_for_update()
+            ).scalar_one_or_none()
+            if current != PENDING:
+                # Superseded (or disabled) while in flight: keep that state, note the attempt.
+                conn.execute(update(webhook_deliveries).where(_W.id == item.id).values(**values))
+                return
+            if result.outcome == "delivered":
+                values["state"] = DELIVERED
+            elif result.outcome == "gone":
+                values["state"] = GONE
+                # 410: the receiver does not want this request's callbacks any more.
+                conn.execute(
+                    update(webhook_deliveries)
+                    .where(and_(_W.job_id == item.job_id, _W.state == PENDING, _W.id != item.id))
+                    .values(
+                        state=GONE,
+                        last_error="not sent: the receiver disabled this URL (410 Gone)",
+                        updated_at=now,
+                    )
+                )
+            else:
+                delay = next_delay(attempts, self.schedule, retry_after=result.retry_after)
+                if delay is None:
+                    values["state"] = FAILED
+                else:
+                    values["next_attempt_at"] = now + delay
+            conn.execute(update(webhook_deliveries).where(_W.id == item.id).values(**values))
+        if result.outcome != "delivered":
+            log.info(
+                "webhook %s attempt %d: %s (%s)",
+                item.event_id,
+                attempts,
+                result.outcome,
+                result.error,
+            )
+
+    # Sync-mode progress ---------------------------------------------------------------------
+
+    async def _tick_progress(self) -> None:
+        interval = self.settings.webhook_sync_interval_seconds
+        now = time.monotonic()
+        if now - self._last_tick < min(interval / 2, _POLL_SECONDS):
+            return
+        self._last_tick = now
+        await run_in_threadpool(self._enqueue_progress, interval)
+
+    def _enqueue_progress(self, interval: float) -> None:
+        """For every running sync-mode job whose last callback is older than the interval and
+        whose progress moved since, enqueue the current status."""
+        since = time.time() - interval
+        with self.db.read() as conn:
+            # Read first, write only for jobs that are due: an idle tick takes no write lock.
+            ids = [
+                r.id
+                for r in conn.execute(
+                    select(jobs_table.c.id).where(
+                        jobs_table.c.status == JobStatus.PROCESSING.value,
+                        jobs_table.c.webhook_mode == SYNC_MODE,
+                        jobs_table.c.webhook_url.is_not(None),
+                    )
+                ).all()
+                if not _recent_progress_in(conn, r.id, since)
+            ]
+        for job_id in ids:
+            with self.db.write() as conn:
+                # Lock the job so its terminal transition (and terminal callback) commits
+                # after this progress callback, never before it.
+                row = conn.execute(
+                    select(jobs_table)
+                    .where(
+                        jobs_table.c.id == job_id,
+                        jobs_table.c.status == JobStatus.PROCESSING.value,
+                    )
+                    .with_for_update()
+                ).first()
+                if row is None:
+                    continue
+                job = Job.from_row(row)
+                if _recent_progress_in(conn, job.id, time.time() - interval):
+                    continue
+                enqueue_in(conn, job, suffix=_progress_suffix(job), terminal=False)
