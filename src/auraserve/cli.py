@@ -33,12 +33,27 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _load_engine(settings: Settings, weights: str) -> Any:
+    from auraserve.engine.expand import make_expander
+    from auraserve.engine.optimize import EngineOptions
     from auraserve.engine.pipeline import load_engine
 
     print(f"loading model {weights} …", file=sys.stderr, flush=True)
     engine = load_engine(
-        weights, device=settings.device, dtype=settings.dtype, offload=settings.offload
+        weights,
+        device=settings.device,
+        dtype=settings.dtype,
+        offload=settings.offload,
+        max_rows=settings.max_rows,
+        options=EngineOptions.parse(settings.engine_mode),
+        expander=make_expander(
+            settings.expand_url or None,
+            settings.expand_model or None,
+            settings.expand_api_key or None,
+            settings.expand_local_path or None,
+        ),
     )
+    for line in getattr(engine, "optimization_log", []):
+        print(f"engine: {line}", file=sys.stderr)
     if engine.is_test_model:
         print(
             "WARNING: running the tiny TEST model with random weights: it draws noise, not "

@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
+from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS, require_one_of
 
 DEFAULT_WEIGHTS = "fal/AuraFlow-v0.3"
 TINY_MODEL = "tiny"
@@ -48,23 +48,17 @@ class ModelPreset(BaseModel):
     @field_validator("sampler")
     @classmethod
     def _known_sampler(cls, value: str) -> str:
-        if value not in SAMPLERS:
-            raise ValueError(f"must be one of {', '.join(SAMPLERS)}")
-        return value
+        return require_one_of(value, SAMPLERS)
 
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
-        if value not in SCHEDULERS:
-            raise ValueError(f"must be one of {', '.join(SCHEDULERS)}")
-        return value
+        return require_one_of(value, SCHEDULERS)
 
     @field_validator("output_format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        if value not in OUTPUT_FORMATS:
-            raise ValueError(f"must be one of {', '.join(OUTPUT_FORMATS)}")
-        return value
+        return require_one_of(value, OUTPUT_FORMATS)
 
 
 def default_presets() -> dict[str, ModelPreset]:
@@ -101,6 +95,21 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     offload: Literal["none", "model", "sequential"] = "none"
+    # Engine speed modes (auraserve.engine.optimize presets, comma separated, with key=value
+    # overrides), e.g. "fast" or "fast,fp8=1"; "default" changes nothing.
+    engine_mode: str = "default"
+    # Sizes the worker compiles and warms up at start, before it reports ready, e.g.
+    # "1024x1024,512x512"; empty skips the warm-up (the first request then pays for it).
+    warmup_sizes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Images per transformer forward at most; larger batches run in chunks (bounds memory).
+    max_rows: int | None = Field(None, ge=1)
+
+    # Prompt expansion (expand_prompt): an OpenAI-compatible chat endpoint (vLLM, Ollama,
+    # llama.cpp …) or a local transformers causal LM; with neither, a built-in offline expander.
+    expand_url: str = ""
+    expand_model: str = ""
+    expand_api_key: str = ""
+    expand_local_path: str = ""
 
     # Queue and worker. `workers` is the number of in-process workers `serve` runs: 1 on the
     # embedded default, 0 for API-only replicas when GPU workers run as `auraserve worker`.
@@ -149,7 +158,29 @@ class Settings(BaseSettings):
     # Deliveries in flight at once per API process.
     webhook_concurrency: int = Field(16, ge=1, le=1000)
 
-    @field_validator("webhook_allow_hosts", "webhook_schedule", mode="before")
+    @field_validator("engine_mode")
+    @classmethod
+    def _valid_engine_mode(cls, value: str) -> str:
+        from auraserve.engine.optimize import EngineOptions
+
+        EngineOptions.parse(value)  # raises ValueError naming the bad part
+        return value
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _valid_sizes(cls, value: list[str]) -> list[str]:
+        for size in value:
+            w, sep, h = size.lower().partition("x")
+            if not (sep and w.isdigit() and h.isdigit() and 512 <= int(w) <= 2048
+                    and 512 <= int(h) <= 2048):
+                raise ValueError(f"{size!r} is not WIDTHxHEIGHT with both sides 512 to 2048")
+        return value
+
+    @property
+    def warmup_size_pairs(self) -> list[tuple[int, int]]:
+        return [(int(w), int(h)) for w, _, h in (s.lower().partition("x") for s in self.warmup_sizes)]
+
+    @field_validator("webhook_allow_hosts", "webhook_schedule", "warmup_sizes", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # Environment variables carry lists as "a,b,c" (or JSON, for symmetry with TOML).

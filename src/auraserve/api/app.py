@@ -175,13 +175,14 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     @app.get("/health", tags=["operations"])
     async def health() -> JSONResponse:
         workers = [
-            {"id": w.worker_id, "state": w.state.value, "jobs_done": w.jobs_done}
+            {"id": w.worker_id, "state": w.state.value, "jobs_done": w.jobs_done,
+             "warmup_seconds": w.warmup_seconds}
             for w in runtime.workers
         ]
         engine = runtime.engine
         return JSONResponse(
             {
-                "status": "ok",
+                "status": "starting" if any(w.state.value == "starting" for w in runtime.workers) else "ok",
                 "version": __version__,
                 "model": engine.description if engine else None,
                 "test_model": bool(engine and engine.is_test_model),

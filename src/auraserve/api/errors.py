@@ -43,8 +43,10 @@ _OPENAI_TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    405: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    504: "timeout_error",
 }
 
 
@@ -103,7 +105,7 @@ def install(app: FastAPI) -> None:
         if isinstance(exc, QueueLimitReached):
             headers["Retry-After"] = str(exc.retry_after)
         extra = getattr(exc, "extra", None)
-        if exc.status_code >= 500:
+        if exc.status_code >= 500 and exc.status_code != 504:  # 504 is a sync wait timing out
             log.error("server fault on %s: %s", request.url.path, exc.message)
         field = exc.field if isinstance(exc, InvalidParameter) else None
         code = "insufficient_quota" if exc.status_code == 402 else None

@@ -16,7 +16,13 @@ import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from auraserve.config import ModelPreset
-from auraserve.core.samplers import MEDIA_TYPES, OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
+from auraserve.core.samplers import (
+    MEDIA_TYPES,
+    OUTPUT_FORMATS,
+    SAMPLERS,
+    SCHEDULERS,
+    require_one_of,
+)
 from auraserve.errors import InvalidParameter
 
 MAX_PROMPT_CHARS = 10_000
@@ -74,16 +80,12 @@ class GenerationRequest(BaseModel):
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, value: str) -> str:
-        if value not in SAMPLERS:
-            raise ValueError(f"must be one of: {', '.join(SAMPLERS)}")
-        return value
+        return require_one_of(value, SAMPLERS)
 
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, value: str) -> str:
-        if value not in SCHEDULERS:
-            raise ValueError(f"must be one of: {', '.join(SCHEDULERS)}")
-        return value
+        return require_one_of(value, SCHEDULERS)
 
     @field_validator("output_format")
     @classmethod
@@ -91,9 +93,7 @@ class GenerationRequest(BaseModel):
         value = value.lower()
         if value == "jpg":
             value = "jpeg"
-        if value not in OUTPUT_FORMATS:
-            raise ValueError(f"must be one of: {', '.join(OUTPUT_FORMATS)}")
-        return value
+        return require_one_of(value, OUTPUT_FORMATS)
 
     @property
     def seeds(self) -> list[int]:

@@ -43,3 +43,10 @@ MEDIA_TYPES: Final[dict[str, str]] = {
     "webp": "image/webp",
     "jpeg": "image/jpeg",
 }
+
+
+def require_one_of(value: str, allowed: tuple[str, ...]) -> str:
+    """Validator body shared by the request and the presets: one message for one rule."""
+    if value not in allowed:
+        raise ValueError(f"must be one of: {', '.join(allowed)}")
+    return value

@@ -143,7 +143,7 @@ webhook_deliveries = Table(
     Column("event_id", String(80), nullable=False, unique=True),
     Column("payload", Text, nullable=False),
     Column("terminal", Boolean, nullable=False),
-    # pending | delivered | failed | gone
+    # pending | delivered | failed | gone | superseded (a newer progress event replaced it)
     Column("state", String(16), nullable=False),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", Double, nullable=False),

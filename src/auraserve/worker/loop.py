@@ -68,6 +68,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{short_id('w', 4)}"
         self.state = WorkerState.STARTING
         self.jobs_done = 0
+        self.warmup_seconds: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -86,6 +87,13 @@ class Worker:
             self._thread.join(timeout)
 
     def run(self) -> None:
+        sizes = self.settings.warmup_size_pairs
+        warmup = getattr(self.engine, "warmup", None)
+        if sizes and warmup is not None:
+            # Compile and warm up before claiming anything, so no user request pays for it;
+            # the worker reports ready only afterwards (see /health).
+            self.warmup_seconds = warmup(sizes)
+            log.info("worker %s warmed up %s in %.1f s", self.worker_id, sizes, self.warmup_seconds)
         self.state = WorkerState.READY
         last_recovery = 0.0
         recovery_every = max(self.settings.lease_seconds / 3, 0.5)

@@ -1,0 +1,64 @@
+"""The canonical request: every rule once, errors in the dialect's words."""
+
+from __future__ import annotations
+
+import pytest
+
+from auraserve.config import default_presets
+from auraserve.core.jobs import split_request_id
+from auraserve.core.request import build_request
+from auraserve.errors import InvalidParameter
+
+PRESET = default_presets()["auraflow-v0-3"]
+
+
+def _build(**fields: object):
+    return build_request({"prompt": "p", **fields}, model="auraflow-v0-3", preset=PRESET)
+
+
+@pytest.mark.parametrize(("given", "rounded"), [(512, 512), (520, 528), (1000, 1008),
+                                                 (1023, 1024), (2047, 2048), (777, 784)])
+def test_sizes_round_to_the_nearest_multiple_of_16(given: int, rounded: int) -> None:
+    assert _build(width=given, height=given).width == rounded
+
+
+def test_preset_defaults_fill_absent_fields_and_seed_is_random() -> None:
+    req = _build()
+    assert (req.width, req.height, req.steps, req.guidance_scale, req.shift) == (1024, 1024, 25, 3.5, 1.73)
+    seeds = {_build().seed for _ in range(5)}
+    assert len(seeds) > 1
+
+
+def test_image_i_uses_seed_plus_i() -> None:
+    assert _build(seed=10, num_images=3).seeds == [10, 11, 12]
+
+
+def test_price_scales_with_pixels_and_steps_rounding_up_per_image() -> None:
+    assert _build(steps=25).price(PRESET) == 100
+    assert _build(steps=50).price(PRESET) == 200
+    assert _build(width=512, height=512, steps=25).price(PRESET) == 25
+    assert _build(width=512, height=512, steps=1, num_images=3).price(PRESET) == 3  # ceil(1) each
+    free = PRESET.model_copy(update={"price_per_image": 0})
+    assert _build().price(free) == 0
+
+
+def test_errors_name_the_dialect_field_and_the_range() -> None:
+    with pytest.raises(InvalidParameter) as err:
+        build_request({"prompt": "p", "steps": 0}, model="m", preset=PRESET,
+                      names={"steps": "num_inference_steps"})
+    assert err.value.field == "num_inference_steps"
+    assert "from 1 to 100" in err.value.message
+
+
+def test_batch_key_groups_only_what_can_share_a_forward() -> None:
+    a, b = _build(seed=1, guidance_scale=2), _build(seed=2, guidance_scale=7, prompt="other")
+    assert a.batch_key == b.batch_key
+    assert _build(steps=30).batch_key != a.batch_key
+    assert _build(sampler="heun").batch_key != a.batch_key
+
+
+def test_request_ids_split_back() -> None:
+    rid = "auraflow-v0-3-512_019d0000-0000-7000-8000-000000000000"
+    assert split_request_id(rid) == ("auraflow-v0-3-512", rid.split("_")[1])
+    assert split_request_id("nounderscore") is None
+    assert split_request_id("m_short") is None
