@@ -141,3 +141,35 @@ def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
                                           "AURASERVE_DATA_DIR": str(tmp_path)})
     assert result.returncode == 2
     assert "AURASERVE_LEASE_SECONDS" in result.stderr
+
+
+def test_worker_command_runs_jobs_from_the_store(tmp_path: Path, settings: Settings) -> None:
+    """`auraserve worker` alone, against the configured store (no API in its process)."""
+    from auraserve.core.request import build_request
+    from auraserve.runtime import Runtime
+    from auraserve.store import jobs, keys
+
+    env = dict(os.environ, AURASERVE_DATA_DIR=str(settings.data_dir),
+               AURASERVE_POLL_INTERVAL_SECONDS="0.2")
+    if settings.database_url:
+        env["AURASERVE_DATABASE_URL"] = settings.database_url
+    rt = Runtime.open(settings)
+    proc = subprocess.Popen([sys.executable, "-m", "auraserve", "worker", "--model", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        acct = keys.create_account(rt.db, "w", credits=1000)
+        preset = settings.presets["auraflow-v0-3-512"]
+        req = build_request({"prompt": "alone", "steps": 2}, model="auraflow-v0-3-512", preset=preset)
+        job_id = jobs.submit(rt.db, account_id=acct.account_id, request=req,
+                             price=req.price(preset), max_queued=10, max_attempts=3).job.id
+        deadline = time.monotonic() + 90
+        while (job := jobs.get(rt.db, job_id)) is not None and not job.is_terminal:
+            assert time.monotonic() < deadline, "worker did not finish the job"
+            time.sleep(0.1)
+        assert job is not None and job.status.value == "COMPLETED"
+        assert rt.media.path(job.output["media"][0]) is not None
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        rt.close()
+    assert "ready" in out

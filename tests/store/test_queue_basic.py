@@ -28,3 +28,15 @@ def test_submit_claim_complete_captures(db: Database) -> None:
     # A second completion (e.g. a presumed-dead worker) is fenced out and charges nothing.
     assert jobs.complete(db, worker_id="w1", job_id=sub.job.id, output={"media": []}, engine_seconds=0.1) is None
     assert [e["kind"] for e in ledger.entries(db, acct.account_id)] == ["grant", "reserve", "capture"]
+
+
+def test_only_a_hash_of_the_key_is_stored(db: Database) -> None:
+    from sqlalchemy import text
+
+    created = keys.create_account(db, "h", credits=1)
+    with db.read() as conn:
+        dump = " ".join(str(v) for row in conn.execute(text("SELECT * FROM api_keys")) for v in row)
+    secret = created.key.split("_", 2)[2]
+    assert secret not in dump and created.key not in dump
+    assert keys.authenticate(db, created.key) is not None
+    assert keys.authenticate(db, created.key + "x") is None
