@@ -137,7 +137,7 @@ class PgListener:
                     # Anything may have happened while we were not listening.
                     self._bus.wake_workers()
                     while not self._stop.is_set():
-                        for note in conn.notifies(timeout=1.0, stop_after=100):
+                        for note in conn.notifies(timeout=0.25, stop_after=100):
                             kind, _, job_id = note.payload.partition(":")
                             self._bus.publish(kind, job_id)
             except Exception as exc:  # reconnect: the poll fallback covers the gap
