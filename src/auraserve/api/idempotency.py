@@ -11,15 +11,26 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Header, Request
 
 from auraserve.errors import InvalidParameter
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
 PATTERN = r"^[!-~]{1,255}$"  # printable ASCII, no spaces (documents `key_of`'s rule)
+
+# Declared on every submit route so OpenAPI documents it; the value is read by `key_of`.
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias=HEADER,
+        json_schema_extra={"pattern": PATTERN},
+        description="Retries with the same key and body return the first result and are "
+        "charged once (24 h)",
+    ),
+]
 
 
 class IdempotencyKeyReused(InvalidParameter):

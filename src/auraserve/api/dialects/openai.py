@@ -13,9 +13,9 @@ from __future__ import annotations
 import base64
 import re
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -184,15 +184,7 @@ def canonical_fields(data: dict[str, Any]) -> dict[str, Any]:
 async def generations(
     request: Request,
     account: CurrentAccount,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias=idempotency.HEADER,
-            json_schema_extra={"pattern": idempotency.PATTERN},
-            description="Retries with the same key and body "
-            "return the first result and are charged once (24 h)",
-        ),
-    ] = None,
+    idempotency_key: idempotency.IdempotencyKeyHeader = None,
 ) -> Response:
     runtime = runtime_of(request)
     data = await json_object(request)

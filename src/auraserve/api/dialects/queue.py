@@ -177,12 +177,7 @@ async def submit(
             json_schema_extra={"enum": list(outbox.MODES)},
         ),
     ] = None,
-    idempotency_key: Annotated[
-        str | None,
-        Header(alias=idempotency.HEADER, json_schema_extra={"pattern": idempotency.PATTERN},
-               description="Retries with the same key and body "
-               "return the first response and are charged once (24 h)"),
-    ] = None,
+    idempotency_key: idempotency.IdempotencyKeyHeader = None,
 ) -> Response:
     runtime = runtime_of(request)
     resolve_model(runtime, model_id)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
@@ -199,15 +199,7 @@ def _route(model_id: str, named_preset: bool) -> Any:
     async def generate(
         request: Request,
         account: CurrentAccount,
-        idempotency_key: Annotated[
-            str | None,
-            Header(
-                alias=idempotency.HEADER,
-                json_schema_extra={"pattern": idempotency.PATTERN},
-                description="Retries with the same key and body "
-                "return the first result and are charged once (24 h)",
-            ),
-        ] = None,
+        idempotency_key: idempotency.IdempotencyKeyHeader = None,
     ) -> Response:
         try:
             return await _generate(request, account, model_id, named_preset)
