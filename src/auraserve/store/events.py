@@ -36,7 +36,6 @@ class LocalBus:
         self._job_waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = (
             defaultdict(set)
         )
-        self._job_thread_waiters: dict[str, set[threading.Event]] = defaultdict(set)
 
     def publish(self, kind: str, job_id: str) -> None:
         if kind == WORK:
@@ -45,14 +44,11 @@ class LocalBus:
                 self._work.notify_all()
         with self._lock:
             waiters = list(self._job_waiters.get(job_id, ()))
-            thread_waiters = list(self._job_thread_waiters.get(job_id, ()))
         for loop, event in waiters:
             try:
                 loop.call_soon_threadsafe(event.set)
             except RuntimeError:  # the loop closed while we held a reference
                 pass
-        for tevent in thread_waiters:
-            tevent.set()
 
     def work_seq(self) -> int:
         with self._work:
@@ -83,21 +79,6 @@ class LocalBus:
                     waiters.discard(entry)
                     if not waiters:
                         del self._job_waiters[job_id]
-
-    @contextmanager
-    def watch_thread(self, job_id: str) -> Iterator[threading.Event]:
-        event = threading.Event()
-        with self._lock:
-            self._job_thread_waiters[job_id].add(event)
-        try:
-            yield event
-        finally:
-            with self._lock:
-                waiters = self._job_thread_waiters.get(job_id)
-                if waiters is not None:
-                    waiters.discard(event)
-                    if not waiters:
-                        del self._job_thread_waiters[job_id]
 
 
 def emit_in(conn: Connection, kind: str, job_id: str) -> None:
