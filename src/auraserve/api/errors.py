@@ -9,6 +9,7 @@ route's dialect (set on `request.state.dialect`) decides the body:
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,6 +49,17 @@ _OPENAI_TYPES = {
     500: "server_error",
     504: "timeout_error",
 }
+
+
+def use_dialect(name: str) -> Callable[[Request], Awaitable[None]]:
+    """A router dependency that marks its routes' dialect for error rendering. It is async on
+    purpose: FastAPI runs plain `def` dependencies in the thread pool, and that hand-off per
+    request cost more than the whole status lookup (see docs/benchmarks.md)."""
+
+    async def mark(request: Request) -> None:
+        request.state.dialect = name
+
+    return mark
 
 
 def dialect_of(request: Request) -> str:

@@ -443,3 +443,53 @@ def count_active(db: Database, account_id: str) -> int:
                 .where(jobs.c.account_id == account_id, jobs.c.status.in_(ACTIVE))
             ).scalar_one()
         )
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """What `cancel` did: `cancelled` (it was queued: now CANCELLED and refunded),
+    `requested` (it is running: the worker stops it at its next step) or `finished` (it had
+    already ended; `job` shows how)."""
+
+    outcome: str
+    job: Job
+
+
+def cancel(db: Database, job_id: str, *, account_id: str) -> Cancellation | None:
+    """Cancel a job of `account_id`; None if there is no such job (or it is another's)."""
+    now = time.time()
+    with db.write() as conn:
+        # Fenced on QUEUED: a worker claiming it concurrently either wins (then it is running
+        # and gets the flag below) or finds it CANCELLED; never both.
+        row = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.account_id == account_id, jobs.c.status == QUEUED)
+            .values(
+                status=JobStatus.CANCELLED.value,
+                error="cancelled by the client",
+                completed_at=now,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        ).first()
+        if row is not None:
+            ledger.release_in(conn, row.account_id, row.id, int(row.price))
+            return Cancellation("cancelled", _transitioned_in(conn, row))
+        row = conn.execute(
+            update(jobs)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.account_id == account_id,
+                jobs.c.status == PROCESSING,
+            )
+            .values(cancel_requested=True, updated_at=now)
+            .returning(*jobs.c)
+        ).first()
+        if row is not None:
+            # Not a status change: wake watchers (SSE, sync waiters) but run no hooks.
+            emit_in(conn, JOB, row.id)
+            return Cancellation("requested", Job.from_row(row))
+        job = get_in(conn, job_id, account_id=account_id)
+    if job is None:
+        return None
+    return Cancellation("finished", job)

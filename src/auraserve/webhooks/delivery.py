@@ -42,7 +42,12 @@ import httpcore
 import httpx
 
 from auraserve.errors import InvalidParameter
-from auraserve.webhooks.ssrf import AddressPolicy, BlockedAddress, IPAddress, validate_webhook_url
+from auraserve.webhooks.ssrf import (
+    AddressPolicy,
+    BlockedAddress,
+    IPAddress,
+    validate_webhook_url,
+)
 
 logger = logging.getLogger(__name__)
 

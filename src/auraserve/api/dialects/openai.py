@@ -23,6 +23,7 @@ from auraserve.api import idempotency
 from auraserve.api.auth import CurrentAccount
 from auraserve.api.body import json_object
 from auraserve.api.dialects.sync import finished_job, read_images
+from auraserve.api.errors import use_dialect
 from auraserve.api.openapi import ERRORS_OPENAI, error_responses
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import accept, runtime_of
@@ -118,11 +119,8 @@ class ImagesResponse(BaseModel):
     quality: str | None = None
 
 
-def set_dialect(request: Request) -> None:
-    request.state.dialect = DIALECT
 
-
-router = APIRouter(tags=["OpenAI images"], dependencies=[Depends(set_dialect)])
+router = APIRouter(tags=["OpenAI images"], dependencies=[Depends(use_dialect(DIALECT))])
 
 
 def _invalid(param: str, message: str) -> InvalidParameter:

@@ -15,6 +15,7 @@ from auraserve.api import idempotency
 from auraserve.api.auth import CurrentAccount
 from auraserve.api.body import json_object
 from auraserve.api.dialects.requests import load_job, render_status
+from auraserve.api.errors import use_dialect
 from auraserve.api.openapi import ERRORS_QUEUE, StatusBody, error_responses
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import Webhook, accept
@@ -26,12 +27,7 @@ from auraserve.runtime import Runtime
 from auraserve.webhooks import outbox
 from auraserve.webhooks.ssrf import AddressPolicy, validate_webhook_url
 
-
-def set_dialect(request: Request) -> None:
-    request.state.dialect = "queue"
-
-
-router = APIRouter(tags=["async queue (seed 002)"], dependencies=[Depends(set_dialect)])
+router = APIRouter(tags=["async queue (seed 002)"], dependencies=[Depends(use_dialect("queue"))])
 
 # Dialect field → canonical field. Fields not listed are ignored, as the hosted API does.
 FIELDS: dict[str, str] = {

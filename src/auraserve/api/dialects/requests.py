@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from auraserve.api.auth import CurrentAccount
+from auraserve.api.errors import use_dialect
 from auraserve.api.openapi import ERRORS_QUEUE, StatusBody, error_responses
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import runtime_of
@@ -32,11 +33,8 @@ from auraserve.webhooks import outbox
 FALLBACK_RECHECK_SECONDS = 1.0
 
 
-def set_queue_dialect(request: Request) -> None:
-    request.state.dialect = "queue"
 
-
-router = APIRouter(tags=["requests (all dialects)"], dependencies=[Depends(set_queue_dialect)])
+router = APIRouter(tags=["requests (all dialects)"], dependencies=[Depends(use_dialect("queue"))])
 
 
 class RequestConflict(AuraserveError):

@@ -27,6 +27,7 @@ from auraserve.api import idempotency
 from auraserve.api.auth import CurrentAccount
 from auraserve.api.body import json_object
 from auraserve.api.dialects.requests import wait_until_terminal
+from auraserve.api.errors import use_dialect
 from auraserve.api.openapi import ERRORS_QUEUE, error_responses
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import Accepted, accept, remaining_credits, runtime_of
@@ -112,9 +113,6 @@ class SyncImages(BaseModel):
     images: list[str] = Field(description="Base64-encoded images")
     seeds: list[int]
 
-
-def set_dialect(request: Request) -> None:
-    request.state.dialect = DIALECT
 
 
 class GenerationFailed(AuraserveError):
@@ -353,7 +351,7 @@ def build_router(settings: Settings) -> APIRouter:
     """`POST /v1/aura-flow` (the default preset, seed 000's path) and `POST /v1/{preset}`
     for every configured preset. Explicit routes, so an unknown path is 404 and a known path
     with another method is 405 with Allow."""
-    router = APIRouter(tags=["sync (seed 000)"], dependencies=[Depends(set_dialect)])
+    router = APIRouter(tags=["sync (seed 000)"], dependencies=[Depends(use_dialect(DIALECT))])
     paths = [(SEED_PATH, settings.default_preset, False)]
     # "images" would shadow nothing today but is OpenAI's namespace; "aura-flow" is the seed's.
     reserved = ("images", "aura-flow")
