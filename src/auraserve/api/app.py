@@ -44,7 +44,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        chunked = False
         for name, value in scope.get("headers", ()):
+            if name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
             if name == b"content-length":
                 # The HTTP server enforces the declared length, so the header is enough.
                 try:
@@ -56,7 +59,10 @@ class BodyLimit:
                     return
                 await self.app(scope, receive, send)
                 return
-        # No length declared (chunked): buffer up to the limit, then replay to the app.
+        if not chunked:  # neither a length nor chunked: HTTP/1.1 says there is no body
+            await self.app(scope, receive, send)
+            return
+        # Chunked: buffer up to the limit, then replay to the app.
         chunks: list[bytes] = []
         size = 0
         while True:
