@@ -136,8 +136,11 @@ def test_sync_mode_sends_throttled_progress_then_final(
     server: LiveServer, client: httpx.Client, tenant: Tenant, hooks: Receiver
 ) -> None:
     url = f"https://127.0.0.1:{hooks.port}/hook"
+    # 100 steps at 1024² take well over the 0.3 s progress interval even on a fast machine
+    # (40 steps at 512² did not, and then no PROCESSING callback is due).
     request_id = _submit(
-        client, tenant, url, mode="sync", num_inference_steps=40, guidance_scale=1.0
+        client, tenant, url, mode="sync", num_inference_steps=100, guidance_scale=1.0,
+        width=1024, height=1024,
     )
     assert wait_for_status(client, request_id, tenant.headers, timeout=120)["status"] == "COMPLETED"
     _wait(
@@ -150,7 +153,7 @@ def test_sync_mode_sends_throttled_progress_then_final(
     assert "PROCESSING" in statuses, statuses
     assert statuses.count("COMPLETED") == 1
     progress = [p for p in payloads if p["status"] == "PROCESSING"]
-    assert all(p["progress"]["total_steps"] == 40 for p in progress)
+    assert all(p["progress"]["total_steps"] == 100 for p in progress)
     # At most one progress callback per interval (0.3 s here; seed 002's is 15 s).
     rows = _deliveries(server.runtime, _job_id(request_id))
     created = [r.created_at for r in rows if not r.terminal]
