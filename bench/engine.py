@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -49,7 +48,11 @@ from diffusers import (
 from transformers import UMT5Config, UMT5EncoderModel
 
 from auraserve.core.request import GenerationRequest
-from auraserve.engine.pipeline import AuraFlowEngine, install_pos_embed_interpolation
+from auraserve.engine.pipeline import (
+    AuraFlowEngine,
+    device_name,
+    install_pos_embed_interpolation,
+)
 from auraserve.engine.tiny import build_tiny_pipeline, build_tiny_tokenizer
 
 PROMPT = "a cat holding a sign that says hello world, golden hour, 35mm photo"
@@ -298,9 +301,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "config": {
             "model": "AuraFlow v0.3 architecture, random weights" if args.full else "tiny",
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device_name": device_name(device),
             "torch_threads": torch.get_num_threads(),
             "dtype": args.dtype,
             "size": args.size,

@@ -55,7 +55,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -71,7 +70,11 @@ from diffusers import AuraFlowPipeline, FlowMatchEulerDiscreteScheduler
 
 from auraserve.core.request import GenerationRequest
 from auraserve.engine.optimize import PRESETS, EngineOptions, psnr
-from auraserve.engine.pipeline import AuraFlowEngine, install_pos_embed_interpolation
+from auraserve.engine.pipeline import (
+    AuraFlowEngine,
+    device_name,
+    install_pos_embed_interpolation,
+)
 from auraserve.errors import ModelLoadError
 
 MIB = 2**20
@@ -572,9 +575,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             if args.tiny
             else "AuraFlow v0.3 architecture, random weights",
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device_name": device_name(device),
             "torch_threads": torch.get_num_threads(),
             "dtype": args.dtype,
             "sizes": args.sizes,

@@ -539,6 +539,15 @@ def _truncation_warnings(tokenizer: Any, text: str, what: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def device_name(device: torch.device) -> str:
+    """A human name for reports: the GPU model on CUDA, else the processor."""
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def resolve_device(name: str) -> torch.device:
     """auto → cuda, else mps, else cpu. An explicit device must exist."""
     if name == "auto":

@@ -54,8 +54,13 @@ def _transitioned_in(conn: Connection, row: Any) -> Job:
     counter, the wake-up event and the transition hooks (webhook outbox) stay in step."""
     job = Job.from_row(row)
     # Callers only pass rows that just changed status (their UPDATEs are fenced on the old
-    # status), so a terminal row here is always a new arrival in a terminal state.
+    # status), so a terminal row here is always a new arrival in a terminal state: settle its
+    # money (capture if COMPLETED, else release) and free its queue slot, here and only here.
     if job.is_terminal:
+        if job.status == JobStatus.COMPLETED:
+            ledger.capture_in(conn, job.account_id, job.id, job.price)
+        else:
+            ledger.release_in(conn, job.account_id, job.id, job.price)
         conn.execute(_RELEASE_SLOT, {"acct": job.account_id})
     emit_in(conn, JOB, job.id)
     for hook in _transition_hooks:
@@ -246,6 +251,19 @@ def _append_log_in(
         )
 
 
+def _finish(db: Database, worker_id: str, job_id: str, values: dict[str, Any]) -> Job | None:
+    """Move a job we still own to a terminal status (settled by `_transitioned_in`)."""
+    now = time.time()
+    with db.write() as conn:
+        row = conn.execute(
+            update(jobs)
+            .where(_fenced([job_id], worker_id))
+            .values(**values, lease_expires_at=None, completed_at=now, updated_at=now)
+            .returning(*jobs.c)
+        ).first()
+        return None if row is None else _transitioned_in(conn, row)
+
+
 def complete(
     db: Database,
     *,
@@ -255,26 +273,17 @@ def complete(
     engine_seconds: float,
 ) -> Job | None:
     """COMPLETED and capture the reservation, if the job is still ours; else None."""
-    now = time.time()
-    with db.write() as conn:
-        row = conn.execute(
-            update(jobs)
-            .where(_fenced([job_id], worker_id))
-            .values(
-                status=JobStatus.COMPLETED.value,
-                output=json.dumps(output),
-                engine_seconds=engine_seconds,
-                progress_step=jobs.c.progress_total,
-                lease_expires_at=None,
-                completed_at=now,
-                updated_at=now,
-            )
-            .returning(*jobs.c)
-        ).first()
-        if row is None:
-            return None
-        ledger.capture_in(conn, row.account_id, row.id, int(row.price))
-        return _transitioned_in(conn, row)
+    return _finish(
+        db,
+        worker_id,
+        job_id,
+        {
+            "status": JobStatus.COMPLETED.value,
+            "output": json.dumps(output),
+            "engine_seconds": engine_seconds,
+            "progress_step": jobs.c.progress_total,
+        },
+    )
 
 
 def finish_unsuccessful(
@@ -288,24 +297,7 @@ def finish_unsuccessful(
     """FAILED, ERROR or CANCELLED and release the reservation, if the job is still ours."""
     if status not in (JobStatus.FAILED, JobStatus.ERROR, JobStatus.CANCELLED):
         raise ValueError(f"not an unsuccessful status: {status}")
-    now = time.time()
-    with db.write() as conn:
-        row = conn.execute(
-            update(jobs)
-            .where(_fenced([job_id], worker_id))
-            .values(
-                status=status.value,
-                error=error,
-                lease_expires_at=None,
-                completed_at=now,
-                updated_at=now,
-            )
-            .returning(*jobs.c)
-        ).first()
-        if row is None:
-            return None
-        ledger.release_in(conn, row.account_id, row.id, int(row.price))
-        return _transitioned_in(conn, row)
+    return _finish(db, worker_id, job_id, {"status": status.value, "error": error})
 
 
 def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str], list[str]]:
@@ -363,7 +355,6 @@ def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str
                     .returning(*jobs.c)
                 ).first()
                 if row is not None:
-                    ledger.release_in(conn, row.account_id, row.id, int(row.price))
                     errored.append(job.id)
                     _transitioned_in(conn, row)
     return requeued, errored
@@ -473,7 +464,6 @@ def cancel(db: Database, job_id: str, *, account_id: str) -> Cancellation | None
             .returning(*jobs.c)
         ).first()
         if row is not None:
-            ledger.release_in(conn, row.account_id, row.id, int(row.price))
             return Cancellation("cancelled", _transitioned_in(conn, row))
         row = conn.execute(
             update(jobs)
