@@ -55,9 +55,23 @@ class Server:
         # Output goes to a file: a pipe nobody reads would eventually block the server.
         self.log = data_dir / "server.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "auraserve", "serve", "--model", "tiny", "--data-dir",
-             str(data_dir), "--port", str(self.port), "--workers", str(workers)],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "auraserve",
+                "serve",
+                "--model",
+                "tiny",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+            ],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         self.key = ""
         deadline = time.monotonic() + 120
@@ -87,9 +101,21 @@ def wrk(url: str, *, connections: int, duration: float, lua: str) -> dict[str, A
         script = fh.name
     proc = subprocess.run(
         # One wrk thread: the server gets the other core (the machine has two).
-        ["wrk", "-t", "1", "-c", str(connections),
-         "-d", f"{duration:g}s", "--latency", "-s", script, url],
-        capture_output=True, text=True,
+        [
+            "wrk",
+            "-t",
+            "1",
+            "-c",
+            str(connections),
+            "-d",
+            f"{duration:g}s",
+            "--latency",
+            "-s",
+            script,
+            url,
+        ],
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed: {proc.stdout} {proc.stderr}")
@@ -109,7 +135,7 @@ def wrk(url: str, *, connections: int, duration: float, lua: str) -> dict[str, A
 
 def _ms(value: str) -> float:
     num = float(re.match(r"[\d.]+", value).group(0))  # type: ignore[union-attr]
-    unit = value[len(re.match(r"[\d.]+", value).group(0)):]  # type: ignore[union-attr]
+    unit = value[len(re.match(r"[\d.]+", value).group(0)) :]  # type: ignore[union-attr]
     return num * {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
@@ -133,22 +159,34 @@ def throughput(duration: float) -> dict[str, Any]:
         try:
             headers = {"Ocp-Apim-Subscription-Key": server.key}
             submits = [
-                wrk(server.url + SEED_PATH, connections=c, duration=duration,
-                    lua=lua_post(server.key))
+                wrk(
+                    server.url + SEED_PATH,
+                    connections=c,
+                    duration=duration,
+                    lua=lua_post(server.key),
+                )
                 for c in CONNECTIONS
             ]
             # Poll a job in the middle of a deep queue (its position is counted per poll) and
             # a job near the head.
-            rid = httpx.post(server.url + SEED_PATH, headers=headers,
-                             json={"prompt": "poll me"}).json()["request_id"]
+            rid = httpx.post(
+                server.url + SEED_PATH, headers=headers, json={"prompt": "poll me"}
+            ).json()["request_id"]
             status = httpx.get(f"{server.url}/v2/requests/status/{rid}", headers=headers).json()
             polls = [
-                wrk(f"{server.url}/v2/requests/status/{rid}", connections=c,
-                    duration=duration, lua=lua_get(server.key))
+                wrk(
+                    f"{server.url}/v2/requests/status/{rid}",
+                    connections=c,
+                    duration=duration,
+                    lua=lua_get(server.key),
+                )
                 for c in CONNECTIONS
             ]
-            return {"submit": submits, "poll": polls,
-                    "poll_queue_position": status.get("queue_position")}
+            return {
+                "submit": submits,
+                "poll": polls,
+                "poll_queue_position": status.get("queue_position"),
+            }
         finally:
             server.stop()
 
@@ -166,10 +204,15 @@ def overhead(jobs: int, output_format: str) -> dict[str, Any]:
             samples = []
             with httpx.Client(base_url=server.url, headers=headers) as client:
                 for i in range(jobs + 3):
-                    rid = client.post(SEED_PATH, json={
-                        "prompt": "overhead", "num_inference_steps": 1, "seed": i,
-                        "output_format": output_format,
-                    }).json()["request_id"]
+                    rid = client.post(
+                        SEED_PATH,
+                        json={
+                            "prompt": "overhead",
+                            "num_inference_steps": 1,
+                            "seed": i,
+                            "output_format": output_format,
+                        },
+                    ).json()["request_id"]
                     while True:
                         body = client.get(f"/v2/requests/status/{rid}").json()
                         if body["status"] == "COMPLETED":
@@ -195,18 +238,23 @@ def _ts(iso: str) -> float:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| phase | connections | req/s | p50 ms | p99 ms | non-2xx |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| phase | connections | req/s | p50 ms | p99 ms | non-2xx |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for phase in ("submit", "poll"):
         for r in result[phase]:
-            lines.append(f"| {phase} | {r['connections']} | {r['rate']:.0f} | {r['p50_ms']:.2f} | "
-                         f"{r['p99_ms']:.2f} | {r['non_2xx']} |")
+            lines.append(
+                f"| {phase} | {r['connections']} | {r['rate']:.0f} | {r['p50_ms']:.2f} | "
+                f"{r['p99_ms']:.2f} | {r['non_2xx']} |"
+            )
     lines.append("")
     for o in result["overhead"]:
         lines.append(
             f"Service overhead, {o['format']} output (submit → COMPLETED minus engine time, "
             f"{o['jobs']} jobs): median {o['median_ms']:.1f} ms, p90 {o['p90_ms']:.1f} ms "
-            f"(engine time per job ≈ {o['engine_ms_last']:.0f} ms)")
+            f"(engine time per job ≈ {o['engine_ms_last']:.0f} ms)"
+        )
     return "\n".join(lines)
 
 

@@ -146,7 +146,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     preset_id = args.preset or settings.default_preset
     if preset_id not in settings.presets:
-        raise ConfigError(f"unknown preset {preset_id!r}; choose from {', '.join(settings.presets)}")
+        raise ConfigError(
+            f"unknown preset {preset_id!r}; choose from {', '.join(settings.presets)}"
+        )
     out = Path(args.output)
     fmt = args.format or {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}.get(
         out.suffix.lower(), "png"
@@ -177,17 +179,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = []
     for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         path = out if len(result.images) == 1 else out.with_stem(f"{out.stem}-{i}")
-        metadata = {"prompt": result.prompt_used, "negative_prompt": request.negative_prompt,
-                    "steps": request.steps, "sampler": request.sampler,
-                    "scheduler": request.scheduler, "cfg": request.guidance_scale,
-                    "shift": request.shift, "seed": seed, "width": result.width,
-                    "height": result.height, "model": preset_id}
+        metadata = {
+            "prompt": result.prompt_used,
+            "negative_prompt": request.negative_prompt,
+            "steps": request.steps,
+            "sampler": request.sampler,
+            "scheduler": request.scheduler,
+            "cfg": request.guidance_scale,
+            "shift": request.shift,
+            "seed": seed,
+            "width": result.width,
+            "height": result.height,
+            "model": preset_id,
+        }
         path.write_bytes(encode_image(image, fmt, request.output_quality, metadata=metadata))
         paths.append(str(path))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(json.dumps({"files": paths, "seeds": result.seeds, "width": result.width,
-                      "height": result.height, "seconds": round(result.engine_seconds, 3)}))
+    print(
+        json.dumps(
+            {
+                "files": paths,
+                "seeds": result.seeds,
+                "width": result.width,
+                "height": result.height,
+                "seconds": round(result.engine_seconds, 3),
+            }
+        )
+    )
     return 0
 
 
@@ -219,8 +238,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 print(json.dumps(record))
             else:
                 print(f"API key (shown once): {created.key}")
-                print(f"key id {created.key_id}, account {created.account_id}, "
-                      f"credits {created.credits}")
+                print(
+                    f"key id {created.key_id}, account {created.account_id}, "
+                    f"credits {created.credits}"
+                )
                 print(f"webhook signing secret: {created.webhook_secret}")
         elif args.keys_cmd == "list":
             rows = keys.list_keys(runtime.db)
@@ -286,9 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
-    serve.add_argument(
-        "--workers", type=int, help="in-process workers (default 1; 0 = API only)"
-    )
+    serve.add_argument("--workers", type=int, help="in-process workers (default 1; 0 = API only)")
     common(serve, model=True)
     serve.set_defaults(func=cmd_serve)
 

@@ -178,14 +178,21 @@ class Settings(BaseSettings):
     def _valid_sizes(cls, value: list[str]) -> list[str]:
         for size in value:
             w, sep, h = size.lower().partition("x")
-            if not (sep and w.isdigit() and h.isdigit() and 512 <= int(w) <= 2048
-                    and 512 <= int(h) <= 2048):
+            if not (
+                sep
+                and w.isdigit()
+                and h.isdigit()
+                and 512 <= int(w) <= 2048
+                and 512 <= int(h) <= 2048
+            ):
                 raise ValueError(f"{size!r} is not WIDTHxHEIGHT with both sides 512 to 2048")
         return value
 
     @property
     def warmup_size_pairs(self) -> list[tuple[int, int]]:
-        return [(int(w), int(h)) for w, _, h in (s.lower().partition("x") for s in self.warmup_sizes)]
+        return [
+            (int(w), int(h)) for w, _, h in (s.lower().partition("x") for s in self.warmup_sizes)
+        ]
 
     @field_validator("webhook_allow_hosts", "webhook_schedule", "warmup_sizes", mode="before")
     @classmethod

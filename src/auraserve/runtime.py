@@ -45,7 +45,9 @@ class Runtime:
         # Every process that changes job statuses records their webhook deliveries in the
         # same transactions (API: cancels; workers: results), whoever sends them later.
         outbox.install(db, settings)
-        return cls(settings=settings, db=db, media=LocalMediaStore(settings.media_dir), engine=engine)
+        return cls(
+            settings=settings, db=db, media=LocalMediaStore(settings.media_dir), engine=engine
+        )
 
     def start_worker(self, models: list[str] | None = None) -> Worker:
         if self.engine is None:

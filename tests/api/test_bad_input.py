@@ -48,13 +48,21 @@ CASES: list[tuple[str, Any, int, str | None]] = [
 
 
 @pytest.mark.parametrize(("name", "body", "status", "field"), CASES, ids=[c[0] for c in CASES])
-def test_bad_request(api_only_server: LiveServer, client: httpx.Client, tenant: Tenant,
-                     name: str, body: Any, status: int, field: str | None) -> None:
+def test_bad_request(
+    api_only_server: LiveServer,
+    client: httpx.Client,
+    tenant: Tenant,
+    name: str,
+    body: Any,
+    status: int,
+    field: str | None,
+) -> None:
     db = api_only_server.runtime.db
     before = ledger.balance(db, tenant.account_id)
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    resp = client.post(SEED_PATH, content=raw,
-                       headers={**tenant.headers, "content-type": "application/json"})
+    resp = client.post(
+        SEED_PATH, content=raw, headers={**tenant.headers, "content-type": "application/json"}
+    )
     assert resp.status_code == status, resp.text
     payload = resp.json()
     assert set(payload) >= {"error", "message"}
@@ -65,23 +73,27 @@ def test_bad_request(api_only_server: LiveServer, client: httpx.Client, tenant: 
     assert jobs.count_active(db, tenant.account_id) == 0
 
 
-def test_range_errors_say_the_allowed_range(api_only_server: LiveServer, client: httpx.Client,
-                                            tenant: Tenant) -> None:
-    resp = client.post(SEED_PATH, headers=tenant.headers,
-                       json={"prompt": "a", "num_inference_steps": 500})
+def test_range_errors_say_the_allowed_range(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
+    resp = client.post(
+        SEED_PATH, headers=tenant.headers, json={"prompt": "a", "num_inference_steps": 500}
+    )
     assert "from 1 to 100" in resp.json()["message"]
     resp = client.post(SEED_PATH, headers=tenant.headers, json={"prompt": "a", "sampler": "x"})
     assert "euler" in resp.json()["message"] and "uni_pc" in resp.json()["message"]
 
 
-def test_chunked_body_over_the_limit_is_413(api_only_server: LiveServer, client: httpx.Client,
-                                            tenant: Tenant) -> None:
+def test_chunked_body_over_the_limit_is_413(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
     def chunks():
         yield b'{"prompt": "'
         for _ in range(6):
             yield b"x" * (1024 * 1024)
         yield b'"}'
 
-    resp = client.post(SEED_PATH, content=chunks(),
-                       headers={**tenant.headers, "content-type": "application/json"})
+    resp = client.post(
+        SEED_PATH, content=chunks(), headers={**tenant.headers, "content-type": "application/json"}
+    )
     assert resp.status_code == 413

@@ -16,13 +16,22 @@ SEED_PATH = "/auraflow-v0-3-512/v1/auraflow-v0-3-request"
 UUID7 = r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
 
-def test_submit_poll_complete_fetch_and_charge(server: LiveServer, client: httpx.Client,
-                                               tenant: Tenant) -> None:
+def test_submit_poll_complete_fetch_and_charge(
+    server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
     before = ledger.balance(server.runtime.db, tenant.account_id)
-    resp = client.post(SEED_PATH, headers=tenant.headers, json={
-        "prompt": "Close-up portrait of a majestic iguana", "num_images": 2,
-        "guidance_scale": 3.5, "num_inference_steps": 3, "expand_prompt": False, "seed": 42,
-    })
+    resp = client.post(
+        SEED_PATH,
+        headers=tenant.headers,
+        json={
+            "prompt": "Close-up portrait of a majestic iguana",
+            "num_images": 2,
+            "guidance_scale": 3.5,
+            "num_inference_steps": 3,
+            "expand_prompt": False,
+            "seed": 42,
+        },
+    )
     assert resp.status_code == 202, resp.text
     body = resp.json()
     assert set(body) == {"request_id", "status", "polling_url"}
@@ -32,8 +41,16 @@ def test_submit_poll_complete_fetch_and_charge(server: LiveServer, client: httpx
 
     final = wait_for_status(client, body["request_id"], tenant.headers)
     assert final["status"] == "COMPLETED", final
-    for key in ("request_id", "status", "model_id", "error", "output", "created_at",
-                "updated_at", "completed_at"):
+    for key in (
+        "request_id",
+        "status",
+        "model_id",
+        "error",
+        "output",
+        "created_at",
+        "updated_at",
+        "completed_at",
+    ):
         assert key in final
     assert final["model_id"] == "auraflow-v0-3-512"
     assert final["error"] is None
@@ -56,46 +73,63 @@ def test_submit_poll_complete_fetch_and_charge(server: LiveServer, client: httpx
 
 
 @pytest.mark.parametrize("header", ["Ocp-Apim-Subscription-Key", "x-api-key", "Authorization"])
-def test_every_key_header_works(api_only_server: LiveServer, client: httpx.Client,
-                                tenant: Tenant, header: str) -> None:
+def test_every_key_header_works(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant, header: str
+) -> None:
     value = f"Bearer {tenant.key}" if header == "Authorization" else tenant.key
     resp = client.post(SEED_PATH, headers={header: value}, json={"prompt": "x"})
     assert resp.status_code == 202, resp.text
 
 
-def test_status_shows_queue_position_while_queued(api_only_server: LiveServer,
-                                                 client: httpx.Client, tenant: Tenant) -> None:
-    ids = [client.post(SEED_PATH, headers=tenant.headers, json={"prompt": f"p{i}"}).json()["request_id"]
-           for i in range(3)]
-    positions = [client.get(f"/v2/requests/status/{r}", headers=tenant.headers).json()["queue_position"]
-                 for r in ids]
+def test_status_shows_queue_position_while_queued(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
+    ids = [
+        client.post(SEED_PATH, headers=tenant.headers, json={"prompt": f"p{i}"}).json()[
+            "request_id"
+        ]
+        for i in range(3)
+    ]
+    positions = [
+        client.get(f"/v2/requests/status/{r}", headers=tenant.headers).json()["queue_position"]
+        for r in ids
+    ]
     assert positions == [0, 1, 2]
 
 
-def test_unknown_model_is_400_with_seed_body(api_only_server: LiveServer, client: httpx.Client,
-                                             tenant: Tenant) -> None:
+def test_unknown_model_is_400_with_seed_body(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
     resp = client.post("/no-such-model/v1/x-request", headers=tenant.headers, json={"prompt": "x"})
     assert resp.status_code == 400
-    assert resp.json() == {"error": "Model not found",
-                           "message": "Model 'no-such-model' not found or is disabled"}
+    assert resp.json() == {
+        "error": "Model not found",
+        "message": "Model 'no-such-model' not found or is disabled",
+    }
 
 
-def test_insufficient_balance_is_402_with_seed_body(api_only_server: LiveServer,
-                                                    client: httpx.Client) -> None:
+def test_insufficient_balance_is_402_with_seed_body(
+    api_only_server: LiveServer, client: httpx.Client
+) -> None:
     poor = make_tenant(api_only_server.runtime, credits=1, name="poor")
     resp = client.post(SEED_PATH, headers=poor.headers, json={"prompt": "x"})
     assert resp.status_code == 402
-    assert resp.json() == {"error": "Insufficient Balance",
-                           "message": "Your wallet does not have enough balance."}
+    assert resp.json() == {
+        "error": "Insufficient Balance",
+        "message": "Your wallet does not have enough balance.",
+    }
     assert ledger.balance(api_only_server.runtime.db, poor.account_id) == 1
 
 
-def test_queue_limit_is_429(api_only_server: LiveServer, client: httpx.Client,
-                            tenant: Tenant) -> None:
+def test_queue_limit_is_429(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
     limit = api_only_server.runtime.settings.max_queued_per_account
     before = ledger.balance(api_only_server.runtime.db, tenant.account_id)
     for _ in range(limit):
-        assert client.post(SEED_PATH, headers=tenant.headers, json={"prompt": "x"}).status_code == 202
+        assert (
+            client.post(SEED_PATH, headers=tenant.headers, json={"prompt": "x"}).status_code == 202
+        )
     spent = before - ledger.balance(api_only_server.runtime.db, tenant.account_id)
     resp = client.post(SEED_PATH, headers=tenant.headers, json={"prompt": "x"})
     assert resp.status_code == 429
@@ -108,8 +142,13 @@ def test_unauthorized(api_only_server: LiveServer, client: httpx.Client, tenant:
 
     assert client.post(SEED_PATH, json={"prompt": "x"}).status_code == 401
     bad = tenant.key[:-4] + "AAAA"
-    assert client.post(SEED_PATH, headers={"x-api-key": bad}, json={"prompt": "x"}).status_code == 401
-    assert client.post(SEED_PATH, headers={"x-api-key": "nonsense"}, json={"prompt": "x"}).status_code == 401
+    assert (
+        client.post(SEED_PATH, headers={"x-api-key": bad}, json={"prompt": "x"}).status_code == 401
+    )
+    assert (
+        client.post(SEED_PATH, headers={"x-api-key": "nonsense"}, json={"prompt": "x"}).status_code
+        == 401
+    )
     keys.revoke_key(api_only_server.runtime.db, tenant.key_id)
     resp = client.post(SEED_PATH, headers=tenant.headers, json={"prompt": "x"})
     assert resp.status_code == 401
@@ -119,8 +158,9 @@ def test_unauthorized(api_only_server: LiveServer, client: httpx.Client, tenant:
 def test_two_accounts_cannot_see_each_others_jobs(server: LiveServer, client: httpx.Client) -> None:
     alice = make_tenant(server.runtime, name="alice")
     bob = make_tenant(server.runtime, name="bob")
-    rid = client.post(SEED_PATH, headers=alice.headers,
-                      json={"prompt": "secret", "num_inference_steps": 2}).json()["request_id"]
+    rid = client.post(
+        SEED_PATH, headers=alice.headers, json={"prompt": "secret", "num_inference_steps": 2}
+    ).json()["request_id"]
     final = wait_for_status(client, rid, alice.headers)
     assert final["status"] == "COMPLETED"
     resp = client.get(f"/v2/requests/status/{rid}", headers=bob.headers)
@@ -136,8 +176,9 @@ def test_two_accounts_cannot_see_each_others_jobs(server: LiveServer, client: ht
     assert client.get("/media/..%2Fauraserve.db").status_code == 404
 
 
-def test_wrong_method_and_unknown_path(api_only_server: LiveServer, client: httpx.Client,
-                                       tenant: Tenant) -> None:
+def test_wrong_method_and_unknown_path(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
     resp = client.get(SEED_PATH, headers=tenant.headers)
     assert resp.status_code == 405
     assert "POST" in resp.headers["allow"]

@@ -17,21 +17,31 @@ from auraserve.config import Settings
 from tests.conftest import LiveServer, free_port, wait_for_status
 
 
-def run_cli(*args: str, settings: Settings | None = None, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str,
+    settings: Settings | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
     full_env = dict(os.environ)
     if settings is not None:
         full_env["AURASERVE_DATA_DIR"] = str(settings.data_dir)
         if settings.database_url:
             full_env["AURASERVE_DATABASE_URL"] = settings.database_url
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "auraserve", *args], capture_output=True,
-                          text=True, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "auraserve", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 def test_keys_and_credits_commands(settings: Settings) -> None:
-    created = run_cli("keys", "create", "--name", "ci", "--credits", "500", "--json",
-                      settings=settings)
+    created = run_cli(
+        "keys", "create", "--name", "ci", "--credits", "500", "--json", settings=settings
+    )
     assert created.returncode == 0, created.stderr
     record = json.loads(created.stdout)
     assert {"key", "key_id", "account_id", "credits", "webhook_secret"} <= set(record)
@@ -52,26 +62,36 @@ def test_keys_and_credits_commands(settings: Settings) -> None:
     assert run_cli("keys", "revoke", record["key_id"], settings=settings).returncode == 1
 
 
-def test_cli_works_while_the_server_runs(server: LiveServer, client: httpx.Client,
-                                         settings: Settings) -> None:
-    created = run_cli("keys", "create", "--name", "live", "--credits", "1000", "--json",
-                      settings=settings)
+def test_cli_works_while_the_server_runs(
+    server: LiveServer, client: httpx.Client, settings: Settings
+) -> None:
+    created = run_cli(
+        "keys", "create", "--name", "live", "--credits", "1000", "--json", settings=settings
+    )
     assert created.returncode == 0, created.stderr
     key = json.loads(created.stdout)["key"]
     headers = {"x-api-key": key}
-    rid = client.post("/auraflow-v0-3-512/v1/auraflow-v0-3-request", headers=headers,
-                      json={"prompt": "from the CLI", "num_inference_steps": 2}).json()["request_id"]
+    rid = client.post(
+        "/auraflow-v0-3-512/v1/auraflow-v0-3-request",
+        headers=headers,
+        json={"prompt": "from the CLI", "num_inference_steps": 2},
+    ).json()["request_id"]
     assert wait_for_status(client, rid, headers)["status"] == "COMPLETED"
 
 
-def _start_serve(tmp_path: Path, settings: Settings) -> tuple[subprocess.Popen[str], int, list[str]]:
+def _start_serve(
+    tmp_path: Path, settings: Settings
+) -> tuple[subprocess.Popen[str], int, list[str]]:
     port = free_port()
     env = dict(os.environ, AURASERVE_DATA_DIR=str(tmp_path / "serve"))
     if settings.database_url:
         env["AURASERVE_DATABASE_URL"] = settings.database_url
     proc = subprocess.Popen(
         [sys.executable, "-m", "auraserve", "serve", "--model", "tiny", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     lines: list[str] = []
     assert proc.stdout is not None
@@ -102,9 +122,11 @@ def test_serve_prints_a_key_on_first_start_only(tmp_path: Path, settings: Settin
         assert health["test_model"] is True
         headers = {"Ocp-Apim-Subscription-Key": match.group(1)}
         with httpx.Client(base_url=base) as client:
-            rid = client.post("/auraflow-v0-3/v1/x-request", headers=headers,
-                              json={"prompt": "first", "num_inference_steps": 1,
-                                    "width": 512, "height": 512}).json()["request_id"]
+            rid = client.post(
+                "/auraflow-v0-3/v1/x-request",
+                headers=headers,
+                json={"prompt": "first", "num_inference_steps": 1, "width": 512, "height": 512},
+            ).json()["request_id"]
             assert wait_for_status(client, rid, headers)["status"] == "COMPLETED"
     finally:
         proc.terminate()
@@ -117,9 +139,23 @@ def test_serve_prints_a_key_on_first_start_only(tmp_path: Path, settings: Settin
 
 def test_generate_writes_an_image_with_a_progress_bar(tmp_path: Path) -> None:
     out = tmp_path / "out.webp"
-    result = run_cli("generate", "a red cube", "-o", str(out), "--model", "tiny", "--steps", "3",
-                     "--seed", "5", "--width", "512", "--height", "512",
-                     env={"AURASERVE_DATA_DIR": str(tmp_path / "d")})
+    result = run_cli(
+        "generate",
+        "a red cube",
+        "-o",
+        str(out),
+        "--model",
+        "tiny",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--width",
+        "512",
+        "--height",
+        "512",
+        env={"AURASERVE_DATA_DIR": str(tmp_path / "d")},
+    )
     assert result.returncode == 0, result.stderr
     assert "denoising" in result.stderr and "3/3" in result.stderr
     info: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
@@ -128,8 +164,15 @@ def test_generate_writes_an_image_with_a_progress_bar(tmp_path: Path) -> None:
 
 
 def test_unloadable_model_ends_with_one_clear_line(tmp_path: Path) -> None:
-    result = run_cli("generate", "x", "-o", str(tmp_path / "o.png"), "--model",
-                     str(tmp_path / "no-such-dir"), env={"HF_HUB_OFFLINE": "1"})
+    result = run_cli(
+        "generate",
+        "x",
+        "-o",
+        str(tmp_path / "o.png"),
+        "--model",
+        str(tmp_path / "no-such-dir"),
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 1
     lines = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("auraserve:")]
     assert len(lines) == 1, result.stderr
@@ -137,8 +180,9 @@ def test_unloadable_model_ends_with_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
-    result = run_cli("keys", "list", env={"AURASERVE_LEASE_SECONDS": "-3",
-                                          "AURASERVE_DATA_DIR": str(tmp_path)})
+    result = run_cli(
+        "keys", "list", env={"AURASERVE_LEASE_SECONDS": "-3", "AURASERVE_DATA_DIR": str(tmp_path)}
+    )
     assert result.returncode == 2
     assert "AURASERVE_LEASE_SECONDS" in result.stderr
 
@@ -149,19 +193,33 @@ def test_worker_command_runs_jobs_from_the_store(tmp_path: Path, settings: Setti
     from auraserve.runtime import Runtime
     from auraserve.store import jobs, keys
 
-    env = dict(os.environ, AURASERVE_DATA_DIR=str(settings.data_dir),
-               AURASERVE_POLL_INTERVAL_SECONDS="0.2")
+    env = dict(
+        os.environ, AURASERVE_DATA_DIR=str(settings.data_dir), AURASERVE_POLL_INTERVAL_SECONDS="0.2"
+    )
     if settings.database_url:
         env["AURASERVE_DATABASE_URL"] = settings.database_url
     rt = Runtime.open(settings)
-    proc = subprocess.Popen([sys.executable, "-m", "auraserve", "worker", "--model", "tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "auraserve", "worker", "--model", "tiny"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         acct = keys.create_account(rt.db, "w", credits=1000)
         preset = settings.presets["auraflow-v0-3-512"]
-        req = build_request({"prompt": "alone", "steps": 2}, model="auraflow-v0-3-512", preset=preset)
-        job_id = jobs.submit(rt.db, account_id=acct.account_id, request=req,
-                             price=req.price(preset), max_queued=10, max_attempts=3).job.id
+        req = build_request(
+            {"prompt": "alone", "steps": 2}, model="auraflow-v0-3-512", preset=preset
+        )
+        job_id = jobs.submit(
+            rt.db,
+            account_id=acct.account_id,
+            request=req,
+            price=req.price(preset),
+            max_queued=10,
+            max_attempts=3,
+        ).job.id
         deadline = time.monotonic() + 90
         while (job := jobs.get(rt.db, job_id)) is not None and not job.is_terminal:
             assert time.monotonic() < deadline, "worker did not finish the job"
@@ -187,18 +245,52 @@ def test_generate_with_model_dir_equals_diffusers(tmp_path: Path) -> None:
 
     model_dir = save_tiny_model(tmp_path / "tiny-model")
     out = tmp_path / "ours.png"
-    result = run_cli("generate", "a lighthouse at dusk", "-o", str(out), "--model", str(model_dir),
-                     "--sampler", "euler", "--scheduler", "normal", "--steps", "4", "--cfg", "5",
-                     "--shift", "1.73", "--seed", "1234", "--negative-prompt", "blurry",
-                     "--width", "512", "--height", "512", "--format", "png",
-                     env={"AURASERVE_DATA_DIR": str(tmp_path / "d"), "AURASERVE_DEVICE": "cpu",
-                          "AURASERVE_DTYPE": "float32", "HF_HUB_OFFLINE": "1"})
+    result = run_cli(
+        "generate",
+        "a lighthouse at dusk",
+        "-o",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--sampler",
+        "euler",
+        "--scheduler",
+        "normal",
+        "--steps",
+        "4",
+        "--cfg",
+        "5",
+        "--shift",
+        "1.73",
+        "--seed",
+        "1234",
+        "--negative-prompt",
+        "blurry",
+        "--width",
+        "512",
+        "--height",
+        "512",
+        "--format",
+        "png",
+        env={
+            "AURASERVE_DATA_DIR": str(tmp_path / "d"),
+            "AURASERVE_DEVICE": "cpu",
+            "AURASERVE_DTYPE": "float32",
+            "HF_HUB_OFFLINE": "1",
+        },
+    )
     assert result.returncode == 0, result.stderr
     pipe = AuraFlowPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.73)
-    reference = pipe("a lighthouse at dusk", negative_prompt="blurry", guidance_scale=5.0,
-                     num_inference_steps=4, height=512, width=512,
-                     generator=torch.Generator("cpu").manual_seed(1234)).images[0]
+    reference = pipe(
+        "a lighthouse at dusk",
+        negative_prompt="blurry",
+        guidance_scale=5.0,
+        num_inference_steps=4,
+        height=512,
+        width=512,
+        generator=torch.Generator("cpu").manual_seed(1234),
+    ).images[0]
     ours = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
     theirs = np.asarray(reference.convert("RGB"), dtype=np.int16)
     assert ours.shape == theirs.shape

@@ -16,15 +16,23 @@ def _build(**fields: object):
     return build_request({"prompt": "p", **fields}, model="auraflow-v0-3", preset=PRESET)
 
 
-@pytest.mark.parametrize(("given", "rounded"), [(512, 512), (520, 528), (1000, 1008),
-                                                 (1023, 1024), (2047, 2048), (777, 784)])
+@pytest.mark.parametrize(
+    ("given", "rounded"),
+    [(512, 512), (520, 528), (1000, 1008), (1023, 1024), (2047, 2048), (777, 784)],
+)
 def test_sizes_round_to_the_nearest_multiple_of_16(given: int, rounded: int) -> None:
     assert _build(width=given, height=given).width == rounded
 
 
 def test_preset_defaults_fill_absent_fields_and_seed_is_random() -> None:
     req = _build()
-    assert (req.width, req.height, req.steps, req.guidance_scale, req.shift) == (1024, 1024, 25, 3.5, 1.73)
+    assert (req.width, req.height, req.steps, req.guidance_scale, req.shift) == (
+        1024,
+        1024,
+        25,
+        3.5,
+        1.73,
+    )
     seeds = {_build().seed for _ in range(5)}
     assert len(seeds) > 1
 
@@ -44,8 +52,12 @@ def test_price_scales_with_pixels_and_steps_rounding_up_per_image() -> None:
 
 def test_errors_name_the_dialect_field_and_the_range() -> None:
     with pytest.raises(InvalidParameter) as err:
-        build_request({"prompt": "p", "steps": 0}, model="m", preset=PRESET,
-                      names={"steps": "num_inference_steps"})
+        build_request(
+            {"prompt": "p", "steps": 0},
+            model="m",
+            preset=PRESET,
+            names={"steps": "num_inference_steps"},
+        )
     assert err.value.field == "num_inference_steps"
     assert "from 1 to 100" in err.value.message
 

@@ -66,7 +66,7 @@ class _ChatServer:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.status = 200
-        self.answer = "  \"A majestic cat holding a sign that says hello world, golden light\"  "
+        self.answer = '  "A majestic cat holding a sign that says hello world, golden light"  '
         server = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -221,9 +221,7 @@ def test_euler_is_diffusers_flow_match_euler() -> None:
         sigma = float(scheduler.sigmas[i])
         velocity = (reference - gaussian_denoiser(reference, sigma)) / sigma
         reference = scheduler.step(velocity, t, reference).prev_sample
-    ours = sample(
-        "euler", gaussian_denoiser, x, make_sigmas("normal", 12, 1.73), noise=no_noise(x)
-    )
+    ours = sample("euler", gaussian_denoiser, x, make_sigmas("normal", 12, 1.73), noise=no_noise(x))
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
 
 

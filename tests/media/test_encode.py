@@ -21,7 +21,7 @@ from auraserve.media.encode import (
 )
 
 METADATA: dict[str, Any] = {
-    "prompt": "a cat holding a sign that says \"hello, world\"\nsecond line ☃",
+    "prompt": 'a cat holding a sign that says "hello, world"\nsecond line ☃',
     "negative_prompt": "blurry, low quality",
     "steps": 25,
     "sampler": "dpmpp_2m",

@@ -16,8 +16,9 @@ def test_put_then_path_and_delete(tmp_path: Path) -> None:
     assert store.path(name) is None
 
 
-@pytest.mark.parametrize("bad", ["../etc/passwd", "x.png", "a" * 43 + ".gif", "/abs.png",
-                                 "a" * 42 + "/.png", ""])
+@pytest.mark.parametrize(
+    "bad", ["../etc/passwd", "x.png", "a" * 43 + ".gif", "/abs.png", "a" * 42 + "/.png", ""]
+)
 def test_names_never_escape_the_root(tmp_path: Path, bad: str) -> None:
     store = LocalMediaStore(tmp_path)
     assert store.path(bad) is None

@@ -33,8 +33,14 @@ def test_concurrent_submits_never_overdraw_and_every_reservation_settles_once(db
         barrier.wait()
         for _ in range(3):
             try:
-                sub = jobs.submit(db, account_id=acct.account_id, request=req, price=price,
-                                  max_queued=1000, max_attempts=3)
+                sub = jobs.submit(
+                    db,
+                    account_id=acct.account_id,
+                    request=req,
+                    price=price,
+                    max_queued=1000,
+                    max_attempts=3,
+                )
                 assert sub.balance >= 0
                 with lock:
                     accepted.append(sub.job.id)
@@ -55,13 +61,17 @@ def test_concurrent_submits_never_overdraw_and_every_reservation_settles_once(db
     claimed = jobs.claim(db, worker_id="w", models=[MODEL], max_images=100, lease_seconds=60)
     assert len(claimed) == affordable
     for i, job in enumerate(claimed):
+
         def settle(job_id: str = job.id, ok: bool = i % 2 == 0) -> None:
             if ok:
-                jobs.complete(db, worker_id="w", job_id=job_id, output={"media": []},
-                              engine_seconds=0)
+                jobs.complete(
+                    db, worker_id="w", job_id=job_id, output={"media": []}, engine_seconds=0
+                )
             else:
-                jobs.finish_unsuccessful(db, worker_id="w", job_id=job_id,
-                                         status=JobStatus.FAILED, error="x")
+                jobs.finish_unsuccessful(
+                    db, worker_id="w", job_id=job_id, status=JobStatus.FAILED, error="x"
+                )
+
         racers = [threading.Thread(target=settle) for _ in range(3)]
         for t in racers:
             t.start()

@@ -15,19 +15,34 @@ def test_submit_claim_complete_captures(db: Database) -> None:
     acct = keys.create_account(db, "a", credits=1000)
     req = _req()
     price = req.price(PRESET)
-    sub = jobs.submit(db, account_id=acct.account_id, request=req, price=price, max_queued=10, max_attempts=3)
+    sub = jobs.submit(
+        db, account_id=acct.account_id, request=req, price=price, max_queued=10, max_attempts=3
+    )
     assert sub.balance == 1000 - price
     assert sub.job.status == JobStatus.QUEUED
-    claimed = jobs.claim(db, worker_id="w1", models=["auraflow-v0-3-512"], max_images=4, lease_seconds=30)
+    claimed = jobs.claim(
+        db, worker_id="w1", models=["auraflow-v0-3-512"], max_images=4, lease_seconds=30
+    )
     assert [j.id for j in claimed] == [sub.job.id]
-    done = jobs.complete(db, worker_id="w1", job_id=sub.job.id, output={"media": []}, engine_seconds=0.1)
+    done = jobs.complete(
+        db, worker_id="w1", job_id=sub.job.id, output={"media": []}, engine_seconds=0.1
+    )
     assert done is not None and done.status == JobStatus.COMPLETED
     assert ledger.balance(db, acct.account_id) == 1000 - price
     kinds = [e["kind"] for e in ledger.entries(db, acct.account_id)]
     assert kinds == ["grant", "reserve", "capture"]
     # A second completion (e.g. a presumed-dead worker) is fenced out and charges nothing.
-    assert jobs.complete(db, worker_id="w1", job_id=sub.job.id, output={"media": []}, engine_seconds=0.1) is None
-    assert [e["kind"] for e in ledger.entries(db, acct.account_id)] == ["grant", "reserve", "capture"]
+    assert (
+        jobs.complete(
+            db, worker_id="w1", job_id=sub.job.id, output={"media": []}, engine_seconds=0.1
+        )
+        is None
+    )
+    assert [e["kind"] for e in ledger.entries(db, acct.account_id)] == [
+        "grant",
+        "reserve",
+        "capture",
+    ]
 
 
 def test_only_a_hash_of_the_key_is_stored(db: Database) -> None:

@@ -43,20 +43,29 @@ def _worker_process(url: str, worker_id: str, queue: mp.Queue) -> None:
         idle_since = time.monotonic()
         for job in batch:
             claimed.append(job.id)
-            done = jobs.complete(db, worker_id=worker_id, job_id=job.id, output={"media": []},
-                                 engine_seconds=0.0)
+            done = jobs.complete(
+                db, worker_id=worker_id, job_id=job.id, output={"media": []}, engine_seconds=0.0
+            )
             assert done is not None
     queue.put((worker_id, claimed))
     db.dispose()
 
 
-def test_many_worker_processes_claim_each_job_exactly_once(db: Database, settings: Settings) -> None:
+def test_many_worker_processes_claim_each_job_exactly_once(
+    db: Database, settings: Settings
+) -> None:
     acct = keys.create_account(db, "load", credits=10**9)
     n_jobs = 300
     for i in range(n_jobs):
         req = _request(i)
-        jobs.submit(db, account_id=acct.account_id, request=req, price=req.price(PRESET),
-                    max_queued=10**6, max_attempts=3)
+        jobs.submit(
+            db,
+            account_id=acct.account_id,
+            request=req,
+            price=req.price(PRESET),
+            max_queued=10**6,
+            max_attempts=3,
+        )
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     procs = [
@@ -91,8 +100,15 @@ def test_claim_order_is_priority_then_age_and_batches_share_a_key(db: Database) 
     ids = []
     for i in range(5):
         req = _request(i)
-        sub = jobs.submit(db, account_id=acct.account_id, request=req, price=1, max_queued=100,
-                          max_attempts=3, priority=1 if i == 3 else 0)
+        sub = jobs.submit(
+            db,
+            account_id=acct.account_id,
+            request=req,
+            price=1,
+            max_queued=100,
+            max_attempts=3,
+            priority=1 if i == 3 else 0,
+        )
         ids.append(sub.job.id)
         time.sleep(0.002)
     # One at a time: priority 0 before 1; within a priority, oldest first.
@@ -106,10 +122,16 @@ def test_batches_share_the_heads_key_and_fit_max_images(db: Database) -> None:
     acct = keys.create_account(db, "batch", credits=10**6)
     ids = []
     for i in range(6):
-        req = build_request({"prompt": f"b{i}", "steps": 4 + (i % 2), "num_images": 1 + (i == 2)},
-                            model=MODEL, preset=PRESET)
-        ids.append(jobs.submit(db, account_id=acct.account_id, request=req, price=1,
-                               max_queued=100, max_attempts=3).job.id)
+        req = build_request(
+            {"prompt": f"b{i}", "steps": 4 + (i % 2), "num_images": 1 + (i == 2)},
+            model=MODEL,
+            preset=PRESET,
+        )
+        ids.append(
+            jobs.submit(
+                db, account_id=acct.account_id, request=req, price=1, max_queued=100, max_attempts=3
+            ).job.id
+        )
         time.sleep(0.002)
     first = jobs.claim(db, worker_id="w", models=[MODEL], max_images=3, lease_seconds=30)
     # ids[0] (1 image) + ids[2] (2 images) fill 3 images; all share steps=4.
@@ -125,11 +147,13 @@ def test_expired_lease_is_requeued_then_errors_and_refunds(db: Database) -> None
     acct = keys.create_account(db, "lease", credits=1000)
     req = _request(0)
     price = req.price(PRESET)
-    sub = jobs.submit(db, account_id=acct.account_id, request=req, price=price, max_queued=10,
-                      max_attempts=2)
+    sub = jobs.submit(
+        db, account_id=acct.account_id, request=req, price=price, max_queued=10, max_attempts=2
+    )
     for attempt in (1, 2):
-        (job,) = jobs.claim(db, worker_id=f"dead{attempt}", models=[MODEL], max_images=1,
-                            lease_seconds=0.05)
+        (job,) = jobs.claim(
+            db, worker_id=f"dead{attempt}", models=[MODEL], max_images=1, lease_seconds=0.05
+        )
         assert job.attempts == attempt
         time.sleep(0.1)
         requeued, errored = jobs.recover_expired(db)
@@ -142,23 +166,34 @@ def test_expired_lease_is_requeued_then_errors_and_refunds(db: Database) -> None
     assert "not charged" in (final.error or "")
     assert ledger.balance(db, acct.account_id) == 1000
     # The presumed-dead worker comes back: fenced out, nothing charged.
-    assert jobs.complete(db, worker_id="dead2", job_id=sub.job.id, output={"media": []},
-                         engine_seconds=0) is None
-    assert [e["kind"] for e in ledger.entries(db, acct.account_id)] == ["grant", "reserve", "release"]
+    assert (
+        jobs.complete(
+            db, worker_id="dead2", job_id=sub.job.id, output={"media": []}, engine_seconds=0
+        )
+        is None
+    )
+    assert [e["kind"] for e in ledger.entries(db, acct.account_id)] == [
+        "grant",
+        "reserve",
+        "release",
+    ]
 
 
 def test_heartbeat_keeps_a_lease_and_fences_a_stale_owner(db: Database) -> None:
     acct = keys.create_account(db, "hb", credits=1000)
     req = _request(0)
-    sub = jobs.submit(db, account_id=acct.account_id, request=req, price=1, max_queued=10,
-                      max_attempts=3)
+    sub = jobs.submit(
+        db, account_id=acct.account_id, request=req, price=1, max_queued=10, max_attempts=3
+    )
     jobs.claim(db, worker_id="w1", models=[MODEL], max_images=1, lease_seconds=0.2)
     for _ in range(3):
         time.sleep(0.1)
-        ours, _ = jobs.report_progress(db, worker_id="w1", job_ids=[sub.job.id], step=1, total=4,
-                                       lease_seconds=0.2)
+        ours, _ = jobs.report_progress(
+            db, worker_id="w1", job_ids=[sub.job.id], step=1, total=4, lease_seconds=0.2
+        )
         assert ours == {sub.job.id}
         assert jobs.recover_expired(db) == ([], [])
-    ours, _ = jobs.report_progress(db, worker_id="intruder", job_ids=[sub.job.id], step=2,
-                                   total=4, lease_seconds=10)
+    ours, _ = jobs.report_progress(
+        db, worker_id="intruder", job_ids=[sub.job.id], step=2, total=4, lease_seconds=10
+    )
     assert ours == set()

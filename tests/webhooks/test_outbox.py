@@ -139,8 +139,14 @@ def test_sync_mode_sends_throttled_progress_then_final(
     # 100 steps at 1024² take well over the 0.3 s progress interval even on a fast machine
     # (40 steps at 512² did not, and then no PROCESSING callback is due).
     request_id = _submit(
-        client, tenant, url, mode="sync", num_inference_steps=100, guidance_scale=1.0,
-        width=1024, height=1024,
+        client,
+        tenant,
+        url,
+        mode="sync",
+        num_inference_steps=100,
+        guidance_scale=1.0,
+        width=1024,
+        height=1024,
     )
     assert wait_for_status(client, request_id, tenant.headers, timeout=120)["status"] == "COMPLETED"
     _wait(

@@ -21,8 +21,14 @@ MODEL = "auraflow-v0-3-512"
 def _submit(rt: Runtime, account_id: str, **fields: Any) -> str:
     preset = rt.settings.presets[MODEL]
     req = build_request({"prompt": "w", "steps": 2, **fields}, model=MODEL, preset=preset)
-    return jobs.submit(rt.db, account_id=account_id, request=req, price=req.price(preset),
-                       max_queued=100, max_attempts=3).job.id
+    return jobs.submit(
+        rt.db,
+        account_id=account_id,
+        request=req,
+        price=req.price(preset),
+        max_queued=100,
+        max_attempts=3,
+    ).job.id
 
 
 def _wait(rt: Runtime, job_id: str, timeout: float = 60) -> Any:
@@ -64,8 +70,10 @@ def test_warmup_runs_before_ready(settings: Settings, tiny_engine: Any) -> None:
 
 
 def test_value_error_fails_and_other_errors_error_both_refunded(settings: Settings) -> None:
-    for exc, status in ((ValueError("cannot draw that"), JobStatus.FAILED),
-                        (RuntimeError("CUDA out of memory"), JobStatus.ERROR)):
+    for exc, status in (
+        (ValueError("cannot draw that"), JobStatus.FAILED),
+        (RuntimeError("CUDA out of memory"), JobStatus.ERROR),
+    ):
         rt = Runtime.open(settings, engine=_Raising(exc))
         try:
             acct = keys.create_account(rt.db, "w", credits=10_000)
@@ -85,8 +93,9 @@ def test_a_worker_that_lost_its_lease_neither_completes_nor_charges(
     try:
         acct = keys.create_account(rt.db, "w", credits=10_000)
         job_id = _submit(rt, acct.account_id)
-        claimed = jobs.claim(rt.db, worker_id="slow", models=[MODEL], max_images=1,
-                             lease_seconds=0.05)
+        claimed = jobs.claim(
+            rt.db, worker_id="slow", models=[MODEL], max_images=1, lease_seconds=0.05
+        )
         time.sleep(0.1)
         assert jobs.recover_expired(rt.db)[0] == [job_id]  # presumed dead, requeued
         # A healthy worker finishes it.
@@ -97,8 +106,9 @@ def test_a_worker_that_lost_its_lease_neither_completes_nor_charges(
         healthy.stop()
         assert done.status == JobStatus.COMPLETED
         # The slow worker comes back and runs its stale claim to the end.
-        stale = Worker(db=rt.db, settings=rt.settings, engine=tiny_engine, media=rt.media,
-                       worker_id="slow")
+        stale = Worker(
+            db=rt.db, settings=rt.settings, engine=tiny_engine, media=rt.media, worker_id="slow"
+        )
         stale.run_batch(claimed)
         assert stale.jobs_done == 0
         final = jobs.get(rt.db, job_id)

@@ -78,7 +78,11 @@ class BodyLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body_message: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        body_message: Message = {
+            "type": "http.request",
+            "body": b"".join(chunks),
+            "more_body": False,
+        }
         await self.app(scope, _replay([body_message], receive), send)
 
     async def _reject(self, send: Send) -> None:
@@ -181,14 +185,20 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     @app.get("/health", tags=["operations"])
     async def health() -> JSONResponse:
         workers = [
-            {"id": w.worker_id, "state": w.state.value, "jobs_done": w.jobs_done,
-             "warmup_seconds": w.warmup_seconds}
+            {
+                "id": w.worker_id,
+                "state": w.state.value,
+                "jobs_done": w.jobs_done,
+                "warmup_seconds": w.warmup_seconds,
+            }
             for w in runtime.workers
         ]
         engine = runtime.engine
         return JSONResponse(
             {
-                "status": "starting" if any(w.state.value == "starting" for w in runtime.workers) else "ok",
+                "status": "starting"
+                if any(w.state.value == "starting" for w in runtime.workers)
+                else "ok",
                 "version": __version__,
                 "model": engine.description if engine else None,
                 "test_model": bool(engine and engine.is_test_model),

@@ -153,9 +153,13 @@ def install(app: FastAPI) -> None:
         err = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid"}
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         field = ".".join(loc) or None
-        return render(request, 400, "Invalid parameter", f"{field or 'request'}: {err['msg']}", field=field)
+        return render(
+            request, 400, "Invalid parameter", f"{field or 'request'}: {err['msg']}", field=field
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return render(request, 500, "Internal Server Error", "Server had some issue with processing")
+        return render(
+            request, 500, "Internal Server Error", "Server had some issue with processing"
+        )

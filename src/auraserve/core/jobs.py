@@ -19,9 +19,7 @@ class JobStatus(StrEnum):
     CANCELLED = "CANCELLED"
 
 
-TERMINAL = frozenset(
-    {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.ERROR, JobStatus.CANCELLED}
-)
+TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.ERROR, JobStatus.CANCELLED})
 
 
 @dataclass(frozen=True)

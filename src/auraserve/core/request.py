@@ -210,7 +210,8 @@ def build_request(
             raise _invalid(key, "is required", names) from None
         if err["type"] == "extra_forbidden":
             raise InvalidParameter(
-                field=(names or {}).get(key, key), message=f"{(names or {}).get(key, key)}: unknown field"
+                field=(names or {}).get(key, key),
+                message=f"{(names or {}).get(key, key)}: unknown field",
             ) from None
         reason = str(err["msg"]).removeprefix("Value error, ")
         raise _invalid(key, reason, names) from None

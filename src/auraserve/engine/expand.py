@@ -383,9 +383,7 @@ class FallbackExpander:
         try:
             return self.primary.expand(prompt, seed), []
         except Exception as exc:  # noqa: BLE001 — any failure of the expander must not fail the job
-            warning = (
-                f"prompt expansion failed ({exc}); used the built-in offline expander instead"
-            )
+            warning = f"prompt expansion failed ({exc}); used the built-in offline expander instead"
             logger.warning(warning)
             return self.fallback.expand(prompt, seed), [warning]
 

@@ -121,9 +121,7 @@ def time_shift(sigma: SigmaT, shift: float) -> SigmaT:
     return s * sigma / (1 + (s - 1) * sigma)
 
 
-def sigmas(
-    scheduler: str, steps: int, shift: float, *, sampler: str | None = None
-) -> torch.Tensor:
+def sigmas(scheduler: str, steps: int, shift: float, *, sampler: str | None = None) -> torch.Tensor:
     """The sigma schedule for ``steps`` steps: float32, shape (steps+1,), from the shifted
     maximum (1) down to exactly 0, non-increasing.
 

@@ -75,7 +75,7 @@ def _fmt(value: Any) -> str:
         return f"{value:g}"
     text = str(value)
     # A1111 quotes values that would break its comma-separated line.
-    if any(ch in text for ch in ",:\n\""):
+    if any(ch in text for ch in ',:\n"'):
         return json.dumps(text)
     return text
 

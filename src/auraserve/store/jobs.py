@@ -238,16 +238,12 @@ def report_progress(
 def _append_log_in(
     conn: Connection, job_ids: Collection[str], worker_id: str, now: float, message: str
 ) -> None:
-    rows = conn.execute(
-        select(jobs.c.id, jobs.c.logs).where(_fenced(job_ids, worker_id))
-    ).all()
+    rows = conn.execute(select(jobs.c.id, jobs.c.logs).where(_fenced(job_ids, worker_id))).all()
     for r in rows:
         lines = json.loads(r.logs) if r.logs else []
         lines.append([now, message])
         conn.execute(
-            update(jobs)
-            .where(jobs.c.id == r.id)
-            .values(logs=json.dumps(lines[-_MAX_LOG_LINES:]))
+            update(jobs).where(jobs.c.id == r.id).values(logs=json.dumps(lines[-_MAX_LOG_LINES:]))
         )
 
 

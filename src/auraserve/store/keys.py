@@ -189,9 +189,7 @@ def _authenticate_uncached(db: Database, raw_key: str, digest: str) -> Account |
         return None
     if row.revoked_at is not None:
         return None
-    return Account(
-        row.id, row.name, row.max_queued, row.requests_per_minute, row.max_concurrent
-    )
+    return Account(row.id, row.name, row.max_queued, row.requests_per_minute, row.max_concurrent)
 
 
 def webhook_secret(db: Database, account_id: str) -> str:

@@ -64,7 +64,9 @@ _ACCOUNT_STATE = select(accounts.c.balance, accounts.c.active_jobs).where(
 )
 
 
-def _entry(account_id: str, job_id: str | None, kind: str, amount: int, delta: int) -> dict[str, object]:
+def _entry(
+    account_id: str, job_id: str | None, kind: str, amount: int, delta: int
+) -> dict[str, object]:
     return {
         "account_id": account_id,
         "job_id": job_id,

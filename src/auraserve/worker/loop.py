@@ -76,7 +76,9 @@ class Worker:
     # Lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name=f"worker-{self.worker_id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self.run, name=f"worker-{self.worker_id}", daemon=True
+        )
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -133,8 +135,13 @@ class Worker:
         )
         heartbeat.start()
         try:
-            self._progress(batch, step=0, total=claimed[0].request.steps, force=True,
-                           log_line=f"started on {self.worker_id} (attempt {claimed[0].attempts})")
+            self._progress(
+                batch,
+                step=0,
+                total=claimed[0].request.steps,
+                force=True,
+                log_line=f"started on {self.worker_id} (attempt {claimed[0].attempts})",
+            )
             results = self.engine.generate(
                 [j.request for j in claimed],
                 on_step=lambda step, total: self._progress(batch, step, total),
@@ -242,8 +249,9 @@ class Worker:
             except Exception:
                 log.exception("heartbeat failed; will retry")
 
-    def _sync(self, batch: _Batch, *, step: int | None, total: int | None,
-              log_line: str | None = None) -> None:
+    def _sync(
+        self, batch: _Batch, *, step: int | None, total: int | None, log_line: str | None = None
+    ) -> None:
         with self._lock:
             active = [j for j in batch.owned if j not in batch.cancelled]
             if not active:

@@ -119,7 +119,6 @@ class ImagesResponse(BaseModel):
     quality: str | None = None
 
 
-
 router = APIRouter(tags=["OpenAI images"], dependencies=[Depends(use_dialect(DIALECT))])
 
 

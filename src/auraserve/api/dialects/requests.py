@@ -33,7 +33,6 @@ from auraserve.webhooks import outbox
 FALLBACK_RECHECK_SECONDS = 1.0
 
 
-
 router = APIRouter(tags=["requests (all dialects)"], dependencies=[Depends(use_dialect("queue"))])
 
 

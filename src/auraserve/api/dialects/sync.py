@@ -114,7 +114,6 @@ class SyncImages(BaseModel):
     seeds: list[int]
 
 
-
 class GenerationFailed(AuraserveError):
     """The job ended without an image (ERROR: engine failure; nothing charged)."""
 
