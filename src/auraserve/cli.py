@@ -34,7 +34,6 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _load_engine(settings: Settings, weights: str) -> Any:
     from auraserve.engine.expand import make_expander
-    from auraserve.engine.optimize import EngineOptions
     from auraserve.engine.pipeline import load_engine
 
     print(f"loading model {weights} …", file=sys.stderr, flush=True)
@@ -44,7 +43,7 @@ def _load_engine(settings: Settings, weights: str) -> Any:
         dtype=settings.dtype,
         offload=settings.offload,
         max_rows=settings.max_rows,
-        options=EngineOptions.parse(settings.engine_mode),
+        options=settings.engine_mode,
         expander=make_expander(
             settings.expand_url or None,
             settings.expand_model or None,

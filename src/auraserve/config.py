@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -27,55 +25,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS, require_one_of
-
-DEFAULT_WEIGHTS = "fal/AuraFlow-v0.3"
-TINY_MODEL = "tiny"
-
-
-class ModelPreset(BaseModel):
-    """A model id that clients name in URLs, mapped to weights and default parameters."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    weights: str = DEFAULT_WEIGHTS
-    description: str = ""
-    width: int = Field(1024, ge=512, le=2048)
-    height: int = Field(1024, ge=512, le=2048)
-    steps: int = Field(25, ge=1, le=100)
-    guidance_scale: float = Field(3.5, ge=0, le=20)
-    shift: float = Field(1.73, ge=0, le=10)
-    sampler: str = "euler"
-    scheduler: str = "normal"
-    output_format: str = "png"
-    output_quality: int = Field(80, ge=0, le=100)
-    # Credits for one 1024x1024 image at 25 steps; other sizes and step counts scale linearly.
-    price_per_image: int = Field(100, ge=0)
-
-    @field_validator("sampler")
-    @classmethod
-    def _known_sampler(cls, value: str) -> str:
-        return require_one_of(value, SAMPLERS)
-
-    @field_validator("scheduler")
-    @classmethod
-    def _known_scheduler(cls, value: str) -> str:
-        return require_one_of(value, SCHEDULERS)
-
-    @field_validator("output_format")
-    @classmethod
-    def _known_format(cls, value: str) -> str:
-        return require_one_of(value, OUTPUT_FORMATS)
-
-
-def default_presets() -> dict[str, ModelPreset]:
-    return {
-        "auraflow-v0-3": ModelPreset(description="AuraFlow v0.3, 1024x1024 by default"),
-        # The seed's gateway URL names this id; same weights, 512x512 by default.
-        "auraflow-v0-3-512": ModelPreset(
-            description="AuraFlow v0.3, 512x512 by default", width=512, height=512
-        ),
-    }
+from auraserve.core.engine_options import EngineOptions
+from auraserve.core.presets import ModelPreset, default_presets
+from auraserve.errors import ConfigError
+from auraserve.webhooks.ssrf import AddressPolicy
 
 
 class Settings(BaseSettings):
@@ -102,9 +55,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     offload: Literal["none", "model", "sequential"] = "none"
-    # Engine speed modes (auraserve.engine.optimize presets, comma separated, with key=value
-    # overrides), e.g. "fast" or "fast,fp8=1"; "default" changes nothing.
-    engine_mode: str = "default"
+    # Engine speed modes: a preset of `core.engine_options.PRESETS` and/or field=value pairs,
+    # comma separated, e.g. "fast" or "fast,fp8=1"; "default" changes nothing. Given as a mode
+    # string (environment, CLI) or as a table of fields (TOML); held as EngineOptions.
+    engine_mode: Annotated[EngineOptions, NoDecode] = Field(default_factory=EngineOptions)
     # Sizes the worker compiles and warms up at start, before it reports ready, e.g.
     # "1024x1024,512x512"; empty skips the warm-up (the first request then pays for it).
     warmup_sizes: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -165,12 +119,11 @@ class Settings(BaseSettings):
     # Deliveries in flight at once per API process.
     webhook_concurrency: int = Field(16, ge=1, le=1000)
 
-    @field_validator("engine_mode")
+    @field_validator("engine_mode", mode="before")
     @classmethod
-    def _valid_engine_mode(cls, value: str) -> str:
-        from auraserve.engine.optimize import EngineOptions
-
-        EngineOptions.parse(value)  # raises ValueError naming the bad part
+    def _parse_engine_mode(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return EngineOptions.parse(value)  # raises ValueError naming the bad part
         return value
 
     @field_validator("warmup_sizes")
@@ -208,8 +161,6 @@ class Settings(BaseSettings):
     @field_validator("webhook_allow_hosts")
     @classmethod
     def _valid_allow_hosts(cls, value: list[str]) -> list[str]:
-        from auraserve.webhooks.ssrf import AddressPolicy
-
         AddressPolicy(value)  # raises ValueError naming a bad entry
         return value
 
@@ -277,10 +228,6 @@ class Settings(BaseSettings):
 
     def weights_for(self, preset_id: str) -> str:
         return self.model or self.presets[preset_id].weights
-
-
-class ConfigError(Exception):
-    """Raised with a message that names the offending setting and ends with a hint."""
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -1,75 +1,247 @@
-"""The failures auraserve can report, drawn once.
+"""Every failure auraserve can report, drawn once.
 
-Each is a domain error with an HTTP status and a short title; `api/errors.py` renders it in the
-shape each dialect's clients expect. Nothing outside the API knows about HTTP bodies.
+```
+AuraserveError                      status 500, title, message, headers, extra
+├── RequestError                    the client can fix it; rendered 4xx by every dialect
+│   ├── InvalidParameter            400  a field is wrong: names the field and its allowed range
+│   │   └── IdempotencyKeyReused    422  an Idempotency-Key sent again with another request
+│   ├── ModelNotFound               400  the URL names no configured preset
+│   ├── Unauthorized                401  missing, unknown or revoked key
+│   ├── InsufficientBalance         402  (406 in the sync dialect, 429 insufficient_quota in OpenAI)
+│   ├── RequestNotFound             404  unknown id, or another account's (never 403)
+│   ├── RequestConflict             409  cancel of a finished request
+│   ├── PayloadTooLarge             413  body over AURASERVE_MAX_BODY_BYTES
+│   ├── UnsupportedMediaType        415  a body type the route does not read
+│   └── TooManyRequests             429  with Retry-After
+│       ├── QueueLimitReached            jobs in flight per account
+│       └── RateLimited                  submits per minute, or concurrent jobs
+├── JobOutcome                      a sync wait ended without an image (the job is terminal)
+│   ├── RequestCancelled            409  CANCELLED, not charged
+│   ├── GenerationFailed            400  FAILED: the engine refused the request, not charged
+│   └── GenerationError             500  ERROR: the server failed, not charged
+├── SyncTimeout                     504  the image is not ready yet; the job goes on
+├── ConfigError                     a setting is invalid; the process does not start
+├── ModelLoadError                  the weights cannot be loaded; the process does not start
+├── UnsupportedRequest              the engine cannot run this request: the job ends FAILED
+├── JobCancelled                    inside the engine: every job of the batch was cancelled
+├── ExpansionError                  prompt expansion produced nothing usable
+└── BlockedAddress                  a webhook host resolves to an address we refuse to reach
+```
+
+`status` is the HTTP status a dialect starts from, `headers` are sent with the response and
+`extra` fields join the error body. Each dialect renders the tree in its own shape
+(`api/dialects/*`); nothing outside the API knows about HTTP bodies. In the worker, only
+`UnsupportedRequest` marks a job FAILED ("your request was bad"); any other exception is a
+server fault and the job ends in ERROR. Neither is charged.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 
 class AuraserveError(Exception):
-    status_code: int = 500
+    """The root: a message for people, plus what an HTTP edge needs to render it."""
+
+    status: int = 500
     title: str = "Internal Server Error"
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         self.message = message or self.title
+        self.headers: dict[str, str] = dict(headers or {})
+        self.extra: dict[str, Any] = dict(extra or {})
         super().__init__(self.message)
 
 
-class InvalidParameter(AuraserveError):
-    status_code = 400
+# --- the client can fix it -------------------------------------------------------------------
+
+
+class RequestError(AuraserveError):
+    """A 4xx: the request, the key or the account's state is the problem."""
+
+    status = 400
+    title = "Bad Request"
+
+
+class InvalidParameter(RequestError):
+    status = 400
     title = "Invalid parameter"
 
-    def __init__(self, *, field: str, message: str, allowed: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        field: str,
+        message: str,
+        allowed: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.field = field
         self.allowed = allowed
-        super().__init__(message)
+        super().__init__(message, headers=headers)
 
 
-class ModelNotFound(AuraserveError):
-    status_code = 400
+class IdempotencyKeyReused(InvalidParameter):
+    status = 422
+    title = "Idempotency key reused"
+
+    header = "Idempotency-Key"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            field=self.header,
+            message=f"{self.header} '{key[:64]}' was already used with a different request; "
+            "use a new key for a new request",
+        )
+
+
+class ModelNotFound(RequestError):
+    status = 400
     title = "Model not found"
 
     def __init__(self, model_id: str) -> None:
         self.model_id = model_id
-        super().__init__(f"Model '{model_id}' not found or is disabled")
+        super().__init__(f"Model '{model_id[:200]}' not found or is disabled")
 
 
-class Unauthorized(AuraserveError):
-    status_code = 401
+class Unauthorized(RequestError):
+    status = 401
     title = "Unauthorized"
 
 
-class InsufficientBalance(AuraserveError):
-    status_code = 402
+class InsufficientBalance(RequestError):
+    status = 402
     title = "Insufficient Balance"
 
     def __init__(self, message: str = "Your wallet does not have enough balance.") -> None:
         super().__init__(message)
 
 
-class RequestNotFound(AuraserveError):
-    status_code = 404
+class RequestNotFound(RequestError):
+    status = 404
     title = "Not Found"
 
 
-class QueueLimitReached(AuraserveError):
-    status_code = 429
+class RequestConflict(RequestError):
+    status = 409
+    title = "Conflict"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    title = "Payload Too Large"
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+    title = "Unsupported Media Type"
+
+    def __init__(self, content_type: str, accepted: str) -> None:
+        super().__init__(f"Content-Type '{content_type[:100]}' is not accepted; send {accepted}")
+
+
+class TooManyRequests(RequestError):
+    """429 with `Retry-After` (seconds) always set."""
+
+    status = 429
     title = "Too Many Requests"
 
-    def __init__(self, message: str, retry_after: int = 5) -> None:
+    def __init__(
+        self, message: str, *, retry_after: int = 5, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.retry_after = retry_after
-        super().__init__(message)
+        super().__init__(message, headers={"Retry-After": str(retry_after), **(headers or {})})
 
 
-class PayloadTooLarge(AuraserveError):
-    status_code = 413
-    title = "Payload Too Large"
+class QueueLimitReached(TooManyRequests):
+    """The account has as many jobs queued or running as it may."""
+
+
+class RateLimited(TooManyRequests):
+    """Too many submits this minute, or too many jobs in flight for the account's plan."""
+
+
+# --- a sync wait ended without an image ------------------------------------------------------
+
+
+class JobOutcome(AuraserveError):
+    """A sync-dialect request whose job ended without an image; `extra` carries its ids."""
+
+
+class RequestCancelled(JobOutcome):
+    status = 409
+    title = "Cancelled"
+
+
+class GenerationFailed(JobOutcome):
+    status = 400
+    title = "Generation failed"
+
+
+class GenerationError(JobOutcome):
+    status = 500
+    title = "Server Error"
+
+
+class SyncTimeout(AuraserveError):
+    status = 504
+    title = "Gateway Timeout"
+
+
+# --- process start ----------------------------------------------------------------------------
+
+
+class ConfigError(AuraserveError):
+    """A setting is invalid; the message names it and ends with a hint."""
 
 
 class ModelLoadError(AuraserveError):
     """The weights could not be loaded; the message says why and what to do."""
 
 
-class JobCancelled(Exception):
+# --- inside the worker and the engine ---------------------------------------------------------
+
+
+class UnsupportedRequest(AuraserveError):
+    """The engine cannot run this request as given (the job ends FAILED, charged nothing)."""
+
+    status = 400
+    title = "Generation failed"
+
+
+class JobCancelled(AuraserveError):
     """Raised inside the engine when every job of a batch was cancelled."""
+
+
+class ExpansionError(AuraserveError):
+    """The prompt expander could not produce a usable prompt."""
+
+
+class BlockedAddress(AuraserveError):
+    """A webhook host resolves (at least partly) to an address we refuse to connect to.
+
+    `host` is the name as given in the URL, `address` the offending address (None when the
+    name resolved to nothing) and `reason` a short classification ("loopback", ...).
+    """
+
+    status = 400
+    title = "Invalid parameter"
+
+    def __init__(self, host: str, address: IPAddress | None, reason: str) -> None:
+        self.host = host
+        self.address = address
+        self.reason = reason
+        if address is None or str(address) == host:
+            text = f"webhook host {host!r} is not allowed: {reason}"
+        else:
+            text = f"webhook host {host!r} resolves to {address}, which is not allowed: {reason}"
+        super().__init__(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from auraserve.config import default_presets
+from auraserve.core.presets import default_presets
 from auraserve.core.jobs import split_request_id
 from auraserve.core.request import build_request
 from auraserve.errors import InvalidParameter

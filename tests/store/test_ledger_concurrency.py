@@ -6,7 +6,7 @@ import threading
 
 from sqlalchemy import func, select
 
-from auraserve.config import default_presets
+from auraserve.core.presets import default_presets
 from auraserve.core.jobs import JobStatus
 from auraserve.core.request import build_request
 from auraserve.errors import InsufficientBalance

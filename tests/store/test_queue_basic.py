@@ -1,4 +1,4 @@
-from auraserve.config import default_presets
+from auraserve.core.presets import default_presets
 from auraserve.core.jobs import JobStatus
 from auraserve.core.request import build_request
 from auraserve.store import jobs, keys, ledger

@@ -15,13 +15,15 @@ from typing import Annotated, Any
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from auraserve.config import ModelPreset
+from auraserve.core.presets import ModelPreset
 from auraserve.core.samplers import (
     MEDIA_TYPES,
     OUTPUT_FORMATS,
     SAMPLERS,
     SCHEDULERS,
-    require_one_of,
+    OutputFormat,
+    SamplerName,
+    SchedulerName,
 )
 from auraserve.errors import InvalidParameter
 
@@ -53,9 +55,9 @@ class GenerationRequest(BaseModel):
     height: Annotated[int, Field(ge=512, le=2048)]
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
     shift: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]
-    sampler: str
-    scheduler: str
-    output_format: str
+    sampler: SamplerName
+    scheduler: SchedulerName
+    output_format: OutputFormat
     output_quality: Annotated[int, Field(ge=0, le=100)]
     expand_prompt: bool = False
 
@@ -77,23 +79,14 @@ class GenerationRequest(BaseModel):
         # Round to the nearest multiple of 16; 512..2048 are multiples, so the range still holds.
         return int(math.floor(value / SIZE_MULTIPLE + 0.5)) * SIZE_MULTIPLE
 
-    @field_validator("sampler")
+    @field_validator("output_format", mode="before")
     @classmethod
-    def _sampler(cls, value: str) -> str:
-        return require_one_of(value, SAMPLERS)
-
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler(cls, value: str) -> str:
-        return require_one_of(value, SCHEDULERS)
-
-    @field_validator("output_format")
-    @classmethod
-    def _format(cls, value: str) -> str:
-        value = value.lower()
-        if value == "jpg":
-            value = "jpeg"
-        return require_one_of(value, OUTPUT_FORMATS)
+    def _format(cls, value: object) -> object:
+        # Formats are case-insensitive and "jpg" means "jpeg", as in the seeds' examples.
+        if isinstance(value, str):
+            value = value.lower()
+            return "jpeg" if value == "jpg" else value
+        return value
 
     @property
     def seeds(self) -> list[int]:
@@ -208,6 +201,10 @@ def build_request(
         key = str(err["loc"][0]) if err["loc"] else "body"
         if err["type"] == "missing":
             raise _invalid(key, "is required", names) from None
+        if err["type"] == "literal_error":
+            raise _invalid(
+                key, "must be one of: " + _allowed(key).removeprefix("one of: "), names
+            ) from None
         if err["type"] == "extra_forbidden":
             raise InvalidParameter(
                 field=(names or {}).get(key, key),

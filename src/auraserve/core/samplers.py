@@ -1,13 +1,15 @@
-"""The sampler and scheduler names the API accepts.
+"""The sampler, scheduler and output-format names the API accepts.
 
 Names follow ComfyUI's lists because the sync dialect (seed 000) exposes them and its users
 expect them to mean what they mean there. The implementations live in `auraserve.engine`;
-this module holds only the names so that request validation never imports torch.
+this module holds only the names, as `Literal` types (so pydantic models and the OpenAPI
+document carry the enums) and as tuples derived from them, so request validation never
+imports torch.
 """
 
-from typing import Final
+from typing import Final, Literal, get_args
 
-SAMPLERS: Final[tuple[str, ...]] = (
+SamplerName = Literal[
     "euler",
     "euler_ancestral",
     "heun",
@@ -22,9 +24,9 @@ SAMPLERS: Final[tuple[str, ...]] = (
     "ddim",
     "uni_pc",
     "uni_pc_bh2",
-)
+]
 
-SCHEDULERS: Final[tuple[str, ...]] = (
+SchedulerName = Literal[
     "normal",
     "simple",
     "sgm_uniform",
@@ -34,19 +36,16 @@ SCHEDULERS: Final[tuple[str, ...]] = (
     "beta",
     "linear_quadratic",
     "kl_optimal",
-)
+]
 
-OUTPUT_FORMATS: Final[tuple[str, ...]] = ("png", "webp", "jpeg")
+OutputFormat = Literal["png", "webp", "jpeg"]
+
+SAMPLERS: Final[tuple[str, ...]] = get_args(SamplerName)
+SCHEDULERS: Final[tuple[str, ...]] = get_args(SchedulerName)
+OUTPUT_FORMATS: Final[tuple[str, ...]] = get_args(OutputFormat)
 
 MEDIA_TYPES: Final[dict[str, str]] = {
     "png": "image/png",
     "webp": "image/webp",
     "jpeg": "image/jpeg",
 }
-
-
-def require_one_of(value: str, allowed: tuple[str, ...]) -> str:
-    """Validator body shared by the request and the presets: one message for one rule."""
-    if value not in allowed:
-        raise ValueError(f"must be one of: {', '.join(allowed)}")
-    return value

@@ -26,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
+from auraserve.errors import ExpansionError
+
 logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
@@ -41,10 +43,6 @@ class PromptExpander(Protocol):
     """Rewrites a prompt; the same (prompt, seed) should give the same answer where possible."""
 
     def expand(self, prompt: str, seed: int) -> str: ...
-
-
-class ExpansionError(RuntimeError):
-    """The expander could not produce a usable prompt."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from diffusers.models.transformers.auraflow_transformer_2d import AuraFlowPatchE
 from PIL import Image
 from torch.nn.functional import interpolate
 
-from auraserve.config import DEFAULT_WEIGHTS, TINY_MODEL
+from auraserve.core.presets import DEFAULT_WEIGHTS, TINY_MODEL
 from auraserve.core.request import SIZE_MULTIPLE, GenerationRequest
 from auraserve.core.samplers import SAMPLERS, SCHEDULERS
 from auraserve.engine.base import CancelCheck, JobResult, StepCallback

@@ -34,9 +34,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from auraserve.errors import InvalidParameter
+from auraserve.errors import BlockedAddress, InvalidParameter, IPAddress
 
-IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 FIELD = "X-Webhook-URL"
@@ -45,32 +44,12 @@ FIELD = "X-Webhook-URL"
 MAX_URL_LENGTH = 2048
 
 __all__ = [
+    "MAX_URL_LENGTH",
     "AddressPolicy",
     "BlockedAddress",
     "IPAddress",
-    "MAX_URL_LENGTH",
     "validate_webhook_url",
 ]
-
-
-class BlockedAddress(Exception):
-    """The webhook host resolves (at least partly) to an address we refuse to connect to.
-
-    Attributes:
-        host: the host name as given in the URL.
-        address: the offending address, or None when the name resolved to nothing.
-        reason: short human-readable classification ("loopback", "cloud metadata endpoint", ...).
-    """
-
-    def __init__(self, host: str, address: IPAddress | None, reason: str) -> None:
-        self.host = host
-        self.address = address
-        self.reason = reason
-        if address is None or str(address) == host:
-            text = f"webhook host {host!r} is not allowed: {reason}"
-        else:
-            text = f"webhook host {host!r} resolves to {address}, which is not allowed: {reason}"
-        super().__init__(text)
 
 
 # ---------------------------------------------------------------------------------------------
