@@ -48,11 +48,9 @@ from diffusers import (
 from transformers import UMT5Config, UMT5EncoderModel
 
 from auraserve.core.request import GenerationRequest
-from auraserve.engine.pipeline import (
-    AuraFlowEngine,
-    device_name,
-    install_pos_embed_interpolation,
-)
+from auraserve.engine.loading import DTYPES, device_name
+from auraserve.engine.pipeline import AuraFlowEngine
+from auraserve.engine.pos_embed import install_pos_embed_interpolation
 from auraserve.engine.tiny import build_tiny_pipeline, build_tiny_tokenizer
 
 PROMPT = "a cat holding a sign that says hello world, golden hour, 35mm photo"
@@ -252,9 +250,7 @@ def run_diffusers(pipe: AuraFlowPipeline, req: GenerationRequest) -> Any:
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
-        args.dtype
-    ]
+    dtype = DTYPES[args.dtype]
     started = time.perf_counter()
     pipe = full_size_pipeline(device, dtype) if args.full else tiny_pipeline(device, dtype)
     build_s = time.perf_counter() - started
@@ -357,7 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--full", action="store_true", help="full-size AuraFlow v0.3 architecture, CUDA, bf16"
     )
     parser.add_argument("--device", default=None, help="default: cuda with --full, else cpu")
-    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     parser.add_argument("--size", type=int, default=None, help="square size in px (multiple of 16)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=3.5)

@@ -6,7 +6,7 @@ pos_embed_max_size 96²; UMT5 encoder d_model 2048, 24 layers, d_ff 5120, 32 hea
 vocab 32128; SDXL-type VAE; nothing downloaded) directly on the GPU, and times in one process:
 
 * "diffusers": `AuraFlowPipeline.__call__`, eager, in the model dtype (bf16) — the baseline;
-* every engine mode (`auraserve.engine.optimize.PRESETS`, or `--custom LABEL=SPEC`), each on
+* every engine mode (`auraserve.core.engine_options.PRESETS`, or `--custom LABEL=SPEC`), each on
   its own copy of the same transformer and VAE (the modes change modules in place), so one
   mode's fusing, compiling or quantising never leaks into another's numbers.
 
@@ -68,13 +68,11 @@ from typing import Any
 import torch
 from diffusers import AuraFlowPipeline, FlowMatchEulerDiscreteScheduler
 
+from auraserve.core.engine_options import PRESETS, EngineOptions
 from auraserve.core.request import GenerationRequest
-from auraserve.engine.optimize import PRESETS, EngineOptions, psnr
-from auraserve.engine.pipeline import (
-    AuraFlowEngine,
-    device_name,
-    install_pos_embed_interpolation,
-)
+from auraserve.engine.loading import DTYPES, device_name
+from auraserve.engine.pipeline import AuraFlowEngine
+from auraserve.engine.pos_embed import install_pos_embed_interpolation
 from auraserve.errors import ModelLoadError
 
 MIB = 2**20
@@ -104,6 +102,7 @@ def _sibling(name: str) -> ModuleType:
 
 
 _engine_bench = _sibling("engine")
+psnr: Callable[[Any, Any], float] = _sibling("quality").psnr
 PROMPT: str = _engine_bench.PROMPT
 NEGATIVE: str = _engine_bench.NEGATIVE
 
@@ -418,7 +417,7 @@ def bench_engine(ctx: Context, name: str, options: EngineOptions) -> ModeResult:
                 return engine.generate([request])[0].images[0]
 
             _time_configs(ctx, result, generate, held)
-    except Exception as exc:  # noqa: BLE001 — one failing mode must not lose the others
+    except Exception as exc:
         if ctx.args.fail_fast:
             raise
         result.skipped = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -426,7 +425,8 @@ def bench_engine(ctx: Context, name: str, options: EngineOptions) -> ModeResult:
     finally:
         # Drop the copy (and its compiled graphs, CUDA-graph pools) before the next mode, so
         # its memory neither counts there nor crowds it.
-        del engine, pipe
+        engine = None
+        del pipe
         torch._dynamo.reset()
         _release(ctx.device)
     return result
@@ -549,9 +549,7 @@ def _versions() -> dict[str, Any]:
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
-        args.dtype
-    ]
+    dtype = DTYPES[args.dtype]
     modes = resolve_modes(args)
     started = time.perf_counter()
     base = build_base(args, device, dtype)
@@ -649,12 +647,14 @@ def _targets(report: dict[str, Any]) -> list[str]:
     if bf16:
         name, best = min(bf16.items(), key=lambda item: item[1])
         lines.append(
-            f"- bf16 ≤ {TARGET_BF16_S} s/image: best {name} {best:.2f} s: {verdict(best <= TARGET_BF16_S)}"
+            f"- bf16 ≤ {TARGET_BF16_S} s/image: best {name} {best:.2f} s: "
+            + verdict(best <= TARGET_BF16_S)
         )
     if fp8:
         name, best = min(fp8.items(), key=lambda item: item[1])
         lines.append(
-            f"- fp8 ≤ {TARGET_FP8_S} s/image: best {name} {best:.2f} s: {verdict(best <= TARGET_FP8_S)}"
+            f"- fp8 ≤ {TARGET_FP8_S} s/image: best {name} {best:.2f} s: "
+            + verdict(best <= TARGET_FP8_S)
         )
     if "diffusers" in timed and engine_modes:
         name, best = min(engine_modes.items(), key=lambda item: item[1])
@@ -721,7 +721,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{memory['context_mib']:.0f} MiB outside torch's allocator, counted in 'fits'):"
             ),
             "",
-            "| offload | size | s / step | s / image (est.) | peak allocated MiB | peak reserved MiB | fits |",
+            "| offload | size | s / step | s / image (est.) | peak allocated MiB "
+            "| peak reserved MiB | fits |",
             "|---|---|---:|---:|---:|---:|---|",
         ]
         for row in memory["rows"]:
@@ -797,7 +798,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tiny", action="store_true", help="the tiny model (tests, CPU)")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
-    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     parser.add_argument(
         "--sizes", type=_ints, default=None, help="square sizes, px (512,1024,1536)"
     )
@@ -874,7 +875,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [m for m in args.memory_modes if m not in ("none", "model", "sequential")]
     if bad:
         parser.error(f"unknown offload mode(s) {', '.join(bad)}")
-    if min(args.sizes + [args.batch_at]) % 16:
+    if min([*args.sizes, args.batch_at]) % 16:
         parser.error("sizes must be multiples of 16")
     return args
 

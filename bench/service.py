@@ -7,7 +7,7 @@ bottleneck. Throughput phases run against an API-only server (`--workers 0`): on
 machine an in-process CPU "GPU" worker would otherwise steal the cores the API is measured on.
 The overhead phase runs the real in-process worker.
 
-    python bench/service.py                 # prints a markdown table, writes bench/results/service.json
+    python bench/service.py                 # a markdown table; bench/results/service.json
     python bench/service.py --duration 10   # longer runs per rate
 """
 

@@ -1,7 +1,18 @@
 """The `auraserve` command: serve, worker, generate, keys, credits, db.
 
-Errors a user can fix (bad configuration, weights that cannot be loaded) end the command with
-one line that says what went wrong and what to do, and exit status 2 (configuration) or 1.
+Exit status: 0 done; 1 the command ran and the answer is no (no such account to show, no
+active key to revoke) or the weights cannot be loaded; 2 the command cannot run as given (a
+wrong flag or value, an invalid setting, a store that is not there, an account that does not
+exist). Every failure a user can fix ends with one line on stderr that names the problem,
+never a traceback.
+
+The admin commands (keys, credits, db) name on stderr the store they used, so a key made
+against the wrong data directory is noticed at once; the commands that need existing accounts
+refuse a store that does not exist instead of creating an empty one.
+
+Only `generate`, `worker` and `serve` with in-process workers load the model stack (torch,
+diffusers); they import it inside the command, so the admin commands and API-only replicas
+(`serve --workers 0`) start without it.
 """
 
 from __future__ import annotations
@@ -11,28 +22,209 @@ import json
 import logging
 import signal
 import sys
+import textwrap
 import threading
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from auraserve import __version__
-from auraserve.config import ConfigError, Settings, load_settings
-from auraserve.errors import AuraserveError, ModelLoadError
+from auraserve.config import Settings, load_settings
+from auraserve.errors import AuraserveError, ConfigError, ModelLoadError, RequestError
+
+if TYPE_CHECKING:
+    from auraserve.engine.base import Engine
+    from auraserve.runtime import Runtime
 
 log = logging.getLogger("auraserve")
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(
-        host=getattr(args, "host", None),
-        port=getattr(args, "port", None),
-        data_dir=getattr(args, "data_dir", None),
-        model=getattr(args, "model", None),
-        workers=getattr(args, "workers", None),
+# --- settings given as flags ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SettingFlag:
+    """A setting that a command also takes as a flag; the flag wins over the environment."""
+
+    name: str  # the Settings field
+    help: str
+    commands: frozenset[str]
+    parse: type = str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "AURASERVE_" + self.name.upper()
+
+
+_ALL = frozenset({"serve", "worker", "generate", "keys", "credits", "db"})
+_ENGINE = frozenset({"serve", "worker", "generate"})
+_SERVICE = frozenset({"serve", "worker"})
+
+SETTING_FLAGS: tuple[SettingFlag, ...] = (
+    SettingFlag("data_dir", "data directory: the SQLite store and the media", _ALL, Path),
+    SettingFlag(
+        "model",
+        "weights for every preset: a Hugging Face id, a local diffusers directory, or 'tiny' "
+        "(random test model that draws noise); empty: each preset's own weights",
+        _ENGINE,
+    ),
+    SettingFlag("host", "listen address", frozenset({"serve"})),
+    SettingFlag("port", "listen port", frozenset({"serve"}), int),
+    SettingFlag(
+        "workers",
+        "in-process workers; 0 runs the API alone (no model loaded), for replicas in front "
+        "of separate `auraserve worker` processes",
+        frozenset({"serve"}),
+        int,
+    ),
+    SettingFlag("device", "where the model runs", _ENGINE),
+    SettingFlag("dtype", "weight precision; auto: bfloat16 on CUDA, float32 on the CPU", _ENGINE),
+    SettingFlag(
+        "offload",
+        "move model parts to the GPU only while they run: less VRAM, slower",
+        _ENGINE,
+    ),
+    SettingFlag(
+        "engine_mode",
+        "speed modes: a preset and/or field=value pairs, comma separated, e.g. 'fast,fp8=1'",
+        _ENGINE,
+    ),
+    SettingFlag("max_rows", "images per transformer forward at most (bounds memory)", _ENGINE, int),
+    SettingFlag("max_batch", "images a worker claims and runs together at most", _SERVICE, int),
+)
+
+
+def _choices(name: str) -> tuple[str, ...] | None:
+    annotation = Settings.model_fields[name].annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return tuple(str(a) for a in typing.get_args(annotation))
+    return None
+
+
+def _default_text(name: str) -> str:
+    field = Settings.model_fields[name]
+    if field.default_factory is not None or field.default in ("", None):
+        return "none"
+    return str(field.default)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    for setting in SETTING_FLAGS:
+        if command in setting.commands:
+            parser.add_argument(
+                setting.flag,
+                dest=setting.name,
+                type=setting.parse,
+                choices=_choices(setting.name),
+                help=f"{setting.help} (default {_default_text(setting.name)}; "
+                f"environment {setting.env})",
+            )
+
+
+def _other_settings_epilog(command: str) -> str:
+    flagged = {s.name for s in SETTING_FLAGS if command in s.commands}
+    others = ", ".join(
+        f"AURASERVE_{name.upper()}" for name in Settings.model_fields if name not in flagged
+    )
+    return "\n".join(
+        [
+            "Every other setting comes from the environment, or from the TOML file that",
+            "AURASERVE_CONFIG names (README, Configuration):",
+            textwrap.fill(others, width=78, initial_indent="  ", subsequent_indent="  "),
+        ]
     )
 
 
-def _load_engine(settings: Settings, weights: str) -> Any:
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(**{s.name: getattr(args, s.name, None) for s in SETTING_FLAGS})
+
+
+# --- the store the command works on -----------------------------------------------------------
+
+
+def store_label(settings: Settings) -> str:
+    """Where the store is, for people: the SQLite file, or the PostgreSQL URL without password."""
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        return f"SQLite {url.split(':///', 1)[-1]}"
+    from sqlalchemy.engine import make_url
+
+    shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    return f"PostgreSQL {shown}"
+
+
+def _store_exists(settings: Settings) -> bool:
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        return path not in ("", ":memory:") and Path(path).is_file()
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.pool import NullPool
+
+    # Migrations record themselves in alembic_version: without it the database holds no store.
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return inspect(conn).has_table("alembic_version")
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _reaching_store(settings: Settings) -> Iterator[None]:
+    """A store that cannot be reached (server down, no such database) is a setting to fix."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        yield
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"cannot open the store {store_label(settings)}: {reason} "
+            "(check AURASERVE_DATABASE_URL)"
+        ) from None
+
+
+def _open_runtime(settings: Settings, engine: Engine | None = None) -> Runtime:
+    from auraserve.runtime import Runtime
+
+    with _reaching_store(settings):
+        return Runtime.open(settings, engine=engine)
+
+
+def _open_admin(args: argparse.Namespace, *, may_create: bool) -> Runtime:
+    """Open the configured store for an admin command and say on stderr which one it is.
+
+    Without `may_create`, a store that does not exist is refused: the command was most likely
+    run from another directory than the server, and an empty new store would hand out keys
+    and credits that the server never sees."""
+    settings = _settings(args)
+    label = store_label(settings)
+    with _reaching_store(settings):
+        exists = _store_exists(settings)
+    if not exists and not may_create:
+        raise ConfigError(
+            f"no store at {label}: run this where the server runs, or point --data-dir "
+            "(AURASERVE_DATA_DIR) or AURASERVE_DATABASE_URL at the server's store"
+        )
+    runtime = _open_runtime(settings)
+    note = "" if exists else " (new and empty: created by this command)"
+    print(f"store: {label}{note}", file=sys.stderr, flush=True)
+    return runtime
+
+
+# --- model commands ---------------------------------------------------------------------------
+
+
+def _load_engine(settings: Settings, weights: str) -> Engine:
+    # The model stack loads here and only here: the admin commands never reach this.
     from auraserve.engine.expand import make_expander
     from auraserve.engine.pipeline import load_engine
 
@@ -70,12 +262,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from auraserve.api.app import create_app
-    from auraserve.runtime import Runtime
 
     settings = _settings(args)
     weights = settings.weights_for(settings.default_preset)
     engine = _load_engine(settings, weights) if settings.workers else None
-    runtime = Runtime.open(settings, engine=engine)
+    runtime = _open_runtime(settings, engine)
     created = runtime.bootstrap_key(settings.bootstrap_credits)
     if created is not None:
         print(
@@ -90,7 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(runtime, owns_runtime=True)
     print(
         f"auraserve {__version__} listening on http://{settings.host}:{settings.port} "
-        f"(store: {'SQLite' if runtime.db.is_sqlite else 'PostgreSQL'}, "
+        f"(store: {store_label(settings)}, "
         f"models: {', '.join(_served_models(settings, weights))})",
         flush=True,
     )
@@ -106,13 +297,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from auraserve.runtime import Runtime
     from auraserve.worker.loop import Worker
 
     settings = _settings(args)
     weights = settings.weights_for(settings.default_preset)
     engine = _load_engine(settings, weights)
-    runtime = Runtime.open(settings, engine=engine)
+    runtime = _open_runtime(settings, engine)
     runtime.db.start_listener()
     worker = Worker(
         db=runtime.db,
@@ -130,7 +320,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    print(f"worker {worker.worker_id} ready (models: {', '.join(worker.models)})", flush=True)
+    print(
+        f"worker {worker.worker_id} ready (store: {store_label(settings)}, "
+        f"models: {', '.join(worker.models)})",
+        flush=True,
+    )
     worker.run()
     runtime.close()
     return 0
@@ -209,22 +403,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_admin(args: argparse.Namespace) -> Any:
-    from auraserve.runtime import Runtime
+# --- admin commands ---------------------------------------------------------------------------
 
-    return Runtime.open(_settings(args))
+
+def _refuse(message: str) -> int:
+    print(f"auraserve: {message}", file=sys.stderr)
+    return 2
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from auraserve.store import keys
 
-    runtime = _open_admin(args)
+    if args.keys_cmd == "create" and args.account and args.credits is not None:
+        return _refuse(
+            "--credits is for a new account; give an existing account credits with "
+            f"`auraserve credits grant {args.account} N`"
+        )
+    # Only a new account makes sense on a new store; everything else needs existing rows.
+    may_create = args.keys_cmd == "create" and not args.account
+    runtime = _open_admin(args, may_create=may_create)
     try:
         if args.keys_cmd == "create":
             if args.account:
-                created = keys.create_key(runtime.db, args.account, args.name)
+                try:
+                    created = keys.create_key(runtime.db, args.account, args.name)
+                except LookupError:
+                    return _refuse(f"--account {args.account}: no such account in this store")
             else:
-                created = keys.create_account(runtime.db, args.name, credits=args.credits)
+                created = keys.create_account(runtime.db, args.name, credits=args.credits or 0)
             record = {
                 "key": created.key,
                 "key_id": created.key_id,
@@ -262,107 +468,152 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_credits(args: argparse.Namespace) -> int:
     from auraserve.store import ledger
 
-    runtime = _open_admin(args)
+    runtime = _open_admin(args, may_create=False)
     try:
         if args.credits_cmd == "grant":
-            if args.amount <= 0:
-                print("amount must be a positive integer", file=sys.stderr)
-                return 2
-            balance = ledger.grant(runtime.db, args.account_id, args.amount, note="cli grant")
+            try:
+                balance = ledger.grant(runtime.db, args.account_id, args.amount, note="cli grant")
+            except LookupError:
+                return _refuse(f"no account {args.account_id} in this store")
         else:
-            balance = ledger.balance(runtime.db, args.account_id)
+            try:
+                balance = ledger.balance(runtime.db, args.account_id)
+            except LookupError:
+                # Status 1, not 2: the question was well formed and the answer is "none".
+                print(f"no account {args.account_id}", file=sys.stderr)
+                return 1
         print(json.dumps({"account_id": args.account_id, "credits": balance}))
-    except LookupError:
-        print(f"no account {args.account_id}", file=sys.stderr)
-        return 1
     finally:
         runtime.close()
     return 0
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    runtime = _open_admin(args)  # opening migrates
-    print(f"store at head revision ({'SQLite' if runtime.db.is_sqlite else 'PostgreSQL'})")
+    runtime = _open_admin(args, may_create=True)  # opening migrates
+    print(f"store at head revision ({store_label(runtime.settings)})")
     runtime.close()
     return 0
 
 
+# --- command line -----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a command-line mistake ends with one line instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, not {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="auraserve", description=__doc__)
+    parser = _Parser(
+        prog="auraserve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"auraserve {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser, *, model: bool = False) -> None:
-        p.add_argument("--data-dir", type=Path, help="data directory (default ./.auraserve)")
-        if model:
-            p.add_argument(
-                "--model",
-                help="weights: a Hugging Face id (default fal/AuraFlow-v0.3), a local "
-                "diffusers directory, or 'tiny' (random test model that draws noise)",
-            )
+    def command(
+        parent: Any, name: str, help: str, *, settings: str, epilog: bool = False
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=_other_settings_epilog(settings) if epilog else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_setting_flags(p, settings)
+        return p
 
-    serve = sub.add_parser("serve", help="run the API and one in-process worker")
-    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve = command(
+        sub, "serve", "run the API and its in-process workers", settings="serve", epilog=True
+    )
     serve.add_argument("--access-log", action="store_true", help="log every request")
-    serve.add_argument("--workers", type=int, help="in-process workers (default 1; 0 = API only)")
-    common(serve, model=True)
     serve.set_defaults(func=cmd_serve)
 
-    worker = sub.add_parser("worker", help="run a worker alone against the configured store")
-    common(worker, model=True)
+    worker = command(
+        sub,
+        "worker",
+        "run a worker alone against the configured store",
+        settings="worker",
+        epilog=True,
+    )
     worker.set_defaults(func=cmd_worker)
 
-    gen = sub.add_parser("generate", help="make images locally, without a server")
-    gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", required=True, help="output file (.webp, .png, .jpg)")
+    gen = command(
+        sub, "generate", "make images locally, without a server or store", settings="generate"
+    )
+    gen.add_argument("prompt", help="what to draw")
+    gen.add_argument(
+        "-o", "--output", required=True, help="output file; its suffix picks the format"
+    )
     gen.add_argument("--preset", help="model preset for defaults (default auraflow-v0-3)")
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--cfg", type=float)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--shift", type=float)
-    gen.add_argument("--sampler")
-    gen.add_argument("--scheduler")
-    gen.add_argument("--format", choices=["png", "webp", "jpeg"])
-    gen.add_argument("--quality", type=int)
-    gen.add_argument("-n", "--num-images", type=int, default=1)
-    common(gen, model=True)
+    gen.add_argument("--negative-prompt", default="", help="what to keep out of the image")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
+    gen.add_argument("--cfg", type=float, help="guidance scale (default: the preset's)")
+    gen.add_argument("--width", type=int, help="width in pixels, rounded to a multiple of 16")
+    gen.add_argument("--height", type=int, help="height in pixels, rounded to a multiple of 16")
+    gen.add_argument("--seed", type=int, help="seed of the first image (default: random)")
+    gen.add_argument("--shift", type=float, help="timestep shift (default: the preset's)")
+    gen.add_argument("--sampler", help="sampler name, as in ComfyUI (default: the preset's)")
+    gen.add_argument("--scheduler", help="scheduler name, as in ComfyUI (default: the preset's)")
+    gen.add_argument(
+        "--format",
+        choices=["png", "webp", "jpeg"],
+        help="image format (default: from the output file's suffix, else png)",
+    )
+    gen.add_argument("--quality", type=int, help="JPEG/WebP quality (default: the preset's)")
+    gen.add_argument("-n", "--num-images", type=int, default=1, help="images to make (default 1)")
     gen.set_defaults(func=cmd_generate)
 
-    keys_p = sub.add_parser("keys", help="manage API keys")
-    keys_sub = keys_p.add_subparsers(dest="keys_cmd", required=True)
-    create = keys_sub.add_parser("create", help="new account and key (or key for --account)")
-    create.add_argument("--name", required=True)
-    create.add_argument("--credits", type=int, default=0)
-    create.add_argument("--account", help="add a key to this existing account")
-    create.add_argument("--json", action="store_true")
-    common(create)
-    lst = keys_sub.add_parser("list", help="list keys")
-    lst.add_argument("--json", action="store_true")
-    common(lst)
-    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
-    revoke.add_argument("key_id")
-    common(revoke)
+    keys_p = sub.add_parser("keys", help="manage API keys", description="manage API keys")
+    keys_sub = keys_p.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
+    create = command(
+        keys_sub, "create", "new account and key (or another key for --account)", settings="keys"
+    )
+    create.add_argument("--name", required=True, help="a name for the account and the key")
+    create.add_argument(
+        "--credits",
+        type=_at_least(0),
+        help="credits the new account starts with (default 0)",
+    )
+    create.add_argument("--account", help="add a key to this existing account instead")
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    lst = command(keys_sub, "list", "list keys (never the keys themselves)", settings="keys")
+    lst.add_argument("--json", action="store_true", help="print one JSON array")
+    revoke = command(keys_sub, "revoke", "revoke a key by id", settings="keys")
+    revoke.add_argument("key_id", help="the key id (16 hex characters, shown by keys list)")
     keys_p.set_defaults(func=cmd_keys)
 
-    credits = sub.add_parser("credits", help="grant or show credits")
-    credits_sub = credits.add_subparsers(dest="credits_cmd", required=True)
-    grant = credits_sub.add_parser("grant")
-    grant.add_argument("account_id")
-    grant.add_argument("amount", type=int)
-    common(grant)
-    show = credits_sub.add_parser("show")
-    show.add_argument("account_id")
-    common(show)
+    credits = sub.add_parser(
+        "credits", help="grant or show credits", description="grant or show credits"
+    )
+    credits_sub = credits.add_subparsers(dest="credits_cmd", required=True, metavar="ACTION")
+    grant = command(credits_sub, "grant", "add credits to an account", settings="credits")
+    grant.add_argument("account_id", help="the account (acct_…)")
+    grant.add_argument("amount", type=_at_least(1), help="credits to add")
+    show = command(credits_sub, "show", "show an account's balance", settings="credits")
+    show.add_argument("account_id", help="the account (acct_…)")
     credits.set_defaults(func=cmd_credits)
 
-    db = sub.add_parser("db", help="apply migrations to the configured store")
-    db.add_argument("action", choices=["upgrade"])
-    common(db)
+    db = command(sub, "db", "apply migrations to the configured store", settings="db")
+    db.add_argument("action", choices=["upgrade"], help="upgrade: migrate to the newest schema")
     db.set_defaults(func=cmd_db)
     return parser
 
@@ -376,12 +627,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except ConfigError as exc:
-        print(f"auraserve: {exc}", file=sys.stderr)
-        code = 2
-    except ModelLoadError as exc:
         print(f"auraserve: {exc.message}", file=sys.stderr)
-        code = 1
-    except AuraserveError as exc:
+        code = 2
+    except RequestError as exc:  # e.g. `generate --steps 0`: the message names the field
+        print(f"auraserve: {exc.message}", file=sys.stderr)
+        code = 2
+    except (ModelLoadError, AuraserveError) as exc:
         print(f"auraserve: {exc.message}", file=sys.stderr)
         code = 1
     sys.exit(code)

@@ -28,6 +28,7 @@ from pydantic_settings import (
 from auraserve.core.engine_options import EngineOptions
 from auraserve.core.presets import ModelPreset, default_presets
 from auraserve.errors import ConfigError
+from auraserve.webhooks.settings import DEFAULT_SCHEDULE, WebhookSettings
 from auraserve.webhooks.ssrf import AddressPolicy
 
 
@@ -111,7 +112,7 @@ class Settings(BaseSettings):
     webhook_allow_http: bool = False
     # Delay before attempt n, in seconds (Standard Webhooks schedule); jittered by ±10 %.
     webhook_schedule: Annotated[list[float], NoDecode] = Field(
-        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+        default_factory=lambda: [float(d) for d in DEFAULT_SCHEDULE]
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=120)
     # X-Webhook-Mode: sync sends progress at most this often (seed 002: 15 s).
@@ -225,6 +226,18 @@ class Settings(BaseSettings):
         if self.public_url:
             return self.public_url.rstrip("/")
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def webhooks(self) -> WebhookSettings:
+        return WebhookSettings(
+            allow_hosts=tuple(self.webhook_allow_hosts),
+            allow_http=self.webhook_allow_http,
+            schedule=tuple(self.webhook_schedule),
+            timeout=self.webhook_timeout_seconds,
+            sync_interval=self.webhook_sync_interval_seconds,
+            concurrency=self.webhook_concurrency,
+            public_url=self.resolved_public_url,
+        )
 
     def weights_for(self, preset_id: str) -> str:
         return self.model or self.presets[preset_id].weights

@@ -44,7 +44,7 @@ class Runtime:
         db.migrate()
         # Every process that changes job statuses records their webhook deliveries in the
         # same transactions (API: cancels; workers: results), whoever sends them later.
-        outbox.install(db, settings)
+        outbox.install(db, settings.webhooks)
         return cls(
             settings=settings, db=db, media=LocalMediaStore(settings.media_dir), engine=engine
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import httpx
 import openai
@@ -154,3 +155,41 @@ def test_mapping_of_model_quality_and_size(api_only_server: LiveServer, tenant: 
             fmt,
         )
     assert job.request.num_images == 3
+
+
+def test_gpt_image_models_answer_b64_json_by_default(server: LiveServer, tenant: Tenant) -> None:
+    """As at OpenAI: gpt-image-* answer with base64 unless asked otherwise; dall-e-* with URLs."""
+    sdk = _client(server, tenant.key)
+    common: dict[str, Any] = {"prompt": "a kite", "size": "512x512", "quality": "low"}
+    gpt = sdk.images.generate(model="gpt-image-1", **common)
+    [item] = gpt.data or []
+    assert item.url is None and item.b64_json is not None
+    assert Image.open(io.BytesIO(base64.b64decode(item.b64_json))).size == (512, 512)
+    dalle = sdk.images.generate(model="dall-e-3", **common)
+    [item] = dalle.data or []
+    assert item.b64_json is None and (item.url or "").startswith(server.url + "/media/")
+    asked = sdk.images.generate(model="gpt-image-1", response_format="url", **common)
+    assert (asked.data or [])[0].url is not None
+
+
+def test_invalid_size_names_the_allowed_sizes(api_only_server: LiveServer, tenant: Tenant) -> None:
+    sdk = _client(api_only_server, tenant.key)
+    for size in ("256x256", "4096x1024", "huge"):
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk.images.generate(prompt="x", size=size)  # type: ignore[arg-type]
+        err = info.value
+        assert err.param == "size" and err.type == "invalid_request_error"
+        assert "an integer" not in err.message
+        assert "from 512 to 2048" in err.message and "1024x1024" in err.message
+        assert "1536x1024" in err.message and "auto" in err.message
+
+
+def test_unknown_method_under_the_prefix_is_openai_shaped_405(
+    api_only_server: LiveServer, tenant: Tenant
+) -> None:
+    resp = httpx.get(
+        api_only_server.url + "/v1/images/generations",
+        headers={"Authorization": f"Bearer {tenant.key}"},
+    )
+    assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+    assert resp.json()["error"]["type"] == "invalid_request_error"

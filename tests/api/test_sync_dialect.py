@@ -331,7 +331,7 @@ def test_waiting_request_is_woken_by_the_store_bus(
 ) -> None:
     """The sync request wakes when its job completes, not by re-reading the store: with the
     fallback re-check pushed to 30 s, only the bus can answer it within seconds."""
-    from auraserve.api.dialects import requests as shared
+    from auraserve.api import results as shared
 
     monkeypatch.setattr(shared, "FALLBACK_RECHECK_SECONDS", 30.0)
     runtime = api_only_server.runtime

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.pool import NullPool
 
+from auraserve.cli import SETTING_FLAGS, build_parser
 from auraserve.config import Settings
-from tests.conftest import LiveServer, free_port, wait_for_status
+from tests.conftest import PG_ADMIN_URL, LiveServer, free_port, wait_for_status
 
 
 def run_cli(
@@ -296,3 +304,218 @@ def test_generate_with_model_dir_equals_diffusers(tmp_path: Path) -> None:
     assert ours.shape == theirs.shape
     assert np.abs(ours - theirs).max() <= 1
     assert ours.std() > 1  # not a flat image that would match anything
+
+
+# --- mistakes and stores (issue 8, point 8) ---------------------------------------------------
+
+
+def _problem_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """stderr without the note naming the store, which admin commands always print first."""
+    return [ln for ln in result.stderr.splitlines() if not ln.startswith("store: ")]
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["keys", "create", "--name", "x", "--credits", "-3"], "--credits"),
+        (["keys", "create", "--name", "x", "--credits", "lots"], "--credits"),
+        (["keys", "create", "--name", "x", "--account", "acct_nope"], "acct_nope"),
+        (["keys", "create", "--name", "x", "--account", "acct_a", "--credits", "5"], "--credits"),
+        (["keys", "create", "--credits", "5"], "--name"),
+        (["credits", "grant", "acct_nope", "5"], "acct_nope"),
+        (["credits", "grant", "acct_nope", "0"], "amount"),
+        (["credits", "frobnicate"], "frobnicate"),
+        (["db", "downgrade"], "downgrade"),
+        (["serve", "--port", "http"], "--port"),
+        (["serve", "--device", "tpu"], "--device"),
+        (["generate", "x", "-o", "x.png", "--steps", "0"], "steps"),
+        (["nonsense"], "nonsense"),
+    ],
+)
+def test_fixable_mistakes_end_with_one_line_and_status_2(
+    settings: Settings, args: list[str], named: str
+) -> None:
+    from auraserve.runtime import Runtime
+
+    Runtime.open(settings).close()
+    result = run_cli(*args, settings=settings)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = _problem_lines(result)
+    assert named in line
+    assert result.stdout == ""
+
+
+def _store_names(settings: Settings) -> str:
+    """What a store note must contain for people to recognise the store."""
+    if settings.database_url:
+        return settings.database_url.rsplit("/", 1)[-1]  # the database name
+    return str((settings.data_dir / "auraserve.db").resolve())
+
+
+def test_admin_commands_name_their_store_on_stderr(settings: Settings) -> None:
+    created = run_cli("keys", "create", "--name", "n", "--json", settings=settings)
+    assert created.returncode == 0, created.stderr
+    account = json.loads(created.stdout)["account_id"]  # stdout stays machine-readable
+    for args in (
+        ["keys", "list", "--json"],
+        ["credits", "grant", account, "5"],
+        ["credits", "show", account],
+        ["db", "upgrade"],
+    ):
+        result = run_cli(*args, settings=settings)
+        assert result.returncode == 0, result.stderr
+        (note,) = result.stderr.splitlines()
+        assert note.startswith("store: ") and _store_names(settings) in note, note
+        assert "new" not in note
+        if args[-1] != "upgrade":
+            json.loads(result.stdout)
+    assert _store_names(settings) in created.stderr
+
+
+@dataclass
+class NewStore:
+    """A store location with nothing in it yet, and how to tell whether a store appeared."""
+
+    env: dict[str, str]
+    names: str  # what a message about it must contain
+    exists: Callable[[], bool]
+
+
+@pytest.fixture
+def new_store(tmp_path: Path, settings: Settings) -> Iterator[NewStore]:
+    if not settings.database_url:
+        data_dir = tmp_path / "elsewhere"
+        db_file = data_dir / "auraserve.db"
+        yield NewStore({"AURASERVE_DATA_DIR": str(data_dir)}, str(db_file), db_file.exists)
+        return
+    # PostgreSQL: an empty database of its own, next to the test session's.
+    base, _ = settings.database_url.rsplit("/", 1)
+    name = f"auraserve_cli_{secrets.token_hex(4)}"
+    admin = create_engine(
+        PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1),
+        isolation_level="AUTOCOMMIT",
+        poolclass=NullPool,
+    )
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"{base}/{name}"
+
+    def exists() -> bool:
+        engine = create_engine(
+            url.replace("postgresql://", "postgresql+psycopg://", 1), poolclass=NullPool
+        )
+        try:
+            with engine.connect() as conn:
+                return inspect(conn).has_table("alembic_version")
+        finally:
+            engine.dispose()
+
+    yield NewStore(
+        {"AURASERVE_DATA_DIR": str(tmp_path / "elsewhere"), "AURASERVE_DATABASE_URL": url},
+        name,
+        exists,
+    )
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["keys", "list"],
+        ["keys", "list", "--json"],
+        ["credits", "show", "acct_x"],
+        ["credits", "grant", "acct_x", "5"],
+        ["keys", "revoke", "0123456789abcdef"],
+        ["keys", "create", "--name", "x", "--account", "acct_x"],
+    ],
+)
+def test_commands_that_need_a_store_refuse_a_missing_one(
+    new_store: NewStore, args: list[str]
+) -> None:
+    result = run_cli(*args, env=new_store.env)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "no store at" in line and new_store.names in line
+    assert "AURASERVE_DATA_DIR" in line  # says how to point at the right one
+    assert result.stdout == ""
+    assert not new_store.exists()  # looked, created nothing
+
+
+def test_unreachable_store_is_one_line(tmp_path: Path) -> None:
+    result = run_cli(
+        "keys",
+        "list",
+        env={
+            "AURASERVE_DATA_DIR": str(tmp_path),
+            "AURASERVE_DATABASE_URL": f"postgresql://127.0.0.1:{free_port()}/nowhere",
+        },
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "cannot open the store" in line and "nowhere" in line
+
+
+def test_a_command_that_creates_a_store_says_so(new_store: NewStore) -> None:
+    created = run_cli("keys", "create", "--name", "first", "--json", env=new_store.env)
+    assert created.returncode == 0, created.stderr
+    (note,) = created.stderr.splitlines()
+    assert new_store.names in note and "new" in note
+    key_id = json.loads(created.stdout)["key_id"]
+    assert new_store.exists()
+
+    listed = run_cli("keys", "list", env=new_store.env)
+    assert listed.returncode == 0, listed.stderr
+    assert key_id in listed.stdout
+    (note,) = listed.stderr.splitlines()
+    assert new_store.names in note and "new" not in note
+
+
+def test_db_upgrade_creates_a_store_and_says_so(new_store: NewStore) -> None:
+    result = run_cli("db", "upgrade", env=new_store.env)
+    assert result.returncode == 0, result.stderr
+    (note,) = result.stderr.splitlines()
+    assert new_store.names in note and "new" in note
+    assert new_store.exists()
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    # argparse has no public way to walk its subparsers; _actions is stable since Python 3.2.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield name, child
+                for sub_name, grandchild in _subcommands(child):
+                    yield f"{name} {sub_name}", grandchild
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    missing = [
+        f"auraserve {name} {action.dest}"
+        for name, parser in _subcommands(build_parser())
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction)
+        and (not action.help or action.help == argparse.SUPPRESS)
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_service_help_shows_every_setting(command: str) -> None:
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    flags = [s for s in SETTING_FLAGS if command in s.commands]
+    assert {"data_dir", "model", "device", "dtype", "offload", "engine_mode"} <= {
+        s.name for s in flags
+    }
+    if command == "serve":
+        assert {"host", "port", "workers"} <= {s.name for s in flags}
+    for setting in flags:
+        # The flag, and beside it the environment variable that sets the same thing.
+        assert setting.flag in text and setting.env in text, setting.name
+    # Every other setting is at least named, with where it is read from.
+    for name in Settings.model_fields:
+        assert f"AURASERVE_{name.upper()}" in text, name

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from auraserve.core.presets import default_presets
 from auraserve.core.jobs import split_request_id
-from auraserve.core.request import build_request
+from auraserve.core.presets import default_presets
+from auraserve.core.request import bounds, build_request, map_fields
 from auraserve.errors import InvalidParameter
 
 PRESET = default_presets()["auraflow-v0-3"]
@@ -74,3 +74,19 @@ def test_request_ids_split_back() -> None:
     assert split_request_id(rid) == ("auraflow-v0-3-512", rid.split("_")[1])
     assert split_request_id("nounderscore") is None
     assert split_request_id("m_short") is None
+
+
+def test_dialect_fields_map_once_and_dialect_defaults_come_before_the_preset() -> None:
+    fields = map_fields(
+        {"cfg": 7, "unknown": 1, "prompt": "p"}, {"cfg": "guidance_scale", "prompt": "prompt"}
+    )
+    assert fields == {"guidance_scale": 7, "prompt": "p"}
+    req = build_request(
+        fields, model="m", preset=PRESET, defaults={"guidance_scale": 5.0, "steps": 30}
+    )
+    assert (req.guidance_scale, req.steps, req.width) == (7, 30, PRESET.width)
+
+
+def test_bounds_are_the_declared_constraints() -> None:
+    assert bounds("steps") == (1, 100)
+    assert bounds("width") == (512, 2048)

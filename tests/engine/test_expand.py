@@ -70,7 +70,7 @@ class _ChatServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 — http.server's naming
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length))
                 server.requests.append(
@@ -92,7 +92,7 @@ class _ChatServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -107,7 +107,7 @@ class _ChatServer:
         self.httpd.server_close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def chat_server() -> Iterator[_ChatServer]:
     server = _ChatServer()
     yield server

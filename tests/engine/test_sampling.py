@@ -21,6 +21,7 @@ never limits a measured order.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -90,7 +91,7 @@ def run_ode(name: str, sigmas: torch.Tensor, z: torch.Tensor) -> float:
 
 def orders(errors: list[float]) -> list[float]:
     """Empirical orders from errors at N, 2N, 4N, … steps."""
-    return [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    return [math.log2(a / b) for a, b in itertools.pairwise(errors)]
 
 
 # --- the test problem itself -------------------------------------------------------------
@@ -370,9 +371,9 @@ def test_on_step_can_abort(name: str) -> None:
             raise KeyboardInterrupt("cancelled")
 
     x = torch.zeros(1, 4)
+    s = make_sigmas("simple", 10, 1.0)
+    noise = seeded([1], (4,), torch.float32)
     with pytest.raises(KeyboardInterrupt):
-        s = make_sigmas("simple", 10, 1.0)
-        noise = seeded([1], (4,), torch.float32)
         sample(name, denoise, x, s, noise=noise, on_step=stop_after_two)
     assert evaluations <= 6  # two steps' worth, not ten
 

@@ -22,7 +22,7 @@ def test_put_then_path_and_delete(tmp_path: Path) -> None:
 def test_names_never_escape_the_root(tmp_path: Path, bad: str) -> None:
     store = LocalMediaStore(tmp_path)
     assert store.path(bad) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid media name"):
         store.put(bad, b"x")
 
 

@@ -6,8 +6,8 @@ import threading
 
 from sqlalchemy import func, select
 
-from auraserve.core.presets import default_presets
 from auraserve.core.jobs import JobStatus
+from auraserve.core.presets import default_presets
 from auraserve.core.request import build_request
 from auraserve.errors import InsufficientBalance
 from auraserve.store import jobs, keys, ledger

@@ -1,5 +1,7 @@
 """The Alembic migrations build exactly the schema that `store/schema.py` declares."""
 
+from pathlib import Path
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
@@ -16,3 +18,26 @@ def test_migrations_match_the_declared_schema(db: Database) -> None:
 def test_migrate_is_idempotent(db: Database) -> None:
     db.migrate()
     db.migrate()
+
+
+def test_head_revision_constant_is_alembics_head() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from auraserve.store.db import MIGRATIONS_DIR
+    from auraserve.store.migrations import HEAD_REVISION
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
+
+
+def test_a_current_store_is_recognised_and_a_new_one_is_not(db: Database, tmp_path: Path) -> None:
+    assert db.schema_is_current()
+    fresh = Database(f"sqlite:///{tmp_path / 'new.db'}")
+    try:
+        assert not fresh.schema_is_current()
+        fresh.migrate()
+        assert fresh.schema_is_current()
+    finally:
+        fresh.dispose()

@@ -1,5 +1,5 @@
-from auraserve.core.presets import default_presets
 from auraserve.core.jobs import JobStatus
+from auraserve.core.presets import default_presets
 from auraserve.core.request import build_request
 from auraserve.store import jobs, keys, ledger
 from auraserve.store.db import Database

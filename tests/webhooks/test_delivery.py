@@ -28,8 +28,7 @@ from auraserve.webhooks.delivery import (
 )
 from auraserve.webhooks.signing import signed_headers
 from auraserve.webhooks.ssrf import AddressPolicy
-
-from .conftest import NAMED_HOST, FakeDNS, Receiver
+from tests.webhooks.conftest import NAMED_HOST, FakeDNS, Receiver
 
 DEV_POLICY = AddressPolicy(["127.0.0.1", "::1", "localhost"])
 BODY = json.dumps({"id": "job_1", "status": "succeeded"}).encode()
@@ -368,7 +367,7 @@ def test_default_schedule() -> None:
     assert exact == [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
     assert next_delay(MAX_ATTEMPTS) is None
     assert next_delay(100) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="attempt must be >= 0"):
         next_delay(-1)
 
 

@@ -4,6 +4,7 @@ reference `standardwebhooks` library."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -28,8 +29,7 @@ from auraserve.store import jobs, ledger
 from auraserve.store.schema import jobs as jobs_table
 from auraserve.store.schema import webhook_deliveries
 from tests.conftest import LiveServer, Tenant, free_port, wait_for_status
-
-from .conftest import Receiver, Recorded
+from tests.webhooks.conftest import Receiver, Recorded
 
 SUBMIT = "/auraflow-v0-3-512/v1/auraflow-v0-3-request"
 FAST_SCHEDULE = [0.0] + [0.3] * 30  # retries every 0.3 s, long enough to outlast a restart
@@ -163,7 +163,7 @@ def test_sync_mode_sends_throttled_progress_then_final(
     # At most one progress callback per interval (0.3 s here; seed 002's is 15 s).
     rows = _deliveries(server.runtime, _job_id(request_id))
     created = [r.created_at for r in rows if not r.terminal]
-    gaps = [b - a for a, b in zip(created, created[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(created)]
     assert all(g >= 0.3 * 0.99 for g in gaps), gaps
     assert len({r.headers["webhook-id"] for r in hooks.requests}) == len(hooks.requests)
 
@@ -262,23 +262,27 @@ def test_delivery_row_commits_with_the_status(runtime: Runtime, tenant: Tenant) 
     db = runtime.db
     preset = runtime.settings.presets["auraflow-v0-3-512"]
     gen = build_request({"prompt": "p"}, model="auraflow-v0-3-512", preset=preset)
-    kwargs = dict(
-        account_id=tenant.account_id,
-        request=gen,
-        price=gen.price(preset),
-        max_queued=10,
-        max_attempts=1,
-        webhook_url="https://hooks.example.com/x",
-    )
-    with pytest.raises(RuntimeError):
+    kwargs: dict[str, Any] = {
+        "account_id": tenant.account_id,
+        "request": gen,
+        "price": gen.price(preset),
+        "max_queued": 10,
+        "max_attempts": 1,
+        "webhook_url": "https://hooks.example.com/x",
+    }
+
+    def submit_then_roll_back() -> None:
         with db.write() as conn:
-            sub = jobs.submit_in(conn, **kwargs, webhook_mode="sync")  # type: ignore[arg-type]
+            sub = jobs.submit_in(conn, **kwargs, webhook_mode="sync")
             assert len(_deliveries_in(conn, sub.job.id)) == 1  # written, not yet committed
             raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError, match="roll back"):
+        submit_then_roll_back()
     with db.read() as conn:
         assert conn.execute(select(jobs_table.c.id)).first() is None
         assert conn.execute(select(webhook_deliveries.c.id)).first() is None
-    sub = jobs.submit(db, **kwargs, webhook_mode="terminal")  # type: ignore[arg-type]
+    sub = jobs.submit(db, **kwargs, webhook_mode="terminal")
     assert _deliveries(runtime, sub.job.id) == []  # terminal mode: nothing before the end
     [claimed] = jobs.claim(
         db, worker_id="w", models=["auraflow-v0-3-512"], max_images=4, lease_seconds=30

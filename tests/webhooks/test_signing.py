@@ -103,16 +103,16 @@ def test_secret_key_accepts_unprefixed_and_unpadded() -> None:
 
 @pytest.mark.parametrize("bad", ["whsec_", "whsec_!!!notbase64", "", "whsec_a b"])
 def test_bad_secret_raises(bad: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"webhook secret is (empty|not valid base64)"):
         sign(bad, "msg_1", 1, b"{}")
 
 
 @pytest.mark.parametrize("bad_id", ["", "msg 1", "msg\r\nX-Injected: 1", "msg\x00"])
 def test_bad_message_id_raises(bad_id: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="msg_id must be non-empty"):
         signed_headers(new_secret(), bad_id, b"{}")
 
 
 def test_no_secrets_raises() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one webhook secret"):
         signed_headers([], "msg_1", b"{}")

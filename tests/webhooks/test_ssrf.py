@@ -9,8 +9,7 @@ import pytest
 
 from auraserve.errors import InvalidParameter
 from auraserve.webhooks.ssrf import AddressPolicy, BlockedAddress, validate_webhook_url
-
-from .conftest import FakeDNS
+from tests.webhooks.conftest import FakeDNS
 
 DEV_ALLOW = ["127.0.0.1", "::1", "localhost", "10.0.0.0/8"]
 
@@ -139,7 +138,7 @@ def test_allow_list_never_opens_metadata_or_multicast_by_range() -> None:
 
 
 def test_bad_allow_entry_rejected() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="neither a host nor a network"):
         AddressPolicy(["https://example.com"])
 
 
@@ -280,7 +279,7 @@ def test_invalid_urls(url: str, message: str) -> None:
     with pytest.raises(InvalidParameter) as info:
         validate_webhook_url(url)
     assert info.value.field == "X-Webhook-URL"
-    assert info.value.status_code == 400
+    assert info.value.status == 400
     assert message.lower() in info.value.message.lower()
 
 

@@ -11,6 +11,8 @@ from auraserve.config import Settings
 from auraserve.core.jobs import JobStatus
 from auraserve.core.request import GenerationRequest, build_request
 from auraserve.engine.base import JobResult
+from auraserve.errors import UnsupportedRequest
+from auraserve.media.encode import read_parameters
 from auraserve.runtime import Runtime
 from auraserve.store import jobs, keys, ledger
 from auraserve.worker.loop import Worker, WorkerState
@@ -69,9 +71,13 @@ def test_warmup_runs_before_ready(settings: Settings, tiny_engine: Any) -> None:
         rt.close()
 
 
-def test_value_error_fails_and_other_errors_error_both_refunded(settings: Settings) -> None:
+def test_unsupported_request_fails_and_other_errors_error_all_refunded(
+    settings: Settings,
+) -> None:
     for exc, status in (
-        (ValueError("cannot draw that"), JobStatus.FAILED),
+        (UnsupportedRequest("cannot draw that"), JobStatus.FAILED),
+        # A ValueError raised deep inside torch is a server fault, not the client's mistake.
+        (ValueError("expected a tensor of rank 4"), JobStatus.ERROR),
         (RuntimeError("CUDA out of memory"), JobStatus.ERROR),
     ):
         rt = Runtime.open(settings, engine=_Raising(exc))
@@ -117,5 +123,31 @@ def test_a_worker_that_lost_its_lease_neither_completes_nor_charges(
         assert kinds.count("capture") == 1 and "release" not in kinds
         stored = list(rt.media.root.rglob("*.png"))
         assert len(stored) == 1, "the stale worker's images must be deleted"
+    finally:
+        rt.close()
+
+
+def test_stored_images_carry_every_parameter_including_the_cfg_scale(
+    settings: Settings, tiny_engine: Any
+) -> None:
+    rt = Runtime.open(settings, engine=tiny_engine)
+    try:
+        acct = keys.create_account(rt.db, "w", credits=10_000)
+        rt.start_worker()
+        for output_format in ("png", "webp", "jpeg"):
+            job = _wait(
+                rt,
+                _submit(
+                    rt, acct.account_id, guidance_scale=4.25, seed=11, output_format=output_format
+                ),
+            )
+            assert job.status == JobStatus.COMPLETED, job.error
+            path = rt.media.path(job.output["media"][0])
+            assert path is not None
+            params = read_parameters(path.read_bytes())
+            assert params is not None, output_format
+            assert params["guidance_scale"] == 4.25, (output_format, params)
+            assert params["seed"] == 11 and params["steps"] == 2
+            assert params["request_id"] == job.request_id
     finally:
         rt.close()

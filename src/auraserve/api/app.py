@@ -6,6 +6,7 @@ process also runs one worker thread (the embedded default); the runtime owns bot
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -16,10 +17,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from auraserve import __version__
-from auraserve.api import errors
-from auraserve.api.dialects import openai, queue, requests, sync
+from auraserve.api import account_routes, errors, request_routes
+from auraserve.api.dialect import Dialect
+from auraserve.api.dialects import openai, queue, sync
 from auraserve.api.ratelimit import RateLimiter
-from auraserve.errors import RequestNotFound
+from auraserve.errors import PayloadTooLarge, RequestNotFound
 from auraserve.media.storage import media_type_of
 from auraserve.runtime import Runtime
 from auraserve.webhooks.outbox import Dispatcher
@@ -36,9 +38,11 @@ class BodyLimit:
     """Refuse bodies over `limit` bytes with 413 before reading them (Content-Length), or as
     soon as a streamed body passes the limit. Pure ASGI, so it costs nothing per chunk."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int, dialect: Dialect) -> None:
         self.app = app
         self.limit = limit
+        # No route has been chosen yet, so no route's dialect is known: the default renders it.
+        self.dialect = dialect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,15 +90,12 @@ class BodyLimit:
         await self.app(scope, _replay([body_message], receive), send)
 
     async def _reject(self, send: Send) -> None:
-        body = (
-            b'{"error":"Payload Too Large","message":"request body exceeds '
-            + str(self.limit).encode()
-            + b' bytes"}'
-        )
+        problem = self.dialect.problem(PayloadTooLarge(f"request body exceeds {self.limit} bytes"))
+        body = json.dumps(self.dialect.error_body(problem), separators=(",", ":")).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": problem.status,
                 "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
             }
         )
@@ -142,7 +143,7 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         # the outbox wake on them. No-op on SQLite, and when a worker already started it.
         runtime.db.start_listener()
         runtime.limiter = RateLimiter(runtime.settings)
-        runtime.outbox = Dispatcher(runtime.db, runtime.settings)
+        runtime.outbox = Dispatcher(runtime.db, runtime.settings.webhooks)
         runtime.outbox.start()
         try:
             yield
@@ -157,15 +158,20 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     app = FastAPI(
         title="auraserve",
         version=__version__,
-        description="Self-hosted AuraFlow text-to-image API (async queue, sync and OpenAI dialects).",
+        description="Self-hosted AuraFlow text-to-image API "
+        "(async queue, sync and OpenAI dialects).",
         lifespan=lifespan,
+        # account_routes serves /docs and /redoc from the package instead of a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = runtime
-    errors.install(app)
+    errors.install(app, default=queue.QUEUE)
     app.include_router(queue.router)
-    app.include_router(requests.router)
+    app.include_router(request_routes.router)
     app.include_router(sync.build_router(runtime.settings))
     app.include_router(openai.router)
+    account_routes.install(app, runtime.settings)
     _document_presets(app, sorted(runtime.settings.presets))
 
     @app.get("/media/{name}", tags=["media"], responses={404: {}})
@@ -210,5 +216,5 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(BodyLimit, limit=runtime.settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=runtime.settings.max_body_bytes, dialect=queue.QUEUE)
     return app

@@ -4,12 +4,11 @@ hosted APIs can keep its own header: `Ocp-Apim-Subscription-Key` (seed 002), `x-
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Depends, Request
+from fastapi import Request
 
 from auraserve.api.store_calls import call_store
 from auraserve.errors import Unauthorized
+from auraserve.runtime import Runtime
 from auraserve.store import keys
 from auraserve.store.keys import Account
 
@@ -35,12 +34,9 @@ async def current_account(request: Request) -> Account:
             "Missing API key: send it in Ocp-Apim-Subscription-Key, x-api-key or "
             "Authorization: Bearer"
         )
-    runtime = request.app.state.runtime
+    runtime: Runtime = request.app.state.runtime
     account = await call_store(runtime, keys.authenticate, runtime.db, raw)
     if account is None:
         raise Unauthorized("Invalid or revoked API key")
     request.state.account = account
     return account
-
-
-CurrentAccount = Annotated[Account, Depends(current_account)]

@@ -33,18 +33,6 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
-class IdempotencyKeyReused(InvalidParameter):
-    status_code = 422
-    title = "Idempotency key reused"
-
-    def __init__(self, key: str) -> None:
-        super().__init__(
-            field=HEADER,
-            message=f"{HEADER} '{key[:64]}' was already used with a different request; "
-            "use a new key for a new request",
-        )
-
-
 def key_of(request: Request) -> str | None:
     """The request's idempotency key, validated; None when absent."""
     raw = request.headers.get(HEADER)

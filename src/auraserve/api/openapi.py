@@ -4,9 +4,12 @@ the test suite checks that every response matches what is declared here."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from auraserve.core.request import GenerationRequest
 
 
 class ErrorBody(BaseModel):
@@ -96,9 +99,6 @@ class StatusBody(BaseModel):
     cancel_requested: bool | None = None
 
 
-ERRORS_QUEUE = "queue"
-ERRORS_OPENAI = "openai"
-
 _DESCRIPTIONS = {
     400: "Invalid parameter (the body names the field)",
     401: "Missing, invalid or revoked API key",
@@ -115,6 +115,40 @@ _DESCRIPTIONS = {
 }
 
 
-def error_responses(kind: str, *codes: int) -> dict[int | str, dict[str, Any]]:
-    model = OpenAIErrorBody if kind == ERRORS_OPENAI else ErrorBody
+def error_responses(model: type[BaseModel], *codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error `codes`, each with the dialect's error body `model`."""
     return {code: {"model": model, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+def request_body_model(
+    name: str,
+    fields: Mapping[str, str],
+    *,
+    doc: str,
+    defaults: Mapping[str, Any] | None = None,
+    own: Mapping[str, tuple[Any, Any]] | None = None,
+    required: Collection[str] = ("prompt",),
+) -> type[BaseModel]:
+    """A dialect's request body, derived from GenerationRequest: each dialect field (`fields`:
+    its name → the canonical one) gets the canonical field's type, range and enum, so the
+    document cannot disagree with what `core.request` enforces. `defaults` (canonical names)
+    are named in the descriptions; `own` adds fields only this dialect has."""
+    definitions: dict[str, Any] = {}
+    for public, canonical in fields.items():
+        info = GenerationRequest.model_fields[canonical]
+        annotation: Any = info.annotation
+        if info.metadata:
+            annotation = Annotated[(annotation, *info.metadata)]
+        description = info.description or ""
+        if defaults and canonical in defaults:
+            description = f"{description} Default: {defaults[canonical]}.".strip()
+        if canonical in required:
+            definitions[public] = (annotation, Field(description=description or None))
+        else:
+            definitions[public] = (
+                Optional[annotation],  # noqa: UP045 (the annotation is a runtime value)
+                Field(None, description=description or None),
+            )
+    definitions.update(own or {})
+    model: type[BaseModel] = create_model(name, __doc__=doc, **definitions)
+    return model

@@ -25,22 +25,13 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from auraserve.config import Settings
-from auraserve.errors import AuraserveError
+from auraserve.errors import RateLimited
 from auraserve.store.keys import Account
 
 log = logging.getLogger(__name__)
 
 _WARN_EVERY = 60.0  # seconds between repeated "Redis is down" warnings
 _REDIS_TIMEOUT = 1.0  # seconds
-
-
-class RateLimited(AuraserveError):
-    status_code = 429
-    title = "Too Many Requests"
-
-    def __init__(self, message: str, headers: dict[str, str]) -> None:
-        self.headers = headers
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -64,8 +55,8 @@ def concurrency_refusal(limit: int, message: str, retry_after: int = 5) -> RateL
     """The 429 for an account whose jobs in flight reached `limit`."""
     return RateLimited(
         message,
-        {
-            "Retry-After": str(retry_after),
+        retry_after=retry_after,
+        headers={
             "RateLimit-Limit": str(limit),
             "RateLimit-Remaining": "0",
             "RateLimit-Reset": str(retry_after),
@@ -129,7 +120,8 @@ class RateLimiter:
             raise RateLimited(
                 f"Rate limit exceeded: {limit} requests per minute for this account; "
                 f"retry in {max(1, reset)} s",
-                {"Retry-After": str(max(1, reset)), **quota.headers()},
+                retry_after=max(1, reset),
+                headers=quota.headers(),
             )
         return quota
 

@@ -1,36 +1,30 @@
 """The one submit path every dialect uses once it has a validated GenerationRequest.
 
 Order: idempotent replay (a retry costs nothing, not even rate budget) → requests-per-minute
-limit → one transaction that takes the idempotency key, checks the jobs-in-flight limit,
-reserves credits and inserts the job (and, through the transition hook, its first webhook
-delivery). Dialects only decide how the resulting job is shown.
+limit → the store's submit (`store.submissions.submit`: one transaction that takes the
+idempotency key, checks the jobs-in-flight limit, reserves credits and inserts the job).
+Dialects only decide how the resulting job is shown.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy.exc import IntegrityError
 
 from auraserve.api import idempotency
-from auraserve.api.ratelimit import RateLimiter, concurrency_refusal
+from auraserve.api.dialect import Dialect
+from auraserve.api.ratelimit import concurrency_refusal
 from auraserve.api.store_calls import call_store
 from auraserve.core.jobs import Job
 from auraserve.core.request import GenerationRequest
-from auraserve.errors import QueueLimitReached, RequestNotFound
+from auraserve.errors import QueueLimitReached
 from auraserve.runtime import Runtime
-from auraserve.store import idempotency as idem_store
-from auraserve.store import jobs, ledger
+from auraserve.store import ledger, submissions
 from auraserve.store.keys import Account
-
-log = logging.getLogger(__name__)
-
-# Builds the response body a queue-style submit returns, so a replay can return it verbatim.
-ResponseBuilder = Callable[[Job], dict[str, Any]]
+from auraserve.store.submissions import IdempotencyKey, ResponseBuilder
 
 
 @dataclass(frozen=True)
@@ -49,43 +43,36 @@ class Accepted:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def runtime_of(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
-
-
-def limiter_of(request: Request) -> RateLimiter | None:
-    return runtime_of(request).limiter
-
-
 async def accept(
     request: Request,
+    runtime: Runtime,
     account: Account,
     gen: GenerationRequest,
     *,
-    dialect: str,
+    dialect: Dialect,
     raw_fields: Mapping[str, Any],
     webhook: Webhook | None = None,
     build_response: ResponseBuilder | None = None,
 ) -> Accepted:
     """Submit `gen` for `account`, or replay the submit its Idempotency-Key already made."""
-    runtime = runtime_of(request)
     settings = runtime.settings
     key = idempotency.key_of(request)
-    digest = None
+    idem = None
     if key is not None:
         digest = idempotency.fingerprint(
-            dialect,
+            dialect.name.value,
             request.url.path,
             raw_fields,
             webhook_url=webhook.url if webhook else None,
             webhook_mode=webhook.mode if webhook else None,
         )
-        replay = await _replay(runtime, account, key, digest)
-        if replay is not None:
-            return replay
+        idem = IdempotencyKey(key, digest, settings.idempotency_ttl_seconds)
+        first = await call_store(runtime, submissions.replay, runtime.db, account.id, idem)
+        if first is not None:
+            return _accepted(first, {"Idempotent-Replayed": "true"})
 
     headers: dict[str, str] = {}
-    limiter = limiter_of(request)
+    limiter = runtime.limiter
     max_in_flight = account.max_queued or settings.max_queued_per_account
     concurrent = 0
     if limiter is not None:
@@ -96,79 +83,38 @@ async def accept(
         if concurrent > 0:
             max_in_flight = min(max_in_flight, concurrent)
 
-    preset = settings.presets[gen.model]
-
-    def transaction() -> jobs.Submission:
-        with runtime.db.write() as conn:
-            if key is not None and digest is not None:
-                idem_store.claim_in(
-                    conn, account.id, key, digest, ttl=settings.idempotency_ttl_seconds
-                )
-            submission = jobs.submit_in(
-                conn,
-                account_id=account.id,
-                request=gen,
-                price=gen.price(preset),
-                max_queued=max_in_flight,
-                max_attempts=settings.max_attempts,
-                webhook_url=webhook.url if webhook else None,
-                webhook_mode=webhook.mode if webhook else None,
-            )
-            if key is not None:
-                body = build_response(submission.job) if build_response else None
-                idem_store.attach_in(
-                    conn,
-                    account.id,
-                    key,
-                    job_id=submission.job.id,
-                    status_code=202 if body is not None else None,
-                    response=body,
-                )
-            return submission
-
     try:
-        submission = await call_store(runtime, transaction)
-    except IntegrityError:
-        # A concurrent request with the same key committed first: answer with its job.
-        if key is None or digest is None:
-            raise
-        replay = await _replay(runtime, account, key, digest)
-        if replay is None:
-            raise
-        log.info("Idempotency-Key race on %s: answered with the first request's job", account.id)
-        return replay
+        submitted = await call_store(
+            runtime,
+            submissions.submit,
+            runtime.db,
+            account_id=account.id,
+            request=gen,
+            price=gen.price(settings.presets[gen.model]),
+            max_queued=max_in_flight,
+            max_attempts=settings.max_attempts,
+            webhook_url=webhook.url if webhook else None,
+            webhook_mode=webhook.mode if webhook else None,
+            idem=idem,
+            build_response=build_response,
+            response_status=202,
+        )
     except QueueLimitReached as exc:
+        # The account's own concurrency cap, not the server's queue limit, stopped it: say so.
         if 0 < concurrent <= (account.max_queued or settings.max_queued_per_account):
             raise concurrency_refusal(concurrent, exc.message, exc.retry_after) from None
         raise
-    body = build_response(submission.job) if build_response else None
-    return Accepted(submission.job, submission.balance, False, body, headers)
+    if submitted.replayed:  # a concurrent submit with the same key committed first
+        return _accepted(submitted, {"Idempotent-Replayed": "true"})
+    return _accepted(submitted, headers)
 
 
-async def _replay(runtime: Runtime, account: Account, key: str, digest: str) -> Accepted | None:
-    settings = runtime.settings
-    stored = await call_store(
-        runtime,
-        idem_store.lookup,
-        runtime.db,
-        account.id,
-        key,
-        ttl=settings.idempotency_ttl_seconds,
+def _accepted(submitted: submissions.Submitted, headers: dict[str, str]) -> Accepted:
+    return Accepted(
+        submitted.job, submitted.balance, submitted.replayed, submitted.response, headers
     )
-    if stored is None:
-        return None
-    if stored.request_hash != digest:
-        raise idempotency.IdempotencyKeyReused(key)
-    if stored.job_id is None:  # cannot happen: the key and its job commit together
-        return None
-    job = await call_store(runtime, jobs.get, runtime.db, stored.job_id, account_id=account.id)
-    if job is None:
-        raise RequestNotFound("The request this Idempotency-Key made no longer exists")
-    balance = await call_store(runtime, ledger.balance, runtime.db, account.id)
-    return Accepted(job, balance, True, stored.response, {"Idempotent-Replayed": "true"})
 
 
-async def remaining_credits(request: Request, account: Account) -> str:
+async def remaining_credits(runtime: Runtime, account: Account) -> str:
     """The x-remaining-credits value (seed 000) for `account`, read now."""
-    runtime = runtime_of(request)
     return str(await call_store(runtime, ledger.balance, runtime.db, account.id))

@@ -46,19 +46,35 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str
-    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] = ""
-    num_images: Annotated[int, Field(ge=1, le=10)] = 1
-    guidance_scale: Annotated[float, Field(ge=0, le=20, allow_inf_nan=False)]
-    steps: Annotated[int, Field(ge=1, le=100)]
-    width: Annotated[int, Field(ge=512, le=2048)]
-    height: Annotated[int, Field(ge=512, le=2048)]
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)]
-    shift: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]
+    prompt: Annotated[
+        str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    ]
+    negative_prompt: Annotated[
+        str, Field(max_length=MAX_PROMPT_CHARS, description="What to keep out of the image.")
+    ] = ""
+    num_images: Annotated[int, Field(ge=1, le=10, description="Images in this request.")] = 1
+    guidance_scale: Annotated[
+        float, Field(ge=0, le=20, allow_inf_nan=False, description="Classifier-free guidance.")
+    ]
+    steps: Annotated[int, Field(ge=1, le=100, description="Denoising steps.")]
+    width: Annotated[
+        int, Field(ge=512, le=2048, description="Pixels; rounded to a multiple of 16.")
+    ]
+    height: Annotated[
+        int, Field(ge=512, le=2048, description="Pixels; rounded to a multiple of 16.")
+    ]
+    seed: Annotated[
+        int, Field(ge=0, le=MAX_SEED, description="Image i uses seed + i; random when absent.")
+    ]
+    shift: Annotated[
+        float, Field(ge=0, le=10, allow_inf_nan=False, description="Flow-matching time shift.")
+    ]
     sampler: SamplerName
     scheduler: SchedulerName
     output_format: OutputFormat
-    output_quality: Annotated[int, Field(ge=0, le=100)]
+    output_quality: Annotated[
+        int, Field(ge=0, le=100, description="Quality for lossy formats (webp, jpeg).")
+    ]
     expand_prompt: bool = False
 
     @field_validator("prompt", "negative_prompt")
@@ -77,7 +93,7 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _round_size(cls, value: int) -> int:
         # Round to the nearest multiple of 16; 512..2048 are multiples, so the range still holds.
-        return int(math.floor(value / SIZE_MULTIPLE + 0.5)) * SIZE_MULTIPLE
+        return math.floor(value / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -142,6 +158,18 @@ _TYPE_WORDS = {
 }
 
 
+def bounds(name: str) -> tuple[Any, Any]:
+    """A canonical numeric field's declared (minimum, maximum); None where it has none."""
+    field = GenerationRequest.model_fields[name]
+    low = high = None
+    for meta in field.metadata:
+        if isinstance(meta, annotated_types.Ge):
+            low = meta.ge
+        elif isinstance(meta, annotated_types.Le):
+            high = meta.le
+    return low, high
+
+
 def _allowed(name: str) -> str:
     """Describe a canonical field's allowed values from its declared constraints."""
     if name == "sampler":
@@ -153,14 +181,10 @@ def _allowed(name: str) -> str:
     field = GenerationRequest.model_fields.get(name)
     if field is None:
         return ""
-    low = high = None
+    low, high = bounds(name)
     max_len = None
     for meta in field.metadata:
-        if isinstance(meta, annotated_types.Ge):
-            low = meta.ge
-        elif isinstance(meta, annotated_types.Le):
-            high = meta.le
-        elif isinstance(meta, annotated_types.MaxLen):
+        if isinstance(meta, annotated_types.MaxLen):
             max_len = meta.max_length
     kind = _TYPE_WORDS.get(getattr(field.annotation, "__name__", ""), "a value")
     if low is not None and high is not None:
@@ -170,19 +194,29 @@ def _allowed(name: str) -> str:
     return kind
 
 
+def map_fields(data: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
+    """A dialect's body in canonical names: `fields` maps the dialect's names to canonical
+    ones; names it does not list are ignored, as the hosted APIs ignore unknown fields."""
+    return {fields[name]: value for name, value in data.items() if name in fields}
+
+
 def build_request(
     fields: Mapping[str, Any],
     *,
     model: str,
     preset: ModelPreset,
     names: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> GenerationRequest:
     """Validate a dialect's fields (already renamed to canonical names) into a request.
 
     `names` maps canonical names back to the dialect's, so errors name what the client sent.
-    Missing optional fields take the preset's defaults; a missing seed is drawn at random.
+    Missing fields take the dialect's `defaults` first, then the preset's; a missing seed is
+    drawn at random.
     """
     data: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    for key, value in (defaults or {}).items():
+        data.setdefault(key, value)
     for key in _PRESET_DEFAULTS:
         data.setdefault(key, getattr(preset, key))
     if "seed" not in data:

@@ -55,7 +55,7 @@ class Engine(Protocol):
         """Run a batch. Each request's images depend only on that request (never on the batch).
 
         Raises `auraserve.errors.JobCancelled` if every request was cancelled; raises
-        `ValueError` for a request the model cannot run (the job FAILS); any other exception
-        is a system fault (the job ERRORs). Neither is charged.
+        `auraserve.errors.UnsupportedRequest` for a request the model cannot run (the job
+        FAILS); any other exception is a system fault (the job ERRORs). Neither is charged.
         """
         ...

@@ -315,7 +315,8 @@ class TransformersExpander:
 
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True)
+            # Any: transformers types `.to` on its models too narrowly for a device string.
+            model: Any = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ExpansionError(f"cannot load the expansion model at {self.path}: {exc}") from exc
         self._model = model.to(self.device).eval()
@@ -380,7 +381,7 @@ class FallbackExpander:
     def expand_with_warnings(self, prompt: str, seed: int) -> tuple[str, list[str]]:
         try:
             return self.primary.expand(prompt, seed), []
-        except Exception as exc:  # noqa: BLE001 — any failure of the expander must not fail the job
+        except Exception as exc:
             warning = f"prompt expansion failed ({exc}); used the built-in offline expander instead"
             logger.warning(warning)
             return self.fallback.expand(prompt, seed), [warning]

@@ -15,7 +15,7 @@ object for its components and its `encode_prompt`, and drive the transformer our
   draw their extra noise from a second per-image CPU generator seeded with
   `seed + i + SAMPLER_NOISE_SEED_OFFSET` (mod 2**64), so results never depend on the batch;
 * sizes beyond the transformer's learned positional grid interpolate the grid
-  (`install_pos_embed_interpolation`) instead of crashing; sizes inside it run diffusers' code;
+  (`engine.pos_embed`) instead of crashing; sizes inside it run diffusers' code;
 * each image is VAE-decoded on its own (a batch-1 decode keeps VAE memory flat and makes the
   pixels independent of how many images share the batch).
 
@@ -28,109 +28,35 @@ different kernels for different batch sizes, so there equality is to rounding, n
 
 from __future__ import annotations
 
-import logging
-import os
-import re
-import socket
+import math
 import threading
 import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
-from diffusers import AuraFlowPipeline
-from diffusers.models.transformers.auraflow_transformer_2d import AuraFlowPatchEmbed
 from PIL import Image
-from torch.nn.functional import interpolate
 
-from auraserve.core.presets import DEFAULT_WEIGHTS, TINY_MODEL
+from auraserve.core.engine_options import EngineOptions
+from auraserve.core.presets import DEFAULT_WEIGHTS
 from auraserve.core.request import SIZE_MULTIPLE, GenerationRequest
 from auraserve.core.samplers import SAMPLERS, SCHEDULERS
 from auraserve.engine.base import CancelCheck, JobResult, StepCallback
+from auraserve.engine.components import AuraFlowPipeline
 from auraserve.engine.expand import OfflineExpander, PromptExpander, expand_prompt
-from auraserve.engine.optimize import EngineOptions, apply_optimizations
+from auraserve.engine.loading import load_pipeline
+from auraserve.engine.optimize import apply_optimizations
+from auraserve.engine.pos_embed import install_pos_embed_interpolation
 from auraserve.engine.sampling import NoiseSampler, sample
 from auraserve.engine.schedules import sigmas as make_sigmas
 from auraserve.engine.text_cache import TextEmbeddingCache
-from auraserve.engine.tiny import build_tiny_pipeline
-from auraserve.errors import JobCancelled, ModelLoadError
-
-logger = logging.getLogger(__name__)
+from auraserve.errors import JobCancelled, UnsupportedRequest
 
 MAX_TOKENS = 256  # AuraFlow was trained with 256 T5 tokens; diffusers' default too
 # Stochastic samplers' noise for image i comes from a generator seeded with
 # seed + i + this offset, so it never replays the initial-noise stream (seeded seed + i).
 SAMPLER_NOISE_SEED_OFFSET = 0x5EED_0F_A0_F10
-# Mode used to stretch the learned positional grid past its size; ComfyUI uses bilinear.
-POS_EMBED_INTERPOLATION = "bilinear"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-OFFLOAD_MODES = ("none", "model", "sequential")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-# --------------------------------------------------------------------------------------------
-# Positional-embedding interpolation
-# --------------------------------------------------------------------------------------------
-
-
-def _grid_side(patch_embed: AuraFlowPatchEmbed) -> int:
-    return int(patch_embed.pos_embed_max_size**0.5)
-
-
-def _interpolated_pos_embed(
-    patch_embed: AuraFlowPatchEmbed, h_p: int, w_p: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """ComfyUI's rule: stretch the square grid to max(h, w) per side, then crop the centre."""
-    grid = _grid_side(patch_embed)
-    table = patch_embed.pos_embed[:, : grid * grid].float()
-    dim = table.shape[-1]
-    side = max(h_p, w_p)
-    square = table.reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
-    square = interpolate(square, size=(side, side), mode=POS_EMBED_INTERPOLATION)
-    top, left = (side - h_p) // 2, (side - w_p) // 2
-    crop = square[:, :, top : top + h_p, left : left + w_p]
-    return crop.permute(0, 2, 3, 1).reshape(1, h_p * w_p, dim).to(dtype)
-
-
-def _pos_embed_forward(self: AuraFlowPatchEmbed, latent: torch.Tensor) -> torch.Tensor:
-    _, _, height, width = latent.shape
-    h_p, w_p = height // self.patch_size, width // self.patch_size
-    grid = _grid_side(self)
-    if h_p <= grid and w_p <= grid:
-        # Inside the learned grid: diffusers' own code, so results stay bit-identical.
-        return AuraFlowPatchEmbed.forward(self, latent)
-    batch, channels = latent.shape[:2]
-    patches = latent.view(batch, channels, h_p, self.patch_size, w_p, self.patch_size)
-    patches = patches.permute(0, 2, 4, 1, 3, 5).flatten(-3).flatten(1, 2)
-    tokens = self.proj(patches)
-    return tokens + _interpolated_pos_embed(self, h_p, w_p, tokens.dtype)
-
-
-def install_pos_embed_interpolation(pipe: AuraFlowPipeline) -> None:
-    """Let the transformer take sizes beyond its learned grid (1536 px for v0.3).
-
-    Replaces the patch-embed module's forward on this instance only. Must run before any
-    accelerate offload hook wraps the module (hooks capture `forward` when installed).
-    """
-    patch_embed = pipe.transformer.pos_embed
-    if getattr(patch_embed, "_auraserve_interpolates", False):
-        return
-    patch_embed.forward = types.MethodType(_pos_embed_forward, patch_embed)
-    patch_embed._auraserve_interpolates = True
-
-
-def max_grid_pixels(pipe: AuraFlowPipeline) -> int:
-    """Largest side in pixels the learned positional grid covers without interpolation."""
-    return (
-        _grid_side(pipe.transformer.pos_embed)
-        * pipe.transformer.config.patch_size
-        * pipe.vae_scale_factor
-    )
-
 
 # --------------------------------------------------------------------------------------------
 # The engine
@@ -297,7 +223,6 @@ class AuraFlowEngine:
         negative prompt: both are tokenised to 256 ids and encoded with batch 1)."""
         embeds: torch.Tensor = self.pipe.encode_prompt(
             prompt=text,
-            negative_prompt=None,
             do_classifier_free_guidance=False,
             num_images_per_prompt=1,
             device=self.device,
@@ -363,12 +288,14 @@ class AuraFlowEngine:
         """x0 estimate for the whole batch: one transformer pass over [uncond rows, cond rows]."""
         device, dtype = self.device, self.dtype
         counts = [row.request.num_images for row in rows]
-        cond = torch.cat([row.embeds.expand(n, -1, -1) for row, n in zip(rows, counts)])
+        cond = torch.cat(
+            [row.embeds.expand(n, -1, -1) for row, n in zip(rows, counts, strict=True)]
+        )
         cfg_index: list[int] = []
         scales: list[float] = []
         uncond_parts: list[torch.Tensor] = []
         offset = 0
-        for row, n in zip(rows, counts):
+        for row, n in zip(rows, counts, strict=True):
             if row.negative_embeds is not None:
                 cfg_index += range(offset, offset + n)
                 scales += [row.request.guidance_scale] * n
@@ -483,6 +410,9 @@ def _warmup_request(width: int, height: int, steps: int, guidance: float) -> Gen
 
 
 def _check_batch(requests: Sequence[GenerationRequest]) -> None:
+    """A mixed batch is the caller's bug (ValueError: the jobs ERROR); a request the model
+    cannot run is the client's (`UnsupportedRequest`: the job FAILS). The API validates
+    requests already; this is the engine's own word, checked before any work starts."""
     first = requests[0]
     key = (first.width, first.height, first.steps, first.sampler, first.scheduler, first.shift)
     for request in requests[1:]:
@@ -499,11 +429,15 @@ def _check_batch(requests: Sequence[GenerationRequest]) -> None:
                 "a batch must share width, height, steps, sampler, scheduler and shift"
             )
     if first.width % SIZE_MULTIPLE or first.height % SIZE_MULTIPLE:
-        raise ValueError(f"width and height must be multiples of {SIZE_MULTIPLE}")
+        raise UnsupportedRequest(f"width and height must be multiples of {SIZE_MULTIPLE}")
     if first.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {first.sampler!r}")
+        raise UnsupportedRequest(f"unknown sampler {first.sampler!r}")
     if first.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {first.scheduler!r}")
+        raise UnsupportedRequest(f"unknown scheduler {first.scheduler!r}")
+    if first.steps < 1:
+        raise UnsupportedRequest(f"steps must be an integer ≥ 1, not {first.steps!r}")
+    if not math.isfinite(first.shift) or first.shift < 0:
+        raise UnsupportedRequest(f"shift must be a finite number ≥ 0, not {first.shift!r}")
 
 
 def _cancel_checker(
@@ -539,173 +473,6 @@ def _truncation_warnings(tokenizer: Any, text: str, what: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def device_name(device: torch.device) -> str:
-    """A human name for reports: the GPU model on CUDA, else the processor."""
-    if device.type == "cuda":
-        return str(torch.cuda.get_device_name(device))
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto → cuda, else mps, else cpu. An explicit device must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ModelLoadError(
-            f"device cuda requested but torch ({torch.__version__}, {build}) sees no GPU; "
-            "use --device cpu or install a CUDA build of torch"
-        )
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError("device mps requested but it is not available; use --device cpu")
-    if name not in ("cuda", "mps", "cpu"):
-        raise ModelLoadError(f"unknown device {name!r}; use auto, cuda, mps or cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto → bfloat16 on CUDA (float16 on GPUs without bf16), float32 on CPU and MPS."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype {name!r}; use auto, bfloat16, float16 or float32")
-    return _DTYPES[name]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or exc.__class__.__name__
-    return text.splitlines()[0][:300]
-
-
-def _hub_offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    return value.upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A TCP connect to the hub endpoint: fails in a second or three without a network,
-    where huggingface_hub would retry for much longer."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _no_weights_hint(weights: str) -> str:
-    name = weights.rsplit("/", 1)[-1]
-    return (
-        f"pass a local directory with --model /path/to/{name}, or --model {TINY_MODEL} "
-        "for the test model"
-    )
-
-
-def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """Newer diffusers renamed from_pretrained's `torch_dtype` to `dtype` (and warns on the
-    old name); older ones only know `torch_dtype`."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
-
-
-def _load_local(directory: Path, dtype: torch.dtype) -> AuraFlowPipeline:
-    if not (directory / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"{directory} is not a diffusers model directory (no model_index.json); download "
-            f"one with `huggingface-cli download {DEFAULT_WEIGHTS} --local-dir {directory}`"
-        )
-    try:
-        return AuraFlowPipeline.from_pretrained(
-            directory, local_files_only=True, **_dtype_kwargs(dtype)
-        )
-    except Exception as exc:  # noqa: BLE001 — any loader failure becomes one clear line
-        raise ModelLoadError(
-            f"cannot load AuraFlow from {directory}: {_first_line(exc)}; check that it holds "
-            "transformer/, text_encoder/, tokenizer/, vae/ and scheduler/"
-        ) from exc
-
-
-def _load_hub(repo_id: str, dtype: torch.dtype) -> AuraFlowPipeline:
-    try:  # the local cache first: no network, no waiting
-        return AuraFlowPipeline.from_pretrained(
-            repo_id, local_files_only=True, **_dtype_kwargs(dtype)
-        )
-    except Exception as exc:  # noqa: BLE001
-        cache_error = exc
-    if _hub_offline():
-        raise ModelLoadError(
-            f"cannot load {repo_id}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-            + _no_weights_hint(repo_id)
-        ) from cache_error
-    if not _hub_reachable():
-        raise ModelLoadError(
-            f"cannot download {repo_id}: no network; " + _no_weights_hint(repo_id)
-        ) from cache_error
-    logger.info("downloading %s from the Hugging Face Hub (many GB; first time only)", repo_id)
-    try:
-        return AuraFlowPipeline.from_pretrained(repo_id, **_dtype_kwargs(dtype))
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(
-            f"cannot download {repo_id}: {_first_line(exc)}; " + _no_weights_hint(repo_id)
-        ) from exc
-
-
-def _load_pipeline(weights: str, dtype: torch.dtype) -> AuraFlowPipeline:
-    if weights == TINY_MODEL:
-        pipe = build_tiny_pipeline()  # built in float32
-        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-    path = Path(weights).expanduser()
-    if path.is_dir():
-        return _load_local(path, dtype)
-    looks_like_path = (
-        weights.startswith(("/", ".", "~")) or weights.count("/") > 1 or "\\" in weights
-    )
-    if looks_like_path:
-        raise ModelLoadError(
-            f"model directory {weights} does not exist; " + _no_weights_hint(DEFAULT_WEIGHTS)
-        )
-    if not _HUB_ID.match(weights):
-        raise ModelLoadError(
-            f"model {weights!r} is neither a local directory, a Hugging Face id (owner/name) "
-            f"nor '{TINY_MODEL}'; e.g. --model {DEFAULT_WEIGHTS}"
-        )
-    return _load_hub(weights, dtype)
-
-
-def _is_toy(pipe: AuraFlowPipeline) -> bool:
-    """The tiny model, also when saved and loaded back from a directory."""
-    config = pipe.transformer.config
-    return int(config.num_attention_heads) * int(config.attention_head_dim) <= 64
-
-
-def _place(pipe: AuraFlowPipeline, device: torch.device, offload: str) -> str:
-    """Move weights to the device or install offload hooks; returns the mode in effect."""
-    if offload != "none" and device.type == "cpu":
-        logger.warning("offload=%s does nothing on the CPU; ignoring it", offload)
-        offload = "none"
-    if offload == "none":
-        pipe.to(device)
-    elif offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.enable_sequential_cpu_offload(device=device)
-    return offload
-
-
 def load_engine(
     weights: str = DEFAULT_WEIGHTS,
     *,
@@ -718,57 +485,19 @@ def load_engine(
 ) -> AuraFlowEngine:
     """Load AuraFlow and wrap it in an engine.
 
-    `weights`: a Hugging Face id (default fal/AuraFlow-v0.3; the local cache is tried first,
-    then a download if the hub is reachable), a local diffusers-format directory, or "tiny"
-    (random-weight test model built in code). Failures raise `ModelLoadError` with one line
-    that says why and what to do.
-
-    `device`: auto picks cuda, then mps, then cpu. `dtype`: auto is bfloat16 on CUDA (float16 on
-    GPUs without bf16) and float32 on CPU/MPS. In float16 the VAE is kept in float32, because
-    SDXL's VAE overflows in fp16.
-
-    `offload` and the memory each mode needs for AuraFlow v0.3 in bf16 (parameters: transformer
-    6.86 B = 12.8 GiB, UMT5 text encoder 1.22 B = 2.3 GiB, VAE 84 M = 0.16 GiB; activations at
-    1024² and batch 1 with CFG add roughly 1–3 GiB, more for larger sizes and batches):
-
-    * "none": everything on the GPU: ≈ 15.3 GiB of weights, plan on 18–20 GiB of VRAM.
-    * "model": `enable_model_cpu_offload`: one whole component on the GPU at a time, the
-      transformer being the largest: ≈ 13 GiB weights, plan on 15–16 GiB of VRAM and ≈ 16 GiB
-      of system RAM; costs a transformer↔CPU transfer per batch (seconds).
-    * "sequential": `enable_sequential_cpu_offload`: each layer streams in as it runs; the
-      largest is a joint block (≈ 0.65 GiB), so 2–4 GiB of VRAM suffice, at several times the
-      run time. Needs ≈ 16 GiB of system RAM.
-    On the CPU, offload modes are ignored (with a warning).
-
-    `expander` (default: the offline one) serves `expand_prompt`; `max_rows` bounds the rows of
-    one transformer forward (see `AuraFlowEngine`). `options`: opt-in speed modes
-    (`engine.optimize.EngineOptions`), applied after the weights are placed; None changes
-    nothing. Compiled modes compile lazily: call `engine.warmup(sizes)` before serving.
+    `weights`, `device`, `dtype` and `offload` (and the memory each offload mode needs): see
+    `engine.loading.load_pipeline`; failures raise `ModelLoadError` with one line that says why
+    and what to do. `expander` (default: the offline one) serves `expand_prompt`; `max_rows`
+    bounds the rows of one transformer forward (see `AuraFlowEngine`). `options`: opt-in speed
+    modes (`auraserve.core.engine_options.EngineOptions`), applied after the weights are
+    placed; None changes nothing. Compiled modes compile lazily: call `engine.warmup(sizes)`
+    before serving.
     """
-    if offload not in OFFLOAD_MODES:  # checked before minutes of loading, not after
-        raise ModelLoadError(f"unknown offload mode {offload!r}; use none, model or sequential")
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    pipe = _load_pipeline(weights, torch_dtype)
-    if torch_dtype == torch.float16:
-        pipe.vae.to(torch.float32)
-    install_pos_embed_interpolation(pipe)  # before offload hooks capture forward()
-    try:
-        mode = _place(pipe, torch_device, offload)
-    except torch.cuda.OutOfMemoryError as exc:
-        raise ModelLoadError(
-            f"not enough GPU memory to hold {weights} with offload={offload}; try "
-            "--offload model (≈ 16 GiB VRAM) or --offload sequential (≈ 4 GiB), see load_engine"
-        ) from exc
-    except ImportError as exc:  # offload needs accelerate
-        raise ModelLoadError(f"offload={offload} needs accelerate: {_first_line(exc)}") from exc
-    pipe.set_progress_bar_config(disable=True)
-    dtype_name = str(torch_dtype).removeprefix("torch.")
-    suffix = f", offload={mode}" if mode != "none" else ""
+    loaded = load_pipeline(weights, device=device, dtype=dtype, offload=offload)
     return AuraFlowEngine(
-        pipe,
-        description=f"{weights} ({torch_device.type}, {dtype_name}{suffix})",
-        is_test_model=weights == TINY_MODEL or _is_toy(pipe),
+        loaded.pipe,
+        description=loaded.description,
+        is_test_model=loaded.is_test_model,
         expander=expander,
         max_rows=max_rows,
         options=options,
@@ -777,13 +506,7 @@ def load_engine(
 
 __all__ = [
     "MAX_TOKENS",
-    "OFFLOAD_MODES",
-    "POS_EMBED_INTERPOLATION",
     "SAMPLER_NOISE_SEED_OFFSET",
     "AuraFlowEngine",
-    "install_pos_embed_interpolation",
     "load_engine",
-    "max_grid_pixels",
-    "resolve_device",
-    "resolve_dtype",
 ]

@@ -65,6 +65,7 @@ len(sigmas) − 1. An exception from ``on_step`` propagates and aborts sampling.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -73,13 +74,12 @@ import numpy as np
 import torch
 
 from auraserve.core.samplers import SAMPLERS
+from auraserve.engine.base import StepCallback
 
 SAMPLER_NAMES: tuple[str, ...] = SAMPLERS
 
 #: (x, sigma) -> x0 estimate, same shape as x.
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
-#: Called with (step, total) after each finished step; step counts from 1.
-StepCallback = Callable[[int, int], None]
 
 STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(
     {
@@ -235,7 +235,7 @@ def _validated_sigmas(sigmas: torch.Tensor) -> list[float]:
     values = [float(s) for s in sigmas.detach().cpu().tolist()]
     if not all(math.isfinite(s) and 0.0 <= s <= 1.0 + _SIGMA_SLACK for s in values):
         raise ValueError("sigmas must be finite and within [0, 1]")
-    if any(b > a for a, b in zip(values, values[1:])):
+    if any(b > a for a, b in itertools.pairwise(values)):
         raise ValueError("sigmas must be non-increasing")
     if any(s == 0.0 for s in values[:-1]):
         raise ValueError("only the last sigma may be 0")
@@ -342,7 +342,9 @@ def _lms_coefficient(sigmas: list[float], i: int, j: int, order: int) -> float:
 
     lo, hi = sigmas[i], sigmas[i + 1]
     half, mid = (hi - lo) / 2, (hi + lo) / 2
-    return half * sum(w * basis(mid + half * t) for t, w in zip(_GAUSS_NODES, _GAUSS_WEIGHTS))
+    return half * sum(
+        w * basis(mid + half * t) for t, w in zip(_GAUSS_NODES, _GAUSS_WEIGHTS, strict=True)
+    )
 
 
 # --- rectified-flow ancestral samplers ---------------------------------------------------
@@ -694,7 +696,7 @@ def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
 
 def _weighted_sum(weights: Sequence[float], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     total = weights[0] * tensors[0]
-    for weight, tensor in zip(weights[1:], tensors[1:]):
+    for weight, tensor in zip(weights[1:], tensors[1:], strict=False):
         total = total + weight * tensor
     return total
 

@@ -76,6 +76,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from auraserve.core.samplers import SCHEDULERS
 
@@ -178,7 +179,7 @@ def _sigma_max(shift: float) -> float:
     return float(_table(shift)[-1])
 
 
-def _append_zero(values: np.ndarray) -> np.ndarray:
+def _append_zero(values: ArrayLike) -> np.ndarray:
     return np.concatenate([np.asarray(values, dtype=np.float64), [0.0]])
 
 

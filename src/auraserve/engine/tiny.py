@@ -25,15 +25,16 @@ import string
 from pathlib import Path
 
 import torch
-from diffusers import (
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import Unigram
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from auraserve.engine.components import (
     AuraFlowPipeline,
     AuraFlowTransformer2DModel,
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
 )
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import Unigram
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 TINY_SEED = 20240712
 TEXT_DIM = 32
@@ -154,7 +155,8 @@ def build_tiny_pipeline() -> AuraFlowPipeline:
         vae = _tiny_vae()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
     return AuraFlowPipeline(
-        tokenizer=tokenizer,
+        # diffusers annotates T5Tokenizer; any tokenizer with the same interface works.
+        tokenizer=tokenizer,  # type: ignore[arg-type]
         text_encoder=text_encoder,
         vae=vae,
         transformer=transformer,

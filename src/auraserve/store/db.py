@@ -11,29 +11,71 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
+from auraserve.core.jobs import Job
+from auraserve.store.cache import TtlCache
 from auraserve.store.events import LocalBus, PgListener, take_events
+from auraserve.store.migrations import HEAD_REVISION
+
+if TYPE_CHECKING:
+    from auraserve.store.keys import Account
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK_ID = 0x61757261  # "aura": advisory lock so replicas never migrate at once
+_DATABASE_OPTION = "auraserve_database"
+
+TransitionHook = Callable[[Connection, Job], None]
+"""Runs inside the transaction that moves a job to a new status, so whatever it writes (the
+webhook outbox's delivery rows) commits or rolls back with that status."""
+
+# Every request authenticates; a verified key is remembered for a moment so hot polling does
+# not repeat the lookup. Revoking through a Database clears its cache at once; a revocation
+# made elsewhere (the CLI, another replica) takes effect within AUTH_CACHE_TTL seconds.
+AUTH_CACHE_TTL = 2.0
+AUTH_CACHE_MAX = 10_000
+
+# Queue positions are advisory and only move when the queue head moves, so each process keeps
+# them for a moment: a client (or many) polling a deep queue costs one count per job per
+# POSITION_TTL instead of one per poll.
+POSITION_TTL = 0.5
+POSITION_CACHE_MAX = 50_000
 
 
 class Database:
-    """Owns the engine; hands out short transactions. Thread-safe."""
+    """Owns the engine; hands out short transactions. Thread-safe.
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    It also carries what belongs to one store rather than to the process: the transition hooks
+    and the short-lived caches, so two `Database` objects (tests, a CLI next to a server) never
+    see each other's.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        auth_cache_ttl: float = AUTH_CACHE_TTL,
+        position_ttl: float = POSITION_TTL,
+    ) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.bus = LocalBus()
+        self.auth_cache: TtlCache[str, Account] = TtlCache(
+            ttl=auth_cache_ttl, maxsize=AUTH_CACHE_MAX
+        )
+        self.positions: TtlCache[str, int] = TtlCache(ttl=position_ttl, maxsize=POSITION_CACHE_MAX)
+        self._transition_hooks: list[TransitionHook] = []
+        # Every connection names its Database, so store functions that get only a connection
+        # (`jobs.submit_in`, run in a caller's transaction) still find its hooks and caches.
+        options = {_DATABASE_OPTION: self}
         self._listener: PgListener | None = None
         self._write_lock = threading.Lock() if self.is_sqlite else None
         if self.is_sqlite:
@@ -50,13 +92,27 @@ class Database:
                 pool_size=pool_size,
                 max_overflow=20,
                 connect_args={"check_same_thread": False, "timeout": 30},
+                execution_options=options,
             )
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
         else:
             self.engine = create_engine(
-                url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True
+                url,
+                pool_size=pool_size,
+                max_overflow=20,
+                pool_pre_ping=True,
+                execution_options=options,
             )
+
+    def on_transition(self, hook: TransitionHook) -> None:
+        """Run `hook` in every status change made through this database (once per hook)."""
+        if hook not in self._transition_hooks:
+            self._transition_hooks.append(hook)
+
+    @property
+    def transition_hooks(self) -> tuple[TransitionHook, ...]:
+        return tuple(self._transition_hooks)
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
@@ -67,13 +123,12 @@ class Database:
                 yield conn
                 events = take_events(conn)
         else:
-            with self._write_lock:
-                with self.engine.connect() as conn:
-                    conn = conn.execution_options(auraserve_immediate=True)
-                    take_events(conn)  # drop leftovers of a rolled-back transaction
-                    with conn.begin():
-                        yield conn
-                    events = take_events(conn)
+            with self._write_lock, self.engine.connect() as conn:
+                conn = conn.execution_options(auraserve_immediate=True)
+                take_events(conn)  # drop leftovers of a rolled-back transaction
+                with conn.begin():
+                    yield conn
+                events = take_events(conn)
         # Committed: now it is safe to wake whoever waits on these jobs.
         for kind, job_id in events:
             self.bus.publish(kind, job_id)
@@ -93,6 +148,13 @@ class Database:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision; safe to call from many processes at once."""
+        if self.schema_is_current():
+            return
+        # Alembic costs about half a second to import; an admin command on a current store
+        # (the common case) never needs it.
+        from alembic import command
+        from alembic.config import Config
+
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self.write() as conn:
@@ -100,6 +162,15 @@ class Database:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+
+    def schema_is_current(self) -> bool:
+        """True when the store exists and its schema is at `HEAD_REVISION`."""
+        try:
+            with self.read() as conn:
+                version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except DBAPIError:
+            return False  # no alembic_version table yet: a new store
+        return version == HEAD_REVISION
 
     def start_listener(self) -> None:
         """On PostgreSQL, hear other processes' events (no-op on SQLite: one process writes)."""
@@ -114,6 +185,14 @@ class Database:
             self._listener.stop()
             self._listener = None
         self.engine.dispose()
+
+
+def database_of(conn: Connection) -> Database:
+    """The `Database` whose engine opened `conn`."""
+    db = conn.get_execution_options().get(_DATABASE_OPTION)
+    if not isinstance(db, Database):
+        raise RuntimeError("this connection was not opened by an auraserve Database")
+    return db
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -89,7 +89,8 @@ def emit_in(conn: Connection, kind: str, job_id: str) -> None:
 
 
 def take_events(conn: Connection) -> list[tuple[str, str]]:
-    return conn.info.pop("auraserve_events", [])
+    events: list[tuple[str, str]] = conn.info.pop("auraserve_events", [])
+    return events
 
 
 class PgListener:

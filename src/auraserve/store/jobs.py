@@ -9,9 +9,8 @@ Credits move in the same transaction as the status they belong to (see `ledger`)
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from auraserve.core.ids import uuid7
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.core.request import GenerationRequest
 from auraserve.store import ledger
-from auraserve.store.db import Database
+from auraserve.store.db import Database, database_of
 from auraserve.store.events import JOB, WORK, emit_in
 from auraserve.store.schema import accounts, jobs
 
@@ -29,17 +28,6 @@ QUEUED = JobStatus.QUEUED.value
 PROCESSING = JobStatus.PROCESSING.value
 ACTIVE = (QUEUED, PROCESSING)
 _MAX_LOG_LINES = 50
-
-# Called inside the transaction that moves a job to a new status; used by the webhook outbox
-# so that a delivery is recorded atomically with the status it reports.
-TransitionHook = Callable[[Connection, Job], None]
-_transition_hooks: list[TransitionHook] = []
-
-
-def add_transition_hook(hook: TransitionHook) -> None:
-    if hook not in _transition_hooks:
-        _transition_hooks.append(hook)
-
 
 _INSERT_JOB = insert(jobs).returning(*jobs.c)
 _RELEASE_SLOT = (
@@ -51,7 +39,8 @@ _RELEASE_SLOT = (
 
 def _transitioned_in(conn: Connection, row: Any) -> Job:
     """Every status change goes through here, in its transaction: the account's active-job
-    counter, the wake-up event and the transition hooks (webhook outbox) stay in step."""
+    counter, the wake-up event and the database's transition hooks (webhook outbox) stay in
+    step."""
     job = Job.from_row(row)
     # Callers only pass rows that just changed status (their UPDATEs are fenced on the old
     # status), so a terminal row here is always a new arrival in a terminal state: settle its
@@ -63,7 +52,7 @@ def _transitioned_in(conn: Connection, row: Any) -> Job:
             ledger.release_in(conn, job.account_id, job.id, job.price)
         conn.execute(_RELEASE_SLOT, {"acct": job.account_id})
     emit_in(conn, JOB, job.id)
-    for hook in _transition_hooks:
+    for hook in database_of(conn).transition_hooks:
         hook(conn, job)
     return job
 
@@ -361,27 +350,15 @@ def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str
 QUEUE_POSITION_CAP = 10_000
 
 
-# Positions are advisory and only move when the queue head moves, so each process keeps
-# them for a moment: a client (or many) polling a deep queue costs one count per job per
-# POSITION_TTL instead of one per poll.
-POSITION_TTL = 0.5
-_POSITION_CACHE_MAX = 50_000
-_position_cache: dict[str, tuple[float, int]] = {}
-_position_lock = threading.Lock()
-
-
 def queue_position_in(conn: Connection, row: Any) -> int:
-    """How many queued jobs run before this one (0 = next), capped at QUEUE_POSITION_CAP."""
-    now = time.monotonic()
-    with _position_lock:
-        cached = _position_cache.get(row.id)
-    if cached is not None and cached[0] > now:
-        return cached[1]
-    position = _count_ahead(conn, row)
-    with _position_lock:
-        if len(_position_cache) >= _POSITION_CACHE_MAX:
-            _position_cache.clear()
-        _position_cache[row.id] = (now + POSITION_TTL, position)
+    """How many queued jobs run before this one (0 = next), capped at QUEUE_POSITION_CAP.
+
+    Remembered for `store.db.POSITION_TTL` seconds in the database's position cache."""
+    positions = database_of(conn).positions
+    position = positions.get(row.id)
+    if position is None:
+        position = _count_ahead(conn, row)
+        positions.put(row.id, position)
     return position
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
-import threading
 import time
 from dataclasses import dataclass
 
@@ -18,12 +16,9 @@ from sqlalchemy import bindparam, insert, select, update
 
 from auraserve.core.ids import short_id
 from auraserve.store import ledger
+from auraserve.store.credentials import KEY_PREFIX, new_api_key, new_webhook_secret
 from auraserve.store.db import Database
 from auraserve.store.schema import accounts, api_keys
-from auraserve.webhooks.signing import new_secret
-
-KEY_PREFIX = "aura"
-_KEY_SECRET_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -58,17 +53,11 @@ def _hash(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
 
 
-def _new_key() -> tuple[str, str]:
-    key_id = secrets.token_hex(8)
-    secret = secrets.token_urlsafe(_KEY_SECRET_BYTES)
-    return key_id, f"{KEY_PREFIX}_{key_id}_{secret}"
-
-
 def create_account(db: Database, name: str, credits: int = 0) -> CreatedKey:
     """A new account with one key and `credits` granted. Returns the key (shown once)."""
     account_id = short_id("acct")
-    key_id, raw = _new_key()
-    secret = new_secret()
+    key_id, raw = new_api_key()
+    secret = new_webhook_secret()
     now = time.time()
     with db.write() as conn:
         conn.execute(
@@ -88,7 +77,7 @@ def create_account(db: Database, name: str, credits: int = 0) -> CreatedKey:
 
 def create_key(db: Database, account_id: str, name: str) -> CreatedKey:
     """Another key for an existing account."""
-    key_id, raw = _new_key()
+    key_id, raw = new_api_key()
     with db.write() as conn:
         row = conn.execute(
             select(accounts.c.webhook_secret).where(accounts.c.id == account_id)
@@ -121,7 +110,9 @@ def revoke_key(db: Database, key_id: str) -> bool:
             .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
             .values(revoked_at=time.time())
         )
-    _forget_cached_keys()
+    # Forget every cached key, not just this one: the cache is keyed by the key's hash,
+    # which the key id alone does not give us.
+    db.auth_cache.clear()
     return result.rowcount == 1
 
 
@@ -145,34 +136,17 @@ _KEY_LOOKUP = (
 )
 
 
-# Every request authenticates; a verified key is remembered for a moment so hot polling does
-# not repeat the lookup. Revoking in this process clears the cache at once; a revocation made
-# by another process (the CLI, another replica) takes effect within AUTH_CACHE_TTL seconds.
-AUTH_CACHE_TTL = 2.0
-_AUTH_CACHE_MAX = 10_000
-_auth_cache: dict[str, tuple[float, Account]] = {}
-_auth_lock = threading.Lock()
-
-
-def _forget_cached_keys() -> None:
-    with _auth_lock:
-        _auth_cache.clear()
-
-
 def authenticate(db: Database, raw_key: str) -> Account | None:
-    """The account a presented key belongs to, or None for malformed, unknown or revoked keys."""
+    """The account a presented key belongs to, or None for malformed, unknown or revoked keys.
+
+    A verified key is remembered for `store.db.AUTH_CACHE_TTL` seconds in `db.auth_cache`."""
     digest = _hash(raw_key)
-    now = time.monotonic()
-    with _auth_lock:
-        cached = _auth_cache.get(digest)
-    if cached is not None and cached[0] > now:
-        return cached[1]
+    account = db.auth_cache.get(digest)
+    if account is not None:
+        return account
     account = _authenticate_uncached(db, raw_key, digest)
     if account is not None:
-        with _auth_lock:
-            if len(_auth_cache) >= _AUTH_CACHE_MAX:
-                _auth_cache.clear()
-            _auth_cache[digest] = (now + AUTH_CACHE_TTL, account)
+        db.auth_cache.put(digest, account)
     return account
 
 
@@ -194,6 +168,7 @@ def _authenticate_uncached(db: Database, raw_key: str, digest: str) -> Account |
 
 def webhook_secret(db: Database, account_id: str) -> str:
     with db.read() as conn:
-        return conn.execute(
+        secret: str = conn.execute(
             select(accounts.c.webhook_secret).where(accounts.c.id == account_id)
         ).scalar_one()
+    return secret

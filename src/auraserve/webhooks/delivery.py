@@ -42,6 +42,7 @@ import httpcore
 import httpx
 
 from auraserve.errors import InvalidParameter
+from auraserve.webhooks.settings import DEFAULT_SCHEDULE
 from auraserve.webhooks.ssrf import (
     AddressPolicy,
     BlockedAddress,
@@ -53,13 +54,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SCHEDULE",
-    "DeliveryResult",
     "MAX_ATTEMPTS",
     "MAX_RESPONSE_BYTES",
     "MAX_RETRY_AFTER",
+    "USER_AGENT",
+    "DeliveryResult",
     "Outcome",
     "PinnedNetworkBackend",
-    "USER_AGENT",
     "default_ssl_context",
     "deliver",
     "next_delay",
@@ -67,10 +68,6 @@ __all__ = [
 ]
 
 Outcome = Literal["delivered", "retry", "gone"]
-
-DEFAULT_SCHEDULE: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
-"""Delay before attempt *n* (0-based), in seconds: immediately, 5 s, 5 min, 30 min, 2 h, 5 h,
-10 h, 10 h — the Standard Webhooks / Svix schedule, about 27.6 hours in all."""
 
 MAX_ATTEMPTS = len(DEFAULT_SCHEDULE)
 

@@ -21,20 +21,22 @@ import base64
 import binascii
 import hashlib
 import hmac
-import secrets as _secrets
 import time
 from collections.abc import Sequence
 
-SECRET_PREFIX = "whsec_"
-"""Prefix of every secret, as the standard and its reference libraries expect."""
+# The store issues the secret when it creates an account, so generation lives there; these
+# names stay here too because receivers and tests think of them as part of the signing scheme.
+from auraserve.store.credentials import WEBHOOK_SECRET_BYTES, WEBHOOK_SECRET_PREFIX
+from auraserve.store.credentials import new_webhook_secret as new_secret
 
-SECRET_BYTES = 32
-"""Random bytes in a fresh secret: 256 bits, inside the standard's 24–64 byte range."""
+SECRET_PREFIX = WEBHOOK_SECRET_PREFIX
+SECRET_BYTES = WEBHOOK_SECRET_BYTES
 
 SIGNATURE_VERSION = "v1"
 """The symmetric HMAC-SHA256 scheme; ``v1a`` (ed25519) is not used."""
 
 __all__ = [
+    "SECRET_BYTES",
     "SECRET_PREFIX",
     "SIGNATURE_VERSION",
     "new_secret",
@@ -42,15 +44,6 @@ __all__ = [
     "sign",
     "signed_headers",
 ]
-
-
-def new_secret() -> str:
-    """Return a fresh signing secret: ``whsec_`` + base64 of 32 random bytes.
-
-    `secrets.token_bytes` is used (not `random`) because the secret is the only thing that
-    stops anyone from forging job-status callbacks to a client.
-    """
-    return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(SECRET_BYTES)).decode("ascii")
 
 
 def secret_key(secret: str) -> bytes:

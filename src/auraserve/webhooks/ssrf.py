@@ -32,8 +32,6 @@ from collections.abc import Iterable
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
-import httpx
-
 from auraserve.errors import BlockedAddress, InvalidParameter, IPAddress
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -363,6 +361,10 @@ def validate_webhook_url(
         raise _invalid("The webhook URL must not contain whitespace or control characters.")
     if "\\" in url:
         raise _invalid("The webhook URL must not contain backslashes.")
+
+    # httpx parses URLs exactly as the delivery will; imported here so that settings
+    # validation (every CLI command) does not pay for the HTTP stack.
+    import httpx
 
     try:
         parsed = httpx.URL(url)

@@ -21,8 +21,8 @@ from auraserve.config import Settings
 from auraserve.core.ids import short_id
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.engine.base import Engine, JobResult
-from auraserve.errors import JobCancelled
-from auraserve.media.encode import encode_image
+from auraserve.errors import JobCancelled, UnsupportedRequest
+from auraserve.media.encode import encode_image, generation_metadata
 from auraserve.media.storage import MediaStore, new_media_name
 from auraserve.store import jobs
 from auraserve.store.db import Database
@@ -149,7 +149,9 @@ class Worker:
             )
         except JobCancelled:
             results = None
-        except ValueError as exc:
+        except UnsupportedRequest as exc:
+            # Only the engine's own verdict means "your request was bad"; a ValueError from deep
+            # inside torch is a server fault like any other exception (ERROR below).
             self._finish_all(batch, JobStatus.FAILED, str(exc))
             return
         except Exception as exc:
@@ -285,18 +287,8 @@ class Worker:
 
 
 def _image_metadata(job: Job, seed: int, result: JobResult) -> dict[str, object]:
-    req = job.request
-    return {
-        "prompt": result.prompt_used,
-        "negative_prompt": req.negative_prompt,
-        "steps": req.steps,
-        "sampler": req.sampler,
-        "scheduler": req.scheduler,
-        "cfg": req.guidance_scale,
-        "shift": req.shift,
-        "seed": seed,
-        "width": result.width,
-        "height": result.height,
-        "model": job.model_id,
-        "request_id": job.request_id,
-    }
+    # The one metadata builder (media.encode) writes the names its reader parses back, so the
+    # parameters text carries the CFG scale like every other field.
+    meta = generation_metadata(job.request, seed=seed, prompt_used=result.prompt_used)
+    meta.update(width=result.width, height=result.height, request_id=job.request_id)
+    return meta

@@ -4,8 +4,13 @@ only `base_url` changed.
 Mapping only: `n` → num_images, `size` "WxH" → width/height ("auto": the preset's), `quality`
 → steps, `output_compression` → output_quality; `model` names a preset (OpenAI's own model
 names mean the default preset, so existing code keeps its `model=`). Ranges and rules stay in
-`core.request`; errors come out in OpenAI's shape `{"error": {message, type, param, code}}`
-(api/errors.py renders it for this router's dialect), which the SDKs raise as typed exceptions.
+`core.request`. Errors come out in OpenAI's shape `{"error": {message, type, param, code}}`,
+which the SDKs raise as typed exceptions; an exhausted balance is OpenAI's 429
+`insufficient_quota`. The dialect claims every path under `/v1/images/`, so an unknown one
+answers in its shape too.
+
+As OpenAI's API does, `gpt-image-*` models answer with `b64_json` unless told otherwise;
+`dall-e-*`, our presets and an absent model answer with `url`.
 """
 
 from __future__ import annotations
@@ -13,45 +18,30 @@ from __future__ import annotations
 import base64
 import re
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from auraserve.api import idempotency
-from auraserve.api.auth import CurrentAccount
+from auraserve.api import idempotency, results
 from auraserve.api.body import json_object
-from auraserve.api.dialects.sync import finished_job, read_images
-from auraserve.api.errors import use_dialect
-from auraserve.api.openapi import ERRORS_OPENAI, error_responses
+from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
+from auraserve.api.dialect import Dialect, DialectName, Problem
+from auraserve.api.openapi import OpenAIErrorBody, request_body_model
 from auraserve.api.store_calls import call_store
-from auraserve.api.submit import accept, runtime_of
-from auraserve.core.request import build_request
+from auraserve.api.submit import accept
+from auraserve.core.request import bounds
 from auraserve.core.status import media_url
-from auraserve.errors import InvalidParameter
-from auraserve.runtime import Runtime
+from auraserve.errors import AuraserveError, InsufficientBalance, InvalidParameter
 from auraserve.store import ledger
 
-DIALECT = "openai"
-PATH = "/v1/images/generations"
-
-# Dialect field → canonical field (fields that map one to one).
-FIELDS: dict[str, str] = {
-    "prompt": "prompt",
-    "n": "num_images",
-    "output_format": "output_format",
-    "output_compression": "output_quality",
-    # Extensions (the SDKs pass them with extra_body=…):
-    "negative_prompt": "negative_prompt",
-    "seed": "seed",
-    "guidance_scale": "guidance_scale",
-}
-CANONICAL_TO_DIALECT = {v: k for k, v in FIELDS.items()} | {
-    "width": "size",
-    "height": "size",
-    "steps": "quality",
-}
+PREFIX = "/v1/images"
+PATH = f"{PREFIX}/generations"
 
 # quality → denoising steps. "auto" (or absent) keeps the preset's default; "standard"/"hd"
 # are DALL·E 3's names for medium/high.
@@ -65,44 +55,162 @@ QUALITY_STEPS: dict[str, int | None] = {
     "xhigh": 50,
     "max": 60,
 }
-# OpenAI's own model names: clients that keep `model=` get the default preset.
-OPENAI_MODELS = frozenset(
-    {"dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2"}
-)
 RESPONSE_FORMATS = ("url", "b64_json")
+# The sizes OpenAI's models offer, named in errors and the document as examples; any
+# WIDTHxHEIGHT within the canonical range is accepted.
+COMMON_SIZES = ("1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792", "512x512")
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    504: "timeout_error",
+}
 
-class ImageGenerationBody(BaseModel):
-    """Documentation of the body; parsing goes through `core.request.build_request`."""
 
-    prompt: str = Field(min_length=1, max_length=10_000)
-    model: str | None = Field(
-        None, description="A preset id; OpenAI model names and absence mean the default preset"
+class OpenAIDialect(Dialect):
+    name = DialectName.OPENAI
+    fields: ClassVar[dict[str, str]] = {
+        "prompt": "prompt",
+        "n": "num_images",
+        "output_format": "output_format",
+        "output_compression": "output_quality",
+        # Extensions (the SDKs pass them with extra_body=…):
+        "negative_prompt": "negative_prompt",
+        "seed": "seed",
+        "guidance_scale": "guidance_scale",
+    }
+    derived: ClassVar[dict[str, str]] = {"width": "size", "height": "size", "steps": "quality"}
+    # OpenAI's default is png whatever our preset says.
+    defaults: ClassVar[dict[str, Any]] = {"output_format": "png"}
+    # OpenAI's own model names: clients that keep `model=` get the default preset.
+    model_aliases = frozenset(
+        {"dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2"}
     )
-    n: int | None = Field(None, ge=1, le=10)
-    size: str | None = Field(
-        None,
-        description='"WIDTHxHEIGHT" (512–2048 each) or "auto"',
-        pattern=r"^(auto|\d{3,4}x\d{3,4})$",
+    model_field = "model"
+    error_model = OpenAIErrorBody
+
+    def status_of(self, exc: AuraserveError) -> int:
+        # OpenAI reports exhausted quota as 429 insufficient_quota.
+        return 429 if isinstance(exc, InsufficientBalance) else exc.status
+
+    def error_body(self, problem: Problem) -> dict[str, Any]:
+        insufficient = isinstance(problem.error, InsufficientBalance)
+        return {
+            "error": {
+                "message": problem.message,
+                "type": "insufficient_quota"
+                if insufficient
+                else _TYPES.get(problem.status, "invalid_request_error"),
+                "param": problem.field,
+                "code": "insufficient_quota" if insufficient else None,
+            }
+        }
+
+    def canonical(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        fields = super().canonical(data)
+        fields.update(parse_size(data.get("size")))
+        fields.update(parse_quality(data.get("quality")))
+        return fields
+
+
+OPENAI = OpenAIDialect()
+
+
+def default_response_format(model: object) -> str:
+    """gpt-image models only ever answer with base64 at OpenAI; clients written for them read
+    `b64_json` without asking for it."""
+    if isinstance(model, str) and model.startswith("gpt-image-"):
+        return "b64_json"
+    return "url"
+
+
+def _size_rule() -> str:
+    low, high = bounds("width")
+    return (
+        f"'WIDTHxHEIGHT' with width and height from {low} to {high} (e.g. "
+        + ", ".join(COMMON_SIZES)
+        + ") or 'auto'"
     )
-    quality: str | None = Field(
-        None,
-        json_schema_extra={"enum": list(QUALITY_STEPS)},
-        description="Steps: low 12, medium/standard 25, high/hd 40, xhigh 50, max 60; "
-        "auto = the preset's default",
-    )
-    response_format: str | None = Field(
-        None, json_schema_extra={"enum": list(RESPONSE_FORMATS)}, description="Default url"
-    )
-    output_format: str | None = Field(
-        None, json_schema_extra={"enum": ["png", "jpeg", "webp"]}, description="Default png"
-    )
-    output_compression: int | None = Field(None, ge=0, le=100)
-    user: str | None = None
-    negative_prompt: str | None = Field(None, max_length=10_000)
-    seed: int | None = Field(None, ge=0, le=2**53 - 1)
-    guidance_scale: float | None = Field(None, ge=0, le=20)
+
+
+def parse_size(value: Any) -> dict[str, Any]:
+    if value is None or value == "auto":
+        return {}
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    width, height = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    low, high = bounds("width")
+    if match is None or not all(low <= side <= high for side in (width, height)):
+        shown = str(value)[:40]
+        raise InvalidParameter(
+            field="size",
+            message=f"size: '{shown}' is not a supported size; allowed: {_size_rule()}",
+            allowed=_size_rule(),
+        )
+    return {"width": width, "height": height}
+
+
+def parse_quality(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, str) or value not in QUALITY_STEPS:
+        raise InvalidParameter(
+            field="quality", message="quality: must be one of: " + ", ".join(QUALITY_STEPS)
+        )
+    steps = QUALITY_STEPS[value]
+    return {} if steps is None else {"steps": steps}
+
+
+ImageGenerationBody = request_body_model(
+    "ImageGenerationBody",
+    OPENAI.fields,
+    doc="Documentation of the body; parsing goes through `core.request.build_request`.",
+    defaults=OPENAI.defaults,
+    own={
+        "model": (
+            str | None,
+            Field(
+                None,
+                description="A preset id; OpenAI model names and absence mean the default preset",
+            ),
+        ),
+        "size": (
+            str | None,
+            Field(
+                None,
+                description=f"{_size_rule()}; default: the preset's size",
+                pattern=r"^(auto|\d{3,4}x\d{3,4})$",
+                examples=list(COMMON_SIZES),
+            ),
+        ),
+        "quality": (
+            str | None,
+            Field(
+                None,
+                json_schema_extra={"enum": list(QUALITY_STEPS)},
+                description="Steps: low 12, medium/standard 25, high/hd 40, xhigh 50, max 60; "
+                "auto = the preset's default",
+            ),
+        ),
+        "response_format": (
+            str | None,
+            Field(
+                None,
+                json_schema_extra={"enum": list(RESPONSE_FORMATS)},
+                description="Default: b64_json for gpt-image-* models, url otherwise",
+            ),
+        ),
+        "user": (str | None, None),
+    },
+)
 
 
 class ImageData(BaseModel):
@@ -119,51 +227,7 @@ class ImagesResponse(BaseModel):
     quality: str | None = None
 
 
-router = APIRouter(tags=["OpenAI images"], dependencies=[Depends(use_dialect(DIALECT))])
-
-
-def _invalid(param: str, message: str) -> InvalidParameter:
-    return InvalidParameter(field=param, message=message)
-
-
-def resolve_model(runtime: Runtime, value: Any) -> str:
-    settings = runtime.settings
-    if value is None or (isinstance(value, str) and value in OPENAI_MODELS):
-        return settings.default_preset
-    if isinstance(value, str) and value in settings.presets:
-        return value
-    raise _invalid(
-        "model",
-        f"The model '{str(value)[:100]}' does not exist; use one of: "
-        + ", ".join(sorted(settings.presets)),
-    )
-
-
-def parse_size(value: Any) -> dict[str, Any]:
-    if value is None or value == "auto":
-        return {}
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise _invalid("size", "size: must be 'WIDTHxHEIGHT' (e.g. '1024x1024') or 'auto'")
-    return {"width": int(match.group(1)), "height": int(match.group(2))}
-
-
-def parse_quality(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, str) or value not in QUALITY_STEPS:
-        raise _invalid("quality", "quality: must be one of: " + ", ".join(QUALITY_STEPS))
-    steps = QUALITY_STEPS[value]
-    return {} if steps is None else {"steps": steps}
-
-
-def canonical_fields(data: dict[str, Any]) -> dict[str, Any]:
-    fields = {FIELDS[k]: v for k, v in data.items() if k in FIELDS}
-    fields.update(parse_size(data.get("size")))
-    fields.update(parse_quality(data.get("quality")))
-    # OpenAI's default is png whatever our preset says.
-    fields.setdefault("output_format", "png")
-    return fields
+router = APIRouter(tags=["OpenAI images"], dependencies=[use_dialect(OPENAI)])
 
 
 @router.post(
@@ -176,31 +240,33 @@ def canonical_fields(data: dict[str, Any]) -> dict[str, Any]:
             "content": {"application/json": {"schema": ImageGenerationBody.model_json_schema()}},
         }
     },
-    responses=error_responses(ERRORS_OPENAI, 400, 401, 409, 413, 422, 429, 500, 504),
+    responses=OPENAI.error_responses(400, 401, 409, 413, 422, 429, 500, 504),
 )
 async def generations(
     request: Request,
+    runtime: RuntimeDep,
     account: CurrentAccount,
     idempotency_key: idempotency.IdempotencyKeyHeader = None,
 ) -> Response:
-    runtime = runtime_of(request)
     data = await json_object(request)
     if data.get("stream"):
-        raise _invalid("stream", "stream: streaming image generation is not supported")
+        raise InvalidParameter(
+            field="stream", message="stream: streaming image generation is not supported"
+        )
     if data.get("background") == "transparent":
-        raise _invalid("background", "background: transparent backgrounds are not supported")
-    response_format = data.get("response_format") or "url"
+        raise InvalidParameter(
+            field="background", message="background: transparent backgrounds are not supported"
+        )
+    response_format = data.get("response_format") or default_response_format(data.get("model"))
     if response_format not in RESPONSE_FORMATS:
-        raise _invalid("response_format", "response_format: must be one of: url, b64_json")
-    model_id = resolve_model(runtime, data.get("model"))
-    gen = build_request(
-        canonical_fields(data),
-        model=model_id,
-        preset=runtime.settings.presets[model_id],
-        names=CANONICAL_TO_DIALECT,
-    )
-    accepted = await accept(request, account, gen, dialect=DIALECT, raw_fields=data)
-    job = await finished_job(request, runtime, accepted)
+        raise InvalidParameter(
+            field="response_format",
+            message="response_format: must be one of: " + ", ".join(RESPONSE_FORMATS),
+        )
+    model_id = OPENAI.resolve_model(runtime.settings, data.get("model"))
+    gen = OPENAI.build(runtime.settings, model_id, OPENAI.canonical(data))
+    accepted = await accept(request, runtime, account, gen, dialect=OPENAI, raw_fields=data)
+    job = await results.finished_job(request, runtime, accepted.job)
     assert job.output is not None
     base = runtime.settings.resolved_public_url
     revised = job.output.get("prompt_used") or gen.prompt
@@ -210,7 +276,7 @@ async def generations(
             for name in job.output["media"]
         ]
     else:
-        images = await call_store(runtime, read_images, runtime, job)
+        images = await call_store(runtime, results.read_images, runtime, job)
         items = [
             {"b64_json": base64.b64encode(i).decode("ascii"), "revised_prompt": revised}
             for i in images
@@ -232,3 +298,25 @@ async def generations(
             **accepted.headers,
         },
     )
+
+
+async def _unknown(request: Request) -> Response:
+    """Any other path under the prefix: 404, or 405 with Allow where a route of this dialect
+    has the path but not the method; in OpenAI's shape either way."""
+    for route in router.routes:
+        if route is _unknown_route or not isinstance(route, APIRoute):
+            continue
+        match, _ = route.matches(request.scope)
+        if match == Match.PARTIAL:
+            allow = ", ".join(sorted(route.methods or ()))
+            raise StarletteHTTPException(405, headers={"Allow": allow})
+    raise StarletteHTTPException(404)
+
+
+router.add_api_route(
+    PREFIX + "/{path:path}",
+    _unknown,
+    methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+    include_in_schema=False,
+)
+_unknown_route = router.routes[-1]

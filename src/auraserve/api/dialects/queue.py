@@ -1,72 +1,61 @@
 """The async queue dialect (seed 002): submit → 202 → poll `/v2/requests/status/{id}`.
 
-Mapping only: field names in, status objects out. Every rule lives in `core.request`.
+Mapping only: field names in, status objects out. Every rule lives in `core.request`. Its
+error shape, `{"error": title, "message": text}`, is the default one (`api.dialect.Dialect`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from auraserve.api import idempotency
-from auraserve.api.auth import CurrentAccount
+from auraserve.api import idempotency, results
 from auraserve.api.body import json_object
-from auraserve.api.dialects.requests import load_job, render_status
-from auraserve.api.errors import use_dialect
-from auraserve.api.openapi import ERRORS_QUEUE, StatusBody, error_responses
+from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
+from auraserve.api.dialect import Dialect, DialectName
+from auraserve.api.openapi import StatusBody, request_body_model
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import Webhook, accept
 from auraserve.core.jobs import Job
-from auraserve.core.request import GenerationRequest, build_request
 from auraserve.core.status import status_body
-from auraserve.errors import InvalidParameter, ModelNotFound
+from auraserve.errors import InvalidParameter
 from auraserve.runtime import Runtime
 from auraserve.webhooks import outbox
 from auraserve.webhooks.ssrf import AddressPolicy, validate_webhook_url
 
-router = APIRouter(tags=["async queue (seed 002)"], dependencies=[Depends(use_dialect("queue"))])
 
-# Dialect field → canonical field. Fields not listed are ignored, as the hosted API does.
-FIELDS: dict[str, str] = {
-    "prompt": "prompt",
-    "negative_prompt": "negative_prompt",
-    "num_images": "num_images",
-    "guidance_scale": "guidance_scale",
-    "num_inference_steps": "steps",
-    "expand_prompt": "expand_prompt",
-    "seed": "seed",
-    "width": "width",
-    "height": "height",
-    # Extensions beyond seed 002 (same names as the sync dialect):
-    "shift": "shift",
-    "sampler": "sampler",
-    "scheduler": "scheduler",
-    "output_format": "output_format",
-    "output_quality": "output_quality",
-}
-CANONICAL_TO_DIALECT = {v: k for k, v in FIELDS.items()}
+class QueueDialect(Dialect):
+    name = DialectName.QUEUE
+    fields: ClassVar[dict[str, str]] = {
+        "prompt": "prompt",
+        "negative_prompt": "negative_prompt",
+        "num_images": "num_images",
+        "guidance_scale": "guidance_scale",
+        "num_inference_steps": "steps",
+        "expand_prompt": "expand_prompt",
+        "seed": "seed",
+        "width": "width",
+        "height": "height",
+        # Extensions beyond seed 002 (same names as the sync dialect):
+        "shift": "shift",
+        "sampler": "sampler",
+        "scheduler": "scheduler",
+        "output_format": "output_format",
+        "output_quality": "output_quality",
+    }
+    # No defaults of its own: absent fields take the preset's.
 
 
-class QueueSubmitBody(BaseModel):
-    """Documentation of the body; parsing goes through `core.request.build_request`."""
+QUEUE = QueueDialect()
 
-    prompt: str = Field(description="What to draw.", min_length=1, max_length=10_000)
-    num_images: int | None = Field(None, ge=1, le=10)
-    guidance_scale: float | None = Field(None, ge=0, le=20)
-    num_inference_steps: int | None = Field(None, ge=1, le=100)
-    expand_prompt: bool | None = None
-    negative_prompt: str | None = Field(None, max_length=10_000)
-    seed: int | None = Field(None, ge=0, le=2**53 - 1)
-    width: int | None = Field(None, ge=512, le=2048)
-    height: int | None = Field(None, ge=512, le=2048)
-    shift: float | None = Field(None, ge=0, le=10)
-    sampler: str | None = None
-    scheduler: str | None = None
-    output_format: str | None = None
-    output_quality: int | None = Field(None, ge=0, le=100)
+QueueSubmitBody = request_body_model(
+    "QueueSubmitBody",
+    QUEUE.fields,
+    doc="Documentation of the body; parsing goes through `core.request.build_request`.",
+)
 
 
 class QueueSubmitResponse(BaseModel):
@@ -75,25 +64,7 @@ class QueueSubmitResponse(BaseModel):
     polling_url: str
 
 
-def runtime_of(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
-
-
-def resolve_model(runtime: Runtime, model_id: str) -> str:
-    if model_id not in runtime.settings.presets:
-        raise ModelNotFound(model_id)
-    return model_id
-
-
-def map_fields(data: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
-    return {mapping[k]: v for k, v in data.items() if k in mapping}
-
-
-def parse_submit(runtime: Runtime, model_id: str, data: dict[str, Any]) -> GenerationRequest:
-    preset = runtime.settings.presets[model_id]
-    return build_request(
-        map_fields(data, FIELDS), model=model_id, preset=preset, names=CANONICAL_TO_DIALECT
-    )
+router = APIRouter(tags=["async queue (seed 002)"], dependencies=[use_dialect(QUEUE)])
 
 
 WEBHOOK_URL_HEADER = "X-Webhook-URL"
@@ -149,12 +120,13 @@ def accepted_body(runtime: Runtime, job: Job) -> dict[str, Any]:
             "content": {"application/json": {"schema": QueueSubmitBody.model_json_schema()}},
         }
     },
-    responses=error_responses(ERRORS_QUEUE, 400, 401, 402, 413, 422, 429),
+    responses=QUEUE.error_responses(400, 401, 402, 413, 422, 429),
 )
 async def submit(
     model_id: str,
     name: str,
     request: Request,
+    runtime: RuntimeDep,
     account: CurrentAccount,
     x_webhook_url: Annotated[
         str | None,
@@ -175,16 +147,16 @@ async def submit(
     ] = None,
     idempotency_key: idempotency.IdempotencyKeyHeader = None,
 ) -> Response:
-    runtime = runtime_of(request)
-    resolve_model(runtime, model_id)
+    QUEUE.resolve_model(runtime.settings, model_id)
     data = await json_object(request)
-    gen = parse_submit(runtime, model_id, data)
+    gen = QUEUE.build(runtime.settings, model_id, QUEUE.canonical(data))
     webhook = webhook_of(request, runtime)
     accepted = await accept(
         request,
+        runtime,
         account,
         gen,
-        dialect="queue",
+        dialect=QUEUE,
         raw_fields=data,
         webhook=webhook,
         build_response=lambda job: accepted_body(runtime, job),
@@ -206,12 +178,11 @@ async def submit(
     "/v2/requests/status/{request_id}",
     summary="Status of a request (seed 002); webhooks POST the same object",
     response_model=StatusBody,
-    responses=error_responses(ERRORS_QUEUE, 401, 404),
+    responses=QUEUE.error_responses(401, 404),
 )
-async def status(request_id: str, request: Request, account: CurrentAccount) -> Response:
-    runtime = runtime_of(request)
-    job = await call_store(runtime, load_job, runtime, account.id, request_id)
+async def status(request_id: str, runtime: RuntimeDep, account: CurrentAccount) -> Response:
+    job = await call_store(runtime, results.load_job, runtime, account.id, request_id)
     if job.webhook_url is None:
         # status_body is plain JSON types already; skip FastAPI's generic encoder on this hot path.
         return JSONResponse(status_body(job, runtime.settings.resolved_public_url))
-    return JSONResponse(await call_store(runtime, render_status, runtime, job))
+    return JSONResponse(await call_store(runtime, results.render_status, runtime, job))

@@ -16,121 +16,112 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
-from auraserve.api import idempotency
-from auraserve.api.auth import CurrentAccount
+from auraserve.api import idempotency, results
 from auraserve.api.body import json_object
-from auraserve.api.dialects.requests import wait_until_terminal
-from auraserve.api.errors import use_dialect
-from auraserve.api.openapi import ERRORS_QUEUE, error_responses
+from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
+from auraserve.api.dialect import Dialect, DialectName
+from auraserve.api.openapi import request_body_model
 from auraserve.api.store_calls import call_store
-from auraserve.api.submit import Accepted, accept, remaining_credits, runtime_of
+from auraserve.api.submit import accept, remaining_credits
 from auraserve.config import Settings
-from auraserve.core.jobs import Job, JobStatus
-from auraserve.core.request import build_request
-from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
-from auraserve.errors import AuraserveError, InvalidParameter
+from auraserve.core.jobs import Job
+from auraserve.core.request import map_fields
+from auraserve.errors import (
+    AuraserveError,
+    InsufficientBalance,
+    InvalidParameter,
+    UnsupportedMediaType,
+)
 from auraserve.runtime import Runtime
 from auraserve.store import ledger
 from auraserve.store.keys import Account
 
-DIALECT = "sync"
 SEED_PATH = "/v1/aura-flow"
-
-# Dialect field → canonical field.
-FIELDS: dict[str, str] = {
-    "prompt": "prompt",
-    "negative_prompt": "negative_prompt",
-    "cfg": "guidance_scale",
-    "seed": "seed",
-    "shift": "shift",
-    "steps": "steps",
-    "width": "width",
-    "height": "height",
-    "sampler": "sampler",
-    "scheduler": "scheduler",
-    "output_format": "output_format",
-    "output_quality": "output_quality",
-    "number_of_images": "num_images",
-    # Extension beyond seed 000 (same name as seed 002):
-    "expand_prompt": "expand_prompt",
-}
-CANONICAL_TO_DIALECT = {v: k for k, v in FIELDS.items()}
-
-# Seed 000's documented defaults, in canonical names. `seed` is absent: random by default.
-DEFAULTS: dict[str, Any] = {
-    "guidance_scale": 5.0,
-    "shift": 1.73,
-    "steps": 25,
-    "width": 1024,
-    "height": 1024,
-    "sampler": "uni_pc",
-    "scheduler": "normal",
-    "output_format": "webp",
-    "output_quality": 80,
-    "num_images": 1,
-}
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_BOOL = TypeAdapter(bool)
 # On /v1/{preset} the preset's own size wins (that is what naming a 512 preset is for).
 _PRESET_SIZED = ("width", "height")
 
-_BOOL = TypeAdapter(bool)
-_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+class SyncDialect(Dialect):
+    name = DialectName.SYNC
+    fields: ClassVar[dict[str, str]] = {
+        "prompt": "prompt",
+        "negative_prompt": "negative_prompt",
+        "cfg": "guidance_scale",
+        "seed": "seed",
+        "shift": "shift",
+        "steps": "steps",
+        "width": "width",
+        "height": "height",
+        "sampler": "sampler",
+        "scheduler": "scheduler",
+        "output_format": "output_format",
+        "output_quality": "output_quality",
+        "number_of_images": "num_images",
+        # Extension beyond seed 000 (same name as seed 002):
+        "expand_prompt": "expand_prompt",
+    }
+    # Seed 000's documented defaults, in canonical names. `seed` is absent: random by default.
+    defaults: ClassVar[dict[str, Any]] = {
+        "guidance_scale": 5.0,
+        "shift": 1.73,
+        "steps": 25,
+        "width": 1024,
+        "height": 1024,
+        "sampler": "uni_pc",
+        "scheduler": "normal",
+        "output_format": "webp",
+        "output_quality": 80,
+        "num_images": 1,
+    }
+
+    def status_of(self, exc: AuraserveError) -> int:
+        # Seed 000 answers 406 where seed 002 answers 402 for the same condition.
+        return 406 if isinstance(exc, InsufficientBalance) else exc.status
+
+    def canonical(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        # An empty form field means "not given" (HTML forms send every input); prompts keep ""
+        # so that an empty prompt is refused by name.
+        given = {
+            name: value
+            for name, value in data.items()
+            if not (value == "" and name not in ("prompt", "negative_prompt"))
+        }
+        return map_fields(given, self.fields)
+
+    def defaults_for(self, *, named_preset: bool) -> dict[str, Any]:
+        if not named_preset:
+            return dict(self.defaults)
+        return {k: v for k, v in self.defaults.items() if k not in _PRESET_SIZED}
 
 
-class SyncBody(BaseModel):
-    """Documentation of the body (JSON or form fields); parsing goes through build_request."""
+SYNC = SyncDialect()
 
-    prompt: str = Field(description="What to draw.", min_length=1, max_length=10_000)
-    negative_prompt: str | None = Field(None, max_length=10_000)
-    cfg: float | None = Field(None, ge=0, le=20, description="Guidance scale (default 5)")
-    seed: int | None = Field(None, ge=0, le=2**53 - 1, description="Random when absent")
-    shift: float | None = Field(None, ge=0, le=10, description="Default 1.73")
-    steps: int | None = Field(None, ge=1, le=100, description="Default 25")
-    width: int | None = Field(None, ge=512, le=2048, description="Default 1024")
-    height: int | None = Field(None, ge=512, le=2048, description="Default 1024")
-    sampler: str | None = Field(
-        None, json_schema_extra={"enum": list(SAMPLERS)}, description="Default uni_pc"
-    )
-    scheduler: str | None = Field(
-        None, json_schema_extra={"enum": list(SCHEDULERS)}, description="Default normal"
-    )
-    output_format: str | None = Field(
-        None, json_schema_extra={"enum": list(OUTPUT_FORMATS)}, description="Default webp"
-    )
-    output_quality: int | None = Field(None, ge=0, le=100, description="Default 80")
-    number_of_images: int | None = Field(None, ge=1, le=10, description="Default 1")
-    base64: bool | None = Field(None, description="Answer JSON with base64 images (default false)")
-    expand_prompt: bool | None = None
+SyncBody = request_body_model(
+    "SyncBody",
+    SYNC.fields,
+    doc="Documentation of the body (JSON or form fields); parsing goes through build_request.",
+    defaults=SYNC.defaults,
+    own={
+        "base64": (
+            bool | None,
+            Field(None, description="Answer JSON with base64 images (default false)"),
+        )
+    },
+)
 
 
 class SyncImages(BaseModel):
     images: list[str] = Field(description="Base64-encoded images")
     seeds: list[int]
-
-
-class GenerationFailed(AuraserveError):
-    """The job ended without an image (ERROR: engine failure; nothing charged)."""
-
-    def __init__(self, status_code: int, title: str, message: str, extra: dict[str, Any]) -> None:
-        self.status_code = status_code
-        self.title = title
-        self.extra = extra
-        super().__init__(message)
-
-
-class SyncTimeout(AuraserveError):
-    status_code = 504
-    title = "Gateway Timeout"
-
-    def __init__(self, message: str, extra: dict[str, Any]) -> None:
-        self.extra = extra
-        super().__init__(message)
 
 
 async def read_fields(request: Request) -> dict[str, Any]:
@@ -151,18 +142,10 @@ async def read_fields(request: Request) -> dict[str, Any]:
         return data
     if content_type in ("application/json", "") or content_type.endswith("+json"):
         return await json_object(request)
-    raise UnsupportedMediaType(content_type)
-
-
-class UnsupportedMediaType(AuraserveError):
-    status_code = 415
-    title = "Unsupported Media Type"
-
-    def __init__(self, content_type: str) -> None:
-        super().__init__(
-            f"Content-Type '{content_type[:100]}' is not accepted; send multipart/form-data, "
-            "application/x-www-form-urlencoded or application/json"
-        )
+    raise UnsupportedMediaType(
+        content_type,
+        "multipart/form-data, application/x-www-form-urlencoded or application/json",
+    )
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -174,109 +157,39 @@ def parse_bool(name: str, value: Any) -> bool:
         ) from None
 
 
-def canonical_fields(data: Mapping[str, Any], *, named_preset: bool) -> dict[str, Any]:
-    """Rename to canonical names; absent (or empty form) fields take seed 000's defaults."""
-    fields: dict[str, Any] = {}
-    for name, value in data.items():
-        if name not in FIELDS:
-            continue
-        # An empty form field means "not given" (HTML forms send every input); prompts keep ""
-        # so that an empty prompt is refused by name.
-        if isinstance(value, str) and value == "" and name not in ("prompt", "negative_prompt"):
-            continue
-        fields[FIELDS[name]] = value
-    for key, value in DEFAULTS.items():
-        if named_preset and key in _PRESET_SIZED:
-            continue
-        fields.setdefault(key, value)
-    return fields
-
-
 def _route(model_id: str, named_preset: bool) -> Any:
     async def generate(
         request: Request,
+        runtime: RuntimeDep,
         account: CurrentAccount,
         idempotency_key: idempotency.IdempotencyKeyHeader = None,
     ) -> Response:
         try:
-            return await _generate(request, account, model_id, named_preset)
+            return await _generate(request, runtime, account, model_id, named_preset)
         except AuraserveError as exc:
             # Seed 000: every authenticated response says how many credits are left.
-            extra = dict(getattr(exc, "headers", {}) or {})
-            extra.setdefault("x-remaining-credits", await remaining_credits(request, account))
-            exc.headers = extra  # type: ignore[attr-defined]
+            exc.headers.setdefault("x-remaining-credits", await remaining_credits(runtime, account))
             raise
 
     return generate
 
 
 async def _generate(
-    request: Request, account: Account, model_id: str, named_preset: bool
+    request: Request, runtime: Runtime, account: Account, model_id: str, named_preset: bool
 ) -> Response:
-    runtime = runtime_of(request)
     data = await read_fields(request)
     as_base64 = (
         parse_bool("base64", data["base64"]) if data.get("base64") not in (None, "") else False
     )
-    gen = build_request(
-        canonical_fields(data, named_preset=named_preset),
-        model=model_id,
-        preset=runtime.settings.presets[model_id],
-        names=CANONICAL_TO_DIALECT,
+    gen = SYNC.build(
+        runtime.settings,
+        model_id,
+        SYNC.canonical(data),
+        defaults=SYNC.defaults_for(named_preset=named_preset),
     )
-    accepted = await accept(request, account, gen, dialect=DIALECT, raw_fields=data)
-    job = await finished_job(request, runtime, accepted)
+    accepted = await accept(request, runtime, account, gen, dialect=SYNC, raw_fields=data)
+    job = await results.finished_job(request, runtime, accepted.job)
     return await image_response(request, runtime, account, job, as_base64, accepted.headers)
-
-
-async def finished_job(request: Request, runtime: Runtime, accepted: Accepted) -> Job:
-    """Wait for the job; raise the dialect's error for anything but COMPLETED."""
-    job = accepted.job
-    done = await wait_until_terminal(request, runtime, job, runtime.settings.sync_timeout_seconds)
-    base = runtime.settings.resolved_public_url
-    ids = {
-        "request_id": job.request_id,
-        "polling_url": f"{base}/v2/requests/status/{job.request_id}",
-    }
-    headers = {"x-request-id": job.request_id}
-    if done is None:
-        timeout = SyncTimeout(
-            f"The image is not ready after {runtime.settings.sync_timeout_seconds:g} s; it is "
-            f"still being generated: poll {ids['polling_url']}",
-            ids,
-        )
-        timeout.headers = headers  # type: ignore[attr-defined]
-        raise timeout
-    if done.status == JobStatus.COMPLETED:
-        return done
-    if done.status == JobStatus.CANCELLED:
-        exc: AuraserveError = GenerationFailed(
-            409, "Cancelled", "The request was cancelled (not charged)", ids
-        )
-    elif done.status == JobStatus.FAILED:
-        exc = GenerationFailed(400, "Generation failed", f"{done.error} (not charged)", ids)
-    else:
-        exc = GenerationFailed(
-            500,
-            "Server Error",
-            f"Server had some issue with processing: {done.error} (not charged)",
-            ids,
-        )
-    exc.headers = headers  # type: ignore[attr-defined]
-    raise exc
-
-
-def read_images(runtime: Runtime, job: Job) -> list[bytes]:
-    assert job.output is not None
-    images = []
-    for name in job.output["media"]:
-        path = runtime.media.path(name)
-        if path is None:
-            raise GenerationFailed(
-                500, "Server Error", "The stored image is missing", {"request_id": job.request_id}
-            )
-        images.append(path.read_bytes())
-    return images
 
 
 async def image_response(
@@ -287,7 +200,7 @@ async def image_response(
     as_base64: bool,
     extra_headers: Mapping[str, str],
 ) -> Response:
-    images = await call_store(runtime, read_images, runtime, job)
+    images = await call_store(runtime, results.read_images, runtime, job)
     seeds = list(job.output.get("seeds") or job.request.seeds) if job.output else job.request.seeds
     balance = await call_store(runtime, ledger.balance, runtime.db, account.id)
     headers = {
@@ -342,7 +255,7 @@ def _responses() -> dict[int | str, dict[str, Any]]:
                 "application/json": {"schema": SyncImages.model_json_schema()},
             },
         },
-        **error_responses(ERRORS_QUEUE, 400, 401, 406, 409, 413, 415, 422, 429, 500, 504),
+        **SYNC.error_responses(400, 401, 406, 409, 413, 415, 422, 429, 500, 504),
     }
 
 
@@ -350,7 +263,7 @@ def build_router(settings: Settings) -> APIRouter:
     """`POST /v1/aura-flow` (the default preset, seed 000's path) and `POST /v1/{preset}`
     for every configured preset. Explicit routes, so an unknown path is 404 and a known path
     with another method is 405 with Allow."""
-    router = APIRouter(tags=["sync (seed 000)"], dependencies=[Depends(use_dialect(DIALECT))])
+    router = APIRouter(tags=["sync (seed 000)"], dependencies=[use_dialect(SYNC)])
     paths = [(SEED_PATH, settings.default_preset, False)]
     # "images" would shadow nothing today but is OpenAI's namespace; "aura-flow" is the seed's.
     reserved = ("images", "aura-flow")

@@ -1,244 +1,56 @@
-"""The webhook outbox: deliveries recorded with the status they report, sent after commit.
+"""The sending side of the outbox: a dispatcher that delivers due rows after commit.
 
-Writing side (any process that changes a job's status, API or worker): `install` registers a
-`jobs.add_transition_hook` hook, so the `webhook_deliveries` row is inserted in the *same*
-transaction as the status change. A crash can therefore never lose a callback for a status
-that committed, nor send one for a status that rolled back.
+`Dispatcher` (an asyncio task in each API process) claims due rows, signs them per Standard
+Webhooks with the account's `whsec_` secret (the `webhook-id` is the row's `event_id`,
+identical across retries), delivers through `webhooks.delivery.deliver` (SSRF checks, pinned
+connections) and reschedules failures by `next_delay`: 2xx ends a delivery, 410 disables the
+URL for that request, anything else retries on the schedule, honouring Retry-After. Claims set
+a lease (`next_attempt_at` in the future) under `FOR UPDATE SKIP LOCKED`, so several API
+replicas share the outbox and a crashed one's rows come back.
 
-Sending side (`Dispatcher`, an asyncio task in each API process): claims due rows, signs
-them per Standard Webhooks with the account's `whsec_` secret (the `webhook-id` is the row's
-`event_id`, identical across retries), delivers through `webhooks.delivery.deliver` (SSRF
-checks, pinned connections) and reschedules failures by `next_delay`: 2xx ends a delivery,
-410 disables the URL for that request, anything else retries on the schedule, honouring
-Retry-After. Claims set a lease (`next_attempt_at` in the future) under `FOR UPDATE SKIP
-LOCKED`, so several API replicas share the outbox and a crashed one's rows come back.
-
-Modes (seed 002 `X-Webhook-Mode`): `terminal` sends one callback at the final status; `sync`
-also sends progress, at most one per `webhook_sync_interval_seconds`. Progress is not a status
-change, so the dispatcher's ticker enqueues it; event ids name the state they report
-(`…_p<attempt>_<step>`) and are unique, so two replicas ticking at once insert one row.
+Sync-mode progress is not a status change, so no transition hook records it: the
+dispatcher's ticker does, through the same `enqueue_in` the hook uses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
-from starlette.concurrency import run_in_threadpool
+from anyio.to_thread import run_sync
+from sqlalchemy import and_, func, select, update
 
-from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
-from auraserve.core.status import iso, status_body
-from auraserve.store import jobs as jobstore
 from auraserve.store.db import Database
-from auraserve.store.events import emit_in
 from auraserve.store.schema import accounts, webhook_deliveries
 from auraserve.store.schema import jobs as jobs_table
 from auraserve.webhooks.delivery import DeliveryResult, deliver, next_delay
+from auraserve.webhooks.outbox.transaction import (
+    DELIVERED,
+    FAILED,
+    GONE,
+    OUTBOX_KEY,
+    PENDING,
+    SYNC_MODE,
+    enqueue_in,
+    progress_suffix,
+    recent_progress_in,
+)
+from auraserve.webhooks.settings import WebhookSettings
 from auraserve.webhooks.signing import signed_headers
-from auraserve.webhooks.ssrf import AddressPolicy
+
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
 
-TERMINAL_MODE = "terminal"
-SYNC_MODE = "sync"
-MODES = (TERMINAL_MODE, SYNC_MODE)
-
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"  # the retry schedule ran out
-GONE = "gone"  # the receiver answered 410 (or the URL can never work): disabled for the job
-SUPERSEDED = "superseded"  # a newer progress update replaced this one before it was sent
-
-# The outbox wakes its dispatcher through the store's event bus under this pseudo job id
-# (PostgreSQL NOTIFY carries it to every API replica).
-OUTBOX_KIND = "webhook"
-OUTBOX_KEY = "__webhook_outbox__"
-
-_SECTION_LIMIT = 50  # deliveries shown in a status body's `webhook` section
 _POLL_SECONDS = 1.0  # fallback wake-up when a notification is lost
 _LEASE_EXTRA = 30.0  # a claimed row returns to the pool this long after its timeout
 
 _W = webhook_deliveries.c
-
-
-@dataclass(frozen=True)
-class _Config:
-    public_url: str
-    sync_interval: float
-
-
-_configs: weakref.WeakKeyDictionary[Engine, _Config] = weakref.WeakKeyDictionary()
-
-
-def install(db: Database, settings: Settings) -> None:
-    """Record deliveries for every status change made through `db` (any process)."""
-    _configs[db.engine] = _Config(
-        public_url=settings.resolved_public_url,
-        sync_interval=settings.webhook_sync_interval_seconds,
-    )
-    jobstore.add_transition_hook(_on_transition)
-
-
-def event_id(job_id: str, suffix: str) -> str:
-    return f"msg_{job_id}_{suffix}"
-
-
-def _insert_ignoring_duplicates(conn: Connection, values: dict[str, Any]) -> bool:
-    """Insert a delivery unless its event_id exists; True if inserted."""
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    stmt = (
-        insert(webhook_deliveries)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["event_id"])
-    )
-    return conn.execute(stmt).rowcount == 1
-
-
-def enqueue_in(
-    conn: Connection, job: Job, *, suffix: str, terminal: bool, body: dict[str, Any] | None = None
-) -> bool:
-    """Add a delivery of `job`'s current status (in the caller's transaction)."""
-    if job.webhook_url is None:
-        return False
-    config = _configs.get(conn.engine)
-    public_url = config.public_url if config else ""
-    now = time.time()
-    disabled = conn.execute(
-        select(_W.id).where(_W.job_id == job.id, _W.state == GONE).limit(1)
-    ).first()
-    if disabled is not None:
-        return False
-    if body is None:
-        body = status_body(job, public_url)
-    inserted = _insert_ignoring_duplicates(
-        conn,
-        {
-            "job_id": job.id,
-            "account_id": job.account_id,
-            "url": job.webhook_url,
-            "event_id": event_id(job.id, suffix),
-            "payload": json.dumps(body, separators=(",", ":")),
-            "terminal": terminal,
-            "state": PENDING,
-            "attempts": 0,
-            "next_attempt_at": now,
-            "created_at": now,
-            "updated_at": now,
-        },
-    )
-    if inserted:
-        # An older progress update still waiting is stale now: send only the newest.
-        conn.execute(
-            update(webhook_deliveries)
-            .where(
-                _W.job_id == job.id,
-                _W.state == PENDING,
-                _W.terminal.is_(False),
-                _W.event_id != event_id(job.id, suffix),
-            )
-            .values(state=SUPERSEDED, updated_at=now)
-        )
-        emit_in(conn, OUTBOX_KIND, OUTBOX_KEY)
-    return inserted
-
-
-def _progress_suffix(job: Job) -> str:
-    if job.status == JobStatus.QUEUED:
-        return f"q{job.attempts}"
-    return f"p{job.attempts}_{job.progress_step}"
-
-
-def _recent_progress_in(conn: Connection, job_id: str, since: float) -> bool:
-    return (
-        conn.execute(
-            select(_W.id)
-            .where(_W.job_id == job_id, _W.terminal.is_(False), _W.created_at > since)
-            .limit(1)
-        ).first()
-        is not None
-    )
-
-
-def _on_transition(conn: Connection, job: Job) -> None:
-    """The transition hook: runs inside the transaction of every status change."""
-    if job.webhook_url is None:
-        return
-    if job.is_terminal:
-        enqueue_in(conn, job, suffix=job.status.value.lower(), terminal=True)
-        return
-    if (job.webhook_mode or TERMINAL_MODE) != SYNC_MODE:
-        return
-    config = _configs.get(conn.engine)
-    interval = config.sync_interval if config else 15.0
-    if job.status == JobStatus.QUEUED and job.attempts == 0:
-        # The first callback (accepted) is never throttled.
-        enqueue_in(conn, job, suffix=_progress_suffix(job), terminal=False)
-    elif not _recent_progress_in(conn, job.id, time.time() - interval):
-        enqueue_in(conn, job, suffix=_progress_suffix(job), terminal=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading deliveries (status bodies)
-# ---------------------------------------------------------------------------------------------
-
-
-def deliveries_in(conn: Connection, job_id: str) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        select(webhook_deliveries)
-        .where(_W.job_id == job_id)
-        .order_by(_W.id.desc())
-        .limit(_SECTION_LIMIT)
-    ).all()
-    out = []
-    for r in reversed(rows):
-        try:
-            reported = json.loads(r.payload).get("status")
-        except (ValueError, AttributeError):
-            reported = None
-        out.append(
-            {
-                "event_id": r.event_id,
-                "status": reported,
-                "terminal": bool(r.terminal),
-                "state": r.state,
-                "attempts": r.attempts,
-                "last_status_code": r.last_status_code,
-                "last_error": r.last_error,
-                "next_attempt_at": iso(r.next_attempt_at) if r.state == PENDING else None,
-                "created_at": iso(r.created_at),
-                "updated_at": iso(r.updated_at),
-            }
-        )
-    return out
-
-
-def webhook_section(db: Database, job: Job) -> dict[str, Any] | None:
-    """The `webhook` part of a status body: where callbacks go and how each one fared."""
-    if job.webhook_url is None:
-        return None
-    with db.read() as conn:
-        deliveries = deliveries_in(conn, job.id)
-    return {
-        "url": job.webhook_url,
-        "mode": job.webhook_mode or TERMINAL_MODE,
-        "deliveries": deliveries,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# The dispatcher
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -255,11 +67,10 @@ class _Claimed:
 class Dispatcher:
     """Sends due deliveries; one per API process, started and stopped by the app lifespan."""
 
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: WebhookSettings) -> None:
         self.db = db
         self.settings = settings
-        self.policy = AddressPolicy(settings.webhook_allow_hosts)
-        self.schedule = tuple(settings.webhook_schedule)
+        self.policy = settings.policy()
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -298,10 +109,10 @@ class Dispatcher:
                 try:
                     await self._tick_progress()
                     # A cheap read first: an idle outbox never takes SQLite's write lock.
-                    delay = await run_in_threadpool(self._until_next_due, _POLL_SECONDS)
-                    room = self.settings.webhook_concurrency - len(self._inflight)
+                    delay = await run_sync(self._until_next_due, _POLL_SECONDS)
+                    room = self.settings.concurrency - len(self._inflight)
                     if delay == 0 and room > 0:
-                        claimed = await run_in_threadpool(self._claim, room)
+                        claimed = await run_sync(self._claim, room)
                         for item in claimed:
                             task = asyncio.get_running_loop().create_task(self._send(item))
                             self._inflight.add(task)
@@ -310,7 +121,7 @@ class Dispatcher:
                         # by another replica (look again after the poll interval).
                         delay = 0.0 if len(claimed) == room else _POLL_SECONDS
                         if claimed and len(claimed) < room:
-                            delay = await run_in_threadpool(self._until_next_due, _POLL_SECONDS)
+                            delay = await run_sync(self._until_next_due, _POLL_SECONDS)
                     elif delay == 0:
                         delay = _POLL_SECONDS  # full: a finishing delivery wakes us
                 except Exception:  # the loop must survive a store hiccup
@@ -339,7 +150,7 @@ class Dispatcher:
 
     def _claim(self, limit: int) -> list[_Claimed]:
         now = time.time()
-        lease_until = now + self.settings.webhook_timeout_seconds + _LEASE_EXTRA
+        lease_until = now + self.settings.timeout + _LEASE_EXTRA
         with self.db.write() as conn:
             rows = conn.execute(
                 select(_W.id)
@@ -383,14 +194,14 @@ class Dispatcher:
                 item.payload,
                 headers,
                 policy=self.policy,
-                timeout=self.settings.webhook_timeout_seconds,
-                allow_http=self.settings.webhook_allow_http,
+                timeout=self.settings.timeout,
+                allow_http=self.settings.allow_http,
             )
         except Exception as exc:  # deliver() does not raise for network trouble; a bug might
             log.exception("webhook delivery %s crashed", item.event_id)
             result = DeliveryResult(outcome="retry", error=f"internal error: {exc}")
         try:
-            await run_in_threadpool(self._record, item, result)
+            await run_sync(self._record, item, result)
         except Exception:
             log.exception("could not record webhook delivery %s; it will be retried", item.event_id)
 
@@ -426,7 +237,7 @@ class Dispatcher:
                     )
                 )
             else:
-                delay = next_delay(attempts, self.schedule, retry_after=result.retry_after)
+                delay = next_delay(attempts, self.settings.schedule, retry_after=result.retry_after)
                 if delay is None:
                     values["state"] = FAILED
                 else:
@@ -444,12 +255,12 @@ class Dispatcher:
     # Sync-mode progress ---------------------------------------------------------------------
 
     async def _tick_progress(self) -> None:
-        interval = self.settings.webhook_sync_interval_seconds
+        interval = self.settings.sync_interval
         now = time.monotonic()
         if now - self._last_tick < min(interval / 2, _POLL_SECONDS):
             return
         self._last_tick = now
-        await run_in_threadpool(self._enqueue_progress, interval)
+        await run_sync(self._enqueue_progress, interval)
 
     def _enqueue_progress(self, interval: float) -> None:
         """For every running sync-mode job whose last callback is older than the interval and
@@ -466,7 +277,7 @@ class Dispatcher:
                         jobs_table.c.webhook_url.is_not(None),
                     )
                 ).all()
-                if not _recent_progress_in(conn, r.id, since)
+                if not recent_progress_in(conn, r.id, since)
             ]
         for job_id in ids:
             with self.db.write() as conn:
@@ -483,6 +294,12 @@ class Dispatcher:
                 if row is None:
                     continue
                 job = Job.from_row(row)
-                if _recent_progress_in(conn, job.id, time.time() - interval):
+                if recent_progress_in(conn, job.id, time.time() - interval):
                     continue
-                enqueue_in(conn, job, suffix=_progress_suffix(job), terminal=False)
+                enqueue_in(
+                    conn,
+                    job,
+                    suffix=progress_suffix(job),
+                    terminal=False,
+                    public_url=self.settings.public_url,
+                )

@@ -1,0 +1,319 @@
+"""What a client sees of its own account, and the pages built on it: the request history
+(`GET /v2/requests`), the credits (`GET /v2/account`), the model catalogue (`GET /v2/models`),
+the web playground (`GET /`, `/playground`) and the API docs served without a CDN (`/docs`,
+`/redoc`).
+
+The history answers in the queue dialect's namespace and shape: each item is the status object
+of `GET /v2/requests/status/{id}` (one renderer, `core.status.status_body`), plus the request's
+parameters under the queue dialect's names, so a client can resubmit them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, FastAPI, Query
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from auraserve import playground
+from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
+from auraserve.api.dialects.queue import QUEUE
+from auraserve.api.openapi import StatusBody
+from auraserve.api.store_calls import call_store
+from auraserve.config import Settings
+from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.request import GenerationRequest
+from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
+from auraserve.core.status import iso, status_body
+from auraserve.errors import InvalidParameter, Unauthorized
+from auraserve.store import history
+
+router = APIRouter(tags=["account"], dependencies=[use_dialect(QUEUE)])
+
+# Canonical name → the queue dialect's name (they differ only where seed 002 chose its own).
+_QUEUE_NAMES = {canonical: own for own, canonical in QUEUE.fields.items()}
+# The preset fields a client may tune, in the order the playground shows them.
+_TUNABLE = (
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "shift",
+    "sampler",
+    "scheduler",
+    "output_format",
+    "output_quality",
+)
+# What /v2/models copies from each canonical field's JSON schema.
+_RANGE_KEYS = ("type", "minimum", "maximum", "minLength", "maxLength", "enum", "description")
+
+
+def queue_parameters(request: GenerationRequest) -> dict[str, Any]:
+    """A stored request as the queue dialect's body: submitting it again repeats it."""
+    return {
+        own: getattr(request, canonical)
+        for canonical, own in _QUEUE_NAMES.items()
+        if canonical in GenerationRequest.model_fields
+    }
+
+
+def history_item(job: Job, public_url: str) -> dict[str, Any]:
+    return {**status_body(job, public_url), "parameters": queue_parameters(job.request)}
+
+
+def parameter_ranges() -> dict[str, dict[str, Any]]:
+    """Every queue-dialect parameter's type, range or choices, read from GenerationRequest's
+    declared constraints, so the playground's limits cannot drift from the validator's."""
+    properties = GenerationRequest.model_json_schema()["properties"]
+    return {
+        own: {key: value for key, value in properties[canonical].items() if key in _RANGE_KEYS}
+        for canonical, own in _QUEUE_NAMES.items()
+        if canonical in properties
+    }
+
+
+def model_catalogue(settings: Settings) -> dict[str, Any]:
+    ranges = parameter_ranges()
+    models: list[dict[str, Any]] = []
+    sizes: set[tuple[int, int]] = set()
+    for model_id, preset in sorted(settings.presets.items()):
+        sizes.add((preset.width, preset.height))
+        defaults = {_QUEUE_NAMES[name]: getattr(preset, name) for name in _TUNABLE}
+        defaults["num_images"] = GenerationRequest.model_fields["num_images"].default
+        defaults["negative_prompt"] = GenerationRequest.model_fields["negative_prompt"].default
+        models.append(
+            {
+                "model_id": model_id,
+                "description": preset.description,
+                "submit_path": f"/{model_id}/v1/{model_id}-request",
+                "price_per_image": preset.price_per_image,
+                "defaults": defaults,
+                "ranges": ranges,
+            }
+        )
+    return {
+        "models": models,
+        "samplers": list(SAMPLERS),
+        "schedulers": list(SCHEDULERS),
+        "output_formats": list(OUTPUT_FORMATS),
+        "sizes": [{"width": w, "height": h} for w, h in sorted(sizes)],
+    }
+
+
+class HistoryItem(StatusBody):
+    parameters: dict[str, Any] = Field(
+        description="The request's parameters under the submit body's names"
+    )
+
+
+class HistoryPage(BaseModel):
+    items: list[HistoryItem] = Field(description="Newest first")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next (older) page; null on the last page"
+    )
+
+
+class LedgerEntryBody(BaseModel):
+    id: int
+    kind: str = Field(description="grant | reserve | release | capture")
+    amount: int = Field(description="Credits concerned, never negative")
+    balance_delta: int = Field(description="Effect on the balance: reserve −, release +")
+    created_at: str | None
+    note: str | None
+    request_id: str | None = Field(description="The request it belongs to; null for grants")
+
+
+class AccountBody(BaseModel):
+    account_id: str
+    name: str
+    balance: int = Field(description="Credits available now (reservations already taken out)")
+    reserved: int = Field(
+        description="Credits held for queued and running requests: spent if they complete, "
+        "given back otherwise"
+    )
+    ledger: list[LedgerEntryBody] = Field(description="Newest first")
+
+
+class ModelBody(BaseModel):
+    model_id: str
+    description: str
+    submit_path: str
+    price_per_image: int = Field(description="Credits per 1024x1024 image at 25 steps")
+    defaults: dict[str, Any]
+    ranges: dict[str, dict[str, Any]] = Field(
+        description="Each body field's JSON-schema type, minimum/maximum or enum"
+    )
+
+
+class Size(BaseModel):
+    width: int
+    height: int
+
+
+class ModelsBody(BaseModel):
+    models: list[ModelBody]
+    samplers: list[str]
+    schedulers: list[str]
+    output_formats: list[str]
+    sizes: list[Size] = Field(description="The presets' default sizes")
+
+
+@router.get(
+    "/v2/requests",
+    summary="The caller's own requests, newest first",
+    description="Cursor-paginated. Each item is the status object of "
+    "`GET /v2/requests/status/{request_id}` plus the request's `parameters`.",
+    response_model=HistoryPage,
+    responses=QUEUE.error_responses(400, 401),
+)
+async def list_requests(
+    runtime: RuntimeDep,
+    account: CurrentAccount,
+    limit: Annotated[int, Query(ge=1, le=history.MAX_PAGE, description="Items per page")] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page")
+    ] = None,
+    status: Annotated[JobStatus | None, Query(description="Only requests in this status")] = None,
+) -> Response:
+    try:
+        page = await call_store(
+            runtime,
+            history.list_jobs,
+            runtime.db,
+            account.id,
+            limit=limit,
+            cursor=cursor,
+            status=status,
+        )
+    except history.BadCursor as exc:
+        raise InvalidParameter(field="cursor", message=f"cursor: {exc}") from None
+    base = runtime.settings.resolved_public_url
+    return JSONResponse(
+        {
+            "items": [history_item(job, base) for job in page.jobs],
+            "next_cursor": page.next_cursor,
+        }
+    )
+
+
+@router.get(
+    "/v2/account",
+    summary="The caller's balance, reserved credits and recent ledger entries",
+    response_model=AccountBody,
+    responses=QUEUE.error_responses(400, 401),
+)
+async def account_state(
+    runtime: RuntimeDep,
+    account: CurrentAccount,
+    entries: Annotated[
+        int,
+        Query(ge=0, le=history.MAX_LEDGER_ENTRIES, description="Ledger entries to include"),
+    ] = 20,
+) -> Response:
+    summary = await call_store(
+        runtime, history.account_summary, runtime.db, account.id, entries=entries
+    )
+    if summary is None:  # deleted between the key check and this read
+        raise Unauthorized()
+    return JSONResponse(
+        {
+            "account_id": summary.account_id,
+            "name": summary.name,
+            "balance": summary.balance,
+            "reserved": summary.reserved,
+            "ledger": [
+                {
+                    "id": e.id,
+                    "kind": e.kind,
+                    "amount": e.amount,
+                    "balance_delta": e.balance_delta,
+                    "created_at": iso(e.created_at),
+                    "note": e.note,
+                    "request_id": e.request_id,
+                }
+                for e in summary.entries
+            ],
+        }
+    )
+
+
+@router.get(
+    "/v2/models",
+    summary="The model presets: defaults, parameter ranges, samplers and schedulers",
+    description="Public (no key): it describes the server, not an account, and the "
+    "playground builds its form from it before a key is entered.",
+    response_model=ModelsBody,
+)
+async def models(runtime: RuntimeDep) -> Response:
+    return JSONResponse(model_catalogue(runtime.settings))
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Add the account routes, the playground and the offline docs to `app` (which must be
+    built with `docs_url=None, redoc_url=None`: these replace FastAPI's CDN pages)."""
+    app.include_router(router)
+    # Built per app: the pages' headers depend on the settings.
+    pages = APIRouter(include_in_schema=False)
+
+    media = urlsplit(settings.resolved_public_url)
+    page_headers = playground.security_headers(
+        playground.page_policy([f"{media.scheme}://{media.netloc}"] if media.netloc else [])
+    )
+    asset_headers = playground.security_headers(playground.page_policy())
+    app.mount(
+        playground.STATIC_PREFIX,
+        playground.SecuredFiles(playground.STATIC_DIR, asset_headers),
+        name="playground-static",
+    )
+    app.mount(
+        playground.VENDOR_PREFIX,
+        playground.SecuredFiles(playground.VENDOR_DIR, asset_headers),
+        name="playground-vendor",
+    )
+
+    async def page() -> Response:
+        return FileResponse(
+            playground.INDEX_HTML,
+            media_type="text/html; charset=utf-8",
+            headers={**page_headers, "Cache-Control": "no-cache"},
+        )
+
+    pages.add_api_route("/", page, methods=["GET"], name="playground")
+    pages.add_api_route("/playground", page, methods=["GET"], name="playground_alias")
+
+    openapi_url = app.openapi_url or "/openapi.json"
+    favicon = f"{playground.STATIC_PREFIX}/favicon.svg"
+    swagger = bytes(
+        get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} — API docs",
+            swagger_js_url=f"{playground.VENDOR_PREFIX}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{playground.VENDOR_PREFIX}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=favicon,
+        ).body
+    ).decode()
+    redoc = bytes(
+        get_redoc_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} — API reference",
+            redoc_js_url=f"{playground.VENDOR_PREFIX}/redoc/redoc.standalone.js",
+            redoc_favicon_url=favicon,
+            with_google_fonts=False,
+        ).body
+    ).decode()
+
+    def docs_page(html: str) -> Callable[[], Awaitable[Response]]:
+        headers = playground.security_headers(playground.docs_policy(html))
+
+        async def serve() -> Response:
+            return HTMLResponse(html, headers=headers)
+
+        return serve
+
+    pages.add_api_route("/docs", docs_page(swagger), methods=["GET"], name="swagger_ui")
+    pages.add_api_route("/redoc", docs_page(redoc), methods=["GET"], name="redoc")
+    app.include_router(pages)

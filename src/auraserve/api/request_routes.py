@@ -1,0 +1,126 @@
+"""Routes on a request that every dialect shares: cancel and the live status stream. They
+answer in the queue dialect's shape (`/v2/requests/...` is seed 002's namespace)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from auraserve.api import results
+from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
+from auraserve.api.dialects.queue import QUEUE
+from auraserve.api.openapi import StatusBody
+from auraserve.api.store_calls import call_store
+from auraserve.core.jobs import Job, split_request_id
+from auraserve.errors import RequestConflict, RequestNotFound
+from auraserve.runtime import Runtime
+from auraserve.store import jobs
+
+router = APIRouter(tags=["requests (all dialects)"], dependencies=[use_dialect(QUEUE)])
+
+
+def _status_responses() -> dict[int | str, dict[str, Any]]:
+    return QUEUE.error_responses(401, 404)
+
+
+@router.get(
+    "/v2/requests/status/{request_id}/stream",
+    summary="Live status as server-sent events",
+    description=(
+        "A `text/event-stream` of status objects (`data: <json>`, the same object as "
+        "`GET /v2/requests/status/{request_id}`), one per change, ending after a terminal "
+        "status. A `: keep-alive` comment is sent when nothing changed for a while."
+    ),
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The event stream",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **_status_responses(),
+    },
+)
+async def stream(
+    request_id: str, request: Request, runtime: RuntimeDep, account: CurrentAccount
+) -> Response:
+    job = await call_store(runtime, results.load_job, runtime, account.id, request_id)
+    return StreamingResponse(
+        _events(request, runtime, job),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _events(request: Request, runtime: Runtime, job: Job) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    keepalive = runtime.settings.sse_keepalive_seconds
+    last_sent: str | None = None
+    last_write = loop.time()
+    with runtime.db.bus.watch(job.id) as changed:
+        while True:
+            changed.clear()
+            job = await call_store(runtime, results.reload, runtime, job)
+            body = await call_store(runtime, results.render_status, runtime, job)
+            text = json.dumps(body, separators=(",", ":"))
+            if text != last_sent:
+                last_sent = text
+                last_write = loop.time()
+                yield f"data: {text}\n\n"
+            if job.is_terminal:
+                return
+            if loop.time() - last_write >= keepalive:
+                last_write = loop.time()
+                yield ": keep-alive\n\n"
+            # A client that goes away ends this generator: Starlette cancels the response.
+            wait = min(results.FALLBACK_RECHECK_SECONDS, keepalive - (loop.time() - last_write))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), max(0.01, wait))
+
+
+async def _cancel(request_id: str, runtime: RuntimeDep, account: CurrentAccount) -> Response:
+    parts = split_request_id(request_id)
+    result = None
+    if parts is not None:
+        result = await call_store(runtime, jobs.cancel, runtime.db, parts[1], account_id=account.id)
+    if result is None or parts is None or result.job.model_id != parts[0]:
+        raise RequestNotFound(f"Request '{request_id[:200]}' not found")
+    job = result.job
+    if result.outcome == "finished":
+        raise RequestConflict(
+            f"Request already finished with status {job.status.value}; nothing to cancel",
+            extra={"status": job.status.value, "request_id": job.request_id},
+        )
+    body = await call_store(runtime, results.render_status, runtime, job)
+    if result.outcome == "requested":
+        body["cancel_requested"] = True
+        return JSONResponse(body, status_code=202)
+    return JSONResponse(body, status_code=200)
+
+
+for _method in ("POST", "PUT"):
+    router.add_api_route(
+        "/v2/requests/{request_id}/cancel",
+        _cancel,
+        methods=[_method],
+        operation_id=f"cancel_request_{_method.lower()}",
+        summary="Cancel a request",
+        description=(
+            "A queued request is cancelled at once and its credits released (200). A running "
+            "one is flagged and stops at its next step (202); its final status is CANCELLED, "
+            "not charged. A finished request answers 409 with its status."
+        ),
+        response_model=StatusBody,
+        responses={
+            202: {
+                "model": StatusBody,
+                "description": "Cancellation requested; the job stops at its next step",
+            },
+            **QUEUE.error_responses(401, 404, 409),
+        },
+    )

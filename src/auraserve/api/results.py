@@ -1,0 +1,123 @@
+"""What every dialect does with a submitted job: wait for it, load it, render its status and
+read its images. Shared by the dialects and the request routes, owned by none of them.
+
+Waiting never busy-polls the database: a waiter watches the store's event bus
+(`db.bus.watch(job_id)`, fed by in-process events and, on PostgreSQL, by LISTEN/NOTIFY from
+other processes) and re-reads the job when woken. A fallback re-check every second covers a
+lost notification, so that costs latency, never correctness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from fastapi import Request
+
+from auraserve.api.store_calls import call_store
+from auraserve.core.jobs import Job, JobStatus, split_request_id
+from auraserve.core.status import status_body
+from auraserve.errors import (
+    GenerationError,
+    GenerationFailed,
+    RequestCancelled,
+    RequestNotFound,
+    SyncTimeout,
+)
+from auraserve.runtime import Runtime
+from auraserve.store import jobs
+from auraserve.webhooks import outbox
+
+FALLBACK_RECHECK_SECONDS = 1.0
+
+
+def load_job(runtime: Runtime, account_id: str, request_id: str) -> Job:
+    """The account's job named by a public request id; 404 for anything else (another
+    account's id looks exactly like a missing one: 404, never 403)."""
+    parts = split_request_id(request_id)
+    job = jobs.get(runtime.db, parts[1], account_id=account_id) if parts else None
+    if job is None or parts is None or job.model_id != parts[0]:
+        raise RequestNotFound(f"Request '{request_id[:200]}' not found")
+    return job
+
+
+def render_status(runtime: Runtime, job: Job) -> dict[str, Any]:
+    """The status object (core.status.status_body) plus, for jobs with a webhook, the
+    delivery attempts. Blocking: call from a thread."""
+    body = status_body(job, runtime.settings.resolved_public_url)
+    section = outbox.webhook_section(runtime.db, job)
+    if section is not None:
+        body["webhook"] = section
+    return body
+
+
+def reload(runtime: Runtime, job: Job) -> Job:
+    fresh = jobs.get(runtime.db, job.id, account_id=job.account_id)
+    return fresh if fresh is not None else job
+
+
+async def wait_until_terminal(
+    request: Request, runtime: Runtime, job: Job, timeout: float
+) -> Job | None:
+    """The job once it is terminal, or None after `timeout` seconds (or when the client
+    disconnected: nobody is left to answer; the job goes on and stays pollable)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    with runtime.db.bus.watch(job.id) as changed:
+        while True:
+            changed.clear()  # before reading: a change after the read wakes us
+            job = await call_store(runtime, reload, runtime, job)
+            if job.is_terminal:
+                return job
+            remaining = deadline - loop.time()
+            if remaining <= 0 or await request.is_disconnected():
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(FALLBACK_RECHECK_SECONDS, remaining))
+
+
+async def finished_job(request: Request, runtime: Runtime, job: Job) -> Job:
+    """Wait for the job up to the sync timeout; anything but COMPLETED raises (SyncTimeout or
+    the JobOutcome of its status), carrying the ids to poll it by."""
+    done = await wait_until_terminal(request, runtime, job, runtime.settings.sync_timeout_seconds)
+    base = runtime.settings.resolved_public_url
+    ids = {
+        "request_id": job.request_id,
+        "polling_url": f"{base}/v2/requests/status/{job.request_id}",
+    }
+    headers = {"x-request-id": job.request_id}
+    if done is None:
+        raise SyncTimeout(
+            f"The image is not ready after {runtime.settings.sync_timeout_seconds:g} s; it is "
+            f"still being generated: poll {ids['polling_url']}",
+            headers=headers,
+            extra=ids,
+        )
+    if done.status == JobStatus.COMPLETED:
+        return done
+    if done.status == JobStatus.CANCELLED:
+        raise RequestCancelled(
+            "The request was cancelled (not charged)", headers=headers, extra=ids
+        )
+    if done.status == JobStatus.FAILED:
+        raise GenerationFailed(f"{done.error} (not charged)", headers=headers, extra=ids)
+    raise GenerationError(
+        f"Server had some issue with processing: {done.error} (not charged)",
+        headers=headers,
+        extra=ids,
+    )
+
+
+def read_images(runtime: Runtime, job: Job) -> list[bytes]:
+    """The bytes of a completed job's images. Blocking: call through `call_store`."""
+    assert job.output is not None
+    images = []
+    for name in job.output["media"]:
+        path = runtime.media.path(name)
+        if path is None:
+            raise GenerationError(
+                "The stored image is missing", extra={"request_id": job.request_id}
+            )
+        images.append(path.read_bytes())
+    return images

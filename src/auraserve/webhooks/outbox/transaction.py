@@ -1,0 +1,189 @@
+"""The writing side of the outbox: what runs inside the transaction of a status change.
+
+`install` registers a transition hook on a `Database`, so the `webhook_deliveries` row is
+inserted in the *same* transaction as the status change it reports, in any process that
+changes job statuses (API: cancels; workers: results). A crash can therefore never lose a
+callback for a status that committed, nor send one for a status that rolled back.
+
+Modes (seed 002 `X-Webhook-Mode`): `terminal` records one delivery at the final status; `sync`
+also records progress, at most one per `WebhookSettings.sync_interval`. Event ids name the
+state they report (`…_p<attempt>_<step>`) and are unique, so two writers recording the same
+state insert one row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.status import status_body
+from auraserve.store.db import Database, TransitionHook
+from auraserve.store.events import emit_in
+from auraserve.store.schema import webhook_deliveries
+from auraserve.webhooks.settings import WebhookSettings
+
+__all__ = [
+    "DELIVERED",
+    "FAILED",
+    "GONE",
+    "MODES",
+    "OUTBOX_KEY",
+    "OUTBOX_KIND",
+    "PENDING",
+    "SUPERSEDED",
+    "SYNC_MODE",
+    "TERMINAL_MODE",
+    "enqueue_in",
+    "event_id",
+    "install",
+    "progress_suffix",
+    "recent_progress_in",
+    "transition_hook",
+]
+
+TERMINAL_MODE = "terminal"
+SYNC_MODE = "sync"
+MODES = (TERMINAL_MODE, SYNC_MODE)
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"  # the retry schedule ran out
+GONE = "gone"  # the receiver answered 410 (or the URL can never work): disabled for the job
+SUPERSEDED = "superseded"  # a newer progress update replaced this one before it was sent
+
+# The outbox wakes its dispatcher through the store's event bus under this pseudo job id
+# (PostgreSQL NOTIFY carries it to every API replica).
+OUTBOX_KIND = "webhook"
+OUTBOX_KEY = "__webhook_outbox__"
+
+_W = webhook_deliveries.c
+
+
+def install(db: Database, settings: WebhookSettings) -> None:
+    """Record deliveries for every status change made through `db`. Call once per `db`."""
+    db.on_transition(transition_hook(settings))
+
+
+def transition_hook(settings: WebhookSettings) -> TransitionHook:
+    """The hook `install` registers, closed over the settings it records deliveries with."""
+
+    def on_transition(conn: Connection, job: Job) -> None:
+        if job.webhook_url is None:
+            return
+        if job.is_terminal:
+            enqueue_in(
+                conn,
+                job,
+                suffix=job.status.value.lower(),
+                terminal=True,
+                public_url=settings.public_url,
+            )
+            return
+        if (job.webhook_mode or TERMINAL_MODE) != SYNC_MODE:
+            return
+        # The first callback (accepted) is never throttled.
+        first = job.status == JobStatus.QUEUED and job.attempts == 0
+        if first or not recent_progress_in(conn, job.id, time.time() - settings.sync_interval):
+            enqueue_in(
+                conn,
+                job,
+                suffix=progress_suffix(job),
+                terminal=False,
+                public_url=settings.public_url,
+            )
+
+    return on_transition
+
+
+def event_id(job_id: str, suffix: str) -> str:
+    return f"msg_{job_id}_{suffix}"
+
+
+def progress_suffix(job: Job) -> str:
+    """The event id suffix of a progress callback: names the state it reports."""
+    if job.status == JobStatus.QUEUED:
+        return f"q{job.attempts}"
+    return f"p{job.attempts}_{job.progress_step}"
+
+
+def recent_progress_in(conn: Connection, job_id: str, since: float) -> bool:
+    """Whether a progress delivery of `job_id` was recorded after `since`."""
+    return (
+        conn.execute(
+            select(_W.id)
+            .where(_W.job_id == job_id, _W.terminal.is_(False), _W.created_at > since)
+            .limit(1)
+        ).first()
+        is not None
+    )
+
+
+def _insert_ignoring_duplicates(conn: Connection, values: dict[str, Any]) -> bool:
+    """Insert a delivery unless its event_id exists; True if inserted."""
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt = (
+        insert(webhook_deliveries)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def enqueue_in(
+    conn: Connection,
+    job: Job,
+    *,
+    suffix: str,
+    terminal: bool,
+    public_url: str,
+    body: dict[str, Any] | None = None,
+) -> bool:
+    """Add a delivery of `job`'s current status (in the caller's transaction); True if added.
+
+    `public_url` is the base of the absolute URLs in the status body (when `body` is None)."""
+    if job.webhook_url is None:
+        return False
+    now = time.time()
+    disabled = conn.execute(
+        select(_W.id).where(_W.job_id == job.id, _W.state == GONE).limit(1)
+    ).first()
+    if disabled is not None:
+        return False
+    if body is None:
+        body = status_body(job, public_url)
+    inserted = _insert_ignoring_duplicates(
+        conn,
+        {
+            "job_id": job.id,
+            "account_id": job.account_id,
+            "url": job.webhook_url,
+            "event_id": event_id(job.id, suffix),
+            "payload": json.dumps(body, separators=(",", ":")),
+            "terminal": terminal,
+            "state": PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+    if inserted:
+        # An older progress update still waiting is stale now: send only the newest.
+        conn.execute(
+            update(webhook_deliveries)
+            .where(
+                _W.job_id == job.id,
+                _W.state == PENDING,
+                _W.terminal.is_(False),
+                _W.event_id != event_id(job.id, suffix),
+            )
+            .values(state=SUPERSEDED, updated_at=now)
+        )
+        emit_in(conn, OUTBOX_KIND, OUTBOX_KEY)
+    return inserted

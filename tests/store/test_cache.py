@@ -1,0 +1,47 @@
+"""The one TTL cache helper: entries expire, the size is bounded, threads may share it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from auraserve.store.cache import TtlCache
+
+
+def test_entries_expire_after_the_ttl() -> None:
+    cache: TtlCache[str, int] = TtlCache(ttl=0.2, maxsize=10)
+    cache.put("a", 1)
+    assert cache.get("a") == 1 and len(cache) == 1
+    time.sleep(0.25)
+    assert cache.get("a") is None
+    assert len(cache) == 0
+
+
+def test_the_size_is_bounded_and_clear_forgets_everything() -> None:
+    cache: TtlCache[int, int] = TtlCache(ttl=60, maxsize=3)
+    for i in range(10):
+        cache.put(i, i)
+    assert len(cache) == 3
+    assert cache.get(9) == 9  # the newest stay
+    cache.clear()
+    assert len(cache) == 0 and cache.get(9) is None
+
+
+def test_threads_can_share_it() -> None:
+    cache: TtlCache[int, int] = TtlCache(ttl=60, maxsize=100)
+    errors: list[BaseException] = []
+
+    def hammer(offset: int) -> None:
+        try:
+            for i in range(2000):
+                cache.put((offset + i) % 500, i)
+                cache.get(i % 500)
+        except BaseException as exc:  # pragma: no cover - only on a failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(n * 7,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(cache) == 100

@@ -1,0 +1,134 @@
+"""What a `Database` carries besides its engine: transition hooks and caches, per instance."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection, create_engine
+
+from auraserve.config import Settings
+from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.presets import default_presets
+from auraserve.core.request import build_request
+from auraserve.store import jobs, keys
+from auraserve.store.db import Database, database_of
+
+PRESET = default_presets()["auraflow-v0-3-512"]
+MODEL = "auraflow-v0-3-512"
+
+
+def _submit(db: Database, account_id: str) -> jobs.Submission:
+    req = build_request({"prompt": "p"}, model=MODEL, preset=PRESET)
+    return jobs.submit(
+        db,
+        account_id=account_id,
+        request=req,
+        price=req.price(PRESET),
+        max_queued=10,
+        max_attempts=1,
+    )
+
+
+def test_hooks_run_in_the_transition_of_their_own_database_only(
+    db: Database, tmp_path: Path
+) -> None:
+    seen: list[tuple[str, JobStatus]] = []
+
+    def hook(conn: Connection, job: Job) -> None:
+        assert database_of(conn) is db  # inside the status change's transaction
+        seen.append((job.id, job.status))
+
+    db.on_transition(hook)
+    db.on_transition(hook)  # registering twice runs it once
+    assert db.transition_hooks == (hook,)
+    acct = keys.create_account(db, "a", credits=1000)
+    sub = _submit(db, acct.account_id)
+    [claimed] = jobs.claim(db, worker_id="w", models=[MODEL], max_images=1, lease_seconds=30)
+    jobs.complete(db, worker_id="w", job_id=claimed.id, output={}, engine_seconds=0.1)
+    assert seen == [
+        (sub.job.id, JobStatus.QUEUED),
+        (sub.job.id, JobStatus.PROCESSING),
+        (sub.job.id, JobStatus.COMPLETED),
+    ]
+
+    other = Database(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        other.migrate()
+        assert other.transition_hooks == ()
+        _submit(other, keys.create_account(other, "b", credits=1000).account_id)
+        assert len(seen) == 3
+    finally:
+        other.dispose()
+
+
+def test_a_failing_hook_rolls_back_the_status_change(db: Database) -> None:
+    def hook(conn: Connection, job: Job) -> None:
+        raise RuntimeError("no")
+
+    acct = keys.create_account(db, "a", credits=1000)
+    db.on_transition(hook)
+    with pytest.raises(RuntimeError):
+        _submit(db, acct.account_id)
+    assert jobs.count_active(db, acct.account_id) == 0
+
+
+def test_connections_name_their_database(db: Database) -> None:
+    with db.read() as conn:
+        assert database_of(conn) is db
+    with db.write() as conn:
+        assert database_of(conn) is db
+    foreign = create_engine("sqlite://")
+    with foreign.connect() as conn, pytest.raises(RuntimeError, match="not opened by"):
+        database_of(conn)
+    foreign.dispose()
+
+
+def test_revoking_a_key_clears_this_databases_auth_cache(db: Database) -> None:
+    created = keys.create_account(db, "a", credits=1)
+    assert keys.authenticate(db, created.key) is not None
+    assert len(db.auth_cache) == 1  # remembered for AUTH_CACHE_TTL
+    assert keys.revoke_key(db, created.key_id)
+    assert len(db.auth_cache) == 0
+    assert keys.authenticate(db, created.key) is None
+
+
+def test_a_revocation_elsewhere_takes_effect_within_the_ttl(settings: Settings) -> None:
+    url = settings.resolved_database_url
+    server = Database(url, auth_cache_ttl=0.3)
+    cli = Database(url)
+    try:
+        server.migrate()
+        created = keys.create_account(server, "a", credits=1)
+        assert keys.authenticate(server, created.key) is not None
+        assert keys.revoke_key(cli, created.key_id)
+        assert keys.authenticate(server, created.key) is not None  # cached, within the TTL
+        time.sleep(0.35)
+        assert keys.authenticate(server, created.key) is None
+    finally:
+        server.dispose()
+        cli.dispose()
+
+
+def _position(db: Database, job_id: str) -> int | None:
+    job = jobs.get(db, job_id)
+    assert job is not None
+    return job.queue_position
+
+
+def test_queue_positions_are_cached_per_database_for_the_ttl(settings: Settings) -> None:
+    db = Database(settings.resolved_database_url, position_ttl=0.3)
+    try:
+        db.migrate()
+        acct = keys.create_account(db, "a", credits=10_000)
+        first, second = _submit(db, acct.account_id), _submit(db, acct.account_id)
+        assert _position(db, second.job.id) == 1
+        assert db.positions.get(second.job.id) == 1
+        [claimed] = jobs.claim(db, worker_id="w", models=[MODEL], max_images=1, lease_seconds=30)
+        assert claimed.id == first.job.id
+        assert _position(db, second.job.id) == 1  # still the cached answer
+        time.sleep(0.35)
+        assert _position(db, second.job.id) == 0
+    finally:
+        db.dispose()

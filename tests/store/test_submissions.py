@@ -1,0 +1,130 @@
+"""The idempotent submit: key, reservation and job in one transaction; duplicates replay."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from auraserve.core.presets import default_presets
+from auraserve.core.request import GenerationRequest, build_request
+from auraserve.errors import IdempotencyKeyReused, InsufficientBalance
+from auraserve.store import keys, ledger, submissions
+from auraserve.store.db import Database
+from auraserve.store.schema import idempotency_keys
+from auraserve.store.schema import jobs as jobs_table
+from auraserve.store.submissions import IdempotencyKey, Submitted
+
+PRESET = default_presets()["auraflow-v0-3-512"]
+
+
+def _req(prompt: str = "a cat") -> GenerationRequest:
+    return build_request({"prompt": prompt}, model="auraflow-v0-3-512", preset=PRESET)
+
+
+def _submit(db: Database, account_id: str, idem: IdempotencyKey | None, **kw: Any) -> Submitted:
+    req = _req()
+    return submissions.submit(
+        db,
+        account_id=account_id,
+        request=req,
+        price=req.price(PRESET),
+        max_queued=100,
+        max_attempts=3,
+        idem=idem,
+        **kw,
+    )
+
+
+def _count(db: Database, table: Any) -> int:
+    with db.read() as conn:
+        return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def test_submit_with_a_key_replays_the_first_job_and_its_response(db: Database) -> None:
+    acct = keys.create_account(db, "a", credits=1000)
+    idem = IdempotencyKey("k1", "digest-a", ttl=3600)
+    assert submissions.replay(db, acct.account_id, idem) is None
+    first = _submit(
+        db,
+        acct.account_id,
+        idem,
+        build_response=lambda job: {"request_id": job.request_id},
+        response_status=202,
+    )
+    assert not first.replayed and first.response == {"request_id": first.job.request_id}
+    again = submissions.replay(db, acct.account_id, idem)
+    assert again is not None and again.replayed
+    assert again.job.id == first.job.id and again.response == first.response
+    assert again.balance == first.balance == ledger.balance(db, acct.account_id)
+    # A second submit with the key (a retry that raced past the replay) makes nothing new.
+    dup = _submit(db, acct.account_id, idem)
+    assert dup.replayed and dup.job.id == first.job.id
+    assert _count(db, jobs_table) == 1
+
+
+def test_a_key_reused_with_another_request_is_refused(db: Database) -> None:
+    acct = keys.create_account(db, "a", credits=1000)
+    _submit(db, acct.account_id, IdempotencyKey("k1", "digest-a", ttl=3600))
+    with pytest.raises(IdempotencyKeyReused) as err:
+        submissions.replay(db, acct.account_id, IdempotencyKey("k1", "digest-b", ttl=3600))
+    assert err.value.status == 422 and err.value.field == "Idempotency-Key"
+    with pytest.raises(IdempotencyKeyReused):
+        _submit(db, acct.account_id, IdempotencyKey("k1", "digest-b", ttl=3600))
+    # Keys belong to their account: another account's same key is a new submit.
+    other = keys.create_account(db, "b", credits=1000)
+    assert not _submit(db, other.account_id, IdempotencyKey("k1", "digest-b", ttl=3600)).replayed
+
+
+def test_a_refused_submit_leaves_its_key_free(db: Database) -> None:
+    acct = keys.create_account(db, "poor", credits=1)
+    idem = IdempotencyKey("k1", "digest-a", ttl=3600)
+    with pytest.raises(InsufficientBalance):
+        _submit(db, acct.account_id, idem)
+    assert _count(db, idempotency_keys) == 0 and _count(db, jobs_table) == 0
+    ledger.grant(db, acct.account_id, 1000)
+    assert not _submit(db, acct.account_id, idem).replayed
+
+
+def test_without_a_key_every_submit_is_new(db: Database) -> None:
+    acct = keys.create_account(db, "a", credits=1000)
+    a, b = _submit(db, acct.account_id, None), _submit(db, acct.account_id, None)
+    assert a.job.id != b.job.id and not a.replayed and not b.replayed
+    assert _count(db, idempotency_keys) == 0
+
+
+def test_concurrent_duplicates_make_one_job_and_one_charge(db: Database) -> None:
+    acct = keys.create_account(db, "a", credits=100_000)
+    idem = IdempotencyKey("same-key", "digest-a", ttl=3600)
+    n = 8
+    barrier = threading.Barrier(n)
+    outcomes: list[Submitted] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            result = _submit(db, acct.account_id, idem)
+        except BaseException as exc:  # reported below, with the test's assertion
+            with lock:
+                failures.append(exc)
+            return
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not failures, failures
+    assert len(outcomes) == n
+    assert len({o.job.id for o in outcomes}) == 1
+    assert sum(not o.replayed for o in outcomes) == 1
+    assert _count(db, jobs_table) == 1
+    kinds = [e["kind"] for e in ledger.entries(db, acct.account_id)]
+    assert kinds.count("reserve") == 1
+    assert ledger.balance(db, acct.account_id) == 100_000 - _req().price(PRESET)
