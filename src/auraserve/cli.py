@@ -334,7 +334,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from auraserve.core.request import build_request
-    from auraserve.media.encode import encode_image
+    from auraserve.media.encode import encode_image, generation_metadata
 
     settings = _settings(args)
     preset_id = args.preset or settings.default_preset
@@ -372,19 +372,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = []
     for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         path = out if len(result.images) == 1 else out.with_stem(f"{out.stem}-{i}")
-        metadata = {
-            "prompt": result.prompt_used,
-            "negative_prompt": request.negative_prompt,
-            "steps": request.steps,
-            "sampler": request.sampler,
-            "scheduler": request.scheduler,
-            "cfg": request.guidance_scale,
-            "shift": request.shift,
-            "seed": seed,
-            "width": result.width,
-            "height": result.height,
-            "model": preset_id,
-        }
+        metadata = generation_metadata(request, seed=seed, prompt_used=result.prompt_used)
+        metadata.update(width=result.width, height=result.height)
         path.write_bytes(encode_image(image, fmt, request.output_quality, metadata=metadata))
         paths.append(str(path))
     for warning in result.warnings:

@@ -22,6 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from auraserve.cli import SETTING_FLAGS, build_parser
 from auraserve.config import Settings
+from auraserve.media.encode import read_parameters
 from tests.conftest import PG_ADMIN_URL, LiveServer, free_port, wait_for_status
 
 
@@ -162,6 +163,8 @@ def test_generate_writes_an_image_with_a_progress_bar(tmp_path: Path) -> None:
         "512",
         "--height",
         "512",
+        "--cfg",
+        "4.5",
         env={"AURASERVE_DATA_DIR": str(tmp_path / "d")},
     )
     assert result.returncode == 0, result.stderr
@@ -169,6 +172,9 @@ def test_generate_writes_an_image_with_a_progress_bar(tmp_path: Path) -> None:
     info: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     assert info["seeds"] == [5] and info["width"] == 512
     assert out.read_bytes()[:4] == b"RIFF"
+    # The parameters text names the CFG scale like the worker's images do.
+    params = read_parameters(out.read_bytes())
+    assert params is not None and params["guidance_scale"] == 4.5 and params["seed"] == 5
 
 
 def test_unloadable_model_ends_with_one_clear_line(tmp_path: Path) -> None:
