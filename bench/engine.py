@@ -10,6 +10,16 @@ size, steps, guidance and seed, in one process, alternating so that machine nois
 With `--batch N` it also times N different requests batched in one `generate` call against
 N sequential diffusers calls (what a server without batching would do).
 
+Beside plain text-to-image it times image-to-image (`--strength`, default 0.6) on the same
+request, with our own text-to-image output as the input: VAE encode, round(steps × strength)
+steps, decode. Its "vs diffusers" ratio is against diffusers' *text-to-image* run (diffusers
+has no AuraFlow image-to-image pipeline), so it shows what the shorter schedule saves.
+
+LoRA rows (`--lora-rank`, default 16; 0 leaves them out) run last, on the same pipeline with
+adapter slots added: one random adapter, a hot-swap between two adapters on every run, and a
+plain request on that engine. `--lora-compile` compiles the blocks first and reports how many
+graphs were compiled while the swaps were timed (hot-swap must add none).
+
 Times: median and best of `--repeats`; on a shared machine other processes only ever add time,
 so the best-of ratio is the steadier one there.
 
@@ -47,6 +57,7 @@ from diffusers import (
 )
 from transformers import UMT5Config, UMT5EncoderModel
 
+from auraserve.core.image_input import steps_to_run
 from auraserve.core.request import GenerationRequest
 from auraserve.engine.loading import DTYPES, device_name
 from auraserve.engine.pipeline import AuraFlowEngine
@@ -276,6 +287,22 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     )
     timings = [theirs, ours]
 
+    # Image-to-image beside it: same request, our own image as the input.
+    assert image_ours is not None
+    init = image_ours
+    img2img_req = req.model_copy(update={"image": "bench", "strength": args.strength})
+    engine.generate([img2img_req.model_copy(update={"steps": 1})], init_images=[init])
+    img2img = Timing(f"auraserve img2img (strength {args.strength:g})", 1)
+    for _ in range(args.repeats):
+        timed(lambda: engine.generate([img2img_req], init_images=[init]), img2img, device)
+    timings.append(img2img)
+
+    if args.lora_rank:
+        lora_rows, lora_config = lora_timings(args, pipe, req, device)
+        timings += lora_rows
+    else:
+        lora_config = {}
+
     if args.batch > 1:
         batch = [
             request(
@@ -302,11 +329,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "dtype": args.dtype,
             "size": args.size,
             "steps": args.steps,
+            "img2img_strength": args.strength,
+            "img2img_steps_run": steps_to_run(args.steps, args.strength),
             "guidance_scale": args.guidance,
             "repeats": args.repeats,
             "build_s": round(build_s, 3),
             "torch": torch.__version__,
             "python": sys.version.split()[0],
+            **lora_config,
         },
         "results": [
             {**asdict(t), "median_s": t.median_s, "s_per_image": t.median_s / t.images}
@@ -317,6 +347,76 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_best_auraserve_over_diffusers": min(ours.runs_s) / min(theirs.runs_s),
         "max_abs_pixel_diff": diff,
     }
+
+
+def _random_adapter(pipe: AuraFlowPipeline, folder: Path, name: str, rank: int, seed: int) -> None:
+    """A rank-`rank` adapter on every attention and feed-forward linear layer of the blocks, in
+    diffusers' key layout, with small random weights (what a trained adapter costs to run)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    weights: dict[str, torch.Tensor] = {}
+    for module_name, module in pipe.transformer.named_modules():
+        if not isinstance(module, torch.nn.Linear) or "_blocks." not in module_name:
+            continue
+        if not any(part in module_name for part in (".attn.", ".ff.", ".ff_context.")):
+            continue
+        a = torch.randn(rank, module.in_features, generator=generator) * 0.01
+        b = torch.randn(module.out_features, rank, generator=generator) * 0.01
+        weights[f"transformer.{module_name}.lora_A.weight"] = a.to(torch.bfloat16)
+        weights[f"transformer.{module_name}.lora_B.weight"] = b.to(torch.bfloat16)
+    save_file(weights, str(folder / f"{name}.safetensors"))
+
+
+def lora_timings(
+    args: argparse.Namespace, pipe: AuraFlowPipeline, req: GenerationRequest, device: torch.device
+) -> tuple[list[Timing], dict[str, Any]]:
+    """LoRA rows, run last because the adapter slots change `pipe` in place: one adapter on
+    the same request, a hot-swap between two adapters on every run, and a plain request on
+    the LoRA engine (the cost of the slots when no adapter is asked for). With
+    `--lora-compile` the blocks are compiled and the graphs compiled during the timed runs are
+    counted: hot-swap must add none."""
+    import tempfile
+
+    from auraserve.core.engine_options import EngineOptions
+    from auraserve.core.lora import LoraSpec, available_loras
+    from auraserve.engine.lora import LoraOptions
+
+    folder = Path(tempfile.mkdtemp(prefix="auraserve-bench-lora-"))
+    for index, name in enumerate(("bench-a", "bench-b")):
+        _random_adapter(pipe, folder, name, args.lora_rank, seed=index)
+    options = EngineOptions(compile="blocks") if args.lora_compile else None
+    engine = AuraFlowEngine(
+        pipe,
+        description="bench+lora",
+        is_test_model=not args.full,
+        options=options,
+        lora=LoraOptions(registry=lambda: available_loras(folder), max_rank=args.lora_rank),
+    )
+    assert engine.lora is not None
+    with_a = req.model_copy(update={"loras": (LoraSpec(name="bench-a"),)})
+    with_b = req.model_copy(update={"loras": (LoraSpec(name="bench-b", scale=0.8),)})
+    # Warm-up: compile (if asked), read both adapters into the cache.
+    for warm in (req, with_a, with_b):
+        engine.generate([warm.model_copy(update={"steps": 1})])
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    swaps_before = engine.lora.swaps
+    one = Timing(f"auraserve + LoRA (rank {args.lora_rank})", 1)
+    swap = Timing("auraserve + LoRA, hot-swap A↔B each run", 1)
+    plain = Timing("auraserve plain on the LoRA engine", 1)
+    for i in range(args.repeats):
+        timed(lambda: engine.generate([with_a]), one, device)
+        timed(lambda i=i: engine.generate([with_b if i % 2 == 0 else with_a]), swap, device)
+        timed(lambda: engine.generate([req]), plain, device)
+    config = {
+        "lora_rank": args.lora_rank,
+        "lora_compiled": bool(args.lora_compile),
+        "lora_swaps_timed": engine.lora.swaps - swaps_before,
+        "lora_graphs_compiled_while_timed": torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        - graphs_before,
+        "lora_log": engine.lora.log_line,
+    }
+    return [one, swap, plain], config
 
 
 def table(report: dict[str, Any]) -> str:
@@ -333,7 +433,10 @@ def table(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        per_step = r["median_s"] / config["steps"]
+        steps = config["steps"]
+        if r["name"].startswith("auraserve img2img"):
+            steps = config.get("img2img_steps_run") or steps  # the steps it actually ran
+        per_step = r["median_s"] / max(1, steps)
         ref = base[r["images"]]
         ratio = r["median_s"] / ref["median_s"]
         best_ratio = min(r["runs_s"]) / min(ref["runs_s"])
@@ -344,6 +447,12 @@ def table(report: dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append(f"max |pixel difference| auraserve vs diffusers: {report['max_abs_pixel_diff']}")
+    if config.get("lora_rank"):
+        lines.append(
+            f"LoRA: {config['lora_log']}; {config['lora_swaps_timed']} hot-swaps timed, "
+            f"{config['lora_graphs_compiled_while_timed']} graphs compiled meanwhile "
+            f"({'compiled' if config['lora_compiled'] else 'eager'} transformer)"
+        )
     return "\n".join(lines)
 
 
@@ -360,6 +469,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="also time N requests batched")
+    parser.add_argument(
+        "--strength", type=float, default=0.6, help="image-to-image row's strength (0-1)"
+    )
+    parser.add_argument(
+        "--lora-rank", type=int, default=16, help="rank of the LoRA rows' adapters; 0: no rows"
+    )
+    parser.add_argument(
+        "--lora-compile",
+        action="store_true",
+        help="compile the LoRA engine's blocks and count recompiles during hot-swaps",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if args.full else "cpu")

@@ -113,14 +113,14 @@ class LiveServer:
 
     def __init__(self, runtime: Any) -> None:
         from auraserve.api.app import create_app
+        from auraserve.api.server import server_config
 
         self.runtime = runtime
         self.app = create_app(runtime)
         settings = runtime.settings
         self.url = f"http://{settings.host}:{settings.port}"
-        config = uvicorn.Config(
-            self.app, host=settings.host, port=settings.port, log_level="warning", lifespan="on"
-        )
+        # The same HTTP server and limits as `auraserve serve`.
+        config = server_config(self.app, settings, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -28,6 +28,7 @@ import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -216,8 +217,16 @@ def _open_admin(args: argparse.Namespace, *, may_create: bool) -> Runtime:
         )
     runtime = _open_runtime(settings)
     note = "" if exists else " (new and empty: created by this command)"
-    print(f"store: {label}{note}", file=sys.stderr, flush=True)
+    print(f"store: {label}{note}{_new_server_key(runtime)}", file=sys.stderr, flush=True)
     return runtime
+
+
+def _new_server_key(runtime: Runtime) -> str:
+    """Where a server key made by this process lives, for the line the command prints."""
+    key = runtime.server_key
+    if key is None or not key.created:
+        return ""
+    return f"; webhook secrets derive from the new server key {key.source} (0600): back it up"
 
 
 # --- model commands ---------------------------------------------------------------------------
@@ -226,8 +235,18 @@ def _open_admin(args: argparse.Namespace, *, may_create: bool) -> Runtime:
 def _load_engine(settings: Settings, weights: str) -> Engine:
     # The model stack loads here and only here: the admin commands never reach this.
     from auraserve.engine.expand import make_expander
+    from auraserve.engine.lora import LoraOptions
     from auraserve.engine.pipeline import load_engine
 
+    lora = None
+    if settings.lora_dir or settings.lora_hub_allowlist:
+        # The registry is listed again for every batch, so adapters dropped into the folder
+        # are served without a restart.
+        lora = LoraOptions(
+            registry=settings.loras,
+            cache_bytes=settings.lora_cache_mb * 2**20,
+            max_rank=settings.lora_max_rank,
+        )
     print(f"loading model {weights} …", file=sys.stderr, flush=True)
     engine = load_engine(
         weights,
@@ -236,6 +255,7 @@ def _load_engine(settings: Settings, weights: str) -> Engine:
         offload=settings.offload,
         max_rows=settings.max_rows,
         options=settings.engine_mode,
+        lora=lora,
         expander=make_expander(
             settings.expand_url or None,
             settings.expand_model or None,
@@ -262,6 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from auraserve.api.app import create_app
+    from auraserve.api.server import server_config
 
     settings = _settings(args)
     weights = settings.weights_for(settings.default_preset)
@@ -276,6 +297,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "Make more with: auraserve keys create --name NAME --credits N\n",
             flush=True,
         )
+    if runtime.server_key is not None and runtime.server_key.created:
+        print(
+            f"Server key: {runtime.server_key.source} (created now, mode 0600). Webhook "
+            "secrets derive from it: back it up, and give every replica the same key "
+            "(AURASERVE_SECRET_KEY or AURASERVE_SECRET_KEY_FILE).",
+            flush=True,
+        )
     for _ in range(settings.workers):
         runtime.start_worker(models=_served_models(settings, weights))
     app = create_app(runtime, owns_runtime=True)
@@ -285,14 +313,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"models: {', '.join(_served_models(settings, weights))})",
         flush=True,
     )
-    uvicorn.run(
+    # HTTP limits (header size and time, body stalls, keep-alive, connection cap): api/server.py.
+    config = server_config(
         app,
-        host=settings.host,
-        port=settings.port,
+        settings,
         log_level="warning" if not args.verbose else "info",
         access_log=args.access_log,
         timeout_graceful_shutdown=30,
     )
+    uvicorn.Server(config).run()
     return 0
 
 
@@ -449,6 +478,39 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 print(f"no active key {args.key_id}", file=sys.stderr)
                 return 1
             print(f"revoked {args.key_id}")
+        elif args.keys_cmd == "webhook-secret":
+            try:
+                current = keys.webhook_secrets(runtime.db, args.account)
+            except LookupError:
+                return _refuse(f"{args.account}: no such account in this store")
+            if args.json:
+                print(json.dumps({"account_id": args.account, "webhook_secrets": list(current)}))
+            else:
+                print("\n".join(current))
+        elif args.keys_cmd == "rotate-webhook-secret":
+            try:
+                rotation = keys.rotate_webhook_secret(
+                    runtime.db, args.account, grace_seconds=args.grace_hours * 3600
+                )
+            except LookupError:
+                return _refuse(f"{args.account}: no such account in this store")
+            until = datetime.fromtimestamp(rotation.previous_until, UTC).isoformat(
+                timespec="seconds"
+            )
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "account_id": rotation.account_id,
+                            "webhook_secret": rotation.secret,
+                            "previous_webhook_secret": rotation.previous_secret,
+                            "previous_signs_until": until,
+                        }
+                    )
+                )
+            else:
+                print(f"new webhook signing secret: {rotation.secret}")
+                print(f"the previous secret keeps signing beside it until {until}")
     finally:
         runtime.close()
     return 0
@@ -588,6 +650,25 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true", help="print one JSON array")
     revoke = command(keys_sub, "revoke", "revoke a key by id", settings="keys")
     revoke.add_argument("key_id", help="the key id (16 hex characters, shown by keys list)")
+    secret = command(
+        keys_sub, "webhook-secret", "show an account's webhook signing secrets", settings="keys"
+    )
+    secret.add_argument("account", metavar="ACCOUNT", help="the account id (acct_…)")
+    secret.add_argument("--json", action="store_true", help="print one JSON object")
+    rotate = command(
+        keys_sub,
+        "rotate-webhook-secret",
+        "new webhook signing secret; the old one keeps signing for a grace period",
+        settings="keys",
+    )
+    rotate.add_argument("account", metavar="ACCOUNT", help="the account id (acct_…)")
+    rotate.add_argument(
+        "--grace-hours",
+        type=_at_least(0),
+        default=24,
+        help="hours the previous secret keeps signing beside the new one (default 24)",
+    )
+    rotate.add_argument("--json", action="store_true", help="print one JSON object")
     keys_p.set_defaults(func=cmd_keys)
 
     credits = sub.add_parser(

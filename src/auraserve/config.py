@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -26,6 +27,7 @@ from pydantic_settings import (
 )
 
 from auraserve.core.engine_options import EngineOptions
+from auraserve.core.lora import LoraSource, available_loras, is_hub_id
 from auraserve.core.presets import ModelPreset, default_presets
 from auraserve.errors import ConfigError
 from auraserve.webhooks.settings import DEFAULT_SCHEDULE, WebhookSettings
@@ -42,6 +44,11 @@ class Settings(BaseSettings):
 
     # Where the embedded default keeps its SQLite file and media.
     data_dir: Path = Path(".auraserve")
+    # The server key webhook signing secrets are derived from (HMAC; never stored). Every
+    # replica of one deployment must share it: give it here (at least 32 characters) or as a
+    # file; with neither, the embedded default creates data_dir/secret.key (mode 0600).
+    secret_key: SecretStr | None = None
+    secret_key_file: Path | None = None
     # SQLAlchemy URL; empty means SQLite in the data dir. postgresql://… uses psycopg.
     database_url: str = ""
     host: str = "127.0.0.1"
@@ -65,6 +72,14 @@ class Settings(BaseSettings):
     warmup_sizes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Images per transformer forward at most; larger batches run in chunks (bounds memory).
     max_rows: int | None = Field(None, ge=1)
+    # LoRA registry (core/lora.py): a folder of `<name>.safetensors` files or diffusers-format
+    # `<name>/` folders, plus hub ids a request may name; nothing else is ever loaded.
+    lora_dir: Path | None = None
+    lora_hub_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Bytes of adapter weights kept loaded (LRU), in MiB; at least the largest adapter stays.
+    lora_cache_mb: int = Field(1024, ge=0)
+    # The highest adapter rank a compiled transformer accepts without recompiling (hot-swap).
+    lora_max_rank: int = Field(64, ge=1, le=1024)
 
     # Prompt expansion (expand_prompt): an OpenAI-compatible chat endpoint (vLLM, Ollama,
     # llama.cpp …) or a local transformers causal LM; with neither, a built-in offline expander.
@@ -85,6 +100,22 @@ class Settings(BaseSettings):
 
     # API.
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # HTTP limits (api/server.py), so that no client can hold the process's sockets or memory:
+    # the request line and headers together, and any one line of them, in bytes;
+    max_header_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)
+    max_header_line_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024)
+    # seconds to receive a whole header block, and the longest pause inside a body;
+    header_timeout_seconds: float = Field(10.0, gt=0, le=3600)
+    body_timeout_seconds: float = Field(15.0, gt=0, le=3600)
+    # idle seconds and requests on one keep-alive connection;
+    keep_alive_seconds: int = Field(5, ge=1, le=3600)
+    keep_alive_max_requests: int = Field(1000, ge=1)
+    # open connections per process; at the cap the oldest idle or header-pending one is closed.
+    # The process's open-file limit lowers it further (a margin is kept for the store and media).
+    max_connections: int = Field(4096, ge=16)
+    # Long-lived requests per account (api/limits.py): open status streams, waiting sync requests.
+    max_streams_per_account: int = Field(32, ge=1)
+    max_sync_waits_per_account: int = Field(32, ge=1)
     bootstrap_credits: int = Field(100_000, ge=0)
     # How long a sync-dialect request (seed 000, OpenAI) waits for its image before answering
     # 504 with the request_id; the job keeps running and stays pollable.
@@ -148,7 +179,13 @@ class Settings(BaseSettings):
             (int(w), int(h)) for w, _, h in (s.lower().partition("x") for s in self.warmup_sizes)
         ]
 
-    @field_validator("webhook_allow_hosts", "webhook_schedule", "warmup_sizes", mode="before")
+    @field_validator(
+        "webhook_allow_hosts",
+        "webhook_schedule",
+        "warmup_sizes",
+        "lora_hub_allowlist",
+        mode="before",
+    )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # Environment variables carry lists as "a,b,c" (or JSON, for symmetry with TOML).
@@ -157,6 +194,14 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("lora_hub_allowlist")
+    @classmethod
+    def _valid_hub_ids(cls, value: list[str]) -> list[str]:
+        for hub_id in value:
+            if not is_hub_id(hub_id):
+                raise ValueError(f"{hub_id[:100]!r} is not a hub id (owner/name)")
         return value
 
     @field_validator("webhook_allow_hosts")
@@ -170,6 +215,13 @@ class Settings(BaseSettings):
     def _valid_schedule(cls, value: list[float]) -> list[float]:
         if not value or any(d < 0 for d in value):
             raise ValueError("must be a non-empty list of delays >= 0 (seconds)")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _long_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
         return value
 
     @field_validator("redis_url")
@@ -241,6 +293,11 @@ class Settings(BaseSettings):
 
     def weights_for(self, preset_id: str) -> str:
         return self.model or self.presets[preset_id].weights
+
+    def loras(self) -> dict[str, LoraSource]:
+        """The LoRA registry as it is now: the folder is listed on each call, so an adapter
+        the operator adds is usable without a restart."""
+        return available_loras(self.lora_dir, self.lora_hub_allowlist)
 
 
 def load_settings(**overrides: Any) -> Settings:

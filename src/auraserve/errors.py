@@ -12,14 +12,17 @@ AuraserveError                      status 500, title, message, headers, extra
 │   ├── RequestConflict             409  cancel of a finished request
 │   ├── PayloadTooLarge             413  body over AURASERVE_MAX_BODY_BYTES
 │   ├── UnsupportedMediaType        415  a body type the route does not read
+│   ├── HeadersTooLarge             431  a header line over AURASERVE_MAX_HEADER_LINE_BYTES
 │   └── TooManyRequests             429  with Retry-After
 │       ├── QueueLimitReached            jobs in flight per account
-│       └── RateLimited                  submits per minute, or concurrent jobs
+│       ├── RateLimited                  submits per minute, or concurrent jobs
+│       └── LongRequestLimitReached      open status streams or waiting sync requests
 ├── JobOutcome                      a sync wait ended without an image (the job is terminal)
 │   ├── RequestCancelled            409  CANCELLED, not charged
 │   ├── GenerationFailed            400  FAILED: the engine refused the request, not charged
 │   └── GenerationError             500  ERROR: the server failed, not charged
 ├── SyncTimeout                     504  the image is not ready yet; the job goes on
+├── ServerBusy                      503  every connection slot is in use (with Retry-After)
 ├── ConfigError                     a setting is invalid; the process does not start
 ├── ModelLoadError                  the weights cannot be loaded; the process does not start
 ├── UnsupportedRequest              the engine cannot run this request: the job ends FAILED
@@ -149,6 +152,11 @@ class UnsupportedMediaType(RequestError):
         super().__init__(f"Content-Type '{content_type[:100]}' is not accepted; send {accepted}")
 
 
+class HeadersTooLarge(RequestError):
+    status = 431
+    title = "Request Header Fields Too Large"
+
+
 class TooManyRequests(RequestError):
     """429 with `Retry-After` (seconds) always set."""
 
@@ -168,6 +176,10 @@ class QueueLimitReached(TooManyRequests):
 
 class RateLimited(TooManyRequests):
     """Too many submits this minute, or too many jobs in flight for the account's plan."""
+
+
+class LongRequestLimitReached(TooManyRequests):
+    """The account holds as many open status streams, or waiting sync requests, as it may."""
 
 
 # --- a sync wait ended without an image ------------------------------------------------------
@@ -195,6 +207,16 @@ class GenerationError(JobOutcome):
 class SyncTimeout(AuraserveError):
     status = 504
     title = "Gateway Timeout"
+
+
+class ServerBusy(AuraserveError):
+    """Every connection slot of the process holds a request in progress: try again shortly."""
+
+    status = 503
+    title = "Service Unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
 # --- process start ----------------------------------------------------------------------------

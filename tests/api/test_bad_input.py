@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -12,6 +13,12 @@ from auraserve.store import jobs, ledger
 from tests.conftest import LiveServer, Tenant
 
 SEED_PATH = "/auraflow-v0-3-512/v1/auraflow-v0-3-request"
+# A 1×1 PNG, and a PNG signature followed by more than the 2 MiB inline limit.
+_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
+_SCALE = "loras[0].scale"
+_TOO_LARGE_PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"0" * (2 * 1024 * 1024)).decode()
 
 CASES: list[tuple[str, Any, int, str | None]] = [
     # (name, body (dict → JSON, bytes → raw), expected status, field named in the error)
@@ -43,6 +50,39 @@ CASES: list[tuple[str, Any, int, str | None]] = [
     ("JSON array", b'["prompt"]', 400, "body"),
     ("empty body", b"", 400, "body"),
     ("not UTF-8", b'{"prompt": "\xff\xfe"}', 400, "body"),
+    ("integer of 5000 digits", b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", 400, "body"),
+    (
+        "JSON nested 980 deep",
+        b'{"prompt": "a", "x": ' + b"[" * 980 + b"]" * 980 + b"}",
+        400,
+        "body",
+    ),
+    ("JSON nested 100000 deep", b"[" * 100_000 + b"]" * 100_000, 400, "body"),
+    ("JSON nested 33 deep", b'{"prompt": "a", "x": ' + b"[" * 32 + b"]" * 32 + b"}", 400, "body"),
+    # Image-to-image: what the API can see at submit (it never decodes the image).
+    ("image malformed data URI", {"prompt": "a", "image": "data:image/png,abc"}, 400, "image"),
+    ("image wrong data type", {"prompt": "a", "image": "data:text/html;base64,PGI+"}, 400, "image"),
+    ("image bad base64", {"prompt": "a", "image": "!!not base64!!"}, 400, "image"),
+    ("image not an image", {"prompt": "a", "image": "aGVsbG8gd29ybGQ="}, 400, "image"),
+    ("image too large", {"prompt": "a", "image": _TOO_LARGE_PNG}, 400, "image"),
+    ("image not a string", {"prompt": "a", "image": 5}, 400, "image"),
+    ("image http URL", {"prompt": "a", "image": "http://example.com/a.png"}, 400, "image"),
+    ("image ftp URL", {"prompt": "a", "image": "ftp://example.com/a.png"}, 400, "image"),
+    ("image private address", {"prompt": "a", "image": "https://10.0.0.1/a.png"}, 400, "image"),
+    ("image metadata address", {"prompt": "a", "image": "https://169.254.169.254/"}, 400, "image"),
+    ("image URL credentials", {"prompt": "a", "image": "https://u:p@example.com/"}, 400, "image"),
+    ("strength above 1", {"prompt": "a", "image": _PNG, "strength": 1.5}, 400, "strength"),
+    ("strength negative", {"prompt": "a", "image": _PNG, "strength": -0.1}, 400, "strength"),
+    ("strength not a number", {"prompt": "a", "image": _PNG, "strength": "x"}, 400, "strength"),
+    ("strength without image", {"prompt": "a", "strength": 0.5}, 400, "strength"),
+    # LoRA (the default settings register no adapter, so every name is unknown).
+    ("lora unknown name", {"prompt": "a", "loras": [{"name": "x"}]}, 400, "loras[0].name"),
+    ("lora path as name", {"prompt": "a", "loras": [{"name": "../a"}]}, 400, "loras[0].name"),
+    ("lora too many", {"prompt": "a", "loras": [{"name": "x"}] * 5}, 400, "loras"),
+    ("lora scale 3", {"prompt": "a", "loras": [{"name": "x", "scale": 3}]}, 400, "loras[0].scale"),
+    ("lora scale bool", {"prompt": "a", "loras": [{"name": "x", "scale": True}]}, 400, _SCALE),
+    ("lora no name", {"prompt": "a", "loras": [{"scale": 1}]}, 400, "loras[0].name"),
+    ("lora not a list", {"prompt": "a", "loras": "x"}, 400, "loras"),
     ("10 MB body", b'{"prompt": "' + b"x" * (10 * 1024 * 1024) + b'"}', 413, None),
 ]
 
@@ -97,3 +137,160 @@ def test_chunked_body_over_the_limit_is_413(
         SEED_PATH, content=chunks(), headers={**tenant.headers, "content-type": "application/json"}
     )
     assert resp.status_code == 413
+
+
+# The body parsers' refusals, on every dialect: each a 400 in that dialect's shape.
+PARSER_CASES: list[tuple[str, bytes, str]] = [
+    ("integer of 5000 digits", b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", "number too long"),
+    ("JSON nested 980 deep", b'{"prompt": "a", "x": ' + b"[" * 980 + b"]" * 980 + b"}", "nested"),
+    ("malformed JSON", b'{"prompt": ', "malformed JSON"),
+]
+DIALECT_PATHS = {
+    "queue": SEED_PATH,
+    "sync": "/v1/aura-flow",
+    "openai": "/v1/images/generations",
+}
+
+
+def _message_and_field(dialect: str, payload: dict[str, Any]) -> tuple[str, str | None]:
+    if dialect == "openai":
+        return payload["error"]["message"], payload["error"]["param"]
+    return payload["message"], payload.get("field")
+
+
+@pytest.mark.parametrize("dialect", list(DIALECT_PATHS))
+@pytest.mark.parametrize(("name", "body", "says"), PARSER_CASES, ids=[c[0] for c in PARSER_CASES])
+def test_parser_refusals_are_400_in_every_dialect(
+    api_only_server: LiveServer,
+    client: httpx.Client,
+    tenant: Tenant,
+    dialect: str,
+    name: str,
+    body: bytes,
+    says: str,
+) -> None:
+    resp = client.post(
+        DIALECT_PATHS[dialect],
+        content=body,
+        headers={**tenant.headers, "content-type": "application/json"},
+    )
+    assert resp.status_code == 400, resp.text
+    message, field = _message_and_field(dialect, resp.json())
+    assert field == "body"
+    assert says in message
+
+
+FORM_CASES: list[tuple[str, bytes, str]] = [
+    ("no boundary", b"garbage", "multipart/form-data"),
+    (
+        "part without a name",
+        b"--xyz\r\nContent-Disposition: form-data\r\n\r\na\r\n--xyz--\r\n",
+        "multipart/form-data; boundary=xyz",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "content_type"), FORM_CASES, ids=[c[0] for c in FORM_CASES]
+)
+def test_malformed_form_data_is_400_in_the_sync_shape(
+    api_only_server: LiveServer,
+    client: httpx.Client,
+    tenant: Tenant,
+    name: str,
+    body: bytes,
+    content_type: str,
+) -> None:
+    resp = client.post(
+        "/v1/aura-flow", content=body, headers={**tenant.headers, "content-type": content_type}
+    )
+    assert resp.status_code == 400, resp.text
+    payload = resp.json()
+    assert payload["field"] == "body"
+    assert payload["message"].startswith("body: malformed form data")
+
+
+# Lax parsing, decided (api/body.py): per dialect, (field, value) → accepted value or refused.
+LAX: list[tuple[str, str, Any, Any]] = [
+    # dialect, field, sent, read as (None: refused with 400 naming the field)
+    ("sync", "steps", "3", 3),
+    ("sync", "steps", "3.0", 3),
+    ("sync", "steps", 3.0, 3),
+    ("sync", "cfg", "1.5", 1.5),
+    ("sync", "seed", "1e3", 1000),
+    ("sync", "steps", "1_0", None),
+    ("sync", "steps", " 3", None),
+    ("sync", "steps", "+3", None),
+    ("sync", "steps", "0x10", None),
+    ("sync", "steps", "٣", None),
+    ("sync", "steps", "2.5", None),
+    ("sync", "seed", "9" * 5000, None),
+    ("queue", "num_inference_steps", 3, 3),
+    ("queue", "num_inference_steps", 3.0, 3),
+    ("queue", "guidance_scale", 2, 2.0),
+    ("queue", "num_inference_steps", "3", None),
+    ("queue", "guidance_scale", "1.5", None),
+    ("queue", "seed", "1_0", None),
+    ("queue", "num_inference_steps", 2.5, None),
+    ("openai", "n", 1.0, 1),
+    ("openai", "seed", 7, 7),
+    ("openai", "n", "1", None),
+    ("openai", "seed", "1_0", None),
+]
+CANONICAL = {"steps": "steps", "num_inference_steps": "steps", "cfg": "guidance_scale"}
+CANONICAL |= {"guidance_scale": "guidance_scale", "seed": "seed", "n": "num_images"}
+
+
+@pytest.mark.parametrize(
+    ("dialect", "field", "sent", "read"), LAX, ids=[f"{d}-{f}-{s!r:.12}" for d, f, s, _ in LAX]
+)
+def test_lax_parsing_per_dialect(
+    settings: Any, dialect: str, field: str, sent: Any, read: Any
+) -> None:
+    from auraserve.api.body import read_numbers
+    from auraserve.api.dialects.openai import OPENAI
+    from auraserve.api.dialects.queue import QUEUE
+    from auraserve.api.dialects.sync import SYNC
+    from auraserve.errors import InvalidParameter
+
+    d = {"sync": SYNC, "queue": QUEUE, "openai": OPENAI}[dialect]
+    body = {"prompt": "a", field: sent}
+    if read is None:
+        with pytest.raises(InvalidParameter) as refused:
+            d.build(settings, settings.default_preset, d.canonical(read_numbers(body, d)))
+        assert refused.value.field == field
+        assert refused.value.message.startswith(field)
+    else:
+        gen = d.build(settings, settings.default_preset, d.canonical(read_numbers(body, d)))
+        value = getattr(gen, CANONICAL[field])
+        assert value == read and type(value) is type(read)
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "field"),
+    [
+        ("/v1/aura-flow", {"prompt": "a", "steps": "1_0"}, "steps"),
+        (SEED_PATH, {"prompt": "a", "num_inference_steps": "3"}, "num_inference_steps"),
+        ("/v1/images/generations", {"prompt": "a", "n": "1"}, "n"),
+    ],
+)
+def test_lax_parsing_over_http(
+    api_only_server: LiveServer,
+    client: httpx.Client,
+    tenant: Tenant,
+    path: str,
+    content: dict[str, Any],
+    field: str,
+) -> None:
+    form = path == "/v1/aura-flow"
+    resp = client.post(
+        path, headers=tenant.headers, **({"data": content} if form else {"json": content})
+    )
+    assert resp.status_code == 400, resp.text
+    payload = resp.json()
+    named = payload["error"]["param"] if "images" in path else payload["field"]
+    assert named == field
+    accepted = client.post(
+        SEED_PATH, headers=tenant.headers, json={"prompt": "a", "num_inference_steps": 3.0}
+    )
+    assert accepted.status_code == 202, accepted.text

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import subprocess
 import sys
 import time
@@ -525,3 +526,69 @@ def test_service_help_shows_every_setting(command: str) -> None:
     # Every other setting is at least named, with where it is read from.
     for name in Settings.model_fields:
         assert f"AURASERVE_{name.upper()}" in text, name
+
+
+def test_webhook_secret_rotation_commands(settings: Settings) -> None:
+    created = json.loads(
+        run_cli("keys", "create", "--name", "hooks", "--json", settings=settings).stdout
+    )
+    account = created["account_id"]
+    shown = run_cli("keys", "webhook-secret", account, "--json", settings=settings)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["webhook_secrets"] == [created["webhook_secret"]]
+
+    rotated = run_cli(
+        "keys", "rotate-webhook-secret", account, "--grace-hours", "2", "--json", settings=settings
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    record = json.loads(rotated.stdout)
+    assert record["previous_webhook_secret"] == created["webhook_secret"]
+    assert record["webhook_secret"].startswith("whsec_")
+    assert record["webhook_secret"] != created["webhook_secret"]
+    assert record["previous_signs_until"] > time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    both = json.loads(
+        run_cli("keys", "webhook-secret", account, "--json", settings=settings).stdout
+    )
+    assert both["webhook_secrets"] == [record["webhook_secret"], created["webhook_secret"]]
+
+    text_out = run_cli("keys", "rotate-webhook-secret", account, settings=settings)
+    assert "new webhook signing secret: whsec_" in text_out.stdout
+    assert "keeps signing beside it until" in text_out.stdout
+    missing = run_cli("keys", "rotate-webhook-secret", "acct_nope", settings=settings)
+    assert missing.returncode == 2 and "no such account" in missing.stderr
+
+
+def test_a_new_data_dir_is_private(tmp_path: Path) -> None:
+    data_dir = tmp_path / "fresh" / "data"
+    env = {"AURASERVE_DATA_DIR": str(data_dir), "AURASERVE_DATABASE_URL": ""}
+    created = run_cli("keys", "create", "--name", "a", env=env)
+    assert created.returncode == 0, created.stderr
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    key_file = data_dir / "secret.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert str(key_file) in created.stderr  # the first start says where the key is
+    sqlite_files = [p for p in data_dir.iterdir() if p.name.startswith("auraserve.db")]
+    assert sqlite_files
+    for path in sqlite_files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # The key is made once: the secret shown at creation is the one derived later.
+    account = json.loads(run_cli("keys", "create", "--name", "b", "--json", env=env).stdout)[
+        "account_id"
+    ]
+    shown = run_cli("keys", "webhook-secret", account, env=env)
+    assert shown.returncode == 0 and shown.stdout.startswith("whsec_")
+    assert "secret.key" not in run_cli("keys", "list", env=env).stderr
+
+
+def test_the_engine_of_serve_and_worker_serves_the_lora_registry(tmp_path: Path) -> None:
+    """`serve`/`worker` build their engine with LoRA slots when a registry is configured."""
+    from auraserve.cli import _load_engine
+    from auraserve.config import load_settings
+
+    (tmp_path / "loras").mkdir()
+    plain = _load_engine(load_settings(data_dir=tmp_path / "d", device="cpu"), "tiny")
+    with_lora = _load_engine(
+        load_settings(data_dir=tmp_path / "d", device="cpu", lora_dir=tmp_path / "loras"), "tiny"
+    )
+    assert getattr(plain, "lora", None) is None
+    assert getattr(with_lora, "lora", None) is not None

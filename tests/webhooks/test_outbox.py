@@ -18,14 +18,14 @@ import pytest
 import trustme
 import uvicorn
 from sqlalchemy import select
-from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from auraserve.config import ConfigError, Settings, load_settings
 from auraserve.core.jobs import JobStatus
 from auraserve.core.request import build_request
 from auraserve.core.status import status_body
 from auraserve.runtime import Runtime
-from auraserve.store import jobs, ledger
+from auraserve.store import jobs, keys, ledger
 from auraserve.store.schema import jobs as jobs_table
 from auraserve.store.schema import webhook_deliveries
 from tests.conftest import LiveServer, Tenant, free_port, wait_for_status
@@ -130,6 +130,44 @@ def test_terminal_webhook_is_signed_and_is_the_status_object(
         200,
     )
     assert delivery["status"] == "COMPLETED" and delivery["terminal"] is True
+
+
+def test_rotation_signs_with_old_and_new_secret_during_the_grace_period(
+    server: LiveServer, client: httpx.Client, tenant: Tenant, hooks: Receiver
+) -> None:
+    old = tenant.webhook_secret
+    rotation = keys.rotate_webhook_secret(server.runtime.db, tenant.account_id, grace_seconds=60)
+    assert rotation.previous_secret == old and rotation.secret != old
+    url = f"https://127.0.0.1:{hooks.port}/hook"
+    # Receivers not yet updated (the old secret) and updated ones (the new) both accept.
+    for receiver_secret in (old, rotation.secret):
+        hooks.secret = receiver_secret
+        hooks.requests.clear()
+        request_id = _submit(client, tenant, url, num_inference_steps=2, guidance_scale=1.0)
+        assert wait_for_status(client, request_id, tenant.headers)["status"] == "COMPLETED"
+        _wait(lambda: len(hooks.requests) >= 1, what="the callback")
+        got = hooks.requests[0]
+        assert got.verified
+        assert len(got.headers["webhook-signature"].split()) == 2
+        assert _verify(old, got)["request_id"] == request_id
+        assert _verify(rotation.secret, got)["request_id"] == request_id
+        _wait(
+            lambda rid=request_id: (
+                _deliveries(server.runtime, _job_id(rid))[0].state == "delivered"
+            ),
+            what="the delivery to be recorded",
+        )
+    # After the grace period only the new secret signs.
+    ended = keys.rotate_webhook_secret(server.runtime.db, tenant.account_id, grace_seconds=0)
+    hooks.secret = ended.secret
+    hooks.requests.clear()
+    request_id = _submit(client, tenant, url, num_inference_steps=2, guidance_scale=1.0)
+    assert wait_for_status(client, request_id, tenant.headers)["status"] == "COMPLETED"
+    _wait(lambda: len(hooks.requests) >= 1, what="the callback")
+    got = hooks.requests[0]
+    assert got.verified and len(got.headers["webhook-signature"].split()) == 1
+    with pytest.raises(WebhookVerificationError):
+        _verify(rotation.secret, got)
 
 
 def test_sync_mode_sends_throttled_progress_then_final(

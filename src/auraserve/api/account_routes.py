@@ -49,15 +49,30 @@ _TUNABLE = (
     "output_quality",
 )
 # What /v2/models copies from each canonical field's JSON schema.
-_RANGE_KEYS = ("type", "minimum", "maximum", "minLength", "maxLength", "enum", "description")
+_RANGE_KEYS = (
+    "type",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "maxItems",
+    "enum",
+    "description",
+)
 
 
 def queue_parameters(request: GenerationRequest) -> dict[str, Any]:
     """A stored request as the queue dialect's body: submitting it again repeats it."""
+    dumped = request.model_dump(mode="json")  # nested values (loras) as plain JSON
+    image = dumped.get("image")
+    if image is None or not str(image).startswith("https://"):
+        # Text-to-image carries no image fields. An inline image is up to megabytes of base64,
+        # too much to repeat in every listing: it is left out (with its strength, which means
+        # nothing without it). Image URLs are kept, so those requests repeat as they are.
+        dumped.pop("image", None)
+        dumped.pop("strength", None)
     return {
-        own: getattr(request, canonical)
-        for canonical, own in _QUEUE_NAMES.items()
-        if canonical in GenerationRequest.model_fields
+        own: dumped[canonical] for canonical, own in _QUEUE_NAMES.items() if canonical in dumped
     }
 
 
@@ -101,6 +116,8 @@ def model_catalogue(settings: Settings) -> dict[str, Any]:
         "schedulers": list(SCHEDULERS),
         "output_formats": list(OUTPUT_FORMATS),
         "sizes": [{"width": w, "height": h} for w, h in sorted(sizes)],
+        # Names only: where the operator keeps the weights is not the client's business.
+        "loras": [{"name": name, "source": src.kind} for name, src in settings.loras().items()],
     }
 
 
@@ -149,6 +166,11 @@ class ModelBody(BaseModel):
     )
 
 
+class LoraBody(BaseModel):
+    name: str = Field(description="The value for `loras[i].name`")
+    source: str = Field(description="file | folder (AURASERVE_LORA_DIR) | hub (the allowlist)")
+
+
 class Size(BaseModel):
     width: int
     height: int
@@ -160,6 +182,7 @@ class ModelsBody(BaseModel):
     schedulers: list[str]
     output_formats: list[str]
     sizes: list[Size] = Field(description="The presets' default sizes")
+    loras: list[LoraBody] = Field(description="LoRA adapters a request may name in `loras`")
 
 
 @router.get(

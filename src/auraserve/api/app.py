@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +21,8 @@ from auraserve import __version__
 from auraserve.api import account_routes, errors, request_routes
 from auraserve.api.dialect import Dialect
 from auraserve.api.dialects import openai, queue, sync
+from auraserve.api.limits import Kind, LongLivedSlots, endpoint_is, hold_slot, method_is
+from auraserve.api.openapi import media_responses, tidy_document
 from auraserve.api.ratelimit import RateLimiter
 from auraserve.errors import PayloadTooLarge, RequestNotFound
 from auraserve.media.storage import media_type_of
@@ -116,19 +119,16 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
 
 
 def _document_presets(app: FastAPI, presets: list[str]) -> None:
-    """Name the configured presets in the OpenAPI document: `{model_id}` path parameters are
-    one of them (the routes are declared once, before any configuration is known)."""
+    """Serve the document `api.openapi.tidy_document` corrects, naming the configured presets
+    (the routes are declared once, before any configuration is known)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = build()
-            for item in schema.get("paths", {}).values():
-                for operation in item.values():
-                    for param in operation.get("parameters", []):
-                        if param.get("in") == "path" and param.get("name") == "model_id":
-                            param["schema"] = {**param.get("schema", {}), "enum": presets}
-            app.openapi_schema = schema
+            with warnings.catch_warnings():
+                # One route serves cancel's POST and PUT; tidy_document gives each its own id.
+                warnings.filterwarnings("ignore", message="Duplicate Operation ID")
+                app.openapi_schema = tidy_document(build(), presets)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -167,14 +167,32 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     )
     app.state.runtime = runtime
     errors.install(app, default=queue.QUEUE)
+    app.state.long_lived = LongLivedSlots()
     app.include_router(queue.router)
-    app.include_router(request_routes.router)
-    app.include_router(sync.build_router(runtime.settings))
-    app.include_router(openai.router)
+    app.include_router(
+        request_routes.router,
+        dependencies=[
+            hold_slot(Kind.STREAM, queue.QUEUE, endpoint_is(request_routes.stream)),
+        ],
+    )
+    app.include_router(
+        sync.build_router(runtime.settings),
+        dependencies=[hold_slot(Kind.SYNC_WAIT, sync.SYNC, method_is("POST"))],
+    )
+    app.include_router(
+        openai.router,
+        dependencies=[hold_slot(Kind.SYNC_WAIT, openai.OPENAI, endpoint_is(openai.generations))],
+    )
     account_routes.install(app, runtime.settings)
     _document_presets(app, sorted(runtime.settings.presets))
 
-    @app.get("/media/{name}", tags=["media"], responses={404: {}})
+    @app.get(
+        "/media/{name}",
+        tags=["media"],
+        summary="An image, by the name in a status object's output",
+        response_class=Response,
+        responses=media_responses(queue.QUEUE.error_responses(404)),
+    )
     async def media(name: str) -> Response:
         path = runtime.media.path(name)
         if path is None:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from auraserve.api.image_field import check_image_url
 from auraserve.api.openapi import ErrorBody, error_responses
 from auraserve.config import Settings
 from auraserve.core.request import GenerationRequest, build_request, map_fields
@@ -99,13 +100,16 @@ class Dialect:
         defaults: Mapping[str, Any] | None = None,
     ) -> GenerationRequest:
         """Validate canonical `fields` into a request; errors speak this dialect's names."""
-        return build_request(
+        request = build_request(
             fields,
             model=model_id,
             preset=settings.presets[model_id],
             names=self.names,
             defaults=self.defaults if defaults is None else defaults,
+            loras=settings.loras() if "loras" in fields else None,
         )
+        check_image_url(request, settings, self.names)
+        return request
 
     # --- errors --------------------------------------------------------------------------
 

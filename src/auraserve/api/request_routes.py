@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from auraserve.api import results
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
-from auraserve.api.openapi import StatusBody
+from auraserve.api.openapi import StatusBody, event_stream_schema
 from auraserve.api.store_calls import call_store
 from auraserve.core.jobs import Job, split_request_id
 from auraserve.errors import RequestConflict, RequestNotFound
@@ -41,7 +41,10 @@ def _status_responses() -> dict[int | str, dict[str, Any]]:
     responses={
         200: {
             "description": "The event stream",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": event_stream_schema(StatusBody)}},
+            "headers": {
+                "Cache-Control": {"schema": {"type": "string", "enum": ["no-cache"]}},
+            },
         },
         **_status_responses(),
     },
@@ -103,24 +106,25 @@ async def _cancel(request_id: str, runtime: RuntimeDep, account: CurrentAccount)
     return JSONResponse(body, status_code=200)
 
 
-for _method in ("POST", "PUT"):
-    router.add_api_route(
-        "/v2/requests/{request_id}/cancel",
-        _cancel,
-        methods=[_method],
-        operation_id=f"cancel_request_{_method.lower()}",
-        summary="Cancel a request",
-        description=(
-            "A queued request is cancelled at once and its credits released (200). A running "
-            "one is flagged and stops at its next step (202); its final status is CANCELLED, "
-            "not charged. A finished request answers 409 with its status."
-        ),
-        response_model=StatusBody,
-        responses={
-            202: {
-                "model": StatusBody,
-                "description": "Cancellation requested; the job stops at its next step",
-            },
-            **QUEUE.error_responses(401, 404, 409),
+# One route for both methods, so that a 405 (OPTIONS, GET, ...) answers `Allow: POST, PUT`;
+# `api.openapi.tidy_document` splits the shared operation id into cancel_request_post / _put.
+router.add_api_route(
+    "/v2/requests/{request_id}/cancel",
+    _cancel,
+    methods=["POST", "PUT"],
+    operation_id="cancel_request",
+    summary="Cancel a request",
+    description=(
+        "A queued request is cancelled at once and its credits released (200). A running "
+        "one is flagged and stops at its next step (202); its final status is CANCELLED, "
+        "not charged. A finished request answers 409 with its status."
+    ),
+    response_model=StatusBody,
+    responses={
+        202: {
+            "model": StatusBody,
+            "description": "Cancellation requested; the job stops at its next step",
         },
-    )
+        **QUEUE.error_responses(401, 404, 409),
+    },
+)

@@ -15,6 +15,23 @@ from typing import Annotated, Any
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from auraserve.core.image_input import ALLOWED as IMAGE_ALLOWED
+from auraserve.core.image_input import (
+    DEFAULT_STRENGTH,
+    image_digest,
+    parse_image,
+    steps_to_run,
+)
+from auraserve.core.lora import (
+    LORA_PRICE_FRACTION,
+    LORAS_ALLOWED,
+    MAX_LORAS,
+    LoraSource,
+    LoraSpec,
+    check_lora_types,
+    check_registry,
+    lora_error,
+)
 from auraserve.core.presets import ModelPreset
 from auraserve.core.samplers import (
     MEDIA_TYPES,
@@ -76,6 +93,39 @@ class GenerationRequest(BaseModel):
         int, Field(ge=0, le=100, description="Quality for lossy formats (webp, jpeg).")
     ]
     expand_prompt: bool = False
+    # Image-to-image (core/image_input.py): the API checks the form, the worker decodes.
+    image: Annotated[
+        str | None,
+        Field(description="Input image: an https URL, a data: URI or base64 (PNG, JPEG, WebP)."),
+    ] = None
+    strength: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1,
+            allow_inf_nan=False,
+            description="How much of the input to redraw: 0 keeps it, 1 ignores it (0.8 default "
+            "with an image).",
+        ),
+    ] = 1.0
+    # Set by build_request when an image comes without width/height: the worker then takes the
+    # size from the image, within the pixels of width × height (the priced size).
+    size_from_image: bool = False
+
+    # LoRA adapters (core/lora.py), applied in this order; names are checked against the
+    # operator's registry by build_request, not here (a stored job is re-validated on read).
+    loras: Annotated[
+        tuple[LoraSpec, ...],
+        Field(max_length=MAX_LORAS, description="LoRA adapters: [{name, scale}], at most 4."),
+    ] = ()
+
+    @field_validator("loras")
+    @classmethod
+    def _distinct_loras(cls, value: tuple[LoraSpec, ...]) -> tuple[LoraSpec, ...]:
+        names = [spec.name for spec in value]
+        if len(set(names)) != len(names):
+            raise ValueError("each adapter may appear once")
+        return value
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -116,25 +166,47 @@ class GenerationRequest(BaseModel):
     @property
     def batch_key(self) -> str:
         """Jobs with equal keys can share one batched forward pass without changing any image."""
-        return (
+        key = (
             f"{self.model}|{self.width}x{self.height}|{self.steps}|{self.sampler}|"
             f"{self.scheduler}|{self.shift:g}"
         )
+        if self.image is not None:
+            # strength sets the start step; a size taken from the image is known only to the
+            # worker, so only requests with the same image can share such a batch.
+            key += f"|img{self.strength:g}"
+            if self.size_from_image:
+                key += f":{image_digest(self.image)}"
+        if self.loras:
+            # The adapter set is loaded per batch: only requests with the same adapters, in the
+            # same order (the order of float additions) and scales may share one.
+            key += "|lora:" + ",".join(f"{spec.name}@{spec.scale!r}" for spec in self.loras)
+        return key
+
+    @property
+    def priced_steps(self) -> int:
+        """The steps a request pays for: image-to-image runs only round(steps × strength) of
+        them, and pays at least one for the VAE encode and decode even at strength 0."""
+        if self.image is None:
+            return self.steps
+        return max(1, steps_to_run(self.steps, self.strength))
 
     def price(self, preset: ModelPreset) -> int:
         """Credits for the whole request: the preset's price per reference image (1024², 25
-        steps) scaled linearly by pixels and steps, rounded up per image, at least 1 per image
-        unless the preset is free."""
+        steps) scaled linearly by pixels and `priced_steps`, rounded up per image, at least 1
+        per image unless the preset is free."""
         if preset.price_per_image == 0:
             return 0
         per_image = math.ceil(
             preset.price_per_image
             * self.width
             * self.height
-            * self.steps
+            * self.priced_steps
             / (REFERENCE_PIXELS * REFERENCE_STEPS)
         )
-        return max(1, per_image) * self.num_images
+        per_image = max(1, per_image)
+        # Each adapter adds LORA_PRICE_FRACTION of the base price, rounded up per image.
+        per_image += math.ceil(per_image * LORA_PRICE_FRACTION * len(self.loras))
+        return per_image * self.num_images
 
 
 # Defaults that come from the preset when a dialect leaves a field out.
@@ -178,6 +250,10 @@ def _allowed(name: str) -> str:
         return "one of: " + ", ".join(SCHEDULERS)
     if name == "output_format":
         return "one of: " + ", ".join(OUTPUT_FORMATS)
+    if name == "loras":
+        return LORAS_ALLOWED
+    if name == "image":
+        return IMAGE_ALLOWED
     field = GenerationRequest.model_fields.get(name)
     if field is None:
         return ""
@@ -207,14 +283,23 @@ def build_request(
     preset: ModelPreset,
     names: Mapping[str, str] | None = None,
     defaults: Mapping[str, Any] | None = None,
+    loras: Mapping[str, LoraSource] | None = None,
 ) -> GenerationRequest:
     """Validate a dialect's fields (already renamed to canonical names) into a request.
 
     `names` maps canonical names back to the dialect's, so errors name what the client sent.
     Missing fields take the dialect's `defaults` first, then the preset's; a missing seed is
-    drawn at random.
+    drawn at random. `loras` is the adapter registry (`core.lora.available_loras`): a
+    request naming an adapter outside it is refused; None accepts no adapters at all.
     """
     data: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    data.pop("size_from_image", None)  # derived below, never taken from a client
+    if "image" in data:
+        data.setdefault("strength", DEFAULT_STRENGTH)
+        data["size_from_image"] = "width" not in data and "height" not in data
+    elif "strength" in data and str(data["strength"]).strip() not in ("1", "1.0"):
+        # 1 is text-to-image, so a stored text request's parameters (history) resubmit as-is.
+        raise _invalid("strength", "applies only with image", names)
     for key, value in (defaults or {}).items():
         data.setdefault(key, value)
     for key in _PRESET_DEFAULTS:
@@ -228,10 +313,20 @@ def build_request(
             field = GenerationRequest.model_fields.get(key)
             if field is not None and field.annotation is not bool:
                 raise _invalid(key, "wrong type", names)
+    if isinstance(data.get("image"), str):
+        # Checked here, not in a field validator: a stored job is re-validated on every read
+        # and must not decode megabytes of base64 each time.
+        try:
+            parse_image(data["image"])
+        except ValueError as exc:
+            raise _invalid("image", str(exc), names) from None
+    check_lora_types(data.get("loras"), (names or {}).get("loras", "loras"))
     try:
-        return GenerationRequest.model_validate(data)
+        request = GenerationRequest.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
+        if err["loc"] and err["loc"][0] == "loras":
+            raise lora_error(err, (names or {}).get("loras", "loras")) from None
         key = str(err["loc"][0]) if err["loc"] else "body"
         if err["type"] == "missing":
             raise _invalid(key, "is required", names) from None
@@ -246,6 +341,8 @@ def build_request(
             ) from None
         reason = str(err["msg"]).removeprefix("Value error, ")
         raise _invalid(key, reason, names) from None
+    check_registry(request.loras, loras or {}, (names or {}).get("loras", "loras"))
+    return request
 
 
 def _invalid(key: str, reason: str, names: Mapping[str, str] | None) -> InvalidParameter:

@@ -51,8 +51,13 @@ class Engine(Protocol):
         *,
         on_step: StepCallback | None = None,
         cancelled: CancelCheck | None = None,
+        init_images: Sequence[Image.Image | None] | None = None,
     ) -> list[JobResult]:
         """Run a batch. Each request's images depend only on that request (never on the batch).
+
+        `init_images` holds, per request, the decoded input of an image-to-image request (the
+        worker fetches and decodes it; see `worker.inputs`), None for text-to-image; the
+        worker passes it only when some request of the batch has an image.
 
         Raises `auraserve.errors.JobCancelled` if every request was cancelled; raises
         `auraserve.errors.UnsupportedRequest` for a request the model cannot run (the job

@@ -45,7 +45,9 @@ from auraserve.core.samplers import SAMPLERS, SCHEDULERS
 from auraserve.engine.base import CancelCheck, JobResult, StepCallback
 from auraserve.engine.components import AuraFlowPipeline
 from auraserve.engine.expand import OfflineExpander, PromptExpander, expand_prompt
+from auraserve.engine.img2img import encode_image, noised, start_sigmas
 from auraserve.engine.loading import load_pipeline
+from auraserve.engine.lora import LoraOptions, LoraSlots, check_same_loras
 from auraserve.engine.optimize import apply_optimizations
 from auraserve.engine.pos_embed import install_pos_embed_interpolation
 from auraserve.engine.sampling import NoiseSampler, sample
@@ -72,6 +74,7 @@ class _Row:
     warnings: list[str] = field(default_factory=list)
     embeds: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (1, 256, d)
     negative_embeds: torch.Tensor | None = None  # (1, 256, d); None without CFG
+    init_image: Image.Image | None = None  # image-to-image input, decoded by the worker
 
     @property
     def uses_cfg(self) -> bool:
@@ -90,6 +93,7 @@ class AuraFlowEngine:
         expander: PromptExpander | None = None,
         max_rows: int | None = None,
         options: EngineOptions | None = None,
+        lora: LoraOptions | None = None,
     ) -> None:
         """`max_rows` caps the rows of one transformer forward (uncond and cond rows count
         alike); a bigger batch runs in chunks, trading speed for bounded activation memory.
@@ -97,7 +101,11 @@ class AuraFlowEngine:
 
         `options` switches on speed modes (`engine.optimize`); they are applied to `pipe` in
         place, here, and `optimization_log` says what was applied or skipped. None (or
-        `EngineOptions()`) leaves the pipeline untouched."""
+        `EngineOptions()`) leaves the pipeline untouched.
+
+        `lora` enables LoRA adapters per request (`engine.lora`); its slots are added before
+        the speed modes, so a compiled transformer hot-swaps adapters without recompiling.
+        None: requests with adapters FAIL."""
         if max_rows is not None and max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.pipe = pipe
@@ -108,7 +116,10 @@ class AuraFlowEngine:
         self._lock = threading.Lock()
         install_pos_embed_interpolation(pipe)
         self.options = options or EngineOptions()
+        self.lora = LoraSlots(pipe, lora, self.options) if lora is not None else None
         self.optimization_log: list[str] = apply_optimizations(pipe, self.options)
+        if self.lora is not None:
+            self.optimization_log.append(self.lora.log_line)
         self.text_cache: TextEmbeddingCache | None = (
             TextEmbeddingCache(self.options.text_cache_size)
             if self.options.text_cache_size
@@ -131,14 +142,25 @@ class AuraFlowEngine:
         *,
         on_step: StepCallback | None = None,
         cancelled: CancelCheck | None = None,
+        init_images: Sequence[Image.Image | None] | None = None,
     ) -> list[JobResult]:
         if not requests:
             return []
         _check_batch(requests)
+        inits = list(init_images) if init_images is not None else [None] * len(requests)
+        if len(inits) != len(requests):
+            raise ValueError("init_images needs one entry per request")
+        for request, init in zip(requests, inits, strict=True):
+            if request.image is not None and init is None:
+                raise UnsupportedRequest("image: the input image was not loaded")
         with self._lock, torch.inference_mode():
+            if self.lora is not None:
+                self.lora.activate(requests)
+            elif check_same_loras(requests):
+                raise UnsupportedRequest("LoRA adapters are not enabled on this server")
             started = time.perf_counter()
             try:
-                results = self._generate(list(requests), on_step, cancelled)
+                results = self._generate(list(requests), on_step, cancelled, inits)
             finally:
                 self.pipe.maybe_free_model_hooks()  # offload modes: park weights back on CPU
             elapsed = time.perf_counter() - started
@@ -168,8 +190,11 @@ class AuraFlowEngine:
         requests: list[GenerationRequest],
         on_step: StepCallback | None,
         cancelled: CancelCheck | None,
+        inits: Sequence[Image.Image | None],
     ) -> list[JobResult]:
         rows = [self._prepare(request) for request in requests]
+        for row, init in zip(rows, inits, strict=True):
+            row.init_image = init if row.request.image is not None else None
         dropped: set[int] = set()
         check = _cancel_checker(cancelled, len(rows), dropped)
         check()
@@ -248,6 +273,17 @@ class AuraFlowEngine:
         ]
         return torch.cat(noise).to(self.device)
 
+    def _init_latents(self, rows: list[_Row]) -> torch.Tensor:
+        """The input image's latent for every image of every row (one encode per request)."""
+        parts = []
+        for row in rows:
+            if row.init_image is None:
+                raise UnsupportedRequest("image: the input image was not loaded")
+            request = row.request
+            latent = encode_image(self.pipe, row.init_image, request.width, request.height)
+            parts.append(latent.expand(request.num_images, -1, -1, -1))
+        return torch.cat(parts).to(self.device)
+
     def _sampler_noise(self, rows: list[_Row], x: torch.Tensor) -> NoiseSampler:
         generators = [
             _cpu_generator((seed + SAMPLER_NOISE_SEED_OFFSET) % 2**64)
@@ -266,8 +302,14 @@ class AuraFlowEngine:
         # sampler= applies ComfyUI's KSampler rule (dpm_2, uni_pc: penultimate sigma dropped).
         sigmas = make_sigmas(first.scheduler, first.steps, first.shift, sampler=first.sampler)
         noise = self._initial_noise(rows)
-        # Flow matching's x_σ = σ·noise + (1-σ)·x0, so an empty latent starts at σ_max·noise.
-        x = noise * sigmas[0].to(noise.device)
+        if first.image is not None:  # image-to-image (engine.img2img): the batch key fixes it
+            sigmas = start_sigmas(sigmas, first.strength)
+            x = noised(self._init_latents(rows), noise, sigmas[0])
+            if len(sigmas) == 1:  # strength 0: no step, the VAE round trip
+                return x
+        else:
+            # Flow matching's x_σ = σ·noise + (1-σ)·x0: an empty latent starts at σ_max·noise.
+            x = noise * sigmas[0].to(noise.device)
         denoise = self._denoiser(rows)
 
         def step_done(step: int, steps: int) -> None:
@@ -428,6 +470,8 @@ def _check_batch(requests: Sequence[GenerationRequest]) -> None:
             raise ValueError(
                 "a batch must share width, height, steps, sampler, scheduler and shift"
             )
+        if (request.image is None, request.strength) != (first.image is None, first.strength):
+            raise ValueError("a batch must share image-to-image and strength")
     if first.width % SIZE_MULTIPLE or first.height % SIZE_MULTIPLE:
         raise UnsupportedRequest(f"width and height must be multiples of {SIZE_MULTIPLE}")
     if first.sampler not in SAMPLERS:
@@ -482,6 +526,7 @@ def load_engine(
     expander: PromptExpander | None = None,
     max_rows: int | None = None,
     options: EngineOptions | None = None,
+    lora: LoraOptions | None = None,
 ) -> AuraFlowEngine:
     """Load AuraFlow and wrap it in an engine.
 
@@ -491,7 +536,7 @@ def load_engine(
     bounds the rows of one transformer forward (see `AuraFlowEngine`). `options`: opt-in speed
     modes (`auraserve.core.engine_options.EngineOptions`), applied after the weights are
     placed; None changes nothing. Compiled modes compile lazily: call `engine.warmup(sizes)`
-    before serving.
+    before serving. `lora`: per-request LoRA adapters (`engine.lora.LoraOptions`).
     """
     loaded = load_pipeline(weights, device=device, dtype=dtype, offload=offload)
     return AuraFlowEngine(
@@ -501,6 +546,7 @@ def load_engine(
         expander=expander,
         max_rows=max_rows,
         options=options,
+        lora=lora,
     )
 
 

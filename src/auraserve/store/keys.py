@@ -1,8 +1,13 @@
-"""Accounts and API keys.
+"""Accounts, API keys and webhook signing secrets.
 
 A key looks like `aura_<key id>_<secret>`: the key id (public, 16 hex chars) finds the row,
 the secret is 32 random bytes (base64url). Only SHA-256 of the whole key is stored, compared in
 constant time; the key itself is shown once, at creation.
+
+Webhook secrets are not stored: an account row holds a version, and the secret is derived from
+the server key (`credentials.ServerKey`), which the runtime hands to its `Database` with
+`use_server_key`. A rotation bumps the version and keeps the previous secret signing beside the
+new one until its grace period ends (Standard Webhooks receivers accept any one signature).
 """
 
 from __future__ import annotations
@@ -10,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, insert, select, update
 
 from auraserve.core.ids import short_id
 from auraserve.store import ledger
-from auraserve.store.credentials import KEY_PREFIX, new_api_key, new_webhook_secret
+from auraserve.store.credentials import KEY_PREFIX, ServerKey, new_api_key
 from auraserve.store.db import Database
 from auraserve.store.schema import accounts, api_keys
 
@@ -49,6 +56,36 @@ class KeyInfo:
     revoked_at: float | None
 
 
+@dataclass(frozen=True)
+class Rotation:
+    account_id: str
+    secret: str
+    version: int
+    previous_secret: str
+    previous_until: float
+
+
+DEFAULT_ROTATION_GRACE = 24 * 3600.0
+"""How long a rotated-out webhook secret keeps signing: a day, as Svix does."""
+
+# Per Database, like its hooks and caches; kept here so the key never reaches db.py's users.
+_SERVER_KEYS: weakref.WeakKeyDictionary[Database, ServerKey] = weakref.WeakKeyDictionary()
+
+
+def use_server_key(db: Database, key: ServerKey) -> None:
+    """Derive this database's webhook secrets from `key` (the runtime's configured one)."""
+    _SERVER_KEYS[db] = key
+
+
+def server_key(db: Database) -> ServerKey:
+    """The key `use_server_key` set; a Database opened without one (tests, one-off tools) gets
+    a random key for its lifetime: its secrets are unguessable, only not stable."""
+    key = _SERVER_KEYS.get(db)
+    if key is None:
+        key = _SERVER_KEYS.setdefault(db, ServerKey.random())
+    return key
+
+
 def _hash(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
 
@@ -57,12 +94,12 @@ def create_account(db: Database, name: str, credits: int = 0) -> CreatedKey:
     """A new account with one key and `credits` granted. Returns the key (shown once)."""
     account_id = short_id("acct")
     key_id, raw = new_api_key()
-    secret = new_webhook_secret()
+    secret = server_key(db).webhook_secret(account_id, 1)
     now = time.time()
     with db.write() as conn:
         conn.execute(
             insert(accounts).values(
-                id=account_id, name=name, balance=0, webhook_secret=secret, created_at=now
+                id=account_id, name=name, balance=0, webhook_secret_version=1, created_at=now
             )
         )
         conn.execute(
@@ -80,7 +117,7 @@ def create_key(db: Database, account_id: str, name: str) -> CreatedKey:
     key_id, raw = new_api_key()
     with db.write() as conn:
         row = conn.execute(
-            select(accounts.c.webhook_secret).where(accounts.c.id == account_id)
+            select(accounts.c.webhook_secret_version).where(accounts.c.id == account_id)
         ).first()
         if row is None:
             raise LookupError(f"no account {account_id}")
@@ -94,7 +131,8 @@ def create_key(db: Database, account_id: str, name: str) -> CreatedKey:
             )
         )
         balance = ledger.balance_in(conn, account_id)
-    return CreatedKey(raw, key_id, account_id, balance, row.webhook_secret, name)
+    secret = server_key(db).webhook_secret(account_id, row.webhook_secret_version)
+    return CreatedKey(raw, key_id, account_id, balance, secret, name)
 
 
 def list_keys(db: Database) -> list[KeyInfo]:
@@ -167,8 +205,92 @@ def _authenticate_uncached(db: Database, raw_key: str, digest: str) -> Account |
 
 
 def webhook_secret(db: Database, account_id: str) -> str:
+    """The account's current webhook secret (the newest, after a rotation).
+
+    Raises:
+        LookupError: no such account.
+    """
     with db.read() as conn:
-        secret: str = conn.execute(
-            select(accounts.c.webhook_secret).where(accounts.c.id == account_id)
-        ).scalar_one()
-    return secret
+        version = conn.execute(
+            select(accounts.c.webhook_secret_version).where(accounts.c.id == account_id)
+        ).scalar()
+    if version is None:
+        raise LookupError(f"no account {account_id}")
+    return server_key(db).webhook_secret(account_id, version)
+
+
+def signing_secrets(
+    key: ServerKey,
+    account_id: str,
+    version: int,
+    previous_version: int | None,
+    previous_until: float | None,
+    now: float,
+) -> tuple[str, ...]:
+    """The secrets a delivery is signed with, from an account row's columns: the current
+    one, and the previous one while its grace period lasts."""
+    current = key.webhook_secret(account_id, version)
+    if previous_version is None or previous_until is None or previous_until <= now:
+        return (current,)
+    return (current, key.webhook_secret(account_id, previous_version))
+
+
+def webhook_secrets(db: Database, account_id: str, now: float | None = None) -> Sequence[str]:
+    """Every secret that signs the account's deliveries now (two during a rotation)."""
+    with db.read() as conn:
+        row = conn.execute(
+            select(
+                accounts.c.webhook_secret_version,
+                accounts.c.webhook_previous_version,
+                accounts.c.webhook_previous_until,
+            ).where(accounts.c.id == account_id)
+        ).first()
+    if row is None:
+        raise LookupError(f"no account {account_id}")
+    return signing_secrets(
+        server_key(db),
+        account_id,
+        row.webhook_secret_version,
+        row.webhook_previous_version,
+        row.webhook_previous_until,
+        time.time() if now is None else now,
+    )
+
+
+def rotate_webhook_secret(
+    db: Database, account_id: str, grace_seconds: float = DEFAULT_ROTATION_GRACE
+) -> Rotation:
+    """A new webhook secret for the account; the current one keeps signing beside it for
+    `grace_seconds`. A second rotation within the grace period retires the oldest at once.
+
+    Raises:
+        LookupError: no such account.
+        ValueError: a negative grace period.
+    """
+    if grace_seconds < 0:
+        raise ValueError("the grace period cannot be negative")
+    until = time.time() + grace_seconds
+    with db.write() as conn:
+        # One guarded UPDATE: two rotations at once each move one version on, never both to
+        # the same one.
+        row = conn.execute(
+            update(accounts)
+            .where(accounts.c.id == account_id)
+            .values(
+                webhook_previous_version=accounts.c.webhook_secret_version,
+                webhook_secret_version=accounts.c.webhook_secret_version + 1,
+                webhook_previous_until=until,
+            )
+            .returning(accounts.c.webhook_secret_version)
+        ).first()
+    if row is None:
+        raise LookupError(f"no account {account_id}")
+    key = server_key(db)
+    version = row.webhook_secret_version
+    return Rotation(
+        account_id=account_id,
+        secret=key.webhook_secret(account_id, version),
+        version=version,
+        previous_secret=key.webhook_secret(account_id, version - 1),
+        previous_until=until,
+    )

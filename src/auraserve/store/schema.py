@@ -35,7 +35,12 @@ accounts = Table(
     # Jobs of this account that are QUEUED or PROCESSING, kept in step by store.jobs at every
     # transition, so the per-account queue limit costs O(1) instead of a count of the queue.
     Column("active_jobs", Integer, nullable=False, server_default="0"),
-    Column("webhook_secret", String(100), nullable=False),
+    # The webhook signing secret is derived from the server key and this version
+    # (store.credentials.ServerKey), never stored. A rotation bumps the version and keeps the
+    # previous one signing until `webhook_previous_until` (UNIX seconds).
+    Column("webhook_secret_version", Integer, nullable=False, server_default="1"),
+    Column("webhook_previous_version", Integer, nullable=True),
+    Column("webhook_previous_until", Double, nullable=True),
     # Per-account overrides; NULL means the server default.
     Column("max_queued", Integer, nullable=True),
     Column("requests_per_minute", Integer, nullable=True),

@@ -26,6 +26,8 @@ from auraserve.media.encode import encode_image, generation_metadata
 from auraserve.media.storage import MediaStore, new_media_name
 from auraserve.store import jobs
 from auraserve.store.db import Database
+from auraserve.webhooks.ssrf import AddressPolicy
+from auraserve.worker.inputs import FetchPolicy, load_inputs
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +144,26 @@ class Worker:
                 force=True,
                 log_line=f"started on {self.worker_id} (attempt {claimed[0].attempts})",
             )
-            results = self.engine.generate(
-                [j.request for j in claimed],
-                on_step=lambda step, total: self._progress(batch, step, total),
-                cancelled=lambda: self._cancelled_indexes(batch),
-            )
+            # Image-to-image inputs are fetched and decoded here; a bad one fails its own job.
+            inputs = load_inputs(claimed, self._fetch_policy())
+            for failed, error in inputs.failed:
+                self._finish(batch, failed, JobStatus.FAILED, error)
+            claimed = batch.jobs = inputs.jobs
+            if not claimed:
+                results = []
+            elif inputs.any_image:
+                results = self.engine.generate(
+                    [j.request for j in claimed],
+                    on_step=lambda step, total: self._progress(batch, step, total),
+                    cancelled=lambda: self._cancelled_indexes(batch),
+                    init_images=inputs.images,
+                )
+            else:
+                results = self.engine.generate(
+                    [j.request for j in claimed],
+                    on_step=lambda step, total: self._progress(batch, step, total),
+                    cancelled=lambda: self._cancelled_indexes(batch),
+                )
         except JobCancelled:
             results = None
         except UnsupportedRequest as exc:
@@ -166,6 +183,13 @@ class Worker:
             return
         for job, result in zip(claimed, results, strict=True):
             self._settle(batch, job, result)
+
+    def _fetch_policy(self) -> FetchPolicy:
+        # The webhooks' guard and allow list: one operator decision for every outbound fetch.
+        return FetchPolicy(
+            addresses=AddressPolicy(self.settings.webhook_allow_hosts),
+            allow_http=self.settings.webhook_allow_http,
+        )
 
     def _settle(self, batch: _Batch, job: Job, result: JobResult) -> None:
         if job.id not in batch.owned:

@@ -32,7 +32,12 @@ from auraserve.api import idempotency, results
 from auraserve.api.body import json_object
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName, Problem
-from auraserve.api.openapi import OpenAIErrorBody, request_body_model
+from auraserve.api.openapi import (
+    MODEL_NAMES_MARK,
+    OpenAIErrorBody,
+    int_range_pattern,
+    request_body_model,
+)
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import accept
 from auraserve.core.request import bounds
@@ -59,7 +64,7 @@ RESPONSE_FORMATS = ("url", "b64_json")
 # The sizes OpenAI's models offer, named in errors and the document as examples; any
 # WIDTHxHEIGHT within the canonical range is accepted.
 COMMON_SIZES = ("1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792", "512x512")
-_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$", re.ASCII)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -142,6 +147,20 @@ def _size_rule() -> str:
     )
 
 
+def _size_pattern() -> str:
+    """`parse_size`'s rule as a pattern: `auto`, or two sides in range with the separators,
+    spaces and leading zeros (five digits at most) that `_SIZE` lets through."""
+    low, high = bounds("width")
+    sides = []
+    for digits in range(len(str(low)), len(str(high)) + 1):
+        start, end = max(low, 10 ** (digits - 1)), min(high, 10**digits - 1)
+        if start <= end:
+            sides.append(f"0{{0,{5 - digits}}}{int_range_pattern(start, end)}")
+    side = "(?:" + "|".join(sides) + ")"
+    # (?!\n): Python's `$` also matches before a final newline, which "auto" refuses.
+    return rf"^(?:auto(?!\n)|\s*{side}\s*[xX×]\s*{side}\s*)$"
+
+
 def parse_size(value: Any) -> dict[str, Any]:
     if value is None or value == "auto":
         return {}
@@ -180,6 +199,8 @@ ImageGenerationBody = request_body_model(
             Field(
                 None,
                 description="A preset id; OpenAI model names and absence mean the default preset",
+                # api.openapi.tidy_document lists the configured presets and these aliases here.
+                json_schema_extra={MODEL_NAMES_MARK: [*sorted(OpenAIDialect.model_aliases)]},
             ),
         ),
         "size": (
@@ -187,7 +208,8 @@ ImageGenerationBody = request_body_model(
             Field(
                 None,
                 description=f"{_size_rule()}; default: the preset's size",
-                pattern=r"^(auto|\d{3,4}x\d{3,4})$",
+                # Not `pattern=`: pydantic's regex engine has no look-ahead (doc-only model).
+                json_schema_extra={"pattern": _size_pattern()},
                 examples=list(COMMON_SIZES),
             ),
         ),

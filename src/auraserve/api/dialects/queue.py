@@ -45,6 +45,9 @@ class QueueDialect(Dialect):
         "scheduler": "scheduler",
         "output_format": "output_format",
         "output_quality": "output_quality",
+        "loras": "loras",
+        "image": "image",
+        "strength": "strength",
     }
     # No defaults of its own: absent fields take the preset's.
 

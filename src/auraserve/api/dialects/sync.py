@@ -24,10 +24,11 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
 from auraserve.api import idempotency, results
-from auraserve.api.body import json_object
+from auraserve.api.body import json_object, read_numbers
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName
-from auraserve.api.openapi import request_body_model
+from auraserve.api.image_field import upload_as_field
+from auraserve.api.openapi import image_content, request_body_model
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import accept, remaining_credits
 from auraserve.config import Settings
@@ -68,6 +69,9 @@ class SyncDialect(Dialect):
         "number_of_images": "num_images",
         # Extension beyond seed 000 (same name as seed 002):
         "expand_prompt": "expand_prompt",
+        "loras": "loras",
+        "image": "image",
+        "strength": "strength",
     }
     # Seed 000's documented defaults, in canonical names. `seed` is absent: random by default.
     defaults: ClassVar[dict[str, Any]] = {
@@ -137,9 +141,12 @@ async def read_fields(request: Request) -> dict[str, Any]:
         data: dict[str, Any] = {}
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
-                raise InvalidParameter(field=name, message=f"{name}: files are not accepted")
+                if name != "image":
+                    raise InvalidParameter(field=name, message=f"{name}: files are not accepted")
+                data[name] = await upload_as_field(value)  # checked as an inline image
+                continue
             data[name] = value
-        return data
+        return read_numbers(data, SYNC)
     if content_type in ("application/json", "") or content_type.endswith("+json"):
         return await json_object(request)
     raise UnsupportedMediaType(
@@ -217,13 +224,16 @@ async def image_response(
 
 
 def _form_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """The JSON body's schema without nulls: a form field is either sent or not."""
+    """The JSON body's schema without nulls: a form field is either sent or not. Fields that
+    hold a list or an object have no form spelling and are documented for JSON bodies only."""
     properties = {}
     for name, prop in schema["properties"].items():
         options = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
         if len(options) == 1:
             rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
             prop = {**options[0], **rest}
+        if prop.get("type") in ("array", "object"):
+            continue
         properties[name] = prop
     return {**schema, "properties": properties}
 
@@ -231,10 +241,22 @@ def _form_schema(schema: dict[str, Any]) -> dict[str, Any]:
 def _body_schema() -> dict[str, Any]:
     schema = SyncBody.model_json_schema()
     form = _form_schema(schema)
+    # In form-data, `image` may also be a file part (read as inline base64 by read_fields).
+    image = form["properties"].get("image", {})
+    multipart = {
+        **form,
+        "properties": {
+            **form["properties"],
+            "image": {
+                **{k: v for k, v in image.items() if k != "type"},
+                "anyOf": [{"type": "string"}, {"type": "string", "format": "binary"}],
+            },
+        },
+    }
     return {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": form},
+            "multipart/form-data": {"schema": multipart},
             "application/x-www-form-urlencoded": {"schema": form},
             "application/json": {"schema": schema},
         },
@@ -242,16 +264,13 @@ def _body_schema() -> dict[str, Any]:
 
 
 def _responses() -> dict[int | str, dict[str, Any]]:
-    binary = {"schema": {"type": "string", "format": "binary"}}
     return {
         200: {
             "description": "One image (its bytes), or JSON with base64 images when several "
             "were asked for or base64=true. Headers: x-remaining-credits, x-request-id, x-seed, "
             "x-generation-time.",
             "content": {
-                "image/webp": binary,
-                "image/png": binary,
-                "image/jpeg": binary,
+                **image_content(),
                 "application/json": {"schema": SyncImages.model_json_schema()},
             },
         },

@@ -1,7 +1,8 @@
 """The sending side of the outbox: a dispatcher that delivers due rows after commit.
 
 `Dispatcher` (an asyncio task in each API process) claims due rows, signs them per Standard
-Webhooks with the account's `whsec_` secret (the `webhook-id` is the row's `event_id`,
+Webhooks with the account's `whsec_` secrets (derived from the server key; two while a
+rotation's grace period lasts) (the `webhook-id` is the row's `event_id`,
 identical across retries), delivers through `webhooks.delivery.deliver` (SSRF checks, pinned
 connections) and reschedules failures by `next_delay`: 2xx ends a delivery, 410 disables the
 URL for that request, anything else retries on the schedule, honouring Retry-After. Claims set
@@ -25,6 +26,7 @@ from anyio.to_thread import run_sync
 from sqlalchemy import and_, func, select, update
 
 from auraserve.core.jobs import Job, JobStatus
+from auraserve.store import keys
 from auraserve.store.db import Database
 from auraserve.store.schema import accounts, webhook_deliveries
 from auraserve.store.schema import jobs as jobs_table
@@ -61,7 +63,8 @@ class _Claimed:
     event_id: str
     payload: bytes
     attempts: int
-    secret: str
+    # The current secret and, during a rotation's grace period, the previous one.
+    secrets: tuple[str, ...]
 
 
 class Dispatcher:
@@ -173,22 +176,39 @@ class Dispatcher:
                     _W.event_id,
                     _W.payload,
                     _W.attempts,
-                    accounts.c.webhook_secret,
+                    _W.account_id,
+                    accounts.c.webhook_secret_version,
+                    accounts.c.webhook_previous_version,
+                    accounts.c.webhook_previous_until,
                 )
                 .join(accounts, accounts.c.id == _W.account_id)
                 .where(_W.id.in_(ids))
                 .order_by(_W.id)
             ).all()
+        key = keys.server_key(self.db)
         return [
             _Claimed(
-                r.id, r.job_id, r.url, r.event_id, r.payload.encode(), r.attempts, r.webhook_secret
+                r.id,
+                r.job_id,
+                r.url,
+                r.event_id,
+                r.payload.encode(),
+                r.attempts,
+                keys.signing_secrets(
+                    key,
+                    r.account_id,
+                    r.webhook_secret_version,
+                    r.webhook_previous_version,
+                    r.webhook_previous_until,
+                    now,
+                ),
             )
             for r in claimed
         ]
 
     async def _send(self, item: _Claimed) -> None:
         try:
-            headers = signed_headers(item.secret, item.event_id, item.payload)
+            headers = signed_headers(item.secrets, item.event_id, item.payload)
             result = await deliver(
                 item.url,
                 item.payload,

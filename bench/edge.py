@@ -1,0 +1,385 @@
+"""Edge benchmark: the slow-client attacks of issue 10 against a real `auraserve serve`, on
+loopback, while normal clients are measured.
+
+Phases (each stops by itself):
+  headers  N connections (20,000) each send a request line, then one header line every 10 s,
+           and reconnect 1 s after the server closes them (a sustained attack).
+  bodies   M connections (4,000) each send a POST head with a valid key and a 1 MB
+           Content-Length, then one body byte every second; reconnect likewise.
+  big      twenty 32 MB header lines; the server's memory before and after.
+
+During `headers` and `bodies`, two probers ask /health and the authenticated /v2/account, each
+request on a fresh connection (a new client is who suffered: empty replies at the fd limit),
+and the report gives their p50/p99/max and every failure. Attackers run in separate processes
+(asyncio, up to 5,000 connections each, from 127.0.0.2.. so ports never run out) with their
+open-file limit raised to the hard limit; the report says how many connections were reached.
+
+    python bench/edge.py                          # full size; bench/results/edge.json
+    python bench/edge.py --connections 2000 --bodies 400 --duration 20    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import re
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PER_PROCESS = 5000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
+
+
+class Server:
+    def __init__(self, data_dir: Path, env_extra: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "AURASERVE_RATE_LIMIT_PER_MINUTE": "0",
+            # One key drives every slow body: the per-account cap on sync waits (tested in the
+            # suite) would refuse all but 32 at once, and this phase measures the body timeout.
+            "AURASERVE_MAX_SYNC_WAITS_PER_ACCOUNT": "1000000",
+            **env_extra,
+        }
+        self.log = data_dir / "server.log"
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "auraserve", "serve", "--model", "tiny"),
+                *("--workers", "0", "--data-dir", str(data_dir), "--port", str(self.port)),
+            ],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.key = ""
+        deadline = time.monotonic() + 120
+        while not self.key:
+            match = re.search(r"(aura_[0-9a-f]{16}_\S+)", self.log.read_text())
+            if match:
+                self.key = match.group(1)
+            elif time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"server did not start: {self.log.read_text()}")
+            else:
+                time.sleep(0.1)
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+# --- attackers (one process each) ----------------------------------------------------------
+
+
+def _attacker(kind: str, index: int, count: int, args: dict[str, Any], out: Any) -> None:
+    limit = raise_fd_limit()
+    stats = asyncio.run(_attack(kind, index, count, args))
+    stats["fd_limit"] = limit
+    out.put(stats)
+
+
+async def _attack(kind: str, index: int, count: int, a: dict[str, Any]) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + a["duration"]
+    source = f"127.0.0.{2 + index}"
+    stats: dict[str, Any] = {"opened": 0, "connect_errors": 0, "closed_by_server": 0}
+    lifetimes: list[float] = []
+    open_now = 0
+    peak = 0
+    if kind == "headers":
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+        drip, interval = b"X-Slow: 1\r\n", a["header_interval"]
+    else:
+        head = (
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + a["key"].encode() + b"\r\nContent-Length: 1000000\r\n\r\n"
+        )
+        drip, interval = b"a", a["body_interval"]
+
+    async def slot(i: int) -> None:
+        nonlocal open_now, peak
+        await asyncio.sleep(a["ramp"] * i / count)
+        while loop.time() < end:
+            try:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", a["port"], local_addr=(source, 0)
+                )
+            except OSError:
+                stats["connect_errors"] += 1
+                await asyncio.sleep(1)
+                continue
+            stats["opened"] += 1
+            open_now += 1
+            peak = max(peak, open_now)
+            born = loop.time()
+            closed = False
+            try:
+                writer.write(head)
+                while loop.time() < end:
+                    try:
+                        data = await asyncio.wait_for(
+                            reader.read(65536), min(interval, max(0.01, end - loop.time()))
+                        )
+                    except TimeoutError:
+                        writer.write(drip)
+                        continue
+                    if not data:
+                        closed = True
+                        break
+            except OSError:
+                closed = True
+            open_now -= 1
+            if closed:
+                stats["closed_by_server"] += 1
+                lifetimes.append(loop.time() - born)
+            writer.close()
+            await asyncio.sleep(a["reconnect_delay"])
+
+    await asyncio.gather(*(slot(i) for i in range(count)))
+    stats["peak_open"] = peak
+    stats["lifetimes"] = lifetimes
+    return stats
+
+
+def run_attack(kind: str, total: int, args: dict[str, Any]) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    sizes = [PER_PROCESS] * (total // PER_PROCESS) + (
+        [total % PER_PROCESS] if total % PER_PROCESS else []
+    )
+    procs = [
+        ctx.Process(target=_attacker, args=(kind, i, n, args, out)) for i, n in enumerate(sizes)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=args["duration"] + 120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    lifetimes = sorted(x for r in results for x in r["lifetimes"])
+    return {
+        "connections": total,
+        "processes": len(procs),
+        "fd_limit_per_process": min(r["fd_limit"] for r in results),
+        # Peaks of each process, added: a ceiling on the simultaneous total.
+        "peak_open_sum": sum(r["peak_open"] for r in results),
+        "opened": sum(r["opened"] for r in results),
+        "connect_errors": sum(r["connect_errors"] for r in results),
+        "closed_by_server": sum(r["closed_by_server"] for r in results),
+        "lifetime_p50_s": round(statistics.median(lifetimes), 2) if lifetimes else None,
+        "lifetime_max_s": round(lifetimes[-1], 2) if lifetimes else None,
+    }
+
+
+# --- normal clients ------------------------------------------------------------------------
+
+
+class Prober(threading.Thread):
+    def __init__(self, url: str, path: str, headers: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.path, self.headers = url, path, headers
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        # max_keepalive_connections=0: every request opens a fresh connection.
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=self.url, timeout=30, limits=limits) as client:
+            while not self.stop.is_set():
+                start = time.monotonic()
+                try:
+                    resp = client.get(self.path, headers=self.headers)
+                    if resp.status_code != 200:
+                        self.failures.append(f"status {resp.status_code}")
+                except httpx.HTTPError as exc:
+                    self.failures.append(type(exc).__name__)
+                self.latencies.append(time.monotonic() - start)
+                time.sleep(0.05)
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        if not lat:
+            return {"requests": 0}
+
+        def q(p: float) -> float:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1)
+
+        return {
+            "requests": len(lat),
+            "p50_ms": q(0.5),
+            "p99_ms": q(0.99),
+            "max_ms": round(lat[-1] * 1000, 1),
+            "failures": len(self.failures),
+            "failure_kinds": sorted(set(self.failures)),
+        }
+
+
+def measured(server: Server, attack: Any) -> dict[str, Any]:
+    probers = [
+        Prober(server.url, "/health", {}),
+        Prober(server.url, "/v2/account", {"Authorization": f"Bearer {server.key}"}),
+    ]
+    for p in probers:
+        p.start()
+    fds: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1):
+            fds.append(server.open_fds())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu, wall = server.cpu_seconds(), time.monotonic()
+    result = attack()
+    cpu, wall = server.cpu_seconds() - cpu, time.monotonic() - wall
+    done.set()
+    for p in probers:
+        p.stop.set()
+        p.join(30)
+    return {
+        "attack": result,
+        "server_open_fds_max": max(fds, default=0),
+        # Below 1.0 with slow probes: the server waited for a core (the attackers, the probes
+        # and anything else on the machine share them), not for its own work.
+        "server_cpu_share": round(cpu / wall, 2),
+        "load_average_1m": os.getloadavg()[0],
+        "health": probers[0].summary(),
+        "account": probers[1].summary(),
+    }
+
+
+def big_headers(server: Server, count: int, size: int) -> dict[str, Any]:
+    before = server.rss_mb()
+    answers: list[bytes] = []
+
+    def one() -> None:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sent = 0
+            try:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                chunk = b"a" * 65536
+                while sent < size:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+            except OSError:
+                pass
+            try:
+                answers.append(sock.recv(200).split(b"\r\n", 1)[0])
+            except OSError:
+                answers.append(b"(reset)")
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    time.sleep(1)
+    return {
+        "headers": count,
+        "bytes_each": size,
+        "rss_before_mb": round(before, 1),
+        "rss_after_mb": round(server.rss_mb(), 1),
+        "answers": sorted({a.decode("latin-1") for a in answers}),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--connections", type=int, default=20_000)
+    parser.add_argument("--bodies", type=int, default=4_000)
+    parser.add_argument("--duration", type=float, default=45.0, help="seconds per attack")
+    parser.add_argument("--ramp", type=float, default=10.0, help="seconds to open them all")
+    parser.add_argument("--header-interval", type=float, default=10.0)
+    parser.add_argument("--body-interval", type=float, default=1.0)
+    parser.add_argument("--reconnect-delay", type=float, default=1.0)
+    parser.add_argument("--phases", default="headers,bodies,big")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "edge.json")
+    opts = parser.parse_args()
+    bench_fd_limit = raise_fd_limit()
+    report: dict[str, Any] = {
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "bench_fd_limit": bench_fd_limit,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(Path(tmp), {})
+        try:
+            args = {
+                "port": server.port,
+                "key": server.key,
+                "duration": opts.duration,
+                "ramp": opts.ramp,
+                "header_interval": opts.header_interval,
+                "body_interval": opts.body_interval,
+                "reconnect_delay": opts.reconnect_delay,
+            }
+            phases = opts.phases.split(",")
+            if "headers" in phases:
+                report["headers"] = measured(
+                    server, lambda: run_attack("headers", opts.connections, args)
+                )
+                print(json.dumps(report["headers"], indent=1), flush=True)
+            if "bodies" in phases:
+                report["bodies"] = measured(server, lambda: run_attack("bodies", opts.bodies, args))
+                print(json.dumps(report["bodies"], indent=1), flush=True)
+            if "big" in phases:
+                report["big"] = big_headers(server, 20, 32 * 1024 * 1024)
+                print(json.dumps(report["big"], indent=1), flush=True)
+        finally:
+            server.stop()
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
