@@ -398,8 +398,9 @@ def test_api_docs_work_offline_and_are_linked(open_page: Opener) -> None:
     operation = page.get_by_role("heading", name="The caller's own requests, newest first")
     expect(operation).to_be_visible(timeout=30_000)
     # ReDoc's menu shows Redocly's logo from their CDN; the docs' CSP blocks it before any
-    # request leaves the machine (the image then hides itself). Nothing else may be blocked.
+    # request leaves the machine (the image then hides itself). Whether the browser has
+    # reported that block yet is a matter of timing, so it is allowed, not required; nothing
+    # else may be blocked.
     logo = "https://cdn.redoc.ly/redoc/logo-mini.svg"
-    assert any(logo in p for p in watched.problems), watched.problems
     watched.problems = [p for p in watched.problems if logo not in p]
     watched.assert_clean()
