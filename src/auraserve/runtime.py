@@ -20,11 +20,11 @@ from auraserve.store import keys
 from auraserve.store.credentials import ServerKey, load_server_key
 from auraserve.store.db import Database
 from auraserve.webhooks import outbox
-from auraserve.worker.loop import Worker
 
 if TYPE_CHECKING:
     from auraserve.api.ratelimit import RateLimiter
     from auraserve.webhooks.outbox import Dispatcher
+    from auraserve.worker.loop import Worker
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ class Runtime:
         )
 
     def start_worker(self, models: list[str] | None = None) -> Worker:
+        # Imported here: the worker brings the HTTP client for image inputs, which admin
+        # commands and API-only replicas never use.
+        from auraserve.worker.loop import Worker
+
         if self.engine is None:
             raise RuntimeError("no engine loaded")
         self.db.start_listener()
