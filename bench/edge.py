@@ -25,7 +25,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import re
 import resource
 import socket
 import statistics
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from server_process import wait_until_serving  # bench/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parent.parent
 PER_PROCESS = 5000
@@ -82,22 +83,7 @@ class Server:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        self.key = ""
-        deadline = time.monotonic() + 120
-        while not self.key:
-            match = re.search(r"(aura_[0-9a-f]{16}_\S+)", self.log.read_text())
-            if match:
-                self.key = match.group(1)
-            elif time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"server did not start: {self.log.read_text()}")
-            else:
-                time.sleep(0.1)
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        self.key = wait_until_serving(self.proc, self.log, self.url)
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

@@ -26,7 +26,7 @@ from auraserve.api.openapi import StatusBody
 from auraserve.api.store_calls import call_store
 from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
-from auraserve.core.request import GenerationRequest
+from auraserve.core.request import PRESET_DEFAULTS, GenerationRequest
 from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
 from auraserve.core.status import iso, status_body
 from auraserve.errors import InvalidParameter, Unauthorized
@@ -34,20 +34,6 @@ from auraserve.store import history
 
 router = APIRouter(tags=["account"], dependencies=[use_dialect(QUEUE)])
 
-# Canonical name → the queue dialect's name (they differ only where seed 002 chose its own).
-_QUEUE_NAMES = {canonical: own for own, canonical in QUEUE.fields.items()}
-# The preset fields a client may tune, in the order the playground shows them.
-_TUNABLE = (
-    "width",
-    "height",
-    "steps",
-    "guidance_scale",
-    "shift",
-    "sampler",
-    "scheduler",
-    "output_format",
-    "output_quality",
-)
 # What /v2/models copies from each canonical field's JSON schema.
 _RANGE_KEYS = (
     "type",
@@ -71,9 +57,7 @@ def queue_parameters(request: GenerationRequest) -> dict[str, Any]:
         # nothing without it). Image URLs are kept, so those requests repeat as they are.
         dumped.pop("image", None)
         dumped.pop("strength", None)
-    return {
-        own: dumped[canonical] for canonical, own in _QUEUE_NAMES.items() if canonical in dumped
-    }
+    return {own: dumped[canonical] for canonical, own in QUEUE.names.items() if canonical in dumped}
 
 
 def history_item(job: Job, public_url: str) -> dict[str, Any]:
@@ -86,7 +70,7 @@ def parameter_ranges() -> dict[str, dict[str, Any]]:
     properties = GenerationRequest.model_json_schema()["properties"]
     return {
         own: {key: value for key, value in properties[canonical].items() if key in _RANGE_KEYS}
-        for canonical, own in _QUEUE_NAMES.items()
+        for canonical, own in QUEUE.names.items()
         if canonical in properties
     }
 
@@ -97,7 +81,7 @@ def model_catalogue(settings: Settings) -> dict[str, Any]:
     sizes: set[tuple[int, int]] = set()
     for model_id, preset in sorted(settings.presets.items()):
         sizes.add((preset.width, preset.height))
-        defaults = {_QUEUE_NAMES[name]: getattr(preset, name) for name in _TUNABLE}
+        defaults = {QUEUE.names[name]: getattr(preset, name) for name in PRESET_DEFAULTS}
         defaults["num_images"] = GenerationRequest.model_fields["num_images"].default
         defaults["negative_prompt"] = GenerationRequest.model_fields["negative_prompt"].default
         models.append(

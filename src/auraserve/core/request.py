@@ -209,8 +209,9 @@ class GenerationRequest(BaseModel):
         return per_image * self.num_images
 
 
-# Defaults that come from the preset when a dialect leaves a field out.
-_PRESET_DEFAULTS = (
+# Defaults that come from the preset when a dialect leaves a field out (the fields a client
+# may tune per preset).
+PRESET_DEFAULTS = (
     "width",
     "height",
     "steps",
@@ -302,7 +303,7 @@ def build_request(
         raise _invalid("strength", "applies only with image", names)
     for key, value in (defaults or {}).items():
         data.setdefault(key, value)
-    for key in _PRESET_DEFAULTS:
+    for key in PRESET_DEFAULTS:
         data.setdefault(key, getattr(preset, key))
     if "seed" not in data:
         data["seed"] = secrets.randbelow(2**32)
