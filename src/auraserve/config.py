@@ -151,6 +151,44 @@ class Settings(BaseSettings):
     # Deliveries in flight at once per API process.
     webhook_concurrency: int = Field(16, ge=1, le=1000)
 
+    # Media (media/): where finished images live. Empty: files under data_dir/media, served by
+    # the API at /media/NAME. `s3://bucket/prefix`: an S3-compatible bucket (AWS S3, R2, MinIO);
+    # media_url is then a presigned GET URL valid media_presign_seconds, or a plain URL under
+    # media_public_base_url when a CDN or public bucket fronts it. Endpoint, region and
+    # credentials fall back to the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION,
+    # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) when empty.
+    media_url: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: SecretStr | None = None
+    media_public_base_url: str = ""
+    media_presign_seconds: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    # Delete outputs this many seconds after their job completed (like hosted APIs that keep
+    # outputs for an hour); 0 keeps them forever. Accepts seconds or 30m / 1h / 7d.
+    media_retention: Annotated[float, NoDecode] = Field(0.0, ge=0)
+    # Objects that no job references are removed once older than this (a worker that died
+    # between writing an image and completing its job leaves one behind), checked this often.
+    media_orphan_grace_seconds: float = Field(3600.0, gt=0)
+    media_sweep_interval_seconds: float = Field(300.0, gt=0)
+
+    # Scale-out. Every process with a store requeues expired leases this often (API replicas
+    # too), so a job leaves PROCESSING within lease_seconds + sweep_interval_seconds even when
+    # every worker is dead.
+    sweep_interval_seconds: float = Field(5.0, gt=0, le=3600)
+    # A worker that has not been heard from for this long is not live (`auraserve workers`,
+    # GET /v2/workers, "no live worker serves this model" on queued jobs).
+    worker_stale_seconds: float = Field(30.0, gt=0)
+    # Name a worker registers under; empty means HOST:random.
+    worker_id: str = Field("", max_length=100)
+    # SIGTERM: stop claiming, finish the batch in hand for up to this long, then hand
+    # unfinished jobs back to the queue without spending an attempt (a second signal: at once).
+    stop_grace_seconds: float = Field(30.0, ge=0, le=3600)
+    # API processes `serve` runs over the one store (the in-process worker stays single).
+    api_processes: int = Field(1, ge=1, le=64)
+    # Log lines as text for people or as JSON objects (one per line) for collectors.
+    log_format: Literal["text", "json"] = "text"
+
     @field_validator("engine_mode", mode="before")
     @classmethod
     def _parse_engine_mode(cls, value: Any) -> Any:
@@ -222,6 +260,32 @@ class Settings(BaseSettings):
     def _long_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 32:
             raise ValueError("must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+        return value
+
+    @field_validator("media_retention", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        # "90", "90s", "30m", "1h", "7d": the forms an operator writes in an environment file.
+        if isinstance(value, str):
+            text = value.strip().lower()
+            units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+            factor = units.get(text[-1:], 0)
+            number = text[:-1] if factor else text
+            try:
+                return float(number) * (factor or 1)
+            except ValueError:
+                raise ValueError(
+                    f"{value[:50]!r} is not a duration: seconds, or a number with s, m, h or d"
+                ) from None
+        return value
+
+    @field_validator("media_url")
+    @classmethod
+    def _valid_media_url(cls, value: str) -> str:
+        if value and not value.startswith("s3://"):
+            raise ValueError("must be empty (files in data_dir/media) or s3://bucket[/prefix]")
+        if value and not value[len("s3://") :].split("/", 1)[0]:
+            raise ValueError("s3:// URL needs a bucket name: s3://bucket[/prefix]")
         return value
 
     @field_validator("redis_url")

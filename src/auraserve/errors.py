@@ -23,6 +23,7 @@ AuraserveError                      status 500, title, message, headers, extra
 │   └── GenerationError             500  ERROR: the server failed, not charged
 ├── SyncTimeout                     504  the image is not ready yet; the job goes on
 ├── ServerBusy                      503  every connection slot is in use (with Retry-After)
+│   └── StoreUnavailable                 the database cannot be reached right now
 ├── ConfigError                     a setting is invalid; the process does not start
 ├── ModelLoadError                  the weights cannot be loaded; the process does not start
 ├── UnsupportedRequest              the engine cannot run this request: the job ends FAILED
@@ -217,6 +218,19 @@ class ServerBusy(AuraserveError):
 
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class StoreUnavailable(ServerBusy):
+    """The database cannot be reached (restart, failover, network): nothing was written, so
+    the client may retry the same request (with the same Idempotency-Key) after Retry-After."""
+
+    def __init__(
+        self,
+        message: str = "The service's database is unavailable; retry shortly",
+        *,
+        retry_after: int = 2,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 # --- process start ----------------------------------------------------------------------------

@@ -45,6 +45,8 @@ accounts = Table(
     Column("max_queued", Integer, nullable=True),
     Column("requests_per_minute", Integer, nullable=True),
     Column("max_concurrent", Integer, nullable=True),
+    # Operators' accounts: their keys may read deployment state (GET /v2/workers).
+    Column("is_admin", Boolean, nullable=False, server_default=text("false")),
     Column("created_at", Double, nullable=False),
     CheckConstraint("balance >= 0", name="ck_accounts_balance_nonnegative"),
     CheckConstraint("active_jobs >= 0", name="ck_accounts_active_nonnegative"),
@@ -170,4 +172,39 @@ idempotency_keys = Table(
     Column("status_code", Integer, nullable=True),
     Column("response", Text, nullable=True),
     Column("created_at", Double, nullable=False),
+)
+
+# Every image object a job owns, written in the transaction that completes the job. An object
+# in the media store without a row here belongs to nothing (its worker died before completing,
+# or the completion was refused) and the sweep removes it after a grace period; retention
+# deletes rows and objects together.
+media_objects = Table(
+    "media_objects",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("job_id", String(36), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Index("ix_media_objects_job", "job_id"),
+    Index("ix_media_objects_created", "created_at"),
+)
+
+# Workers register themselves and refresh last_seen_at with their heartbeat, so any process
+# can tell which models some live worker serves (store.workers).
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(100), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    # JSON list of preset ids this worker claims jobs for.
+    Column("models", Text, nullable=False),
+    # Human label: weights, device and dtype (Engine.description).
+    Column("device", String(255), nullable=False),
+    # starting | ready | busy | stopping | stopped
+    Column("state", String(16), nullable=False),
+    Column("jobs_done", Integer, nullable=False, server_default="0"),
+    Column("started_at", Double, nullable=False),
+    Column("last_seen_at", Double, nullable=False),
+    Column("stopped_at", Double, nullable=True),
+    Index("ix_workers_seen", "last_seen_at"),
 )
