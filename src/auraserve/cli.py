@@ -6,7 +6,7 @@ wrong flag or value, an invalid setting, a store that is not there, an account t
 exist). Every failure a user can fix ends with one line on stderr that names the problem,
 never a traceback.
 
-The admin commands (keys, credits, db) name on stderr the store they used, so a key made
+The admin commands (keys, credits, workers, db) name on stderr the store they used, so a key made
 against the wrong data directory is noticed at once; the commands that need existing accounts
 refuse a store that does not exist instead of creating an empty one.
 
@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import textwrap
-import threading
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from auraserve import __version__
 from auraserve.config import Settings, load_settings
 from auraserve.errors import AuraserveError, ConfigError, ModelLoadError, RequestError
+from auraserve.observability.logs import configure_logging
+from auraserve.observability.metrics import MULTIPROC_ENV
 
 if TYPE_CHECKING:
     from auraserve.engine.base import Engine
@@ -64,7 +66,7 @@ class SettingFlag:
         return "AURASERVE_" + self.name.upper()
 
 
-_ALL = frozenset({"serve", "worker", "generate", "keys", "credits", "db"})
+_ALL = frozenset({"serve", "worker", "generate", "keys", "credits", "db", "workers"})
 _ENGINE = frozenset({"serve", "worker", "generate"})
 _SERVICE = frozenset({"serve", "worker"})
 
@@ -99,6 +101,12 @@ SETTING_FLAGS: tuple[SettingFlag, ...] = (
     ),
     SettingFlag("max_rows", "images per transformer forward at most (bounds memory)", _ENGINE, int),
     SettingFlag("max_batch", "images a worker claims and runs together at most", _SERVICE, int),
+    SettingFlag(
+        "api_processes",
+        "API processes on the one port (the in-process workers stay single, in the parent)",
+        frozenset({"serve"}),
+        int,
+    ),
 )
 
 
@@ -144,7 +152,9 @@ def _other_settings_epilog(command: str) -> str:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(**{s.name: getattr(args, s.name, None) for s in SETTING_FLAGS})
+    settings = load_settings(**{s.name: getattr(args, s.name, None) for s in SETTING_FLAGS})
+    configure_logging(settings.log_format, verbose=getattr(args, "verbose", False))
+    return settings
 
 
 # --- the store the command works on -----------------------------------------------------------
@@ -279,8 +289,6 @@ def _served_models(settings: Settings, weights: str) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from auraserve.api.app import create_app
     from auraserve.api.server import server_config
 
@@ -304,6 +312,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(AURASERVE_SECRET_KEY or AURASERVE_SECRET_KEY_FILE).",
             flush=True,
         )
+    # Lease rescue and the other periodic tasks run in every serving process, API-only too.
+    runtime.start_maintenance()
     for _ in range(settings.workers):
         runtime.start_worker(models=_served_models(settings, weights))
     app = create_app(runtime, owns_runtime=True)
@@ -313,49 +323,123 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"models: {', '.join(_served_models(settings, weights))})",
         flush=True,
     )
+    if settings.api_processes > 1:
+        # N API processes on one socket; the worker(s) above stay here (api/processes.py).
+        return _serve_processes(args, settings, runtime)
     # HTTP limits (header size and time, body stalls, keep-alive, connection cap): api/server.py.
     config = server_config(
         app,
         settings,
         log_level="warning" if not args.verbose else "info",
         access_log=args.access_log,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.stop_grace_seconds,
+        # uvicorn's loggers propagate to ours (observability.logs), in AURASERVE_LOG_FORMAT.
+        log_config=None,
     )
-    uvicorn.Server(config).run()
+    _serve_gracefully(config, runtime)
+    runtime.close()  # normally done by the app's shutdown already; not after a forced exit
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from auraserve.worker.loop import Worker
+def _serve_gracefully(config: Any, runtime: Runtime) -> None:
+    """Run uvicorn with the runtime told about signals. First SIGTERM/SIGINT: in-process
+    workers stop claiming, SSE streams end, in-flight requests finish (up to
+    AURASERVE_STOP_GRACE_SECONDS), then the app's shutdown stops the workers with what is left
+    of the grace. A second signal hands the batch in hand back at once and stops waiting for
+    connections. uvicorn would re-raise the signal after its shutdown (exit status 143 for
+    SIGTERM); a graceful stop exits 0 instead."""
+    import uvicorn
 
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # A signal handler: only events and flags are set here.
+            if self.should_exit:
+                runtime.hurry.set()
+                self.force_exit = True
+            runtime.begin_stop()
+            self.should_exit = True
+
+    GracefulServer(config).run()
+
+
+def _serve_processes(args: argparse.Namespace, settings: Settings, runtime: Runtime) -> int:
+    import functools
+
+    from auraserve.api.processes import ChildSpec, serve_processes
+    from auraserve.store.events import SqliteFanout
+
+    # On SQLite, the worker here and the API children hear each other's commits at once.
+    fanout = SqliteFanout.join(runtime.db)
+    spec = ChildSpec(
+        settings=settings,
+        uvicorn_options={
+            "log_level": "warning" if not args.verbose else "info",
+            "access_log": args.access_log,
+            "timeout_graceful_shutdown": settings.stop_grace_seconds,
+            # uvicorn's loggers propagate to ours, in AURASERVE_LOG_FORMAT, as in one process.
+            "log_config": None,
+        },
+        setup_logging=functools.partial(
+            configure_logging, settings.log_format, verbose=args.verbose
+        ),
+    )
+    if not os.environ.get(MULTIPROC_ENV):
+        log.warning(
+            "%d API processes without %s: each process's /metrics shows its own counters "
+            "(set it to an empty directory to have every scrape sum them)",
+            settings.api_processes,
+            MULTIPROC_ENV,
+        )
+    try:
+        return serve_processes(spec, settings.api_processes)
+    finally:
+        runtime.close()
+        if fanout is not None:
+            fanout.close()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     weights = settings.weights_for(settings.default_preset)
     engine = _load_engine(settings, weights)
     runtime = _open_runtime(settings, engine)
-    runtime.db.start_listener()
-    worker = Worker(
-        db=runtime.db,
-        settings=settings,
-        engine=engine,
-        media=runtime.media,
-        models=_served_models(settings, weights),
-    )
-    stop = threading.Event()
+    signals = 0
 
     def _on_signal(signum: int, _frame: Any) -> None:
-        print("stopping after the current batch …", file=sys.stderr, flush=True)
-        stop.set()
-        worker.stop(timeout=0)
+        # A signal handler: os.write, not print (which may re-enter a buffered stream the
+        # interrupted code is writing), and only events are set; the main thread acts.
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            os.write(
+                2,
+                f"stopping: no new jobs; the batch in hand may finish within "
+                f"{settings.stop_grace_seconds:g} s, then goes back to the queue "
+                "(signal again to hand it back now)\n".encode(),
+            )
+            runtime.begin_stop()
+        else:
+            os.write(2, b"handing the batch in hand back to the queue now\n")
+            runtime.hurry.set()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    # Registers in the store's worker registry, heartbeats, and runs the maintenance tasks
+    # (lease rescue) like every serving process.
+    worker = runtime.start_worker(models=_served_models(settings, weights))
     print(
         f"worker {worker.worker_id} ready (store: {store_label(settings)}, "
         f"models: {', '.join(worker.models)})",
         flush=True,
     )
-    worker.run()
-    runtime.close()
+    while not runtime.stopping.wait(0.5) and not worker.finished:
+        pass
+    crashed = worker.finished and not runtime.stopping.is_set()
+    runtime.close()  # the grace, then the hand-back: Worker.stop
+    if crashed:
+        print("auraserve: the worker stopped on its own (see the log above)", file=sys.stderr)
+        return 1
+    print(f"worker {worker.worker_id} stopped", file=sys.stderr, flush=True)
     return 0
 
 
@@ -437,6 +521,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
             "--credits is for a new account; give an existing account credits with "
             f"`auraserve credits grant {args.account} N`"
         )
+    if args.keys_cmd == "create" and args.account and args.admin:
+        return _refuse(
+            "--admin makes a new admin account; an existing account stays what it is "
+            "(make an operator account with `auraserve keys create --name NAME --admin`)"
+        )
     # Only a new account makes sense on a new store; everything else needs existing rows.
     may_create = args.keys_cmd == "create" and not args.account
     runtime = _open_admin(args, may_create=may_create)
@@ -448,7 +537,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 except LookupError:
                     return _refuse(f"--account {args.account}: no such account in this store")
             else:
-                created = keys.create_account(runtime.db, args.name, credits=args.credits or 0)
+                created = keys.create_account(
+                    runtime.db, args.name, credits=args.credits or 0, is_admin=args.admin
+                )
             record = {
                 "key": created.key,
                 "key_id": created.key_id,
@@ -457,6 +548,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 "webhook_secret": created.webhook_secret,
                 "name": created.name,
             }
+            if args.admin:
+                record["admin"] = True
             if args.json:
                 print(json.dumps(record))
             else:
@@ -466,6 +559,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     f"credits {created.credits}"
                 )
                 print(f"webhook signing secret: {created.webhook_secret}")
+                if args.admin:
+                    print("admin account: its keys may also read GET /v2/workers")
         elif args.keys_cmd == "list":
             rows = keys.list_keys(runtime.db)
             if args.json:
@@ -537,6 +632,60 @@ def cmd_credits(args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    import time
+
+    from auraserve.store import workers as registry
+
+    runtime = _open_admin(args, may_create=False)
+    try:
+        stale = runtime.settings.worker_stale_seconds
+        now = time.time()
+        rows = [
+            w
+            for w in registry.list_workers(runtime.db)
+            if args.all or w.stopped_at is None or now - w.stopped_at < _RECENTLY_STOPPED
+        ]
+        if args.json:
+            print(json.dumps(registry.report(rows, stale_seconds=stale, now=now)))
+            return 0
+        if not rows:
+            print("no workers have registered with this store", file=sys.stderr)
+            return 0
+        table = [("ID", "HOST", "PID", "STATE", "LIVENESS", "SEEN", "JOBS", "MODELS", "DEVICE")]
+        for w in rows:
+            table.append(
+                (
+                    w.id,
+                    w.host,
+                    str(w.pid),
+                    w.state,
+                    w.liveness(stale, now),
+                    f"{max(0.0, now - w.last_seen_at):.0f}s ago",
+                    str(w.jobs_done),
+                    ",".join(w.models),
+                    w.device,
+                )
+            )
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+        for row in table:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            print("  ".join([*cells, row[-1]]))
+        print(
+            f"live: heard from within {stale:g} s (AURASERVE_WORKER_STALE_SECONDS); "
+            "stale: not heard from since (crashed or cut off); its leased jobs are requeued "
+            "by any serving process once their lease expires",
+            file=sys.stderr,
+        )
+    finally:
+        runtime.close()
+    return 0
+
+
+# `auraserve workers` hides workers that stopped longer ago than this (--all shows them).
+_RECENTLY_STOPPED = 3600.0
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -645,6 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="credits the new account starts with (default 0)",
     )
     create.add_argument("--account", help="add a key to this existing account instead")
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="make the new account an operator's: its keys may also read GET /v2/workers",
+    )
     create.add_argument("--json", action="store_true", help="print one JSON object")
     lst = command(keys_sub, "list", "list keys (never the keys themselves)", settings="keys")
     lst.add_argument("--json", action="store_true", help="print one JSON array")
@@ -682,6 +836,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("account_id", help="the account (acct_…)")
     credits.set_defaults(func=cmd_credits)
 
+    workers = command(
+        sub,
+        "workers",
+        "list the workers registered with the store: live, stale or stopped",
+        settings="workers",
+    )
+    workers.add_argument(
+        "--all", action="store_true", help="also workers that stopped over an hour ago"
+    )
+    workers.add_argument("--json", action="store_true", help="print one JSON object")
+    workers.set_defaults(func=cmd_workers)
+
     db = command(sub, "db", "apply migrations to the configured store", settings="db")
     db.add_argument("action", choices=["upgrade"], help="upgrade: migrate to the newest schema")
     db.set_defaults(func=cmd_db)
@@ -690,10 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Text unless AURASERVE_LOG_FORMAT=json; `_settings` sets it again from the settings.
+    configure_logging(os.environ.get("AURASERVE_LOG_FORMAT", "text"), verbose=args.verbose)
     try:
         code = args.func(args)
     except ConfigError as exc:

@@ -239,3 +239,28 @@ def test_keep_alive_connections_close_after_max_requests(limited: Limited) -> No
         replies = [client.get("/health") for _ in range(4)]
     assert [r.status_code for r in replies] == [200] * 4
     assert [r.headers.get("connection") for r in replies[:3]] == [None, None, "close"]
+
+
+def test_a_stalled_body_is_closed_before_the_application_sees_it(
+    limited: Limited, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The body is collected before the request is handed over (api/server.py), so closing a
+    # stalled one leaves the application nothing to fail on: no half-read body, no traceback.
+    key = make_tenant(limited.runtime).key
+    with caplog.at_level("WARNING"), limited.connect() as sock:
+        sock.sendall(_post_head(key, 1000) + b'{"prompt": "')
+        assert _closed_after(sock) < BODY_TIMEOUT + SLACK
+        time.sleep(0.2)
+    assert [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
+
+
+def test_expect_100_continue_is_answered_before_the_body(limited: Limited) -> None:
+    # Such a client waits for `100 Continue` before it sends its body: it must not be held.
+    key = make_tenant(limited.runtime).key
+    body = b'{"prompt": "a cat"}'
+    head = _post_head(key, len(body)).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
+    with limited.connect() as sock:
+        sock.sendall(head)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 202"), "no answer after the body"

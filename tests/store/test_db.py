@@ -6,14 +6,16 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, create_engine
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.exc import DBAPIError
 
 from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.core.presets import default_presets
 from auraserve.core.request import build_request
+from auraserve.errors import StoreUnavailable
 from auraserve.store import jobs, keys
-from auraserve.store.db import Database, database_of
+from auraserve.store.db import Database, database_of, is_unavailable
 
 PRESET = default_presets()["auraflow-v0-3-512"]
 MODEL = "auraflow-v0-3-512"
@@ -42,7 +44,8 @@ def test_hooks_run_in_the_transition_of_their_own_database_only(
 
     db.on_transition(hook)
     db.on_transition(hook)  # registering twice runs it once
-    assert db.transition_hooks == (hook,)
+    # (the other one records changes for the committed-transition hooks: metrics)
+    assert db.transition_hooks.count(hook) == 1
     acct = keys.create_account(db, "a", credits=1000)
     sub = _submit(db, acct.account_id)
     [claimed] = jobs.claim(db, worker_id="w", models=[MODEL], max_images=1, lease_seconds=30)
@@ -56,7 +59,7 @@ def test_hooks_run_in_the_transition_of_their_own_database_only(
     other = Database(f"sqlite:///{tmp_path / 'other.db'}")
     try:
         other.migrate()
-        assert other.transition_hooks == ()
+        assert hook not in other.transition_hooks
         _submit(other, keys.create_account(other, "b", credits=1000).account_id)
         assert len(seen) == 3
     finally:
@@ -132,3 +135,51 @@ def test_queue_positions_are_cached_per_database_for_the_ttl(settings: Settings)
         assert _position(db, second.job.id) == 0
     finally:
         db.dispose()
+
+
+def test_committed_hooks_see_committed_changes_only(db: Database) -> None:
+    committed: list[JobStatus] = []
+    db.on_committed_transition(lambda job: committed.append(job.status))
+    acct = keys.create_account(db, "a", credits=1000)
+    sub = _submit(db, acct.account_id)
+    assert committed == [JobStatus.QUEUED]
+
+    def refuse(conn: Connection, job: Job) -> None:
+        raise RuntimeError("rolled back")
+
+    db.on_transition(refuse)
+    with pytest.raises(RuntimeError):
+        jobs.claim(db, worker_id="w", models=[MODEL], max_images=1, lease_seconds=30)
+    assert committed == [JobStatus.QUEUED]  # the rolled-back claim was never reported
+    assert jobs.get(db, sub.job.id).status == JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+def test_a_failing_committed_hook_does_not_undo_the_change(db: Database) -> None:
+    def broken(job: Job) -> None:
+        raise RuntimeError("metrics backend gone")
+
+    db.on_committed_transition(broken)
+    acct = keys.create_account(db, "a", credits=1000)
+    sub = _submit(db, acct.account_id)
+    assert jobs.get(db, sub.job.id) is not None
+
+
+def test_an_unreachable_database_raises_store_unavailable(tmp_path: Path) -> None:
+    # Nothing listens on port 1: every connection is refused, as with a stopped server.
+    dead = Database("postgresql+psycopg://127.0.0.1:1/none")
+    try:
+        with pytest.raises(StoreUnavailable) as caught, dead.read():
+            pass
+        assert is_unavailable(caught.value.__cause__)  # type: ignore[arg-type]
+        with pytest.raises(StoreUnavailable), dead.write():
+            pass
+        with pytest.raises(StoreUnavailable):
+            dead.schema_is_current()  # not "a new store, migrate it"
+    finally:
+        dead.dispose()
+
+
+def test_a_wrong_statement_is_not_an_outage(db: Database) -> None:
+    with pytest.raises(DBAPIError) as caught, db.read() as conn:
+        conn.execute(text("SELECT * FROM no_such_table"))
+    assert not is_unavailable(caught.value)

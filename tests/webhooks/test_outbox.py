@@ -331,7 +331,7 @@ def test_delivery_row_commits_with_the_status(runtime: Runtime, tenant: Tenant) 
     assert done is not None
     [row] = _deliveries(runtime, sub.job.id)
     assert row.terminal and row.state == "pending" and row.url == "https://hooks.example.com/x"
-    assert json.loads(row.payload) == status_body(done, runtime.settings.resolved_public_url)
+    assert json.loads(row.payload) == status_body(done, runtime.media.url)
     assert row.event_id == f"msg_{sub.job.id}_error"
 
 

@@ -1,15 +1,17 @@
 """What a client sees of its own account, and the pages built on it: the request history
 (`GET /v2/requests`), the credits (`GET /v2/account`), the model catalogue (`GET /v2/models`),
+the worker registry for admin keys (`GET /v2/workers`),
 the web playground (`GET /`, `/playground`) and the API docs served without a CDN (`/docs`,
 `/redoc`).
 
 The history answers in the queue dialect's namespace and shape: each item is the status object
-of `GET /v2/requests/status/{id}` (one renderer, `core.status.status_body`), plus the request's
+of `GET /v2/requests/status/{id}` (one renderer, `api.results.plain_status`), plus the request's
 parameters under the queue dialect's names, so a client can resubmit them as they are.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -20,17 +22,21 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from auraserve import playground
+from auraserve.api import results
+from auraserve.api.auth import require_admin
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
-from auraserve.api.openapi import StatusBody
+from auraserve.api.openapi import ErrorBody, StatusBody
 from auraserve.api.store_calls import call_store
 from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.core.request import PRESET_DEFAULTS, GenerationRequest
 from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
-from auraserve.core.status import iso, status_body
+from auraserve.core.status import iso
 from auraserve.errors import InvalidParameter, Unauthorized
+from auraserve.runtime import Runtime
 from auraserve.store import history
+from auraserve.store import workers as registry
 
 router = APIRouter(tags=["account"], dependencies=[use_dialect(QUEUE)])
 
@@ -60,8 +66,8 @@ def queue_parameters(request: GenerationRequest) -> dict[str, Any]:
     return {own: dumped[canonical] for canonical, own in QUEUE.names.items() if canonical in dumped}
 
 
-def history_item(job: Job, public_url: str) -> dict[str, Any]:
-    return {**status_body(job, public_url), "parameters": queue_parameters(job.request)}
+def history_item(runtime: Runtime, job: Job) -> dict[str, Any]:
+    return {**results.plain_status(runtime, job), "parameters": queue_parameters(job.request)}
 
 
 def parameter_ranges() -> dict[str, dict[str, Any]]:
@@ -155,6 +161,30 @@ class LoraBody(BaseModel):
     source: str = Field(description="file | folder (AURASERVE_LORA_DIR) | hub (the allowlist)")
 
 
+class WorkerBody(BaseModel):
+    id: str = Field(description="AURASERVE_WORKER_ID, or HOST:random")
+    host: str
+    pid: int
+    models: list[str] = Field(description="The presets this worker claims jobs for")
+    device: str = Field(description="Weights, device and dtype")
+    state: str = Field(description="starting | ready | busy | stopping | stopped, as last reported")
+    liveness: str = Field(
+        description="live (heard from within AURASERVE_WORKER_STALE_SECONDS), stale (not heard "
+        "from since: crashed, frozen or cut off) or stopped (it said so at exit)"
+    )
+    jobs_done: int = Field(description="Jobs this worker completed since it started")
+    started_at: str | None
+    last_seen_at: str | None
+    stopped_at: str | None
+    seconds_since_seen: float
+
+
+class WorkersBody(BaseModel):
+    workers: list[WorkerBody] = Field(description="Most recently heard from first")
+    live_models: list[str] = Field(description="Presets at least one live worker serves")
+    stale_after_seconds: float = Field(description="AURASERVE_WORKER_STALE_SECONDS")
+
+
 class Size(BaseModel):
     width: int
     height: int
@@ -198,10 +228,9 @@ async def list_requests(
         )
     except history.BadCursor as exc:
         raise InvalidParameter(field="cursor", message=f"cursor: {exc}") from None
-    base = runtime.settings.resolved_public_url
     return JSONResponse(
         {
-            "items": [history_item(job, base) for job in page.jobs],
+            "items": [history_item(runtime, job) for job in page.jobs],
             "next_cursor": page.next_cursor,
         }
     )
@@ -249,6 +278,26 @@ async def account_state(
 
 
 @router.get(
+    "/v2/workers",
+    summary="The registered GPU workers and whether each is live (admin keys only)",
+    description="Every worker that registered with this store (in-process and `auraserve "
+    "worker` processes on any machine), the most recently heard from first. Only keys of an "
+    "admin account (`auraserve keys create --admin`) may read it; other keys get 403.",
+    response_model=WorkersBody,
+    responses={
+        **QUEUE.error_responses(401),
+        403: {"model": ErrorBody, "description": "The key's account is not an admin account"},
+    },
+)
+async def list_workers(runtime: RuntimeDep, account: CurrentAccount) -> Response:
+    require_admin(account)
+    rows = await call_store(runtime, registry.list_workers, runtime.db)
+    return JSONResponse(
+        registry.report(rows, stale_seconds=runtime.settings.worker_stale_seconds, now=time.time())
+    )
+
+
+@router.get(
     "/v2/models",
     summary="The model presets: defaults, parameter ranges, samplers and schedulers",
     description="Public (no key): it describes the server, not an account, and the "
@@ -259,17 +308,19 @@ async def models(runtime: RuntimeDep) -> Response:
     return JSONResponse(model_catalogue(runtime.settings))
 
 
-def install(app: FastAPI, settings: Settings) -> None:
+def install(app: FastAPI, settings: Settings, media_origins: list[str] | None = None) -> None:
     """Add the account routes, the playground and the offline docs to `app` (which must be
-    built with `docs_url=None, redoc_url=None`: these replace FastAPI's CDN pages)."""
+    built with `docs_url=None, redoc_url=None`: these replace FastAPI's CDN pages).
+    `media_origins`: where the playground's images come from (an S3 endpoint, a CDN); the
+    public URL's origin when None."""
     app.include_router(router)
     # Built per app: the pages' headers depend on the settings.
     pages = APIRouter(include_in_schema=False)
 
-    media = urlsplit(settings.resolved_public_url)
-    page_headers = playground.security_headers(
-        playground.page_policy([f"{media.scheme}://{media.netloc}"] if media.netloc else [])
-    )
+    if media_origins is None:
+        media = urlsplit(settings.resolved_public_url)
+        media_origins = [f"{media.scheme}://{media.netloc}"] if media.netloc else []
+    page_headers = playground.security_headers(playground.page_policy(media_origins))
     asset_headers = playground.security_headers(playground.page_policy())
     app.mount(
         playground.STATIC_PREFIX,

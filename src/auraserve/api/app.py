@@ -14,18 +14,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import JSONResponse, Response
 
 from auraserve import __version__
-from auraserve.api import account_routes, errors, request_routes
+from auraserve.api import account_routes, errors, operations, request_routes
 from auraserve.api.dialect import Dialect
 from auraserve.api.dialects import openai, queue, sync
 from auraserve.api.limits import Kind, LongLivedSlots, endpoint_is, hold_slot, method_is
+from auraserve.api.media_route import media_origins, serve_media
 from auraserve.api.openapi import media_responses, tidy_document
 from auraserve.api.ratelimit import RateLimiter
-from auraserve.errors import PayloadTooLarge, RequestNotFound
-from auraserve.media.storage import media_type_of
+from auraserve.errors import PayloadTooLarge
 from auraserve.runtime import Runtime
 from auraserve.webhooks.outbox import Dispatcher
 
@@ -143,7 +142,9 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         # the outbox wake on them. No-op on SQLite, and when a worker already started it.
         runtime.db.start_listener()
         runtime.limiter = RateLimiter(runtime.settings)
-        runtime.outbox = Dispatcher(runtime.db, runtime.settings.webhooks)
+        runtime.outbox = Dispatcher(
+            runtime.db, runtime.settings.webhooks, media_url=runtime.media.url
+        )
         runtime.outbox.start()
         try:
             yield
@@ -183,7 +184,7 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         openai.router,
         dependencies=[hold_slot(Kind.SYNC_WAIT, openai.OPENAI, endpoint_is(openai.generations))],
     )
-    account_routes.install(app, runtime.settings)
+    account_routes.install(app, runtime.settings, media_origins(runtime.media))
     _document_presets(app, sorted(runtime.settings.presets))
 
     @app.get(
@@ -194,17 +195,7 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         responses=media_responses(queue.QUEUE.error_responses(404)),
     )
     async def media(name: str) -> Response:
-        path = runtime.media.path(name)
-        if path is None:
-            raise RequestNotFound("No such media")
-        return FileResponse(
-            path,
-            media_type=media_type_of(name),
-            headers={
-                "X-Content-Type-Options": "nosniff",
-                "Cache-Control": "public, max-age=31536000, immutable",
-            },
-        )
+        return await serve_media(runtime, name)
 
     @app.get("/health", tags=["operations"])
     async def health() -> JSONResponse:
@@ -230,9 +221,11 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
             }
         )
 
-    @app.get("/metrics", tags=["operations"], include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    # /healthz, /readyz and /metrics (/health above stays for compatibility).
+    operations.install(app, runtime)
 
     app.add_middleware(BodyLimit, limit=runtime.settings.max_body_bytes, dialect=queue.QUEUE)
+    # Outermost: every response, the body limit's 413 included, carries a request id and is
+    # counted.
+    app.add_middleware(operations.Observe)
     return app

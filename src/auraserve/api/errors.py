@@ -5,6 +5,16 @@ into a response (`api.dialect.Dialect.render` and its overrides). Errors raised 
 route matched (404 and 405 of unknown paths) have no dialect and use the default one (queue);
 the OpenAI dialect claims its own prefix with a route of its own, so the SDKs still get their
 shape there. The body limit (`api.app.BodyLimit`) answers before routing, in the default shape.
+
+A database that cannot be reached is a 503 with `Retry-After` (`StoreUnavailable`), never a
+500, whether the store already translated the failure (`store.db.Database.read`/`write`) or a
+raw SQLAlchemy error escaped: `store.db.is_unavailable` decides. Each failure is logged once,
+on one line, at error level.
+
+Unexpected exceptions are caught by `ServerErrors`, a middleware inside Starlette's own
+`ServerErrorMiddleware`: an `exception_handler(Exception)` would be called by that middleware,
+which renders the response and then re-raises so that the server logs the traceback as well,
+hence every traceback twice. `ServerErrors` logs it once and does not re-raise.
 """
 
 from __future__ import annotations
@@ -14,11 +24,18 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auraserve.api.deps import dialect_of
 from auraserve.api.dialect import Dialect, Problem
-from auraserve.errors import AuraserveError
+from auraserve.errors import AuraserveError, StoreUnavailable
+from auraserve.observability.logs import describe
+from auraserve.observability.metrics import STORE_UNAVAILABLE
+from auraserve.store.db import is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +52,7 @@ HTTP_TITLES = {
     422: "Unprocessable Entity",
     429: "Too Many Requests",
     500: "Internal Server Error",
+    503: "Service Unavailable",
     504: "Gateway Timeout",
 }
 NOT_FOUND = "The requested URL does not exist"
@@ -58,10 +76,23 @@ def install(app: FastAPI, default: Dialect) -> None:
 
     @app.exception_handler(AuraserveError)
     async def _domain(request: Request, exc: AuraserveError) -> JSONResponse:
-        if exc.status >= 500 and exc.status != 504:  # 504 is a sync wait timing out
+        if isinstance(exc, StoreUnavailable):
+            _log_unavailable(request, exc)
+        elif exc.status >= 500 and exc.status != 504:  # 504 is a sync wait timing out
             log.error("server fault on %s: %s", request.url.path, exc.message)
         chosen = dialect(request)
         return chosen.render(chosen.problem(exc))
+
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if not is_unavailable(exc):
+            raise exc  # a wrong statement is a bug: ServerErrors logs it and answers 500
+        unavailable = StoreUnavailable()
+        unavailable.__cause__ = exc
+        return await _domain(request, unavailable)
+
+    # Raw SQLAlchemy errors from code that used a connection outside Database.read/write.
+    app.add_exception_handler(DBAPIError, _database)
+    app.add_exception_handler(PoolTimeout, _database)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -79,8 +110,60 @@ def install(app: FastAPI, default: Dialect) -> None:
         )
         return dialect(request).render(problem)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        problem = Problem(500, "Internal Server Error", "Server had some issue with processing")
-        return dialect(request).render(problem)
+    app.add_middleware(ServerErrors, default=default)
+
+
+def _log_unavailable(request: Request, exc: StoreUnavailable) -> None:
+    STORE_UNAVAILABLE.labels("api").inc()
+    cause = exc.__cause__
+    log.error(
+        "database unavailable on %s %s: %s",
+        request.method,
+        request.url.path,
+        describe(cause) if cause is not None else exc.message,
+    )
+
+
+class ServerErrors:
+    """The last resort for an exception no handler took: log it once (with its traceback) and
+    answer the route's dialect's 500, without re-raising (see the module docstring). An
+    exception after the response started can only be logged; the connection is then closed
+    by the server."""
+
+    def __init__(self, app: ASGIApp, default: Dialect) -> None:
+        self.app = app
+        self.default = default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # The client went away mid-body (or the server closed a stalled body): nobody is
+            # left to answer, and it is not a server fault worth a traceback.
+            log.debug("client disconnected during %s %s", scope["method"], scope.get("path"))
+        except Exception as exc:
+            path = scope.get("path", "")
+            if is_unavailable(exc):  # e.g. raised while a response was streaming
+                STORE_UNAVAILABLE.labels("api").inc()
+                log.error("database unavailable on %s %s: %s", scope["method"], path, describe(exc))
+                problem = (dialect_of(scope) or self.default).problem(StoreUnavailable())
+            else:
+                log.exception("unhandled error on %s %s", scope["method"], path)
+                problem = Problem(
+                    500, "Internal Server Error", "Server had some issue with processing"
+                )
+            if started:
+                return
+            response = (dialect_of(scope) or self.default).render(problem)
+            await response(scope, receive, send)

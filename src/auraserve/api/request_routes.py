@@ -35,7 +35,8 @@ def _status_responses() -> dict[int | str, dict[str, Any]]:
     description=(
         "A `text/event-stream` of status objects (`data: <json>`, the same object as "
         "`GET /v2/requests/status/{request_id}`), one per change, ending after a terminal "
-        "status. A `: keep-alive` comment is sent when nothing changed for a while."
+        "status, or when the server shuts down (reconnect, or poll). A `: keep-alive` "
+        "comment is sent when nothing changed for a while."
     ),
     response_class=StreamingResponse,
     responses={
@@ -76,6 +77,10 @@ async def _events(request: Request, runtime: Runtime, job: Job) -> AsyncIterator
                 last_write = loop.time()
                 yield f"data: {text}\n\n"
             if job.is_terminal:
+                return
+            if runtime.stopping.is_set():
+                # The process is shutting down: end the stream now (the client reconnects to
+                # another replica) instead of holding the graceful shutdown for its whole grace.
                 return
             if loop.time() - last_write >= keepalive:
                 last_write = loop.time()

@@ -26,7 +26,7 @@ from auraserve.errors import (
     SyncTimeout,
 )
 from auraserve.runtime import Runtime
-from auraserve.store import jobs
+from auraserve.store import jobs, workers
 from auraserve.webhooks import outbox
 
 FALLBACK_RECHECK_SECONDS = 1.0
@@ -42,10 +42,26 @@ def load_job(runtime: Runtime, account_id: str, request_id: str) -> Job:
     return job
 
 
+def plain_status(runtime: Runtime, job: Job) -> dict[str, Any]:
+    """The status object (core.status.status_body), plus a `note` on a queued job whose model
+    no live worker serves: it waits until one starts, and the client should know. The lookup
+    is cached per process for about a second (store.workers.live_models), so on a hit this
+    costs no store call and may run on the event loop."""
+    body = status_body(job, runtime.media.url)
+    if job.status == JobStatus.QUEUED:
+        served = workers.live_models(runtime.db, runtime.settings.worker_stale_seconds)
+        if job.model_id not in served:
+            body["note"] = (
+                f"no live worker serves model {job.model_id} right now; the request waits "
+                "in the queue until one starts"
+            )
+    return body
+
+
 def render_status(runtime: Runtime, job: Job) -> dict[str, Any]:
-    """The status object (core.status.status_body) plus, for jobs with a webhook, the
-    delivery attempts. Blocking: call from a thread."""
-    body = status_body(job, runtime.settings.resolved_public_url)
+    """`plain_status` plus, for jobs with a webhook, the delivery attempts. Blocking: call
+    from a thread."""
+    body = plain_status(runtime, job)
     section = outbox.webhook_section(runtime.db, job)
     if section is not None:
         body["webhook"] = section
@@ -114,10 +130,10 @@ def read_images(runtime: Runtime, job: Job) -> list[bytes]:
     assert job.output is not None
     images = []
     for name in job.output["media"]:
-        path = runtime.media.path(name)
-        if path is None:
+        data = runtime.media.get(name)
+        if data is None:
             raise GenerationError(
                 "The stored image is missing", extra={"request_id": job.request_id}
             )
-        images.append(path.read_bytes())
+        images.append(data)
     return images

@@ -8,20 +8,31 @@ adds, per connection: a deadline for the whole header block, the longest pause i
 per-line header limit, and a request count per keep-alive connection; per process: a connection
 cap, where the oldest connection that holds no request (idle, or still sending its headers) is
 closed to admit a new one, so slow clients displace each other instead of everybody else.
+
+Under attack the cost per connection is what matters (bench/edge.py: 20,000 slow-header
+connections, 4,000 slow bodies, on the same 2 cores as the attackers): a request is collected
+and checked here before uvicorn, h11 or the application set up anything for it, and deadlines
+live in two queues instead of a loop timer per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
+import re
 import resource
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import h11
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
 
 from auraserve.api.dialects.queue import QUEUE
 from auraserve.config import Settings
@@ -32,10 +43,16 @@ log = logging.getLogger(__name__)
 # File descriptors kept free of client connections: the store, media files, the log, the
 # listener itself and worker threads need some.
 FD_RESERVE = 128
-_END_OF_HEAD = b"\r\n\r\n"
-# A body's timer restarts only after this much progress, so a client dripping a byte now and
-# then cannot hold a request open: a body must move at least this much per body timeout.
+# The blank line that ends a head, as h11 finds it (bare LF line ends included).
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+# A body must move at least this much per body timeout, so a client dripping a byte now and
+# then cannot hold a request open.
 BODY_PROGRESS_BYTES = 1024
+# A request's body is collected up to this much before the application sees the request: all
+# of a typical JSON or form request, and no more per connection than the kernel's own socket
+# buffers (4,096 connections: at most 256 MiB). A longer body is streamed past it, under the
+# same pace rule.
+HOLD_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,7 @@ class HttpLimits:
     keep_alive_seconds: int
     keep_alive_max_requests: int
     max_connections: int
+    max_body_bytes: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpLimits:
@@ -58,6 +76,7 @@ class HttpLimits:
             keep_alive_seconds=settings.keep_alive_seconds,
             keep_alive_max_requests=settings.keep_alive_max_requests,
             max_connections=connection_cap(settings.max_connections),
+            max_body_bytes=settings.max_body_bytes,
         )
 
 
@@ -101,42 +120,124 @@ def _raw_response(error: AuraserveError) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
+class Deadlines:
+    """Deadlines that all lie the same `delay` after they are set: they expire in the order they
+    were set, so a queue replaces a loop timer per connection (a storm of connections adds
+    one tuple each, not a timer each), and one loop timer waits for the oldest. Cancelling is
+    lazy: a connection forgets its deadline, and the entry is skipped when it comes up. Entries
+    expire in batches, at most `GRANULE` late."""
+
+    GRANULE = 0.05
+
+    def __init__(self, delay: float, expire: Callable[[GuardedH11Protocol, float], None]) -> None:
+        self.delay = delay
+        self._expire = expire
+        self._queue: deque[tuple[float, GuardedH11Protocol]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, loop: asyncio.AbstractEventLoop, protocol: GuardedH11Protocol) -> float:
+        """Set a deadline for `protocol`; returns it, for the protocol to keep as its own."""
+        when = loop.time() + self.delay
+        self._queue.append((when, protocol))
+        if self._timer is None:
+            self._timer = loop.call_at(when + self.GRANULE, self._run, loop)
+        return when
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        queue, now = self._queue, loop.time()
+        while queue and queue[0][0] <= now:
+            when, protocol = queue.popleft()
+            self._expire(protocol, when)
+        if queue:
+            self._timer = loop.call_at(max(queue[0][0], now) + self.GRANULE, self._run, loop)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+
 class GuardedH11Protocol(H11Protocol):
     """One connection. Subclassed per server by `protocol_class`, which sets the class-level
-    limits and the server's registry of connections that hold no request."""
+    limits, the server's registry of connections that hold no request and its deadline queues.
+
+    A new request's bytes are collected here, not given to h11, until its head is complete and
+    its body (up to `HOLD_BODY_BYTES`) has arrived, as a buffering proxy would. Until then the
+    connection costs a buffer and two timestamps: no h11 parser, no flow control and no
+    application task, so clients that drip their headers or bodies cost next to nothing, and
+    one that stalls is closed before the application ever saw its request (no route, no key
+    lookup, no half-read body to clean up). uvicorn's own per-connection state is set up only
+    when the first request is handed over (`_start_h11`)."""
 
     limits: ClassVar[HttpLimits]
     # Insertion-ordered: the first is the longest without a request, the one to close at the cap.
     holding_no_request: ClassVar[dict[GuardedH11Protocol, None]]
     # Closed to make room but not yet gone from uvicorn's set of connections.
     evicted: ClassVar[set[GuardedH11Protocol]]
-    # The header block received so far, how much of it was scanned for line lengths, and the
-    # length of its last, unfinished line.
-    _head: bytearray
-    _scanned: int
-    _line: int
+    header_deadlines: ClassVar[Deadlines]
+    body_deadlines: ClassVar[Deadlines]
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._reset_head()
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # Not H11Protocol.__init__ yet (see the class docstring): only what the server's
+        # connection registry and shutdown need.
+        self._h11_args = (config, server_state, app_state, _loop)
+        self._h11 = False
+        self.loop = _loop or asyncio.get_event_loop()
+        self.connections = server_state.connections
+        # The request being collected: its bytes so far, where its head ends (-1: not yet),
+        # how many bytes to wait for before handing it over, and the header-line scan state.
+        self._pending = bytearray()
+        self._head_end = -1
+        self._hold_until = 0
+        self._scanned = 0
+        self._line = 0
+        # The deadline each queue holds for this connection (None: none running). An entry of
+        # a queue whose time differs from this one is stale.
+        self._header_due: float | None = None
+        self._body_due: float | None = None
         self._body_progress = 0
         self._requests = 0
         self._cycle_seen: object = None
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
-        self._arm_header_timer()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        self.connections.add(self)
+        self._header_due = self.header_deadlines.add(self.loop, self)
         self._admit()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timers()
+        self._header_due = self._body_due = None
         self.holding_no_request.pop(self, None)
         self.evicted.discard(self)
-        super().connection_lost(exc)
+        if self._h11:
+            super().connection_lost(exc)
+        else:
+            self.connections.discard(self)
+
+    def shutdown(self) -> None:
+        if self._h11:
+            super().shutdown()
+        else:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        if self._h11:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._h11:
+            super().resume_writing()
 
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
             return
-        if self.conn.their_state is h11.IDLE and not self._head_fits(data):
+        if self._pending or self._collecting():
+            self._collect(data)
             return
         self._body_progress += len(data)
         super().data_received(data)
@@ -151,20 +252,59 @@ class GuardedH11Protocol(H11Protocol):
             # Idle again: the keep-alive timer runs, and it may be closed at the cap.
             self.holding_no_request[self] = None
 
-    # --- the header block ------------------------------------------------------------------
+    # --- collecting a request --------------------------------------------------------------
 
-    def _head_fits(self, data: bytes) -> bool:
-        """Check the header block received so far against both size limits; refuse with 431."""
-        if self._header_timer is None:
-            self._arm_header_timer()  # the first byte of a further request on this connection
-        start = max(0, len(self._head) - len(_END_OF_HEAD) + 1)
-        self._head += data
-        end = self._head.find(_END_OF_HEAD, start)
-        size = len(self._head) if end < 0 else end
+    def _collecting(self) -> bool:
+        """Whether the next bytes start a request of ours to collect: h11 holds nothing of a
+        request (a pipelined one it buffered stays with it)."""
+        if not self._h11:
+            return True
+        return self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]
+
+    def _collect(self, data: bytes) -> None:
+        if self._h11:
+            self._unset_keepalive_if_required()  # a further request has begun
+        if not self._pending:
+            if self._header_due is None:  # the first byte of a further request on this connection
+                self._header_due = self.header_deadlines.add(self.loop, self)
+            if data[0] < 0x21:
+                # Not a request line (a TLS handshake, a blank line): h11 answers 400 at once.
+                self._pending += data
+                self._hand_over()
+                return
+        if self._head_end < 0:
+            start = max(0, len(self._pending) - 2)
+            self._pending += data
+            if not self._head_fits(start):
+                return
+            if self._head_end < 0:
+                return
+            self._hold_until = self._hold_target()
+            self._header_due = None
+            if self._hold_until > len(self._pending):
+                # The head is complete, its body is coming: the body's pace rule applies.
+                self._body_progress = len(self._pending) - self._head_end
+                self._body_due = self.body_deadlines.add(self.loop, self)
+                return
+        else:
+            self._pending += data
+            self._body_progress += len(data)
+            if self._hold_until > len(self._pending):
+                return
+        self._hand_over()
+
+    def _head_fits(self, start: int) -> bool:
+        """Find the end of the head from `start` and check the head received so far against
+        both size limits; refuse with 431."""
+        head = self._pending
+        match = _BLANK_LINE.search(head, start)
+        if match is not None:
+            self._head_end = match.end()
+        size = len(head) if match is None else match.start()
         limits = self.limits
         # Only the new bytes are scanned: a client sending its head a byte at a time must not
         # make every byte cost a scan of all it sent before.
-        parts = bytes(self._head[self._scanned : size]).split(b"\n")
+        parts = bytes(head[self._scanned : size]).split(b"\n")
         first = self._line + len(parts[0])
         longest = max(first, *(len(p) for p in parts[1:])) if len(parts) > 1 else first
         self._line = len(parts[-1]) if len(parts) > 1 else first
@@ -183,22 +323,59 @@ class GuardedH11Protocol(H11Protocol):
                     "(AURASERVE_MAX_HEADER_BYTES)"
                 )
             )
-        if end >= 0:
-            self._reset_head()
         return True
 
-    def _reset_head(self) -> None:
-        self._head = bytearray()
+    def _hold_target(self) -> int:
+        """How many bytes of the connection to collect before h11 and the application see the
+        request: its head, and a Content-Length body up to `HOLD_BODY_BYTES`. Anything this
+        cheap reading is unsure of (chunked bodies, `Expect: 100-continue`, which waits for the
+        application, a malformed or oversized length) goes to h11 at once, as before."""
+        head = bytes(self._pending[: self._head_end]).lower()
+        if b"\ntransfer-encoding:" in head or b"\nexpect:" in head:
+            return self._head_end
+        at = head.find(b"\ncontent-length:")
+        if at < 0:
+            return self._head_end
+        end = head.find(b"\n", at + 1)
+        value = head[at + len(b"\ncontent-length:") : end].strip()
+        if not value.isdigit() or len(value) > 18:
+            return self._head_end
+        length = int(value)
+        if length > self.limits.max_body_bytes:
+            return self._head_end  # the application answers 413 without reading it
+        return self._head_end + min(length, HOLD_BODY_BYTES)
+
+    def _hand_over(self) -> None:
+        """Give the collected bytes to h11, which starts the request."""
+        data = bytes(self._pending)
+        self._reset_collected()
+        self._header_due = self._body_due = None
+        self._body_progress = 0
+        if not self._h11:
+            self._start_h11()
+        super().data_received(data)
+        self._track_state()
+
+    def _start_h11(self) -> None:
+        transport = self.transport
+        H11Protocol.__init__(self, *self._h11_args)
+        H11Protocol.connection_made(self, transport)
+        self._h11 = True
+
+    def _reset_collected(self) -> None:
+        self._pending = bytearray()
+        self._head_end = -1
+        self._hold_until = 0
         self._scanned = 0
         self._line = 0
 
     def _refuse(self, error: AuraserveError) -> bool:
         self.transport.write(_raw_response(error))
         self.transport.close()
-        self._reset_head()
+        self._reset_collected()
         return False
 
-    # --- request state -> timers -----------------------------------------------------------
+    # --- request state -> deadlines --------------------------------------------------------
 
     def _track_state(self) -> None:
         if self.cycle is not None and self.cycle is not self._cycle_seen:
@@ -211,47 +388,34 @@ class GuardedH11Protocol(H11Protocol):
         if state is h11.IDLE:
             return
         self.holding_no_request.pop(self, None)
-        self._cancel(self._header_timer)
-        self._header_timer = None
+        self._header_due = None
         if state is h11.SEND_BODY:
-            if self._body_timer is None or self._body_progress >= BODY_PROGRESS_BYTES:
+            if self._body_due is None:
                 self._body_progress = 0
-                self._cancel(self._body_timer)
-                self._body_timer = self.loop.call_later(
-                    self.limits.body_timeout, self._body_stalled
-                )
+                self._body_due = self.body_deadlines.add(self.loop, self)
         else:
-            self._cancel(self._body_timer)
-            self._body_timer = None
-
-    def _arm_header_timer(self) -> None:
-        self._header_timer = self.loop.call_later(self.limits.header_timeout, self._too_slow)
-
-    def _too_slow(self) -> None:
-        self._header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.transport.close()
-
-    def _body_stalled(self) -> None:
-        self._body_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
-            return
-        if self.flow.read_paused:
-            # The application is not reading: the pause is ours, not the client's.
-            self._body_progress = 0
-            self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_stalled)
-            return
-        self.transport.close()
-
-    def _cancel_timers(self) -> None:
-        self._cancel(self._header_timer)
-        self._cancel(self._body_timer)
-        self._header_timer = self._body_timer = None
+            self._body_due = None
 
     @staticmethod
-    def _cancel(timer: asyncio.TimerHandle | None) -> None:
-        if timer is not None:
-            timer.cancel()
+    def _header_expired(protocol: GuardedH11Protocol, when: float) -> None:
+        if protocol._header_due != when or protocol.transport.is_closing():
+            return
+        protocol._header_due = None
+        protocol.transport.close()
+
+    @staticmethod
+    def _body_expired(protocol: GuardedH11Protocol, when: float) -> None:
+        """A body must move `BODY_PROGRESS_BYTES` per body timeout, or the connection closes."""
+        if protocol._body_due != when or protocol.transport.is_closing():
+            return
+        protocol._body_due = None
+        paused = protocol._h11 and protocol.flow.read_paused
+        # A paused read is the application not reading: the pause is ours, not the client's.
+        if protocol._body_progress >= BODY_PROGRESS_BYTES or paused:
+            protocol._body_progress = 0
+            protocol._body_due = protocol.body_deadlines.add(protocol.loop, protocol)
+            return
+        protocol.transport.close()
 
     # --- the connection cap ----------------------------------------------------------------
 
@@ -261,7 +425,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         for other in self.holding_no_request:
             self.holding_no_request.pop(other)
-            other._cancel_timers()
+            other._header_due = other._body_due = None
             other.transport.close()
             self.evicted.add(other)
             self.holding_no_request[self] = None
@@ -270,9 +434,45 @@ class GuardedH11Protocol(H11Protocol):
 
 
 def protocol_class(limits: HttpLimits) -> type[GuardedH11Protocol]:
-    """A protocol class of its own for one server: limits and registry are per server."""
-    attributes: dict[str, Any] = {"limits": limits, "holding_no_request": {}, "evicted": set()}
+    """A protocol class of its own for one server: limits, registry and deadline queues are
+    per server."""
+    attributes: dict[str, Any] = {
+        "limits": limits,
+        "holding_no_request": {},
+        "evicted": set(),
+        "header_deadlines": Deadlines(limits.header_timeout, GuardedH11Protocol._header_expired),
+        "body_deadlines": Deadlines(limits.body_timeout, GuardedH11Protocol._body_expired),
+    }
     return type("ServerH11Protocol", (GuardedH11Protocol,), attributes)
+
+
+class FreezeAfterStartup:
+    """ASGI wrapper: once the application has started, move every object alive then (the app,
+    its routes and models, the ORM, the runtime: hundreds of thousands, living as long as the
+    server) out of the garbage collector's reach, until shutdown. Full collections then walk
+    only what was made since; under a connection storm they ran every few seconds and walked
+    everything, stopping the event loop for 0.3-0.7 s each (bench/edge.py)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def receiving() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                gc.unfreeze()
+            return message
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                gc.freeze()
+            await send(message)
+
+        await self.app(scope, receiving, sending)
 
 
 def server_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Config:
@@ -280,7 +480,7 @@ def server_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Confi
     uvicorn as they are (log level, graceful shutdown...)."""
     limits = HttpLimits.from_settings(settings)
     return uvicorn.Config(
-        app,
+        FreezeAfterStartup(app),
         host=settings.host,
         port=settings.port,
         http=protocol_class(limits),
@@ -288,8 +488,9 @@ def server_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Confi
         timeout_keep_alive=limits.keep_alive_seconds,
         # The connection cap is ours (above); uvicorn's would hold the sockets and answer 503.
         limit_concurrency=None,
-        # Connections the kernel queues before accept(); bursts past it are dropped and the
-        # client retries its SYN after 1, 3, 7 s... (the kernel caps it at net.core.somaxconn).
-        backlog=4096,
+        # Connections the kernel queues before accept(); past it a SYN is dropped and the
+        # client retries after 1, 3, 7 s... The kernel lowers this to net.core.somaxconn
+        # (4096 since Linux 5.4), so that sysctl alone decides; see docs/deploy.md.
+        backlog=65535,
         **options,
     )

@@ -7,6 +7,7 @@ Field names and shapes follow seed 002; `queue_position`, `progress`, `logs`, `s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,17 +22,34 @@ def iso(ts: float | None) -> str | None:
     )
 
 
-def media_url(public_url: str, name: str) -> str:
-    return f"{public_url}/media/{name}"
+MediaUrl = Callable[[str], str]
+"""A media name to the absolute URL a client fetches it by (the media store's `url`: an API
+path, a presigned S3 GET or a CDN URL). Passed in: core knows nothing of where images live."""
 
 
-def status_body(job: Job, public_url: str) -> dict[str, Any]:
+def retention_note(output: dict[str, Any]) -> str | None:
+    """The plain-language note of a job whose outputs retention deleted; None otherwise."""
+    expired_at = output.get("expired_at")
+    if expired_at is None:
+        return None
+    retention = output.get("retention_seconds")
+    after = f"{retention:g} s " if isinstance(retention, int | float) else ""
+    return (
+        f"outputs are deleted {after}after completion (AURASERVE_MEDIA_RETENTION); "
+        f"these were deleted at {iso(expired_at)}"
+    )
+
+
+def status_body(job: Job, media_url: MediaUrl) -> dict[str, Any]:
     output = None
+    note = None
     if job.status == JobStatus.COMPLETED and job.output is not None:
-        output = {
-            "media_url": [media_url(public_url, n) for n in job.output["media"]],
-            "media_type": job.output["media_type"],
-        }
+        note = retention_note(job.output)
+        if note is None:
+            output = {
+                "media_url": [media_url(n) for n in job.output["media"]],
+                "media_type": job.output["media_type"],
+            }
     body: dict[str, Any] = {
         "request_id": job.request_id,
         "status": job.status.value,
@@ -42,6 +60,9 @@ def status_body(job: Job, public_url: str) -> dict[str, Any]:
         "updated_at": iso(job.updated_at),
         "completed_at": iso(job.completed_at),
     }
+    if note is not None:
+        # Not an error: the job did complete (and was charged); its images are gone by policy.
+        body["note"] = note
     if job.status == JobStatus.QUEUED:
         body["queue_position"] = job.queue_position
     if job.status == JobStatus.PROCESSING or job.progress_total:

@@ -1,6 +1,7 @@
-"""Where finished images live. The embedded default is a directory; S3 slots in behind the same
-interface. Names are 32 random bytes (base64url), so a media URL is a capability: it can be
-fetched without a key, like the seed's CDN URLs, because nobody can guess it."""
+"""Where finished images live. The embedded default is a directory; S3 (media/s3.py) slots in
+behind the same interface. Names are 32 random bytes (base64url), so a media URL is a
+capability: it can be fetched without a key, like the seed's CDN URLs, because nobody can guess
+it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -24,10 +26,41 @@ def media_type_of(name: str) -> str:
     return MEDIA_TYPES[name.rsplit(".", 1)[1]]
 
 
-class MediaStore(Protocol):
-    def put(self, name: str, data: bytes) -> None: ...
+def is_media_name(name: str) -> bool:
+    return NAME_PATTERN.match(name) is not None
 
-    def delete(self, name: str) -> None: ...
+
+# Every object is written once under a fresh random name and never changes.
+CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+
+class MediaStore(Protocol):
+    """What the worker, the API and the lifecycle sweeps need from a place for images."""
+
+    def put(self, name: str, data: bytes) -> None:
+        """Store `data` under `name` (atomically: readers see all of it or nothing)."""
+        ...
+
+    def get(self, name: str) -> bytes | None:
+        """The object's bytes; None when there is no such object. Other failures raise."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove the object; a missing one is not an error."""
+        ...
+
+    def url(self, name: str) -> str:
+        """The absolute URL a client fetches the object by."""
+        ...
+
+    def names_older_than(self, cutoff: float) -> Iterator[str]:
+        """Names of stored objects last written before `cutoff` (UNIX seconds). Only valid
+        media names: anything else sharing the directory or bucket prefix is never ours."""
+        ...
+
+    def close(self) -> None:
+        """Release connections (the process is closing its runtime)."""
+        ...
 
 
 class LocalMediaStore:
@@ -35,9 +68,11 @@ class LocalMediaStore:
     small. Writes go to a temporary file first and are renamed into place, so a reader never
     sees half an image."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, public_url: str = "") -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        # The API serves these files at /media/NAME (api/app.py).
+        self.public_url = public_url.rstrip("/")
 
     def path(self, name: str) -> Path | None:
         """The file for a valid, existing name; None otherwise (never escapes `root`)."""
@@ -60,6 +95,35 @@ class LocalMediaStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def get(self, name: str) -> bytes | None:
+        path = self.path(name)
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:  # deleted between the check and the read
+            return None
+
     def delete(self, name: str) -> None:
         if NAME_PATTERN.match(name):
             (self.root / name[:2] / name).unlink(missing_ok=True)
+
+    def url(self, name: str) -> str:
+        return f"{self.public_url}/media/{name}"
+
+    def names_older_than(self, cutoff: float) -> Iterator[str]:
+        for folder in self.root.iterdir():
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder):
+                if not NAME_PATTERN.match(entry.name):
+                    continue
+                try:
+                    mtime = entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if mtime < cutoff:
+                    yield entry.name
+
+    def close(self) -> None:
+        pass  # nothing held open

@@ -9,6 +9,7 @@ sleeps) only ever waits for *other* processes such as the CLI.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -18,15 +19,20 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from auraserve.core.jobs import Job
+from auraserve.errors import StoreUnavailable
+from auraserve.observability import metrics
 from auraserve.store.cache import TtlCache
 from auraserve.store.events import LocalBus, PgListener, take_events
 from auraserve.store.migrations import HEAD_REVISION
 
 if TYPE_CHECKING:
     from auraserve.store.keys import Account
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK_ID = 0x61757261  # "aura": advisory lock so replicas never migrate at once
@@ -35,6 +41,15 @@ _DATABASE_OPTION = "auraserve_database"
 TransitionHook = Callable[[Connection, Job], None]
 """Runs inside the transaction that moves a job to a new status, so whatever it writes (the
 webhook outbox's delivery rows) commits or rolls back with that status."""
+
+CommittedHook = Callable[[Job], None]
+"""Runs after the transaction that changed a job's status committed (metrics): a rolled-back
+change is never seen, and a failing hook cannot undo the change."""
+_COMMITTED_KEY = "auraserve_committed_jobs"
+
+# SQLite's OperationalError also means "no such table" or a syntax error; only these messages
+# say the file cannot be used right now.
+_SQLITE_UNAVAILABLE = ("database is locked", "unable to open", "disk i/o", "disk is full")
 
 # Every request authenticates; a verified key is remembered for a moment so hot polling does
 # not repeat the lookup. Revoking through a Database clears its cache at once; a revocation
@@ -73,6 +88,7 @@ class Database:
         )
         self.positions: TtlCache[str, int] = TtlCache(ttl=position_ttl, maxsize=POSITION_CACHE_MAX)
         self._transition_hooks: list[TransitionHook] = []
+        self._committed_hooks: list[CommittedHook] = []
         # Every connection names its Database, so store functions that get only a connection
         # (`jobs.submit_in`, run in a caller's transaction) still find its hooks and caches.
         options = {_DATABASE_OPTION: self}
@@ -104,11 +120,19 @@ class Database:
                 pool_pre_ping=True,
                 execution_options=options,
             )
+        self.on_committed_transition(metrics.observe_transition)
 
     def on_transition(self, hook: TransitionHook) -> None:
         """Run `hook` in every status change made through this database (once per hook)."""
         if hook not in self._transition_hooks:
             self._transition_hooks.append(hook)
+
+    def on_committed_transition(self, hook: CommittedHook) -> None:
+        """Run `hook(job)` after each committed status change made in `write()` (once per
+        hook). A hook's exception is swallowed: the change is already committed."""
+        if hook not in self._committed_hooks:
+            self._committed_hooks.append(hook)
+        self.on_transition(_remember_transition)
 
     @property
     def transition_hooks(self) -> tuple[TransitionHook, ...]:
@@ -116,22 +140,36 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A transaction that will write. On SQLite: this process's writers take turns."""
-        if self._write_lock is None:
-            with self.engine.begin() as conn:
-                take_events(conn)  # drop leftovers of a rolled-back transaction
-                yield conn
-                events = take_events(conn)
-        else:
-            with self._write_lock, self.engine.connect() as conn:
-                conn = conn.execution_options(auraserve_immediate=True)
-                take_events(conn)  # drop leftovers of a rolled-back transaction
-                with conn.begin():
+        """A transaction that will write. On SQLite: this process's writers take turns.
+
+        A database that cannot be reached raises `StoreUnavailable` (see `is_unavailable`);
+        the transaction was not committed, so nothing of it happened."""
+        with _unavailable_as_error():
+            if self._write_lock is None:
+                with self.engine.begin() as conn:
+                    _take_committed(conn)  # drop leftovers of a rolled-back transaction
+                    take_events(conn)
                     yield conn
-                events = take_events(conn)
+                    events = take_events(conn)
+                    changed = _take_committed(conn)
+            else:
+                with self._write_lock, self.engine.connect() as conn:
+                    conn = conn.execution_options(auraserve_immediate=True)
+                    _take_committed(conn)  # drop leftovers of a rolled-back transaction
+                    take_events(conn)
+                    with conn.begin():
+                        yield conn
+                    events = take_events(conn)
+                    changed = _take_committed(conn)
         # Committed: now it is safe to wake whoever waits on these jobs.
         for kind, job_id in events:
             self.bus.publish(kind, job_id)
+        for job in changed:
+            for hook in self._committed_hooks:
+                try:
+                    hook(job)
+                except Exception:
+                    log.exception("a committed-transition hook failed")
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -139,8 +177,8 @@ class Database:
 
         On SQLite no BEGIN is sent: each statement then reads its own consistent snapshot,
         which is all the readers here need, and it saves a round of statement overhead on
-        the hottest path (status polls)."""
-        with self.engine.connect() as conn:
+        the hottest path (status polls). An unreachable database raises `StoreUnavailable`."""
+        with _unavailable_as_error(), self.engine.connect() as conn:
             if self.is_sqlite:
                 conn = conn.execution_options(auraserve_autocommit=True)
             with conn.begin():
@@ -164,7 +202,8 @@ class Database:
             command.upgrade(cfg, "head")
 
     def schema_is_current(self) -> bool:
-        """True when the store exists and its schema is at `HEAD_REVISION`."""
+        """True when the store exists and its schema is at `HEAD_REVISION`; an unreachable
+        store raises `StoreUnavailable` rather than passing for a new one."""
         try:
             with self.read() as conn:
                 version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
@@ -185,6 +224,45 @@ class Database:
             self._listener.stop()
             self._listener = None
         self.engine.dispose()
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when `exc` says the database cannot be used right now (down, restarting, the
+    connection cut, the pool exhausted, SQLite's file locked or unreadable) rather than that
+    a statement is wrong: such a failure is a 503 to retry, never a 500."""
+    if isinstance(exc, StoreUnavailable | PoolTimeout):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError) and _is_sqlite_error(exc):
+        return any(part in str(exc.orig).lower() for part in _SQLITE_UNAVAILABLE)
+    # psycopg raises OperationalError for every server or network failure (refused, reset,
+    # "terminating connection due to administrator command", timeouts) and InterfaceError
+    # for a connection that is already closed.
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def _is_sqlite_error(exc: DBAPIError) -> bool:
+    return isinstance(exc.orig, sqlite3.Error)
+
+
+@contextmanager
+def _unavailable_as_error() -> Iterator[None]:
+    try:
+        yield
+    except (DBAPIError, PoolTimeout) as exc:
+        if not is_unavailable(exc):
+            raise
+        raise StoreUnavailable() from exc
+
+
+def _remember_transition(conn: Connection, job: Job) -> None:
+    conn.info.setdefault(_COMMITTED_KEY, []).append(job)
+
+
+def _take_committed(conn: Connection) -> list[Job]:
+    changed: list[Job] = conn.info.pop(_COMMITTED_KEY, [])
+    return changed
 
 
 def database_of(conn: Connection) -> Database:

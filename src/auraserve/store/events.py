@@ -4,20 +4,35 @@ Store functions record events inside their transaction (`emit_in`). They are del
 after the commit, so nobody wakes up to a row it cannot see yet. On PostgreSQL the event is
 also sent with `pg_notify`, which PostgreSQL itself delivers at commit to every process that
 listens (other API replicas and workers); a listener thread feeds those into this process's
-bus. Waiters always re-read the store after waking and keep a short poll as a fallback, so a
-lost notification costs latency, never correctness.
+bus. SQLite has no NOTIFY: processes that share one SQLite file (`serve --api-processes N`)
+join a datagram fan-out (`SqliteFanout`) that carries the same events between them. Waiters
+always re-read the store after waking and keep a short poll as a fallback, so a lost
+notification costs latency, never correctness.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import hashlib
+import itertools
 import logging
+import os
+import socket
+import tempfile
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, text
+
+if TYPE_CHECKING:
+    from auraserve.store.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +51,18 @@ class LocalBus:
         self._job_waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = (
             defaultdict(set)
         )
+        # Where this process's committed events also go (SqliteFanout: the other processes).
+        self.forward: Callable[[str, str], None] | None = None
 
     def publish(self, kind: str, job_id: str) -> None:
+        """An event committed by this process: deliver it here, and forward it if joined."""
+        self.deliver(kind, job_id)
+        forward = self.forward
+        if forward is not None:
+            forward(kind, job_id)
+
+    def deliver(self, kind: str, job_id: str) -> None:
+        """Wake this process's waiters only (events that came from another process)."""
         if kind == WORK:
             with self._work:
                 self._work_seq += 1
@@ -61,7 +86,7 @@ class LocalBus:
             return self._work_seq
 
     def wake_workers(self) -> None:
-        self.publish(WORK, "")
+        self.deliver(WORK, "")
 
     @contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Event]:
@@ -121,7 +146,129 @@ class PgListener:
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=0.25, stop_after=100):
                             kind, _, job_id = note.payload.partition(":")
-                            self._bus.publish(kind, job_id)
+                            self._bus.deliver(kind, job_id)
             except Exception as exc:  # reconnect: the poll fallback covers the gap
                 log.warning("PostgreSQL listener lost its connection (%s); reconnecting", exc)
                 self._stop.wait(1.0)
+
+
+# AF_UNIX socket paths are at most 107 bytes on Linux.
+_MAX_SOCKET_PATH = 100
+_PEERS_REFRESH_SECONDS = 1.0
+_names = itertools.count()
+
+
+class SqliteFanout:
+    """Committed events, carried between the processes that share one SQLite file.
+
+    Each member binds a unix datagram socket in a directory next to the database (0700, like
+    the data dir), named by its pid; after a commit it sends the events to every other socket
+    there. Chosen over polling a change counter (`PRAGMA data_version`), which says only that
+    *something* changed: every waiter would then re-read its job on every commit anywhere.
+    Datagrams name the job, cost a few microseconds per peer, and nothing while idle. A send
+    never blocks: when a peer's buffer is full the event is dropped and that peer's fallback
+    poll covers it; a socket whose process died (connection refused) is removed.
+    """
+
+    def __init__(self, directory: Path, bus: LocalBus) -> None:
+        self.directory = directory
+        self._bus = bus
+        self._name = f"{os.getpid()}-{next(_names)}"
+        self._path = directory / self._name
+        self._recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()  # left by a dead process that had our pid
+        self._recv.bind(str(self._path))
+        self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._send.setblocking(False)
+        self._peers: list[str] = []
+        self._peers_seen: tuple[int, float] = (-1, 0.0)
+        self._closed = False
+        self._thread = threading.Thread(target=self._receive, name="sqlite-fanout", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    @classmethod
+    def join(cls, db: Database) -> SqliteFanout | None:
+        """Make `db`'s bus a member of its SQLite file's fan-out (None on PostgreSQL, for an
+        in-memory database, or where unix sockets are unavailable)."""
+        if not db.is_sqlite or not hasattr(socket, "AF_UNIX"):
+            return None
+        name = db.url.split(":///", 1)[-1]
+        if not name or name == ":memory:" or name.startswith("file:"):
+            return None
+        try:
+            fanout = cls(_fanout_dir(Path(name)), db.bus)
+        except OSError as exc:
+            log.warning("no cross-process wake-ups on %s (%s): waiters poll", name, exc)
+            return None
+        db.bus.forward = fanout.send
+        return fanout
+
+    def send(self, kind: str, job_id: str) -> None:
+        if self._closed:
+            return
+        payload = f"{kind}:{job_id}".encode()
+        for peer in self._current_peers():
+            try:
+                self._send.sendto(payload, str(self.directory / peer))
+            except (ConnectionRefusedError, FileNotFoundError):
+                with contextlib.suppress(OSError):
+                    (self.directory / peer).unlink()  # its process is gone
+                self._peers_seen = (-1, 0.0)
+            except OSError:  # full buffer (BlockingIOError) and the like: the peer polls
+                pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._path.unlink()
+        # shutdown() wakes the thread blocked in recv(); close() alone would not.
+        with contextlib.suppress(OSError):
+            self._recv.shutdown(socket.SHUT_RDWR)
+        self._recv.close()
+        self._send.close()
+
+    def _current_peers(self) -> list[str]:
+        """The other members, listed again when the directory changed. Also every second:
+        a directory's mtime is coarse (a few ms), so a member that joined in the same tick as
+        the last listing would otherwise be missed until the next change."""
+        try:
+            mtime = os.stat(self.directory).st_mtime_ns
+        except OSError:
+            return []
+        now = time.monotonic()
+        seen_mtime, seen_at = self._peers_seen
+        if mtime != seen_mtime or now - seen_at > _PEERS_REFRESH_SECONDS:
+            with contextlib.suppress(OSError):
+                self._peers = [p for p in os.listdir(self.directory) if p != self._name]
+            self._peers_seen = (mtime, now)
+        return self._peers
+
+    def _receive(self) -> None:
+        while not self._closed:
+            try:
+                data = self._recv.recv(4096)
+            except OSError:
+                return
+            if not data:
+                if self._closed:
+                    return
+                continue
+            kind, _, job_id = data.decode(errors="replace").partition(":")
+            self._bus.deliver(kind, job_id)
+
+
+def _fanout_dir(database: Path) -> Path:
+    """`<database>-wake/`, or a private directory under the temp dir when that path is too
+    long for a unix socket name."""
+    directory = database.resolve().parent / f"{database.name}-wake"
+    if len(str(directory).encode()) + 24 > _MAX_SOCKET_PATH:
+        digest = hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+        directory = Path(tempfile.gettempdir()) / f"auraserve-{os.getuid()}-{digest}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    if directory.stat().st_uid != os.getuid():
+        raise OSError(f"{directory} belongs to another user")
+    return directory

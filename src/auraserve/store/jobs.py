@@ -20,6 +20,7 @@ from auraserve.core.ids import uuid7
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.core.request import GenerationRequest
 from auraserve.store import ledger
+from auraserve.store import media as media_rows
 from auraserve.store.db import Database, database_of
 from auraserve.store.events import JOB, WORK, emit_in
 from auraserve.store.schema import accounts, jobs
@@ -236,8 +237,16 @@ def _append_log_in(
         )
 
 
-def _finish(db: Database, worker_id: str, job_id: str, values: dict[str, Any]) -> Job | None:
-    """Move a job we still own to a terminal status (settled by `_transitioned_in`)."""
+def _finish(
+    db: Database,
+    worker_id: str,
+    job_id: str,
+    values: dict[str, Any],
+    media: Collection[str] = (),
+) -> Job | None:
+    """Move a job we still own to a terminal status (settled by `_transitioned_in`); the job
+    owns `media` from the same transaction on (store.media), so no image is ever both
+    referenced by a status and swept as an orphan."""
     now = time.time()
     with db.write() as conn:
         row = conn.execute(
@@ -246,7 +255,10 @@ def _finish(db: Database, worker_id: str, job_id: str, values: dict[str, Any]) -
             .values(**values, lease_expires_at=None, completed_at=now, updated_at=now)
             .returning(*jobs.c)
         ).first()
-        return None if row is None else _transitioned_in(conn, row)
+        if row is None:
+            return None
+        media_rows.record_in(conn, job_id, media, now)
+        return _transitioned_in(conn, row)
 
 
 def complete(
@@ -268,6 +280,7 @@ def complete(
             "engine_seconds": engine_seconds,
             "progress_step": jobs.c.progress_total,
         },
+        media=output.get("media") or (),
     )
 
 
@@ -283,6 +296,54 @@ def finish_unsuccessful(
     if status not in (JobStatus.FAILED, JobStatus.ERROR, JobStatus.CANCELLED):
         raise ValueError(f"not an unsuccessful status: {status}")
     return _finish(db, worker_id, job_id, {"status": status.value, "error": error})
+
+
+def hand_back(db: Database, *, worker_id: str, job_ids: Collection[str]) -> list[str]:
+    """A stopping worker gives jobs it still owns back to the queue, as if never claimed: the
+    attempt its claim counted is returned (a graceful stop is not the job's fault) and the
+    lease cleared. A job whose client asked to cancel it meanwhile ends CANCELLED instead (not
+    charged) rather than running again. Fenced on the lease like every worker write. Returns
+    the ids requeued."""
+    if not job_ids:
+        return []
+    now = time.time()
+    requeued: list[str] = []
+    with db.write() as conn:
+        _append_log_in(
+            conn, job_ids, worker_id, now, f"handed back to the queue: {worker_id} stopped"
+        )
+        cancelled = conn.execute(
+            update(jobs)
+            .where(_fenced(job_ids, worker_id), jobs.c.cancel_requested.is_(True))
+            .values(
+                status=JobStatus.CANCELLED.value,
+                error="cancelled by the client",
+                lease_expires_at=None,
+                completed_at=now,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        ).all()
+        for row in cancelled:
+            _transitioned_in(conn, row)
+        rows = conn.execute(
+            update(jobs)
+            .where(_fenced(job_ids, worker_id))
+            .values(
+                status=QUEUED,
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=jobs.c.attempts - 1,
+                progress_step=0,
+                updated_at=now,
+            )
+            .returning(*jobs.c)
+        ).all()
+        for row in rows:
+            requeued.append(row.id)
+            emit_in(conn, WORK, row.id)
+            _transitioned_in(conn, row)
+    return requeued
 
 
 def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str], list[str]]:

@@ -35,6 +35,8 @@ class Account:
     max_queued: int | None
     requests_per_minute: int | None
     max_concurrent: int | None
+    # Operators' accounts: their keys also read deployment state (GET /v2/workers).
+    is_admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,11 @@ def _hash(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
 
 
-def create_account(db: Database, name: str, credits: int = 0) -> CreatedKey:
-    """A new account with one key and `credits` granted. Returns the key (shown once)."""
+def create_account(
+    db: Database, name: str, credits: int = 0, *, is_admin: bool = False
+) -> CreatedKey:
+    """A new account with one key and `credits` granted (`is_admin`: an operator's account,
+    whose keys may also read deployment state). Returns the key (shown once)."""
     account_id = short_id("acct")
     key_id, raw = new_api_key()
     secret = server_key(db).webhook_secret(account_id, 1)
@@ -99,7 +104,12 @@ def create_account(db: Database, name: str, credits: int = 0) -> CreatedKey:
     with db.write() as conn:
         conn.execute(
             insert(accounts).values(
-                id=account_id, name=name, balance=0, webhook_secret_version=1, created_at=now
+                id=account_id,
+                name=name,
+                balance=0,
+                webhook_secret_version=1,
+                is_admin=is_admin,
+                created_at=now,
             )
         )
         conn.execute(
@@ -168,6 +178,7 @@ _KEY_LOOKUP = (
         accounts.c.max_queued,
         accounts.c.requests_per_minute,
         accounts.c.max_concurrent,
+        accounts.c.is_admin,
     )
     .join(accounts, accounts.c.id == api_keys.c.account_id)
     .where(api_keys.c.id == bindparam("key_id"))
@@ -201,7 +212,14 @@ def _authenticate_uncached(db: Database, raw_key: str, digest: str) -> Account |
         return None
     if row.revoked_at is not None:
         return None
-    return Account(row.id, row.name, row.max_queued, row.requests_per_minute, row.max_concurrent)
+    return Account(
+        row.id,
+        row.name,
+        row.max_queued,
+        row.requests_per_minute,
+        row.max_concurrent,
+        is_admin=bool(row.is_admin),
+    )
 
 
 def webhook_secret(db: Database, account_id: str) -> str:

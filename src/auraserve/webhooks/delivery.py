@@ -42,6 +42,7 @@ import httpcore
 import httpx
 
 from auraserve.errors import InvalidParameter
+from auraserve.observability import metrics
 from auraserve.webhooks.settings import DEFAULT_SCHEDULE
 from auraserve.webhooks.ssrf import (
     AddressPolicy,
@@ -364,6 +365,7 @@ async def deliver(
     started = time.monotonic()
 
     def result(outcome: Outcome, **fields: object) -> DeliveryResult:
+        metrics.observe_webhook(outcome)  # auraserve_webhook_attempts_total{outcome}
         return DeliveryResult(
             outcome=outcome,
             duration_ms=round((time.monotonic() - started) * 1000.0, 3),

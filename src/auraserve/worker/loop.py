@@ -2,13 +2,23 @@
 
 One worker drives one engine (one GPU). It never parses HTTP; it only talks to the store, the
 engine and the media store. Progress writes double as heartbeats; a background heartbeat keeps
-leases alive through long steps (the first step may include compilation). Any worker also
-rescues jobs whose worker died (`recover_expired`).
+leases alive through long steps (the first step may include compilation). Jobs whose worker
+died are rescued by every serving process's maintenance task (runtime.py), not here.
+
+The worker registers itself (store.workers) and refreshes its row every heartbeat_seconds,
+busy or idle, so any process knows which models some live worker serves.
+
+Stopping: `request_stop` ends claiming and lets the batch in hand run on; `stop` waits for it
+up to the grace, then `hand_back_now` returns its jobs to the queue without spending an attempt
+and makes the engine's `cancelled` callback report every job, so the engine stops at its next
+step (JobCancelled) and the worker settles nothing. A client's cancel stays a CANCELLED job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -24,7 +34,10 @@ from auraserve.engine.base import Engine, JobResult
 from auraserve.errors import JobCancelled, UnsupportedRequest
 from auraserve.media.encode import encode_image, generation_metadata
 from auraserve.media.storage import MediaStore, new_media_name
+from auraserve.observability import metrics
 from auraserve.store import jobs
+from auraserve.store import media as media_rows
+from auraserve.store import workers as registry
 from auraserve.store.db import Database
 from auraserve.webhooks.ssrf import AddressPolicy
 from auraserve.worker.inputs import FetchPolicy, load_inputs
@@ -34,13 +47,20 @@ log = logging.getLogger(__name__)
 # Progress is written at most this often (plus always on the last step): a write per step is
 # fine at real-model speeds (~0.1 s/step) but would dominate with the tiny test model.
 _PROGRESS_MIN_INTERVAL = 0.1
+# After a hand-back the engine still finishes the step it is in; wait this long for it.
+_ABORT_JOIN_SECONDS = 10.0
 
 
 class WorkerState(StrEnum):
     STARTING = "starting"
     READY = "ready"
     BUSY = "busy"
+    STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()[:80]}:{short_id('w', 4)}"
 
 
 @dataclass
@@ -67,13 +87,18 @@ class Worker:
         self.engine = engine
         self.media = media
         self.models = list(models if models is not None else settings.presets)
-        self.worker_id = worker_id or f"{socket.gethostname()}:{short_id('w', 4)}"
+        self.worker_id = worker_id or default_worker_id()
         self.state = WorkerState.STARTING
         self.jobs_done = 0
         self.warmup_seconds: float | None = None
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # claim nothing more
+        self._abort = threading.Event()  # the batch in hand was handed back: stop the engine
+        self._started = threading.Event()
+        self._done = threading.Event()
+        self._quiet = threading.Event()  # ends the presence heartbeat
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._batch: _Batch | None = None
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -83,31 +108,99 @@ class Worker:
         )
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch in hand (up to `timeout`), then stop claiming."""
+    @property
+    def finished(self) -> bool:
+        """`run` has returned (stopped, or failed to start)."""
+        return self._done.is_set()
+
+    def request_stop(self) -> None:
+        """Claim nothing more; the batch in hand runs on. Idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
+        if self.state != WorkerState.STOPPED:
+            self.state = WorkerState.STOPPING
         self.db.bus.wake_workers()
-        if self._thread is not None:
-            self._thread.join(timeout)
+
+    def stop(self, grace: float | None = None, *, hurry: threading.Event | None = None) -> bool:
+        """Graceful stop: claim nothing more, let the batch in hand finish for up to `grace`
+        seconds (default AURASERVE_STOP_GRACE_SECONDS), then hand what is unfinished back to
+        the queue. `hurry` set (a second signal) cuts the grace short. True once `run` ended."""
+        grace = self.settings.stop_grace_seconds if grace is None else grace
+        self.request_stop()
+        if not self._started.is_set():
+            return True
+        deadline = time.monotonic() + grace
+        while not self._done.is_set() and not (hurry is not None and hurry.is_set()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._done.wait(min(remaining, 0.05))
+        if not self._done.is_set():
+            self.hand_back_now()
+            self._done.wait(_ABORT_JOIN_SECONDS)
+        if not self._done.is_set():
+            # The engine is inside one long step. Its jobs are back in the queue and every
+            # write it could still make is fenced, so the process may exit without it.
+            log.warning("worker %s: engine still in a step; leaving it", self.worker_id)
+            self._goodbye()
+            return False
+        return True
+
+    def hand_back_now(self) -> list[str]:
+        """Give the jobs in hand back to the queue now (attempt not spent) and stop the engine
+        at its next step. Safe from any thread; returns the ids requeued."""
+        self.request_stop()
+        self._abort.set()
+        with self._lock:
+            batch = self._batch
+            if batch is None:
+                return []
+            ids = [j.id for j in batch.jobs if j.id in batch.owned and j.id not in batch.cancelled]
+            # Out of `owned` first: no heartbeat, progress or settle touches them from now on.
+            batch.owned.difference_update(ids)
+        if not ids:
+            return []
+        try:
+            requeued = jobs.hand_back(self.db, worker_id=self.worker_id, job_ids=ids)
+        except Exception as exc:
+            # Their leases lapse instead and any process's lease rescue requeues them.
+            log.error("worker %s: could not hand back %s: %r", self.worker_id, ids, exc)
+            return []
+        log.warning("worker %s stopping: handed back to the queue %s", self.worker_id, requeued)
+        return requeued
 
     def run(self) -> None:
+        self._started.set()
+        self._register()
+        presence = threading.Thread(
+            target=self._presence, name=f"presence-{self.worker_id}", daemon=True
+        )
+        presence.start()
+        try:
+            self._serve()
+        finally:
+            self.state = WorkerState.STOPPED
+            self._quiet.set()
+            presence.join()
+            self._goodbye()
+            self._done.set()  # last: whoever waits may close the store now
+
+    def _serve(self) -> None:
         sizes = self.settings.warmup_size_pairs
         warmup = getattr(self.engine, "warmup", None)
-        if sizes and warmup is not None:
+        if sizes and warmup is not None and not self._stop.is_set():
             # Compile and warm up before claiming anything, so no user request pays for it;
             # the worker reports ready only afterwards (see /health).
             self.warmup_seconds = warmup(sizes)
             log.info("worker %s warmed up %s in %.1f s", self.worker_id, sizes, self.warmup_seconds)
-        self.state = WorkerState.READY
-        last_recovery = 0.0
-        recovery_every = max(self.settings.lease_seconds / 3, 0.5)
+        self.state = self._idle_state()
+        with contextlib.suppress(Exception):  # the presence heartbeat retries and logs
+            self._beat()  # "ready" shows at once, not a heartbeat later
         log.info("worker %s ready: %s", self.worker_id, self.engine.description)
+        failing = False
         while not self._stop.is_set():
             try:
-                now = time.monotonic()
-                if now - last_recovery >= recovery_every:
-                    last_recovery = now
-                    jobs.recover_expired(self.db)
                 seen = self.db.bus.work_seq()
                 batch = jobs.claim(
                     self.db,
@@ -116,21 +209,81 @@ class Worker:
                     max_images=self.settings.max_batch,
                     lease_seconds=self.settings.lease_seconds,
                 )
+                if failing:
+                    log.info("worker %s: the store answers again", self.worker_id)
+                    failing = False
                 if not batch:
                     self.db.bus.wait_for_work(seen, self.settings.poll_interval_seconds)
                     continue
                 self.state = WorkerState.BUSY
-                self.run_batch(batch)
-                self.state = WorkerState.READY
+                try:
+                    self.run_batch(batch)
+                finally:
+                    self.state = self._idle_state()
             except Exception:  # the loop must survive a store hiccup; leases protect jobs
-                log.exception("worker loop error; retrying shortly")
+                # Once per failing streak (a database outage would print a traceback a second).
+                if not failing:
+                    log.exception("worker %s: loop error; retrying every second", self.worker_id)
+                failing = True
                 self._stop.wait(1.0)
-        self.state = WorkerState.STOPPED
+
+    def _idle_state(self) -> WorkerState:
+        return WorkerState.STOPPING if self._stop.is_set() else WorkerState.READY
+
+    # The registry (store.workers) ---------------------------------------------------------
+
+    def _register(self) -> None:
+        try:
+            registry.register(
+                self.db,
+                worker_id=self.worker_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                models=self.models,
+                device=self.engine.description,
+                state=self.state.value,
+            )
+        except Exception as exc:  # the presence heartbeat registers it once the store answers
+            log.error("worker %s: could not register: %r", self.worker_id, exc)
+
+    def _presence(self) -> None:
+        """Refresh the registry row every heartbeat_seconds, busy or idle."""
+        failing = False
+        while not self._quiet.wait(self.settings.heartbeat_seconds):
+            try:
+                self._beat()
+            except Exception as exc:
+                if not failing:
+                    log.error("worker %s: registry heartbeat failed: %r", self.worker_id, exc)
+                failing = True
+            else:
+                failing = False
+
+    def _beat(self) -> None:
+        if not registry.heartbeat(
+            self.db, self.worker_id, state=self.state.value, jobs_done=self.jobs_done
+        ):
+            self._register()  # the first registration failed, or the row was pruned
+
+    def _goodbye(self) -> None:
+        try:
+            registry.mark_stopped(self.db, self.worker_id, jobs_done=self.jobs_done)
+        except Exception as exc:  # it goes stale instead, after worker_stale_seconds
+            log.error("worker %s: could not mark itself stopped: %r", self.worker_id, exc)
 
     # One batch -----------------------------------------------------------------------------
 
     def run_batch(self, claimed: list[Job]) -> None:
         batch = _Batch(jobs=claimed, owned={j.id for j in claimed})
+        with self._lock:
+            self._batch = batch
+        try:
+            self._run_batch(batch, claimed)
+        finally:
+            with self._lock:
+                self._batch = None
+
+    def _run_batch(self, batch: _Batch, claimed: list[Job]) -> None:
         stop_heartbeat = threading.Event()
         heartbeat = threading.Thread(
             target=self._heartbeat, args=(batch, stop_heartbeat), daemon=True
@@ -179,8 +332,17 @@ class Worker:
             stop_heartbeat.set()
             heartbeat.join()
         if results is None:
+            if self._abort.is_set():
+                return  # stopped by `hand_back_now`: its jobs are queued again, not cancelled
             self._finish_all(batch, JobStatus.CANCELLED, "cancelled by the client")
             return
+        if results:  # auraserve_worker_batch_size and _steps_per_second
+            metrics.observe_batch(
+                claimed[0].model_id,
+                len(claimed),
+                claimed[0].request.steps,
+                results[0].engine_seconds,
+            )
         for job, result in zip(claimed, results, strict=True):
             self._settle(batch, job, result)
 
@@ -199,6 +361,22 @@ class Worker:
             return
         req = job.request
         names: list[str] = []
+
+        def discard(unowned: list[str], why: str) -> None:
+            # Images no job will reference. One that cannot be deleted now stays an orphan
+            # until the media sweep (media.lifecycle) removes it after its grace period.
+            for name in unowned:
+                try:
+                    self.media.delete(name)
+                except Exception as exc:
+                    log.error(
+                        "job %s: could not delete image %s %s; the media sweep will: %r",
+                        job.id,
+                        name,
+                        why,
+                        exc,
+                    )
+
         try:
             for image, seed in zip(result.images, result.seeds, strict=True):
                 data = encode_image(
@@ -211,8 +389,8 @@ class Worker:
                 self.media.put(name, data)
                 names.append(name)
         except Exception as exc:
-            for name in names:
-                self.media.delete(name)
+            log.error("job %s: could not store its image: %r", job.id, exc, exc_info=True)
+            discard(names, "after a failed write")
             self._finish(batch, job, JobStatus.ERROR, f"could not store the image: {exc}")
             return
         output = {
@@ -224,16 +402,32 @@ class Worker:
             "prompt_used": result.prompt_used,
             "warnings": result.warnings,
         }
-        done = jobs.complete(
-            self.db,
-            worker_id=self.worker_id,
-            job_id=job.id,
-            output=output,
-            engine_seconds=result.engine_seconds,
-        )
+        try:
+            done = jobs.complete(
+                self.db,
+                worker_id=self.worker_id,
+                job_id=job.id,
+                output=output,
+                engine_seconds=result.engine_seconds,
+            )
+        except Exception:
+            # The completion may or may not have committed (a connection lost at COMMIT).
+            # Its media rows tell: images with a row belong to the completed job; the rest
+            # belong to nothing. If the store cannot answer now, the sweep decides later.
+            try:
+                owned = media_rows.owned(self.db, names)
+            except Exception as exc:
+                log.error(
+                    "job %s: completion failed; %d image(s) left to the media sweep: %r",
+                    job.id,
+                    len(names),
+                    exc,
+                )
+            else:
+                discard([n for n in names if n not in owned], "after a failed completion")
+            raise
         if done is None:  # lost the lease meanwhile: the job is someone else's now
-            for name in names:
-                self.media.delete(name)
+            discard(names, "after a refused completion")
         else:
             self.jobs_done += 1
 
@@ -303,6 +497,8 @@ class Worker:
                     self._finish(batch, job, JobStatus.CANCELLED, "cancelled by the client")
 
     def _cancelled_indexes(self, batch: _Batch) -> set[int]:
+        if self._abort.is_set():  # handed back: stop the whole batch at this step
+            return set(range(len(batch.jobs)))
         return {
             i
             for i, job in enumerate(batch.jobs)

@@ -41,7 +41,6 @@ from auraserve.api.openapi import (
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import accept
 from auraserve.core.request import bounds
-from auraserve.core.status import media_url
 from auraserve.errors import AuraserveError, InsufficientBalance, InvalidParameter
 from auraserve.store import ledger
 
@@ -290,11 +289,10 @@ async def generations(
     accepted = await accept(request, runtime, account, gen, dialect=OPENAI, raw_fields=data)
     job = await results.finished_job(request, runtime, accepted.job)
     assert job.output is not None
-    base = runtime.settings.resolved_public_url
     revised = job.output.get("prompt_used") or gen.prompt
     if response_format == "url":
         items: list[dict[str, Any]] = [
-            {"url": media_url(base, name), "revised_prompt": revised}
+            {"url": runtime.media.url(name), "revised_prompt": revised}
             for name in job.output["media"]
         ]
     else:

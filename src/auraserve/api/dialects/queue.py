@@ -20,7 +20,6 @@ from auraserve.api.openapi import StatusBody, request_body_model
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import Webhook, accept
 from auraserve.core.jobs import Job
-from auraserve.core.status import status_body
 from auraserve.errors import InvalidParameter
 from auraserve.runtime import Runtime
 from auraserve.webhooks import outbox
@@ -186,6 +185,6 @@ async def submit(
 async def status(request_id: str, runtime: RuntimeDep, account: CurrentAccount) -> Response:
     job = await call_store(runtime, results.load_job, runtime, account.id, request_id)
     if job.webhook_url is None:
-        # status_body is plain JSON types already; skip FastAPI's generic encoder on this hot path.
-        return JSONResponse(status_body(job, runtime.settings.resolved_public_url))
+        # Plain JSON types already; skip FastAPI's generic encoder on this hot path.
+        return JSONResponse(results.plain_status(runtime, job))
     return JSONResponse(await call_store(runtime, results.render_status, runtime, job))

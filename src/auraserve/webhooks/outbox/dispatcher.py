@@ -26,6 +26,9 @@ from anyio.to_thread import run_sync
 from sqlalchemy import and_, func, select, update
 
 from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.status import MediaUrl
+from auraserve.errors import StoreUnavailable
+from auraserve.observability.logs import OutageLog
 from auraserve.store import keys
 from auraserve.store.db import Database
 from auraserve.store.schema import accounts, webhook_deliveries
@@ -70,15 +73,18 @@ class _Claimed:
 class Dispatcher:
     """Sends due deliveries; one per API process, started and stopped by the app lifespan."""
 
-    def __init__(self, db: Database, settings: WebhookSettings) -> None:
+    def __init__(self, db: Database, settings: WebhookSettings, *, media_url: MediaUrl) -> None:
         self.db = db
         self.settings = settings
+        # Renders image URLs in the progress bodies it records (the process's media store).
+        self.media_url = media_url
         self.policy = settings.policy()
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._wake: asyncio.Event | None = None
         self._last_tick = 0.0
+        self._outage = OutageLog(log, "webhook outbox")
 
     # Lifecycle ---------------------------------------------------------------------------
 
@@ -127,6 +133,10 @@ class Dispatcher:
                             delay = await run_sync(self._until_next_due, _POLL_SECONDS)
                     elif delay == 0:
                         delay = _POLL_SECONDS  # full: a finishing delivery wakes us
+                    self._outage.recovered()
+                except StoreUnavailable as exc:  # one line per outage, not one per poll
+                    self._outage.failed(exc)
+                    delay = _POLL_SECONDS
                 except Exception:  # the loop must survive a store hiccup
                     log.exception("webhook dispatcher error; retrying shortly")
                 if delay > 0 and not self._stopping.is_set():
@@ -321,5 +331,5 @@ class Dispatcher:
                     job,
                     suffix=progress_suffix(job),
                     terminal=False,
-                    public_url=self.settings.public_url,
+                    media_url=self.media_url,
                 )

@@ -22,7 +22,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from auraserve.core.jobs import Job, JobStatus
-from auraserve.core.status import status_body
+from auraserve.core.status import MediaUrl, status_body
 from auraserve.store.db import Database, TransitionHook
 from auraserve.store.events import emit_in
 from auraserve.store.schema import webhook_deliveries
@@ -65,13 +65,14 @@ OUTBOX_KEY = "__webhook_outbox__"
 _W = webhook_deliveries.c
 
 
-def install(db: Database, settings: WebhookSettings) -> None:
-    """Record deliveries for every status change made through `db`. Call once per `db`."""
-    db.on_transition(transition_hook(settings))
+def install(db: Database, settings: WebhookSettings, *, media_url: MediaUrl) -> None:
+    """Record deliveries for every status change made through `db`. Call once per `db`.
+    `media_url` renders the image URLs in the bodies (the process's media store)."""
+    db.on_transition(transition_hook(settings, media_url=media_url))
 
 
-def transition_hook(settings: WebhookSettings) -> TransitionHook:
-    """The hook `install` registers, closed over the settings it records deliveries with."""
+def transition_hook(settings: WebhookSettings, *, media_url: MediaUrl) -> TransitionHook:
+    """The hook `install` registers, closed over what it records deliveries with."""
 
     def on_transition(conn: Connection, job: Job) -> None:
         if job.webhook_url is None:
@@ -82,7 +83,7 @@ def transition_hook(settings: WebhookSettings) -> TransitionHook:
                 job,
                 suffix=job.status.value.lower(),
                 terminal=True,
-                public_url=settings.public_url,
+                media_url=media_url,
             )
             return
         if (job.webhook_mode or TERMINAL_MODE) != SYNC_MODE:
@@ -95,7 +96,7 @@ def transition_hook(settings: WebhookSettings) -> TransitionHook:
                 job,
                 suffix=progress_suffix(job),
                 terminal=False,
-                public_url=settings.public_url,
+                media_url=media_url,
             )
 
     return on_transition
@@ -141,12 +142,12 @@ def enqueue_in(
     *,
     suffix: str,
     terminal: bool,
-    public_url: str,
+    media_url: MediaUrl,
     body: dict[str, Any] | None = None,
 ) -> bool:
     """Add a delivery of `job`'s current status (in the caller's transaction); True if added.
 
-    `public_url` is the base of the absolute URLs in the status body (when `body` is None)."""
+    `media_url` renders the image URLs of the status body (when `body` is None)."""
     if job.webhook_url is None:
         return False
     now = time.time()
@@ -156,7 +157,7 @@ def enqueue_in(
     if disabled is not None:
         return False
     if body is None:
-        body = status_body(job, public_url)
+        body = status_body(job, media_url)
     inserted = _insert_ignoring_duplicates(
         conn,
         {

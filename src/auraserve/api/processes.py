@@ -1,0 +1,271 @@
+"""Several API processes on one port: `auraserve serve --api-processes N`.
+
+One Python process serves about 3,000 status polls/s on one core (docs/benchmarks.md); the GIL
+keeps it there however many cores the machine has. The supervisor (the `serve` process itself)
+reserves the port and starts N children that each listen on it (SO_REUSEPORT), each a whole
+API: its own store connections, outbox dispatcher, rate limiter, and our `GuardedH11Protocol` limits
+(`api.server.server_config`), the connection cap counting per child.
+
+Why SO_REUSEPORT rather than one inherited listening socket: with a shared socket, whichever
+child wakes first accepts a whole burst of connections, and keep-alive clients then stay on it
+(measured: 16 wrk connections, one child at 0.94 cores, the other at 0.01). With a socket per
+child the kernel spreads new connections over the children by their address hash. The cost: the
+connections waiting in a child's own accept queue when that child dies are reset (clients retry;
+a graceful stop closes the listener first, so only a crash loses them).
+
+Why our own supervisor rather than uvicorn's `Multiprocess`: uvicorn pickles its `Config`,
+which cannot carry the per-server protocol class `server_config` builds, and it offers no hook
+to keep the in-process worker and the key bootstrap out of the children. What we keep from it:
+children are *spawned*, not forked, so none inherits the supervisor's threads, database
+connections or model, and a child can be restarted at any time, even while the worker runs.
+
+Where things run, and why:
+- Migrations and the first-start key: in the supervisor, once, before any child starts.
+- The in-process worker(s): in the supervisor. It is idle otherwise, so the worker gets a GIL of
+  its own instead of sharing an API child's; the model is loaded once; and a crashed or
+  restarted API child never takes a batch in progress with it. The children stay torch-free.
+- Cross-process wake-ups: on PostgreSQL every process LISTENs; on SQLite every process joins
+  the store's datagram fan-out (`store.events.SqliteFanout`), so a child's sync waiter hears
+  the supervisor's worker complete its job at once, and the worker hears a child's submit.
+
+A child that exits is started again (after a growing pause if it keeps dying young). SIGTERM or
+SIGINT stops the children gracefully (they finish in-flight requests), then the worker; a
+second signal hurries the children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event as MpEvent
+from typing import Any
+
+from auraserve.config import Settings
+
+log = logging.getLogger(__name__)
+
+_SPAWN = multiprocessing.get_context("spawn")
+# A child that dies within this long of starting is "dying young": it is restarted after a
+# pause that doubles each time (a broken configuration must not become a fork bomb).
+YOUNG_SECONDS = 10.0
+MAX_RESTART_PAUSE = 30.0
+# How long the supervisor waits for children to finish in-flight requests after a signal,
+# beyond their own graceful-shutdown timeout, before it kills them.
+STOP_MARGIN_SECONDS = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """Everything a child needs, pickled to it at spawn: the settings as `serve` resolved them
+    (flags included), uvicorn's options, and how to set up logging (a module-level callable,
+    so it pickles)."""
+
+    settings: Settings
+    uvicorn_options: dict[str, Any] = field(default_factory=dict)
+    setup_logging: Callable[[], object] | None = None
+
+
+def bind_listener(settings: Settings, backlog: int = 4096, *, listen: bool = True) -> socket.socket:
+    """A socket on the serving port in the SO_REUSEPORT group. Without `listen` it only holds
+    the port (the supervisor's: a port in use fails `serve` at once, and no other program can
+    take the port while children restart); the children's listen and share the connections."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.host, settings.port))
+    if listen:
+        sock.listen(backlog)
+    return sock
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the supervisor dies, even by SIGKILL, so no child outlives it
+    and keeps the port."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def child_main(spec: ChildSpec, ready: MpEvent) -> None:
+    """One API process: open the store (already migrated: a no-op check), serve on `sock`."""
+    _die_with_parent()
+    if spec.setup_logging is not None:
+        spec.setup_logging()
+    # Imported here, in the child: the supervisor's own imports stay what `serve` needs.
+    import uvicorn
+
+    from auraserve.api.app import create_app
+    from auraserve.api.server import server_config
+    from auraserve.runtime import Runtime
+    from auraserve.store.events import SqliteFanout
+
+    sock = bind_listener(spec.settings)
+    runtime = Runtime.open(spec.settings)
+    fanout = SqliteFanout.join(runtime.db)
+    app = create_app(runtime, owns_runtime=True)
+    config = server_config(app, spec.settings, **spec.uvicorn_options)
+
+    class ChildServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                ready.set()
+
+    try:
+        ChildServer(config).run(sockets=[sock])
+    finally:
+        # multiprocessing ends a child with os._exit: atexit handlers would not run.
+        if fanout is not None:
+            fanout.close()
+
+
+@dataclass
+class _Child:
+    index: int
+    process: SpawnProcess
+    ready: MpEvent
+    started_at: float
+
+
+class Supervisor:
+    """Keeps `count` API children alive on one socket until told to stop."""
+
+    def __init__(self, spec: ChildSpec, sock: socket.socket, count: int) -> None:
+        self.spec = spec
+        self.sock = sock
+        self.count = count
+        self.children: dict[int, _Child] = {}
+        self._signals = 0
+        self._ever_ready = False
+        self._young_deaths: dict[int, int] = {}
+        self._restart_at: dict[int, float] = {}
+
+    # --- public -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start the children, keep them alive until SIGTERM/SIGINT, stop them; exit status."""
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            for index in range(self.count):
+                self._start(index)
+            while not self._signals:
+                if not self._reap_and_restart():
+                    self._stop_all()
+                    return 1
+            return self._stop_all()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def pids(self) -> list[int]:
+        return [c.process.pid for c in self.children.values() if c.process.pid is not None]
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # uvicorn treats SIGINT during a graceful shutdown as "exit now".
+            for child in self.children.values():
+                self._send(child, signal.SIGINT)
+
+    def _start(self, index: int) -> None:
+        ready = _SPAWN.Event()
+        process = _SPAWN.Process(
+            target=child_main,
+            args=(self.spec, ready),
+            name=f"auraserve-api-{index}",
+            daemon=False,
+        )
+        process.start()
+        self.children[index] = _Child(index, process, ready, time.monotonic())
+        log.info("API process %d started (pid %s)", index, process.pid)
+
+    def _reap_and_restart(self) -> bool:
+        """Restart children that exited; False when one failed before any child ever served
+        (the configuration is broken: every restart would fail the same way)."""
+        self._ever_ready = self._ever_ready or any(c.ready.is_set() for c in self.children.values())
+        sentinels = {c.process.sentinel: c for c in self.children.values()}
+        timeout = 0.5
+        if self._restart_at:
+            timeout = max(0.0, min(timeout, min(self._restart_at.values()) - time.monotonic()))
+        for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=timeout):
+            if self._signals:
+                return True  # stopping: an exit now is expected
+            child = sentinels[sentinel]  # type: ignore[index]
+            child.process.join()
+            del self.children[child.index]
+            if not self._ever_ready and not child.ready.is_set():
+                log.error(
+                    "API process %d failed to start (exit status %s); stopping",
+                    child.index,
+                    child.process.exitcode,
+                )
+                return False
+            lived = time.monotonic() - child.started_at
+            young = lived < YOUNG_SECONDS
+            deaths = self._young_deaths.get(child.index, 0) + 1 if young else 0
+            self._young_deaths[child.index] = deaths
+            pause = min(MAX_RESTART_PAUSE, 0.5 * 2 ** (deaths - 1)) if young else 0.0
+            log.error(
+                "API process %d (pid %s) exited with status %s after %.1f s; restarting%s",
+                child.index,
+                child.process.pid,
+                child.process.exitcode,
+                lived,
+                f" in {pause:.1f} s" if pause else "",
+            )
+            self._restart_at[child.index] = time.monotonic() + pause
+        now = time.monotonic()
+        for index, at in list(self._restart_at.items()):
+            if at <= now and not self._signals:
+                del self._restart_at[index]
+                self._start(index)
+        return True
+
+    def _stop_all(self) -> int:
+        for child in self.children.values():
+            self._send(child, signal.SIGTERM)
+        grace = float(self.spec.uvicorn_options.get("timeout_graceful_shutdown") or 30)
+        deadline = time.monotonic() + grace + STOP_MARGIN_SECONDS
+        for child in self.children.values():
+            child.process.join(max(0.0, deadline - time.monotonic()))
+            if child.process.exitcode is None:
+                log.error("API process %d did not stop in time; killing it", child.index)
+                child.process.kill()
+                child.process.join()
+        return 0
+
+    @staticmethod
+    def _send(child: _Child, signum: int) -> None:
+        if child.process.pid is not None and child.process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.process.pid, signum)
+
+
+def serve_processes(spec: ChildSpec, count: int) -> int:
+    """Hold the port, run `count` API children on it until a signal stops them."""
+    sock = bind_listener(spec.settings, listen=False)
+    try:
+        return Supervisor(spec, sock, count).run()
+    finally:
+        sock.close()

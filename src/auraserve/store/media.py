@@ -1,0 +1,86 @@
+"""Which job owns which image object (table `media_objects`).
+
+A row is written in the transaction that completes its job (`record_in`, called by
+`store.jobs.complete`), so an object has a row exactly when a COMPLETED job references it. An
+object without one belongs to nothing (its worker died before completing, or the completion was
+refused) and the orphan sweep removes it (media.lifecycle). Retention deletes rows here first
+and the objects after, so a crash in between leaves orphans for the sweep, never a status that
+points at a deleted image while claiming it exists.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, delete, insert, select, update
+
+from auraserve.store.db import Database
+from auraserve.store.schema import jobs, media_objects
+
+_M = media_objects.c
+
+
+def record_in(conn: Connection, job_id: str, names: Iterable[str], now: float) -> None:
+    """Mark `names` as owned by `job_id`, in the caller's (completing) transaction."""
+    rows = [{"name": name, "job_id": job_id, "created_at": now} for name in names]
+    if rows:
+        conn.execute(insert(media_objects), rows)
+
+
+def owned(db: Database, names: Collection[str]) -> set[str]:
+    """Those of `names` that some job owns."""
+    if not names:
+        return set()
+    with db.read() as conn:
+        return set(conn.scalars(select(_M.name).where(_M.name.in_(list(names)))))
+
+
+def is_owned(db: Database, name: str) -> bool:
+    with db.read() as conn:
+        return conn.execute(select(_M.name).where(_M.name == name)).first() is not None
+
+
+def names_of(db: Database, job_id: str) -> list[str]:
+    with db.read() as conn:
+        return list(conn.scalars(select(_M.name).where(_M.job_id == job_id).order_by(_M.name)))
+
+
+@dataclass(frozen=True)
+class Expired:
+    job_ids: list[str]
+    names: list[str]  # their objects, now owned by nothing: the caller deletes them
+
+
+def expire_older_than(
+    db: Database, *, cutoff: float, retention: float, now: float, limit: int = 500
+) -> Expired:
+    """Forget the images of up to `limit` jobs completed before `cutoff` and mark those jobs'
+    outputs expired (`output.expired_at`, `output.retention_seconds`), in one transaction.
+
+    Concurrent callers (several replicas) never both expire one job: the DELETE decides, and
+    only the jobs whose rows this call deleted are marked and returned."""
+    with db.write() as conn:
+        job_ids = list(
+            conn.scalars(select(_M.job_id).where(_M.created_at < cutoff).distinct().limit(limit))
+        )
+        if not job_ids:
+            return Expired([], [])
+        deleted = conn.execute(
+            delete(media_objects).where(_M.job_id.in_(job_ids)).returning(_M.name, _M.job_id)
+        ).all()
+        won = sorted({r.job_id for r in deleted})
+        outputs = conn.execute(
+            select(jobs.c.id, jobs.c.output).where(jobs.c.id.in_(won), jobs.c.output.isnot(None))
+        ).all()
+        for row in outputs:
+            output = json.loads(row.output)
+            output["expired_at"] = now
+            output["retention_seconds"] = retention
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == row.id)
+                .values(output=json.dumps(output), updated_at=now)
+            )
+    return Expired(won, [r.name for r in deleted])

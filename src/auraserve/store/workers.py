@@ -1,0 +1,196 @@
+"""The worker registry: who claims jobs, for which models, and when each was last heard from.
+
+A worker registers at start, refreshes its row with its presence heartbeat (every
+`heartbeat_seconds`, busy or idle) and marks itself stopped at exit. A worker that crashed
+never says so: its row just stops being refreshed, and it counts as live only while
+`last_seen_at` is within `worker_stale_seconds`. Any process can then tell which models some
+live worker serves (`live_models`): the API says so on a queued job nobody will run, and
+`auraserve workers` / `GET /v2/workers` list the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+
+from auraserve.core.status import iso
+from auraserve.store.cache import TtlCache
+from auraserve.store.db import Database
+from auraserve.store.schema import workers
+
+STOPPED = "stopped"
+STATES = ("starting", "ready", "busy", "stopping", STOPPED)
+
+# Status polls ask "does a live worker serve this model?"; one lookup per process per second
+# keeps that off the hot path however many clients poll.
+LIVE_MODELS_TTL = 1.0
+_LIVE_CACHES: weakref.WeakKeyDictionary[Database, TtlCache[float, frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    models: list[str]
+    device: str
+    state: str
+    jobs_done: int
+    started_at: float
+    last_seen_at: float
+    stopped_at: float | None
+
+    def is_live(self, stale_seconds: float, now: float) -> bool:
+        return self.state != STOPPED and now - self.last_seen_at <= stale_seconds
+
+    def liveness(self, stale_seconds: float, now: float) -> str:
+        """live | stale (not heard from: crashed, frozen or cut off) | stopped (said goodbye)."""
+        if self.state == STOPPED:
+            return STOPPED
+        return "live" if self.is_live(stale_seconds, now) else "stale"
+
+
+def register(
+    db: Database,
+    *,
+    worker_id: str,
+    host: str,
+    pid: int,
+    models: Sequence[str],
+    device: str,
+    state: str = "starting",
+) -> None:
+    """Insert or refresh this worker's row. A worker restarted under the same id (a fixed
+    AURASERVE_WORKER_ID) takes its row over: counters restart with the process."""
+    now = time.time()
+    values = {
+        "host": host[:255],
+        "pid": pid,
+        "models": json.dumps(list(models)),
+        "device": device[:255],
+        "state": state,
+        "jobs_done": 0,
+        "started_at": now,
+        "last_seen_at": now,
+        "stopped_at": None,
+    }
+    with db.write() as conn:
+        updated = conn.execute(update(workers).where(workers.c.id == worker_id).values(**values))
+        if updated.rowcount == 0:
+            conn.execute(insert(workers).values(id=worker_id, **values))
+    _forget_live_models(db)
+
+
+def heartbeat(db: Database, worker_id: str, *, state: str, jobs_done: int) -> bool:
+    """Refresh the row: the worker is alive, in `state`, with `jobs_done` jobs completed.
+    False when there is no row to refresh (the worker must register)."""
+    with db.write() as conn:
+        result = conn.execute(
+            update(workers)
+            .where(workers.c.id == worker_id)
+            .values(state=state, jobs_done=jobs_done, last_seen_at=time.time(), stopped_at=None)
+        )
+    return result.rowcount == 1
+
+
+def mark_stopped(db: Database, worker_id: str, *, jobs_done: int) -> None:
+    now = time.time()
+    with db.write() as conn:
+        conn.execute(
+            update(workers)
+            .where(workers.c.id == worker_id)
+            .values(state=STOPPED, jobs_done=jobs_done, last_seen_at=now, stopped_at=now)
+        )
+    _forget_live_models(db)
+
+
+def list_workers(db: Database) -> list[WorkerInfo]:
+    """Every registered worker, the most recently heard from first."""
+    with db.read() as conn:
+        rows = conn.execute(
+            select(workers).order_by(workers.c.last_seen_at.desc(), workers.c.id)
+        ).all()
+    return [
+        WorkerInfo(
+            id=r.id,
+            host=r.host,
+            pid=r.pid,
+            models=list(json.loads(r.models)),
+            device=r.device,
+            state=r.state,
+            jobs_done=r.jobs_done,
+            started_at=r.started_at,
+            last_seen_at=r.last_seen_at,
+            stopped_at=r.stopped_at,
+        )
+        for r in rows
+    ]
+
+
+def live_models(db: Database, stale_seconds: float) -> frozenset[str]:
+    """The models at least one live worker serves; remembered LIVE_MODELS_TTL s per Database."""
+    cache = _LIVE_CACHES.get(db)
+    if cache is None:
+        cache = _LIVE_CACHES.setdefault(db, TtlCache(ttl=LIVE_MODELS_TTL, maxsize=8))
+    served = cache.get(stale_seconds)
+    if served is None:
+        since = time.time() - stale_seconds
+        with db.read() as conn:
+            rows = conn.execute(
+                select(workers.c.models).where(
+                    workers.c.state != STOPPED, workers.c.last_seen_at >= since
+                )
+            ).all()
+        served = frozenset(model for r in rows for model in json.loads(r.models))
+        cache.put(stale_seconds, served)
+    return served
+
+
+def forget_old(db: Database, *, older_than_seconds: float) -> int:
+    """Delete rows not heard from for this long (stopped or crashed workers), so the registry
+    does not grow with every restart. Returns how many went."""
+    with db.write() as conn:
+        result = conn.execute(
+            delete(workers).where(workers.c.last_seen_at < time.time() - older_than_seconds)
+        )
+    return int(result.rowcount or 0)
+
+
+def report(rows: Sequence[WorkerInfo], *, stale_seconds: float, now: float) -> dict[str, Any]:
+    """The registry as `GET /v2/workers` and `auraserve workers --json` show it."""
+    return {
+        "workers": [
+            {
+                "id": w.id,
+                "host": w.host,
+                "pid": w.pid,
+                "models": w.models,
+                "device": w.device,
+                "state": w.state,
+                "liveness": w.liveness(stale_seconds, now),
+                "jobs_done": w.jobs_done,
+                "started_at": iso(w.started_at),
+                "last_seen_at": iso(w.last_seen_at),
+                "stopped_at": iso(w.stopped_at),
+                "seconds_since_seen": round(max(0.0, now - w.last_seen_at), 3),
+            }
+            for w in rows
+        ],
+        "live_models": sorted({m for w in rows if w.is_live(stale_seconds, now) for m in w.models}),
+        "stale_after_seconds": stale_seconds,
+    }
+
+
+def _forget_live_models(db: Database) -> None:
+    # This process's own worker came or went: its next poll should know at once.
+    cache = _LIVE_CACHES.get(db)
+    if cache is not None:
+        cache.clear()

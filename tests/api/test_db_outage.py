@@ -1,0 +1,308 @@
+"""Database outages on PostgreSQL: requests answer 503 with Retry-After in their dialect's
+shape, never 500; each failure is logged once; the server recovers by itself.
+
+Two outages, both against a real server on loopback: every server connection terminated
+mid-load (`pg_terminate_backend`), and a database that stops answering. The shared PostgreSQL
+cannot be stopped, so the server reaches it through a TCP forwarder this test starts and
+stops (`TcpProxy`): stopped, it refuses connections and cuts the open ones, as a stopped
+server's host does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.engine import make_url
+
+from auraserve.config import Settings
+from auraserve.runtime import Runtime
+from auraserve.store.schema import accounts, jobs, ledger
+from tests.conftest import BACKEND, LiveServer, free_port, make_tenant
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(BACKEND != "postgresql", reason="PostgreSQL outages: run on postgresql"),
+]
+
+QUEUE_SUBMIT = "/auraflow-v0-3-512/v1/auraflow-v0-3-request"
+JOB_BODY = {"prompt": "a lighthouse", "num_inference_steps": 2, "expand_prompt": False}
+
+
+class TcpProxy:
+    """A TCP forwarder on loopback, in its own thread and event loop, that can be stopped
+    (listener closed, open connections cut) and started again on the same port."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    def __enter__(self) -> TcpProxy:
+        self.thread.start()
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def start(self) -> None:
+        async def listen() -> asyncio.Server:
+            return await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+        self.server = self._run(listen())
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self.server is not None:
+                self.server.close()
+                await self.server.wait_closed()
+                self.server = None
+            for writer in list(self.writers):
+                writer.transport.abort()
+            self.writers.clear()
+            await asyncio.sleep(0.05)  # let the cut connections' pipes finish
+
+        self._run(close())
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.writers -= {writer, up_writer}
+
+
+class Records(logging.Handler):
+    """Every record of the loggers it is attached to (auraserve's and uvicorn's)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def unavailable(self) -> list[logging.LogRecord]:
+        return [
+            r
+            for r in self.records
+            if r.name == "auraserve.api.errors" and "database unavailable" in r.getMessage()
+        ]
+
+
+@pytest.fixture
+def records() -> Iterator[Records]:
+    handler = Records()
+    loggers = [logging.getLogger(name) for name in ("auraserve", "uvicorn.error", "uvicorn")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    yield handler
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.removeHandler(handler)
+        lg.setLevel(level)
+
+
+def _assert_money_consistent(database_url: str) -> None:
+    """A refused submit reserved nothing: every reservation has its job, and each balance is
+    its ledger's sum."""
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as conn:
+            orphans = conn.execute(
+                select(func.count())
+                .select_from(ledger)
+                .where(ledger.c.kind == "reserve", ledger.c.job_id.not_in(select(jobs.c.id)))
+            ).scalar_one()
+            assert orphans == 0
+            reserves = conn.execute(
+                select(func.count()).select_from(ledger).where(ledger.c.kind == "reserve")
+            ).scalar_one()
+            assert reserves == conn.execute(select(func.count()).select_from(jobs)).scalar_one()
+            for account_id, balance in conn.execute(select(accounts.c.id, accounts.c.balance)):
+                total = conn.execute(
+                    select(func.coalesce(func.sum(ledger.c.balance_delta), 0)).where(
+                        ledger.c.account_id == account_id
+                    )
+                ).scalar_one()
+                assert balance == total, account_id
+    finally:
+        engine.dispose()
+
+
+_COUNT_LOCK = threading.Lock()
+
+
+def _load(url: str, headers: dict[str, str], stop: threading.Event, codes: Counter[int]) -> None:
+    """Submit and poll in a loop, counting every status code (0: no answer at all)."""
+
+    def count(code: int) -> None:
+        with _COUNT_LOCK:  # four threads: `+=` on a Counter is not atomic
+            codes[code] += 1
+
+    with httpx.Client(base_url=url, timeout=30) as client:
+        request_id: str | None = None
+        while not stop.is_set():
+            try:
+                resp = client.post(QUEUE_SUBMIT, headers=headers, json=JOB_BODY)
+                count(resp.status_code)
+                if resp.status_code == 202:
+                    request_id = resp.json()["request_id"]
+                if request_id is not None:
+                    poll = client.get(f"/v2/requests/status/{request_id}", headers=headers)
+                    count(poll.status_code)
+            except httpx.TransportError:
+                count(0)
+
+
+def test_terminated_connections_mid_load_give_no_500(
+    server: LiveServer, settings: Settings, records: Records
+) -> None:
+    tenant = make_tenant(server.runtime, credits=10**9)
+    stop = threading.Event()
+    codes: Counter[int] = Counter()
+    threads = [
+        threading.Thread(target=_load, args=(server.url, tenant.headers, stop, codes))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    admin = create_engine(
+        make_url(settings.database_url).set(drivername="postgresql+psycopg"),
+        isolation_level="AUTOCOMMIT",
+    )
+    killed = 0
+    try:
+        time.sleep(0.5)
+        with admin.connect() as conn:
+            for _ in range(5):
+                killed += len(
+                    conn.execute(
+                        text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        )
+                    ).all()
+                )
+                time.sleep(0.3)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        admin.dispose()
+    print(f"terminated {killed} server connections; responses by status: {dict(codes)}")
+    assert killed > 0
+    assert set(codes) <= {200, 202, 503}, codes
+    assert codes[202] > 0
+    # Each refused request was logged once, on one line, without a traceback.
+    logged = records.unavailable()
+    assert len(logged) == codes[503]
+    assert all(r.exc_info is None for r in logged)
+    assert not [r for r in records.records if r.name.startswith("uvicorn")]
+    # It serves again afterwards, by itself.
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.post(QUEUE_SUBMIT, headers=tenant.headers, json=JOB_BODY).status_code == 202
+    _assert_money_consistent(settings.database_url)
+
+
+def _proxied(database_url: str, port: int) -> str:
+    return make_url(database_url).set(host="127.0.0.1", port=port).render_as_string(False)
+
+
+def test_a_stopped_database_gives_503_then_recovers(
+    settings: Settings, tmp_path: Any, records: Records
+) -> None:
+    target = make_url(settings.database_url)
+    with TcpProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
+        proxied = settings.model_copy(
+            update={"database_url": _proxied(settings.database_url, proxy.port)}
+        )
+        runtime = Runtime.open(proxied)
+        live = LiveServer(runtime).start()
+        try:
+            tenant = make_tenant(runtime, credits=10**9)
+            with httpx.Client(base_url=live.url, timeout=30) as client:
+                first = client.post(QUEUE_SUBMIT, headers=tenant.headers, json=JOB_BODY)
+                assert first.status_code == 202
+                request_id = first.json()["request_id"]
+                assert client.get("/readyz").status_code == 200
+
+                proxy.stop()
+                time.sleep(2.5)  # past the key cache: every request now needs the database
+                refused = [
+                    client.post(QUEUE_SUBMIT, headers=tenant.headers, json=JOB_BODY),
+                    client.get(f"/v2/requests/status/{request_id}", headers=tenant.headers),
+                    client.post(
+                        "/v1/aura-flow",
+                        headers={"x-api-key": tenant.key},
+                        json={"prompt": "a lighthouse", "steps": 2},
+                    ),
+                    client.post(
+                        "/v1/images/generations",
+                        headers={"Authorization": f"Bearer {tenant.key}"},
+                        json={"prompt": "a lighthouse"},
+                    ),
+                ]
+                for resp in refused:
+                    assert resp.status_code == 503, resp.text
+                    assert int(resp.headers["Retry-After"]) >= 1
+                queue_body, poll_body, sync_body, openai_body = (r.json() for r in refused)
+                assert "database" in queue_body["message"]  # seed 002's {error, message}
+                assert "database" in poll_body["message"]
+                assert "database" in sync_body["message"]
+                assert "database" in openai_body["error"]["message"]  # OpenAI's error object
+                ready = client.get("/readyz")
+                assert ready.status_code == 503
+                assert ready.json()["failed"][:1] == ["store"]
+                assert client.get("/healthz").status_code == 200
+                logged = records.unavailable()
+                assert len(logged) == len(refused)
+                assert all(r.exc_info is None for r in logged)
+                assert not [r for r in records.records if r.name.startswith("uvicorn")]
+
+                proxy.start()
+                deadline = time.monotonic() + 15
+                while True:
+                    resp = client.post(QUEUE_SUBMIT, headers=tenant.headers, json=JOB_BODY)
+                    if resp.status_code == 202 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                assert resp.status_code == 202, resp.text
+                assert client.get("/readyz").status_code == 200
+                status = client.get(f"/v2/requests/status/{request_id}", headers=tenant.headers)
+                assert status.status_code == 200
+        finally:
+            live.stop()
+            runtime.close()
+    _assert_money_consistent(settings.database_url)

@@ -1,0 +1,214 @@
+"""The worker's registry presence and its graceful stop, in process, against a real store.
+
+The engine here is a stand-in with the real engine's contract (engine.base.Engine): steps of a
+known length, `on_step` after each, the `cancelled` callback between steps, JobCancelled when
+every request is dropped. The subprocess tests (tests/cli/test_cli_worker.py) run the same
+stop on the tiny model through signals."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+from auraserve.config import Settings
+from auraserve.core.jobs import JobStatus
+from auraserve.core.request import GenerationRequest, build_request
+from auraserve.engine.base import CancelCheck, JobResult, StepCallback
+from auraserve.errors import JobCancelled
+from auraserve.runtime import Runtime
+from auraserve.store import jobs, keys, ledger, workers
+from auraserve.worker.loop import Worker, WorkerState
+
+MODEL = "auraflow-v0-3-512"
+
+
+class _Stepped:
+    """Steps of `step_seconds` each; honours `cancelled` between steps like the real engine."""
+
+    description = "stepped test engine (cpu)"
+    is_test_model = True
+
+    def __init__(self, step_seconds: float) -> None:
+        self.step_seconds = step_seconds
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        on_step: StepCallback | None = None,
+        cancelled: CancelCheck | None = None,
+        **_: Any,
+    ) -> list[JobResult]:
+        steps = requests[0].steps
+        dropped: set[int] = set()
+        for step in range(1, steps + 1):
+            if cancelled is not None:
+                dropped |= set(cancelled())
+                if len(dropped) == len(requests):
+                    raise JobCancelled()
+            time.sleep(self.step_seconds)
+            if on_step is not None:
+                on_step(step, steps)
+        return [
+            JobResult(
+                images=[] if i in dropped else [Image.new("RGB", (r.width, r.height))],
+                seeds=[] if i in dropped else [r.seed or 0],
+                width=r.width,
+                height=r.height,
+                prompt_used=r.prompt,
+                cancelled=i in dropped,
+            )
+            for i, r in enumerate(requests)
+        ]
+
+
+def _submit(rt: Runtime, account_id: str, steps: int) -> str:
+    preset = rt.settings.presets[MODEL]
+    req = build_request({"prompt": "stop", "steps": steps}, model=MODEL, preset=preset)
+    return jobs.submit(
+        rt.db,
+        account_id=account_id,
+        request=req,
+        price=req.price(preset),
+        max_queued=100,
+        max_attempts=3,
+    ).job.id
+
+
+def _wait_for(rt: Runtime, job_id: str, status: JobStatus, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = jobs.get(rt.db, job_id)
+        if (
+            job is not None
+            and job.status == status
+            and (status != JobStatus.PROCESSING or job.progress_step >= 1)
+        ):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
+
+
+def _kinds(rt: Runtime, account_id: str) -> list[object]:
+    return [e["kind"] for e in ledger.entries(rt.db, account_id)]
+
+
+def test_a_worker_registers_heartbeats_while_idle_and_marks_itself_stopped(
+    settings: Settings,
+) -> None:
+    settings = settings.model_copy(update={"heartbeat_seconds": 0.2, "worker_id": "gpu-7"})
+    rt = Runtime.open(settings, engine=_Stepped(0.01))
+    try:
+        worker = rt.start_worker(models=[MODEL])
+        assert worker.worker_id == "gpu-7"
+        deadline = time.monotonic() + 10
+        while worker.state != WorkerState.READY:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        (first,) = workers.list_workers(rt.db)
+        time.sleep(0.6)  # idle: no batch, yet the presence heartbeat goes on
+        (later,) = workers.list_workers(rt.db)
+        assert later.last_seen_at > first.last_seen_at
+        assert (later.id, later.models, later.state) == ("gpu-7", [MODEL], "ready")
+        assert later.device == "stepped test engine (cpu)"
+        assert workers.live_models(rt.db, settings.worker_stale_seconds) >= {MODEL}
+    finally:
+        rt.close()
+    rt = Runtime.open(settings)
+    try:
+        (row,) = workers.list_workers(rt.db)
+        assert row.state == "stopped" and row.stopped_at is not None
+    finally:
+        rt.close()
+
+
+def test_stop_lets_the_batch_in_hand_finish_within_the_grace(settings: Settings) -> None:
+    rt = Runtime.open(settings, engine=_Stepped(0.05))
+    try:
+        acct = keys.create_account(rt.db, "w", credits=10_000)
+        job_id = _submit(rt, acct.account_id, steps=20)  # about 1 s
+        worker = rt.start_worker(models=[MODEL])
+        _wait_for(rt, job_id, JobStatus.PROCESSING)
+        assert worker.stop(grace=30)
+        job = jobs.get(rt.db, job_id)
+        assert job is not None and job.status == JobStatus.COMPLETED
+        assert _kinds(rt, acct.account_id).count("capture") == 1
+    finally:
+        rt.close()
+
+
+def test_past_the_grace_the_batch_goes_back_to_the_queue_without_an_attempt(
+    settings: Settings,
+) -> None:
+    rt = Runtime.open(settings, engine=_Stepped(0.05))
+    try:
+        acct = keys.create_account(rt.db, "w", credits=10_000)
+        job_id = _submit(rt, acct.account_id, steps=100)  # about 5 s
+        queued_behind = _submit(rt, acct.account_id, steps=50)  # another batch key: not claimed
+        worker = rt.start_worker(models=[MODEL])
+        _wait_for(rt, job_id, JobStatus.PROCESSING)
+        started = time.monotonic()
+        assert worker.stop(grace=0.3)
+        took = time.monotonic() - started
+        assert 0.3 <= took < 2.0, took
+        job = jobs.get(rt.db, job_id)
+        assert job is not None
+        assert job.status == JobStatus.QUEUED and job.attempts == 0 and job.lease_owner is None
+        # Not settled (no capture, no release): the reservation waits for the next attempt.
+        assert _kinds(rt, acct.account_id) == ["grant", "reserve", "reserve"]
+        behind = jobs.get(rt.db, queued_behind)
+        assert behind is not None and behind.status == JobStatus.QUEUED and behind.attempts == 0
+        assert worker.finished
+    finally:
+        rt.close()
+
+
+def test_hurry_hands_back_at_once(settings: Settings) -> None:
+    rt = Runtime.open(settings, engine=_Stepped(0.05))
+    try:
+        acct = keys.create_account(rt.db, "w", credits=10_000)
+        job_id = _submit(rt, acct.account_id, steps=100)
+        worker = rt.start_worker(models=[MODEL])
+        _wait_for(rt, job_id, JobStatus.PROCESSING)
+        hurry = threading.Event()
+        threading.Timer(0.2, hurry.set).start()  # the second signal
+        started = time.monotonic()
+        assert worker.stop(grace=60, hurry=hurry)
+        assert time.monotonic() - started < 2.0
+        job = jobs.get(rt.db, job_id)
+        assert job is not None and job.status == JobStatus.QUEUED and job.attempts == 0
+    finally:
+        rt.close()
+
+
+def test_a_client_cancel_during_a_stop_stays_a_cancel(settings: Settings) -> None:
+    """Handing back is for the server's stop; a job the client cancelled ends CANCELLED."""
+    rt = Runtime.open(settings, engine=_Stepped(0.05))
+    try:
+        acct = keys.create_account(rt.db, "w", credits=10_000)
+        job_id = _submit(rt, acct.account_id, steps=100)
+        worker = rt.start_worker(models=[MODEL])
+        _wait_for(rt, job_id, JobStatus.PROCESSING)
+        worker.request_stop()
+        jobs.cancel(rt.db, job_id, account_id=acct.account_id)
+        job = _wait_for(rt, job_id, JobStatus.CANCELLED, timeout=10)
+        assert job.error == "cancelled by the client"
+        assert worker.stop(grace=5)
+        assert _kinds(rt, acct.account_id).count("release") == 1
+    finally:
+        rt.close()
+
+
+def test_a_worker_never_started_stops_at_once(settings: Settings) -> None:
+    rt = Runtime.open(settings)
+    try:
+        worker = Worker(db=rt.db, settings=settings, engine=_Stepped(0.01), media=rt.media)
+        started = time.monotonic()
+        assert worker.stop(grace=30)
+        assert time.monotonic() - started < 0.5
+    finally:
+        rt.close()
