@@ -366,10 +366,10 @@ def _serve_processes(args: argparse.Namespace, settings: Settings, runtime: Runt
     import functools
 
     from auraserve.api.processes import ChildSpec, serve_processes
-    from auraserve.store.events import SqliteFanout
 
-    # On SQLite, the worker here and the API children hear each other's commits at once.
-    fanout = SqliteFanout.join(runtime.db)
+    # On SQLite, the worker here and the API children hear each other's commits at once
+    # (store.events.SqliteFanout, joined by every process that listens).
+    runtime.db.start_listener()
     spec = ChildSpec(
         settings=settings,
         uvicorn_options={
@@ -391,11 +391,17 @@ def _serve_processes(args: argparse.Namespace, settings: Settings, runtime: Runt
             MULTIPROC_ENV,
         )
     try:
-        return serve_processes(spec, settings.api_processes)
+
+        def on_signal(count: int) -> None:
+            # A signal handler: only events are set (Runtime.begin_stop / hurry).
+            if count == 1:
+                runtime.begin_stop()
+            else:
+                runtime.hurry.set()
+
+        return serve_processes(spec, settings.api_processes, on_signal)
     finally:
         runtime.close()
-        if fanout is not None:
-            fanout.close()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ AuraserveError                      status 500, title, message, headers, extra
 │   │   └── IdempotencyKeyReused    422  an Idempotency-Key sent again with another request
 │   ├── ModelNotFound               400  the URL names no configured preset
 │   ├── Unauthorized                401  missing, unknown or revoked key
+│   ├── Forbidden                   403  a valid key, but an operator route needs an admin account
 │   ├── InsufficientBalance         402  (406 in the sync dialect, 429 insufficient_quota in OpenAI)
 │   ├── RequestNotFound             404  unknown id, or another account's (never 403)
 │   ├── RequestConflict             409  cancel of a finished request
@@ -120,6 +121,15 @@ class ModelNotFound(RequestError):
 class Unauthorized(RequestError):
     status = 401
     title = "Unauthorized"
+
+
+class Forbidden(RequestError):
+    """403: a valid key whose account may not use this route (operator routes need an admin
+    account, `auraserve keys create --admin`). Only for routes that are not per-account data:
+    another account's request stays a 404, indistinguishable from a missing one."""
+
+    status = 403
+    title = "Forbidden"
 
 
 class InsufficientBalance(RequestError):

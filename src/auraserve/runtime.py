@@ -143,6 +143,9 @@ class Runtime:
     limiter: RateLimiter | None = None
     # The key webhook secrets derive from (store.credentials); None only for hand-built ones.
     server_key: ServerKey | None = None
+    # An API child of `serve --api-processes N` whose supervisor runs this node's workers:
+    # /readyz then asks the worker registry instead of `workers`.
+    workers_in_supervisor: bool = False
     # Periodic store upkeep (lease rescue, ...); started only by serving processes.
     maintenance: Maintenance = field(default_factory=Maintenance)
     # Set by `begin_stop` (a first SIGTERM): workers stop claiming, SSE streams end.

@@ -55,6 +55,8 @@ DEVIATIONS = {
     # A webhook URL: the document says https://; literal loopback, private and link-local
     # addresses (and credentials in the URL) are refused as well (webhooks.ssrf).
     "X-Webhook-URL",
+    # Image-to-image strength: without an image, any value but 1 (text-to-image) is refused.
+    "strength",
 }
 
 
@@ -251,6 +253,12 @@ def test_documented_deviations(api_only_server: LiveServer, rich_tenant: Tenant)
             headers={"X-Webhook-URL": "https://127.0.0.1/hook"},
         )
         assert private.status_code == 400 and private.json()["field"] == "X-Webhook-URL"
+        alone = client.post("/auraflow-v0-3/v1/x-request", json={"prompt": "a", "strength": 0.5})
+        assert alone.status_code == 400 and alone.json()["field"] == "strength"
+        text_to_image = client.post(
+            "/auraflow-v0-3/v1/x-request", json={"prompt": "a", "strength": 1}
+        )
+        assert text_to_image.status_code == 202, text_to_image.text
         # And the other way: a format outside the enum's spelling that the server accepts.
         lenient = client.post(
             "/auraflow-v0-3/v1/x-request", json={"prompt": "a cat", "output_format": "JPG"}

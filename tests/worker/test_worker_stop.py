@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -19,6 +20,7 @@ from auraserve.core.jobs import JobStatus
 from auraserve.core.request import GenerationRequest, build_request
 from auraserve.engine.base import CancelCheck, JobResult, StepCallback
 from auraserve.errors import JobCancelled
+from auraserve.media.storage import LocalMediaStore
 from auraserve.runtime import Runtime
 from auraserve.store import jobs, keys, ledger, workers
 from auraserve.worker.loop import Worker, WorkerState
@@ -210,5 +212,39 @@ def test_a_worker_never_started_stops_at_once(settings: Settings) -> None:
         started = time.monotonic()
         assert worker.stop(grace=30)
         assert time.monotonic() - started < 0.5
+    finally:
+        rt.close()
+
+
+class _SlowDisk(LocalMediaStore):
+    """A disk slower than the lease: each image takes `seconds` to write."""
+
+    def __init__(self, root: Path, seconds: float) -> None:
+        super().__init__(root)
+        self.seconds = seconds
+
+    def put(self, name: str, data: bytes) -> None:
+        time.sleep(self.seconds)
+        super().put(name, data)
+
+
+def test_the_lease_is_kept_while_a_batch_stores_its_images(settings: Settings) -> None:
+    """Storing a batch's images can outlast a lease: the heartbeat must keep every job of the
+    batch leased until it is settled, or the rescue sweep requeues jobs whose worker is alive
+    and they run twice."""
+    settings = settings.model_copy(
+        update={"lease_seconds": 1.0, "heartbeat_seconds": 0.2, "sweep_interval_seconds": 0.2}
+    )
+    rt = Runtime.open(settings, engine=_Stepped(0.01))
+    try:
+        rt.media = _SlowDisk(settings.media_dir, seconds=0.8)
+        rt.start_maintenance()  # the sweep that would requeue a lapsed lease
+        acct = keys.create_account(rt.db, "w", credits=10_000)
+        ids = [_submit(rt, acct.account_id, steps=2) for _ in range(3)]  # one batch, ~2.4 s
+        rt.start_worker(models=[MODEL])
+        done = [_wait_for(rt, job_id, JobStatus.COMPLETED, timeout=30) for job_id in ids]
+        assert [job.attempts for job in done] == [1, 1, 1]
+        assert not any("started on" in m for job in done for _, m in job.logs[1:])
+        assert _kinds(rt, acct.account_id).count("capture") == 3
     finally:
         rt.close()

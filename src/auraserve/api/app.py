@@ -141,6 +141,9 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         # Hear other processes' job events (PostgreSQL NOTIFY): sync waiters, SSE streams and
         # the outbox wake on them. No-op on SQLite, and when a worker already started it.
         runtime.db.start_listener()
+        # Every API process rescues jobs of dead workers and sweeps media, however it was
+        # started (serve, an API child, an ASGI server of the operator's): idempotent.
+        runtime.start_maintenance()
         runtime.limiter = RateLimiter(runtime.settings)
         runtime.outbox = Dispatcher(
             runtime.db, runtime.settings.webhooks, media_url=runtime.media.url

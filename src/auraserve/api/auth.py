@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from auraserve.api.store_calls import call_store
-from auraserve.errors import RequestError, Unauthorized
+from auraserve.errors import Forbidden, Unauthorized
 from auraserve.runtime import Runtime
 from auraserve.store import keys
 from auraserve.store.keys import Account
@@ -40,15 +40,6 @@ async def current_account(request: Request) -> Account:
         raise Unauthorized("Invalid or revoked API key")
     request.state.account = account
     return account
-
-
-class Forbidden(RequestError):
-    """403: a valid key whose account may not use this route (operator routes need an admin
-    account, `auraserve keys create --admin`). Only for routes that are not per-account data:
-    another account's request stays a 404, indistinguishable from a missing one."""
-
-    status = 403
-    title = "Forbidden"
 
 
 def require_admin(account: Account) -> None:

@@ -99,12 +99,19 @@ class StatusBody(BaseModel):
         None, description="Callback attempts, when a webhook is set"
     )
     cancel_requested: bool | None = None
+    note: str | None = Field(
+        None,
+        description="Something the client should know that is not an error: no live worker "
+        "serves the model yet (QUEUED), or the outputs were deleted after the retention period "
+        "(COMPLETED, output null)",
+    )
 
 
 _DESCRIPTIONS = {
     400: "Invalid parameter (the body names the field)",
     401: "Missing, invalid or revoked API key",
     402: "Insufficient balance",
+    403: "The key is valid, but this operator route needs an admin account",
     404: "No such request, model or URL",
     406: "Not enough credits (seed 000)",
     409: "The request already finished",
@@ -113,6 +120,7 @@ _DESCRIPTIONS = {
     422: "Idempotency-Key reused with a different request",
     429: "Rate limit or jobs-in-flight limit reached (see Retry-After and RateLimit-*)",
     500: "The engine failed; nothing was charged",
+    503: "Busy or the database is unreachable: retry after Retry-After (same Idempotency-Key)",
     504: "Still running after the sync timeout; poll the request_id",
 }
 

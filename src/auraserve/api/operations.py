@@ -30,7 +30,7 @@ from auraserve.errors import StoreUnavailable
 from auraserve.observability import metrics
 from auraserve.observability.logs import REQUEST_ID, describe
 from auraserve.runtime import Runtime
-from auraserve.store import stats
+from auraserve.store import stats, workers
 
 REQUEST_ID_HEADER = b"x-request-id"
 # A caller's id is kept when it is a sane token (a load balancer's, a client's); anything
@@ -147,6 +147,10 @@ def install(app: FastAPI, runtime: Runtime) -> None:
             states = [w.state.value for w in runtime.workers]
             ready = any(s in _SERVING_STATES for s in states)
             checks["workers"] = Check(ok=ready, detail=f"in-process workers: {', '.join(states)}")
+        elif runtime.workers_in_supervisor and checks["store"].ok:
+            # An API child of `serve --api-processes N`: the workers run in the supervisor;
+            # the registry says whether one of them has warmed up.
+            checks["workers"] = await call_store(runtime, _registry_check, runtime)
         failed = [name for name, check in checks.items() if not check.ok]
         body = Readiness(status="not_ready" if failed else "ready", failed=failed, checks=checks)
         return JSONResponse(body.model_dump(), status_code=503 if failed else 200)
@@ -156,6 +160,22 @@ def install(app: FastAPI, runtime: Runtime) -> None:
         # The store sample is a query: off the event loop on PostgreSQL (call_store).
         body = await call_store(runtime, metrics.exposition, store_metrics)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _registry_check(runtime: Runtime) -> Check:
+    try:
+        rows = workers.list_workers(runtime.db)
+    except StoreUnavailable:
+        return Check(ok=False, detail="unknown: the store is unreachable")
+    now = time.time()
+    serving = [
+        w.id
+        for w in rows
+        if w.is_live(runtime.settings.worker_stale_seconds, now) and w.state in _SERVING_STATES
+    ]
+    if serving:
+        return Check(ok=True, detail=f"registered workers ready: {', '.join(sorted(serving))}")
+    return Check(ok=False, detail="no registered worker has warmed up yet")
 
 
 def _store_checks(runtime: Runtime) -> dict[str, Check]:

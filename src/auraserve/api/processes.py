@@ -114,11 +114,10 @@ def child_main(spec: ChildSpec, ready: MpEvent) -> None:
     from auraserve.api.app import create_app
     from auraserve.api.server import server_config
     from auraserve.runtime import Runtime
-    from auraserve.store.events import SqliteFanout
 
     sock = bind_listener(spec.settings)
     runtime = Runtime.open(spec.settings)
-    fanout = SqliteFanout.join(runtime.db)
+    runtime.workers_in_supervisor = spec.settings.workers > 0
     app = create_app(runtime, owns_runtime=True)
     config = server_config(app, spec.settings, **spec.uvicorn_options)
 
@@ -128,12 +127,20 @@ def child_main(spec: ChildSpec, ready: MpEvent) -> None:
             if self.started:
                 ready.set()
 
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # As `serve` in one process: status streams end at once instead of holding the
+            # graceful shutdown open; a second signal stops waiting for connections.
+            if self.should_exit:
+                self.force_exit = True
+            runtime.begin_stop()
+            self.should_exit = True
+
     try:
         ChildServer(config).run(sockets=[sock])
     finally:
-        # multiprocessing ends a child with os._exit: atexit handlers would not run.
-        if fanout is not None:
-            fanout.close()
+        # multiprocessing ends a child with os._exit: atexit handlers would not run, so the
+        # runtime (its store's fan-out socket included) is closed here if the app did not.
+        runtime.close()
 
 
 @dataclass
@@ -147,8 +154,17 @@ class _Child:
 class Supervisor:
     """Keeps `count` API children alive on one socket until told to stop."""
 
-    def __init__(self, spec: ChildSpec, sock: socket.socket, count: int) -> None:
+    def __init__(
+        self,
+        spec: ChildSpec,
+        sock: socket.socket,
+        count: int,
+        on_signal: Callable[[int], None] | None = None,
+    ) -> None:
         self.spec = spec
+        # Told the signal count (1: stop gracefully, 2+: hurry): the in-process workers live
+        # here, in the supervisor, and stop with the children.
+        self.on_signal = on_signal
         self.sock = sock
         self.count = count
         self.children: dict[int, _Child] = {}
@@ -183,6 +199,8 @@ class Supervisor:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signals += 1
+        if self.on_signal is not None:
+            self.on_signal(self._signals)
         if self._signals > 1:
             # uvicorn treats SIGINT during a graceful shutdown as "exit now".
             for child in self.children.values():
@@ -262,10 +280,12 @@ class Supervisor:
                 os.kill(child.process.pid, signum)
 
 
-def serve_processes(spec: ChildSpec, count: int) -> int:
+def serve_processes(
+    spec: ChildSpec, count: int, on_signal: Callable[[int], None] | None = None
+) -> int:
     """Hold the port, run `count` API children on it until a signal stops them."""
     sock = bind_listener(spec.settings, listen=False)
     try:
-        return Supervisor(spec, sock, count).run()
+        return Supervisor(spec, sock, count, on_signal).run()
     finally:
         sock.close()

@@ -26,7 +26,7 @@ from auraserve.core.jobs import Job
 from auraserve.errors import StoreUnavailable
 from auraserve.observability import metrics
 from auraserve.store.cache import TtlCache
-from auraserve.store.events import LocalBus, PgListener, take_events
+from auraserve.store.events import LocalBus, PgListener, SqliteFanout, take_events
 from auraserve.store.migrations import HEAD_REVISION
 
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ class Database:
         # (`jobs.submit_in`, run in a caller's transaction) still find its hooks and caches.
         options = {_DATABASE_OPTION: self}
         self._listener: PgListener | None = None
+        self._fanout: SqliteFanout | None = None
         self._write_lock = threading.Lock() if self.is_sqlite else None
         if self.is_sqlite:
             if sqlite3.sqlite_version_info < (3, 35):
@@ -212,14 +213,22 @@ class Database:
         return version == HEAD_REVISION
 
     def start_listener(self) -> None:
-        """On PostgreSQL, hear other processes' events (no-op on SQLite: one process writes)."""
-        if self.is_sqlite or self._listener is not None:
+        """Hear other processes' events: PostgreSQL's LISTEN, or on SQLite the file's datagram
+        fan-out (`serve --api-processes N`, a worker beside a server on one machine)."""
+        if self.is_sqlite:
+            if self._fanout is None:
+                self._fanout = SqliteFanout.join(self)
+            return
+        if self._listener is not None:
             return
         dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._listener = PgListener(dsn, self.bus)
         self._listener.start()
 
     def dispose(self) -> None:
+        if self._fanout is not None:
+            self._fanout.close()
+            self._fanout = None
         if self._listener is not None:
             self._listener.stop()
             self._listener = None

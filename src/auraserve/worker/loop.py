@@ -284,11 +284,21 @@ class Worker:
                 self._batch = None
 
     def _run_batch(self, batch: _Batch, claimed: list[Job]) -> None:
+        # The heartbeat runs until every job is settled, not just generated: encoding and
+        # uploading a batch's images can outlast a lease, and a job whose lease lapsed then
+        # would be requeued and run twice while its worker is still alive.
         stop_heartbeat = threading.Event()
         heartbeat = threading.Thread(
             target=self._heartbeat, args=(batch, stop_heartbeat), daemon=True
         )
         heartbeat.start()
+        try:
+            self._generate_and_settle(batch, claimed)
+        finally:
+            stop_heartbeat.set()
+            heartbeat.join()
+
+    def _generate_and_settle(self, batch: _Batch, claimed: list[Job]) -> None:
         try:
             self._progress(
                 batch,
@@ -328,9 +338,6 @@ class Worker:
             log.error("engine failure: %s", traceback.format_exc())
             self._finish_all(batch, JobStatus.ERROR, f"engine failure: {type(exc).__name__}: {exc}")
             return
-        finally:
-            stop_heartbeat.set()
-            heartbeat.join()
         if results is None:
             if self._abort.is_set():
                 return  # stopped by `hand_back_now`: its jobs are queued again, not cancelled
@@ -426,6 +433,8 @@ class Worker:
             else:
                 discard([n for n in names if n not in owned], "after a failed completion")
             raise
+        with self._lock:  # settled: the heartbeat stops extending its lease
+            batch.owned.discard(job.id)
         if done is None:  # lost the lease meanwhile: the job is someone else's now
             discard(names, "after a refused completion")
         else:
