@@ -97,6 +97,17 @@ def test_revoking_a_key_clears_this_databases_auth_cache(db: Database) -> None:
     assert keys.authenticate(db, created.key) is None
 
 
+def test_cached_account_answers_only_keys_verified_within_the_ttl(db: Database) -> None:
+    created = keys.create_account(db, "a", credits=1)
+    assert keys.cached_account(db, created.key) is None  # never verified: ask the database
+    account = keys.authenticate(db, created.key)
+    assert account is not None
+    assert keys.cached_account(db, created.key) == account
+    assert keys.cached_account(db, created.key + "x") is None
+    assert keys.revoke_key(db, created.key_id)
+    assert keys.cached_account(db, created.key) is None
+
+
 def test_a_revocation_elsewhere_takes_effect_within_the_ttl(settings: Settings) -> None:
     url = settings.resolved_database_url
     server = Database(url, auth_cache_ttl=0.3)

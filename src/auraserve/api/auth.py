@@ -35,7 +35,11 @@ async def current_account(request: Request) -> Account:
             "Authorization: Bearer"
         )
     runtime: Runtime = request.app.state.runtime
-    account = await call_store(runtime, keys.authenticate, runtime.db, raw)
+    # A key verified a moment ago is answered here, on the event loop: on PostgreSQL that
+    # saves a thread-pool hand-off on every poll.
+    account = keys.cached_account(runtime.db, raw) or await call_store(
+        runtime, keys.authenticate, runtime.db, raw
+    )
     if account is None:
         raise Unauthorized("Invalid or revoked API key")
     request.state.account = account

@@ -185,6 +185,12 @@ _KEY_LOOKUP = (
 )
 
 
+def cached_account(db: Database, raw_key: str) -> Account | None:
+    """The account of a key verified within `AUTH_CACHE_TTL`, without touching the database
+    (so async callers can ask on their event loop); None means "ask `authenticate`"."""
+    return db.auth_cache.get(_hash(raw_key))
+
+
 def authenticate(db: Database, raw_key: str) -> Account | None:
     """The account a presented key belongs to, or None for malformed, unknown or revoked keys.
 
