@@ -134,7 +134,13 @@ def test_sync_waits_beyond_the_cap_get_429_in_each_dialect(
     error = openai.json()["error"]
     assert "AURASERVE_MAX_SYNC_WAITS_PER_ACCOUNT" in error["message"]
 
-    # Refused before anything was submitted or charged.
+    # Refused before anything was submitted or charged: only the two waiting requests' jobs
+    # exist (a waiter holds its slot from before its submit commits, so allow it a moment).
+    deadline = time.monotonic() + 5
+    while jobs.count_active(capped.runtime.db, alice.account_id) < 2:
+        assert time.monotonic() < deadline, "the waiting requests' jobs were never submitted"
+        time.sleep(0.05)
+    time.sleep(0.2)  # and no third one arrives
     assert jobs.count_active(capped.runtime.db, alice.account_id) == 2
     # Bob's waits are his own; an unknown OpenAI path still answers 404, key or not.
     bob_statuses: list[int] = []
