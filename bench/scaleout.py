@@ -44,6 +44,8 @@ import httpx
 import psutil
 from sqlalchemy import create_engine, text
 
+from server_process import run_wrk, wrk_script  # bench/ is on sys.path when run
+
 ROOT = Path(__file__).resolve().parent.parent
 SEED_PATH = "/auraflow-v0-3-512/v1/auraflow-v0-3-request"
 PG_ADMIN_URL = os.environ.get("AURASERVE_TEST_PG_URL", "postgresql://127.0.0.1:5432/test")
@@ -154,55 +156,8 @@ def wrk(
     headers: dict[str, str],
     body: str | None,
 ) -> dict[str, Any]:
-    lua = f'wrk.method = "{method}"\n'
-    if body is not None:
-        lua += f"wrk.body = {json.dumps(body)}\n"
-    for name, value in headers.items():
-        lua += f'wrk.headers["{name}"] = "{value}"\n'
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
-        fh.write(lua)
-    try:
-        # One wrk thread: it needs a fraction of a core at these rates.
-        proc = subprocess.run(
-            [
-                "wrk",
-                "-t",
-                "1",
-                "-c",
-                str(connections),
-                "-d",
-                f"{duration:g}s",
-                "--latency",
-                "-s",
-                fh.name,
-                url,
-            ],
-            capture_output=True,
-            text=True,
-        )
-    finally:
-        os.unlink(fh.name)
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed: {proc.stdout} {proc.stderr}")
-    out = proc.stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: (.*)", out)
-    return {
-        "client": "wrk",
-        "connections": connections,
-        "rate": rate,
-        "p50_ms": _ms(lat["50"]),
-        "p99_ms": _ms(lat["99"]),
-        "non_2xx": int(errors.group(1)) if errors else 0,
-        "socket_errors": socket_errors.group(1) if socket_errors else "",
-    }
-
-
-def _ms(value: str) -> float:
-    number = re.match(r"[\d.]+", value).group(0)  # type: ignore[union-attr]
-    return float(number) * {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}[value[len(number) :]]
+    lua = wrk_script(method, headers, body)
+    return run_wrk(url, connections=connections, duration=duration, lua=lua)
 
 
 def _raw_request(url: str, method: str, headers: dict[str, str], body: str | None) -> bytes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -30,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from server_process import wait_until_serving  # bench/ is on sys.path when run
+from server_process import run_wrk, wait_until_serving  # bench/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_PATH = "/auraflow-v0-3-512/v1/auraflow-v0-3-request"
@@ -82,50 +81,6 @@ class Server:
         self.proc.wait(30)
 
 
-def wrk(url: str, *, connections: int, duration: float, lua: str) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
-        fh.write(lua)
-        script = fh.name
-    proc = subprocess.run(
-        # One wrk thread: the server gets the other core (the machine has two).
-        [
-            "wrk",
-            "-t",
-            "1",
-            "-c",
-            str(connections),
-            "-d",
-            f"{duration:g}s",
-            "--latency",
-            "-s",
-            script,
-            url,
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed: {proc.stdout} {proc.stderr}")
-    out = proc.stdout
-    os.unlink(script)
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {
-        "connections": connections,
-        "rate": rate,
-        "p50_ms": _ms(lat["50"]),
-        "p99_ms": _ms(lat["99"]),
-        "non_2xx": int(errors.group(1)) if errors else 0,
-    }
-
-
-def _ms(value: str) -> float:
-    num = float(re.match(r"[\d.]+", value).group(0))  # type: ignore[union-attr]
-    unit = value[len(re.match(r"[\d.]+", value).group(0)) :]  # type: ignore[union-attr]
-    return num * {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
-
-
 def lua_post(key: str) -> str:
     body = json.dumps({"prompt": "a lighthouse at dusk", "num_inference_steps": 2})
     return (
@@ -146,7 +101,7 @@ def throughput(duration: float) -> dict[str, Any]:
         try:
             headers = {"Ocp-Apim-Subscription-Key": server.key}
             submits = [
-                wrk(
+                run_wrk(
                     server.url + SEED_PATH,
                     connections=c,
                     duration=duration,
@@ -161,7 +116,7 @@ def throughput(duration: float) -> dict[str, Any]:
             ).json()["request_id"]
             status = httpx.get(f"{server.url}/v2/requests/status/{rid}", headers=headers).json()
             polls = [
-                wrk(
+                run_wrk(
                     f"{server.url}/v2/requests/status/{rid}",
                     connections=c,
                     duration=duration,

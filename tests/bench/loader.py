@@ -12,6 +12,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 def bench_module(name: str) -> ModuleType:
     """bench/<name>.py as the module `auraserve_bench_<name>`, loaded once per process."""
+    # As when a script runs: its own folder is importable (bench/server_process.py).
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
     module_name = f"auraserve_bench_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]

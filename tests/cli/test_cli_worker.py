@@ -17,10 +17,10 @@ from typing import Any
 
 from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
-from auraserve.core.request import build_request
 from auraserve.runtime import Runtime
 from auraserve.store import jobs, keys, ledger
 from tests.cli.test_cli import run_cli
+from tests.store_jobs import submit_job
 
 MODEL = "auraflow-v0-3-512"
 
@@ -61,20 +61,8 @@ def _worker(
 
 
 def _submit(rt: Runtime, account_id: str, *, steps: int, size: int) -> str:
-    preset = rt.settings.presets[MODEL]
-    req = build_request(
-        {"prompt": "stop me", "steps": steps, "width": size, "height": size},
-        model=MODEL,
-        preset=preset,
-    )
-    return jobs.submit(
-        rt.db,
-        account_id=account_id,
-        request=req,
-        price=req.price(preset),
-        max_queued=10,
-        max_attempts=3,
-    ).job.id
+    fields = {"prompt": "stop me", "steps": steps, "width": size, "height": size}
+    return submit_job(rt.db, account_id, fields, model=MODEL, max_queued=10)
 
 
 def _in_hand(rt: Runtime, job_id: str, timeout: float = 120) -> None:

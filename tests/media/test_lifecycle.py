@@ -10,7 +10,6 @@ import pytest
 
 from auraserve.config import Settings
 from auraserve.core.presets import default_presets
-from auraserve.core.request import build_request
 from auraserve.core.status import status_body
 from auraserve.media.factory import open_media_store
 from auraserve.media.lifecycle import MediaMaintenance, apply_retention, sweep_orphans
@@ -19,6 +18,7 @@ from auraserve.store import jobs, keys
 from auraserve.store.db import Database
 from tests.media.conftest import with_settings
 from tests.s3_server import S3Server
+from tests.store_jobs import submit_job
 
 MODEL = "auraflow-v0-3-512"
 PRESET = default_presets()[MODEL]
@@ -39,15 +39,7 @@ def media(request: pytest.FixtureRequest, settings: Settings) -> Iterator[MediaS
 
 def _completed_job(db: Database, media: MediaStore, n: int = 1) -> tuple[str, list[str]]:
     acct = keys.create_account(db, "l", credits=10_000)
-    req = build_request({"prompt": "l"}, model=MODEL, preset=PRESET)
-    job_id = jobs.submit(
-        db,
-        account_id=acct.account_id,
-        request=req,
-        price=req.price(PRESET),
-        max_queued=100,
-        max_attempts=3,
-    ).job.id
+    job_id = submit_job(db, acct.account_id, {"prompt": "l"}, model=MODEL)
     jobs.claim(db, worker_id="w", models=[MODEL], max_images=4, lease_seconds=30)
     names = [new_media_name("png") for _ in range(n)]
     for name in names:

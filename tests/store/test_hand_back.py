@@ -4,24 +4,16 @@ from __future__ import annotations
 
 from auraserve.core.jobs import JobStatus
 from auraserve.core.presets import default_presets
-from auraserve.core.request import build_request
 from auraserve.store import jobs, keys, ledger
 from auraserve.store.db import Database
+from tests.store_jobs import submit_job
 
 MODEL = "auraflow-v0-3-512"
 PRESET = default_presets()[MODEL]
 
 
 def _submit(db: Database, account_id: str, prompt: str) -> str:
-    req = build_request({"prompt": prompt, "steps": 2}, model=MODEL, preset=PRESET)
-    return jobs.submit(
-        db,
-        account_id=account_id,
-        request=req,
-        price=req.price(PRESET),
-        max_queued=10,
-        max_attempts=3,
-    ).job.id
+    return submit_job(db, account_id, {"prompt": prompt, "steps": 2}, model=MODEL, max_queued=10)
 
 
 def _claim(db: Database, worker_id: str) -> list[str]:

@@ -9,12 +9,12 @@ import time
 from sqlalchemy import select
 
 from auraserve.core.presets import default_presets
-from auraserve.core.request import build_request
 from auraserve.media.storage import new_media_name
 from auraserve.store import jobs, keys
 from auraserve.store import media as media_rows
 from auraserve.store.db import Database
 from auraserve.store.schema import media_objects
+from tests.store_jobs import submit_job
 
 MODEL = "auraflow-v0-3-512"
 PRESET = default_presets()[MODEL]
@@ -22,15 +22,7 @@ PRESET = default_presets()[MODEL]
 
 def _claimed_job(db: Database, worker_id: str = "w1") -> str:
     acct = keys.create_account(db, "m", credits=10_000)
-    req = build_request({"prompt": "m"}, model=MODEL, preset=PRESET)
-    job_id = jobs.submit(
-        db,
-        account_id=acct.account_id,
-        request=req,
-        price=req.price(PRESET),
-        max_queued=100,
-        max_attempts=3,
-    ).job.id
+    job_id = submit_job(db, acct.account_id, {"prompt": "m"}, model=MODEL)
     claimed = jobs.claim(db, worker_id=worker_id, models=[MODEL], max_images=1, lease_seconds=30)
     assert [j.id for j in claimed] == [job_id]
     return job_id

@@ -17,13 +17,14 @@ from PIL import Image
 
 from auraserve.config import Settings
 from auraserve.core.jobs import JobStatus
-from auraserve.core.request import GenerationRequest, build_request
+from auraserve.core.request import GenerationRequest
 from auraserve.engine.base import CancelCheck, JobResult, StepCallback
 from auraserve.errors import JobCancelled
 from auraserve.media.storage import LocalMediaStore
 from auraserve.runtime import Runtime
 from auraserve.store import jobs, keys, ledger, workers
 from auraserve.worker.loop import Worker, WorkerState
+from tests.store_jobs import submit_job
 
 MODEL = "auraflow-v0-3-512"
 
@@ -69,16 +70,7 @@ class _Stepped:
 
 
 def _submit(rt: Runtime, account_id: str, steps: int) -> str:
-    preset = rt.settings.presets[MODEL]
-    req = build_request({"prompt": "stop", "steps": steps}, model=MODEL, preset=preset)
-    return jobs.submit(
-        rt.db,
-        account_id=account_id,
-        request=req,
-        price=req.price(preset),
-        max_queued=100,
-        max_attempts=3,
-    ).job.id
+    return submit_job(rt.db, account_id, {"prompt": "stop", "steps": steps}, model=MODEL)
 
 
 def _wait_for(rt: Runtime, job_id: str, status: JobStatus, timeout: float = 30) -> Any:
