@@ -221,12 +221,16 @@ class Supervisor:
     def _reap_and_restart(self) -> bool:
         """Restart children that exited; False when one failed before any child ever served
         (the configuration is broken: every restart would fail the same way)."""
-        self._ever_ready = self._ever_ready or any(c.ready.is_set() for c in self.children.values())
         sentinels = {c.process.sentinel: c for c in self.children.values()}
         timeout = 0.5
         if self._restart_at:
             timeout = max(0.0, min(timeout, min(self._restart_at.values()) - time.monotonic()))
-        for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=timeout):
+        exited = multiprocessing.connection.wait(list(sentinels), timeout=timeout)
+        # Asked after the wait: a child may have become ready while we waited (a sibling
+        # killed from outside just after the first child served must be restarted, not taken
+        # for a broken configuration).
+        self._ever_ready = self._ever_ready or any(c.ready.is_set() for c in self.children.values())
+        for sentinel in exited:
             if self._signals:
                 return True  # stopping: an exit now is expected
             child = sentinels[sentinel]  # type: ignore[index]
