@@ -35,6 +35,7 @@ from auraserve.store import jobs, keys
 from auraserve.store import workers as registry
 from auraserve.store.credentials import ServerKey, load_server_key
 from auraserve.store.db import Database
+from auraserve.store.job_reads import JobReader, open_job_reader
 from auraserve.webhooks import outbox
 
 if TYPE_CHECKING:
@@ -146,6 +147,9 @@ class Runtime:
     # An API child of `serve --api-processes N` whose supervisor runs this node's workers:
     # /readyz then asks the worker registry instead of `workers`.
     workers_in_supervisor: bool = False
+    # The status poll's read path (store.job_reads); None only for hand-built ones. Its
+    # PostgreSQL pool lives on the API's loop: the app's lifespan closes it.
+    job_reads: JobReader | None = None
     # Periodic store upkeep (lease rescue, ...); started only by serving processes.
     maintenance: Maintenance = field(default_factory=Maintenance)
     # Set by `begin_stop` (a first SIGTERM): workers stop claiming, SSE streams end.
@@ -209,6 +213,7 @@ class Runtime:
             engine=engine,
             server_key=server_key,
             maintenance=maintenance,
+            job_reads=open_job_reader(db),
         )
 
     def start_maintenance(self) -> None:
@@ -282,6 +287,8 @@ class Runtime:
             worker.stop(remaining, hurry=self.hurry)
         self.workers.clear()
         self.maintenance.stop()
+        if self.job_reads is not None:
+            self.job_reads.close()
         self.db.dispose()
         self.media.close()
 

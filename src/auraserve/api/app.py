@@ -154,6 +154,9 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         finally:
             await runtime.outbox.stop()
             await runtime.limiter.close()
+            if runtime.job_reads is not None:
+                # Its PostgreSQL pool lives on this loop (opened by the first poll).
+                await runtime.job_reads.aclose()
             runtime.outbox = None
             runtime.limiter = None
             if owns_runtime:

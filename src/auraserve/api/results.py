@@ -34,9 +34,25 @@ FALLBACK_RECHECK_SECONDS = 1.0
 
 def load_job(runtime: Runtime, account_id: str, request_id: str) -> Job:
     """The account's job named by a public request id; 404 for anything else (another
-    account's id looks exactly like a missing one: 404, never 403)."""
+    account's id looks exactly like a missing one: 404, never 403). Blocking: call through
+    `call_store`; status polls use `load_job_fast`."""
     parts = split_request_id(request_id)
     job = jobs.get(runtime.db, parts[1], account_id=account_id) if parts else None
+    return _found(job, parts, request_id)
+
+
+async def load_job_fast(runtime: Runtime, account_id: str, request_id: str) -> Job:
+    """`load_job` for the hot poll path: the same job and the same 404s, read through the
+    store's `JobReader` on the event loop (no thread hand-off, no SQLAlchemy per call)."""
+    reader = runtime.job_reads
+    if reader is None:  # a hand-built Runtime (Runtime.open always makes one)
+        return await call_store(runtime, load_job, runtime, account_id, request_id)
+    parts = split_request_id(request_id)
+    job = await reader.get(parts[1], account_id=account_id) if parts else None
+    return _found(job, parts, request_id)
+
+
+def _found(job: Job | None, parts: tuple[str, str] | None, request_id: str) -> Job:
     if job is None or parts is None or job.model_id != parts[0]:
         raise RequestNotFound(f"Request '{request_id[:200]}' not found")
     return job

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from auraserve.core.request import GenerationRequest
 
@@ -29,6 +29,8 @@ class Job:
     model_id: str
     status: JobStatus
     priority: int
+    # Parsed on first read when the job comes from a row (see _ParsedOnFirstRead): a status
+    # poll renders a job without ever looking at its request.
     request: GenerationRequest
     price: int
     attempts: int
@@ -65,7 +67,7 @@ class Job:
             model_id=row.model_id,
             status=JobStatus(row.status),
             priority=row.priority,
-            request=GenerationRequest.model_validate_json(row.params),
+            request=_stored_request(row.params),
             price=int(row.price),
             attempts=row.attempts,
             max_attempts=row.max_attempts,
@@ -85,6 +87,48 @@ class Job:
             completed_at=row.completed_at,
             queue_position=queue_position,
         )
+
+
+class _StoredRequest:
+    """A request as stored (its JSON), not parsed yet."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, json: str) -> None:
+        self.json = json
+
+
+def _stored_request(json: str) -> GenerationRequest:
+    # Not a GenerationRequest yet, but nobody can see it as anything else: `Job.request`
+    # (the descriptor below) parses it at its first read.
+    return cast(GenerationRequest, _StoredRequest(json))
+
+
+class _ParsedOnFirstRead:
+    """`Job.request`: holds a `GenerationRequest`, or the stored JSON until its first read,
+    which parses it (once; `GenerationRequest.model_validate_json`, as before) and keeps the
+    result. Equality, repr and `dataclasses.replace` read it like any field, so a Job behaves
+    exactly as if the request had been parsed when the row was read."""
+
+    _slot = "_request"
+
+    def __get__(self, job: Job | None, owner: type | None = None) -> GenerationRequest:
+        if job is None:
+            raise AttributeError("request")  # the class attribute: dataclasses ask for one
+        value = job.__dict__[self._slot]
+        if isinstance(value, _StoredRequest):
+            value = GenerationRequest.model_validate_json(value.json)
+            job.__dict__[self._slot] = value
+        return cast(GenerationRequest, value)
+
+    def __set__(self, job: Job, value: GenerationRequest) -> None:
+        # Only the dataclass's __init__ gets here: the frozen __setattr__ refuses other writes.
+        job.__dict__[self._slot] = value
+
+
+# Installed after @dataclass has built __init__, eq and repr around a plain `request` field:
+# __init__ then stores through the descriptor (object.__setattr__ honours it).
+setattr(Job, "request", _ParsedOnFirstRead())  # noqa: B010
 
 
 def request_id(model_id: str, job_id: str) -> str:

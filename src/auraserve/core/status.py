@@ -7,6 +7,8 @@ Field names and shapes follow seed 002; `queue_position`, `progress`, `logs`, `s
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -15,11 +17,27 @@ from auraserve.core.jobs import Job, JobStatus
 
 
 def iso(ts: float | None) -> str | None:
+    """UNIX seconds as `2026-05-22T13:17:32.110Z` (UTC, milliseconds truncated).
+
+    Every poll formats three or four timestamps, and `datetime.strftime` is the costly part,
+    so the part up to the seconds is cached per whole second. The whole second is the one
+    `datetime.fromtimestamp(ts, UTC)` would show: it rounds to the microsecond (half to even)
+    first, so 12.9999996 shows second 13, with the milliseconds still read from `ts` as 999.
+    Equal, string for string, to the `datetime` formatting it replaces (tested)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + (
-        f"{int(ts * 1000) % 1000:03d}Z"
-    )
+    fraction, whole = math.modf(ts)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+    elif micros < 0:
+        whole -= 1.0
+    return f"{_up_to_seconds(int(whole))}{int(ts * 1000) % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _up_to_seconds(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 MediaUrl = Callable[[str], str]

@@ -183,7 +183,7 @@ async def submit(
     responses=QUEUE.error_responses(401, 404),
 )
 async def status(request_id: str, runtime: RuntimeDep, account: CurrentAccount) -> Response:
-    job = await call_store(runtime, results.load_job, runtime, account.id, request_id)
+    job = await results.load_job_fast(runtime, account.id, request_id)
     if job.webhook_url is None:
         # Plain JSON types already; skip FastAPI's generic encoder on this hot path.
         return JSONResponse(results.plain_status(runtime, job))

@@ -1,0 +1,236 @@
+"""The status poll's read path (store.job_reads) against the store's own read (store.jobs.get):
+the same Job for every status, the same tenant scoping, the same queue positions; on
+PostgreSQL, a broken connection is retried and an unreachable database is a quick
+StoreUnavailable that heals by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.request import GenerationRequest
+from auraserve.errors import StoreUnavailable
+from auraserve.store import jobs, keys
+from auraserve.store.cache import TtlCache
+from auraserve.store.db import Database
+from auraserve.store.job_reads import (
+    PG_CHECKOUT_TIMEOUT,
+    JobReader,
+    PgJobReader,
+    SqliteJobReader,
+    open_job_reader,
+)
+from tests.conftest import BACKEND, free_port
+from tests.store_jobs import MODEL, submit_job
+
+pg_only = pytest.mark.skipif(BACKEND != "postgresql", reason="PostgreSQL connections")
+
+
+@asynccontextmanager
+async def reader_of(db: Database) -> AsyncIterator[JobReader]:
+    reader = open_job_reader(db)
+    try:
+        yield reader
+    finally:
+        await reader.aclose()
+
+
+async def _both(reader: JobReader, db: Database, job_id: str, account_id: str) -> Job | None:
+    """The reader's answer, checked against `jobs.get`, each counting queue positions itself
+    (the shared cache is emptied before each)."""
+    db.positions.clear()
+    fast = await reader.get(job_id, account_id=account_id)
+    db.positions.clear()
+    slow = jobs.get(db, job_id, account_id=account_id)
+    assert fast == slow
+    if slow is not None:
+        assert fast is not None
+        assert fast.queue_position == slow.queue_position  # not part of Job equality
+    return fast
+
+
+async def _position(reader: JobReader, db: Database, job_id: str, account_id: str) -> int | None:
+    job = await _both(reader, db, job_id, account_id)
+    assert job is not None
+    return job.queue_position
+
+
+async def test_every_status_reads_as_jobs_get_reads_it(db: Database) -> None:
+    account = keys.create_account(db, "a", credits=10**6).account_id
+    running, done, first, second = (submit_job(db, account) for _ in range(4))
+    claimed = jobs.claim(db, worker_id="w", models=[MODEL], max_images=1, lease_seconds=30)
+    assert [j.id for j in claimed] == [running]
+    jobs.report_progress(
+        db, worker_id="w", job_ids=[running], step=3, total=25, lease_seconds=30, log="step 3"
+    )
+    jobs.claim(db, worker_id="w2", models=[MODEL], max_images=1, lease_seconds=30)
+    jobs.complete(
+        db,
+        worker_id="w2",
+        job_id=done,
+        output={"media": ["x.png"], "media_type": "image/png", "seeds": [1]},
+        engine_seconds=0.5,
+    )
+    async with reader_of(db) as reader:
+        seen = {}
+        for job_id in (running, done, first, second):
+            job = await _both(reader, db, job_id, account)
+            assert job is not None
+            seen[job_id] = job
+    assert seen[running].status == JobStatus.PROCESSING and seen[running].logs
+    assert seen[done].status == JobStatus.COMPLETED and seen[done].output is not None
+    assert [seen[first].queue_position, seen[second].queue_position] == [0, 1]
+
+
+async def test_queue_positions_follow_priority_and_share_the_store_cache(db: Database) -> None:
+    account = keys.create_account(db, "a", credits=10**6).account_id
+    ids = [submit_job(db, account) for _ in range(3)]
+    urgent = jobs.submit(
+        db,
+        account_id=account,
+        request=seen_request(db, ids[0]),
+        price=1,
+        max_queued=100,
+        max_attempts=1,
+        priority=-1,
+    ).job.id
+    async with reader_of(db) as reader:
+        assert [await _position(reader, db, i, account) for i in ids] == [1, 2, 3]
+        assert await _position(reader, db, urgent, account) == 0
+        # One cache with jobs.queue_position_in: a position counted by either is reused.
+        db.positions.clear()
+        db.positions.put(ids[2], 42)
+        cached = await reader.get(ids[2], account_id=account)
+        assert cached is not None and cached.queue_position == 42
+        db.positions.clear()
+        await reader.get(ids[1], account_id=account)
+        assert db.positions.get(ids[1]) == 2
+
+
+def seen_request(db: Database, job_id: str) -> GenerationRequest:
+    job = jobs.get(db, job_id)
+    assert job is not None
+    return job.request
+
+
+async def test_another_accounts_job_and_a_missing_id_read_as_none(db: Database) -> None:
+    owner = keys.create_account(db, "owner", credits=10**6).account_id
+    other = keys.create_account(db, "other", credits=10**6).account_id
+    job_id = submit_job(db, owner)
+    async with reader_of(db) as reader:
+        assert await _both(reader, db, job_id, other) is None
+        assert await _both(reader, db, "0" * 36, owner) is None
+        assert await _both(reader, db, job_id, owner) is not None
+
+
+async def test_the_reader_serves_again_after_close(db: Database) -> None:
+    account = keys.create_account(db, "a", credits=10**6).account_id
+    job_id = submit_job(db, account)
+    async with reader_of(db) as reader:
+        assert await reader.get(job_id, account_id=account) is not None
+        await reader.aclose()
+        reader.close()
+        assert await reader.get(job_id, account_id=account) is not None
+
+
+@pytest.mark.skipif(BACKEND != "sqlite", reason="SQLite connections")
+async def test_sqlite_reads_on_a_read_only_connection_of_this_thread(db: Database) -> None:
+    account = keys.create_account(db, "a", credits=10**6).account_id
+    job_id = submit_job(db, account)
+    async with reader_of(db) as reader:
+        assert isinstance(reader, SqliteJobReader)
+        assert await reader.get(job_id, account_id=account) is not None
+        conn = reader._connection()
+        assert conn.execute("PRAGMA query_only").fetchone() == (1,)
+        assert not conn.in_transaction  # no snapshot held between polls (WAL checkpoints)
+        assert reader._connection() is conn
+
+
+# --- PostgreSQL: broken connections and outages ------------------------------------------------
+
+
+def _terminate_other_backends(database_url: str) -> int:
+    admin = create_engine(
+        make_url(database_url).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT"
+    )
+    try:
+        with admin.connect() as conn:
+            return len(
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).all()
+            )
+    finally:
+        admin.dispose()
+
+
+@pg_only
+async def test_reads_survive_terminated_connections(db: Database) -> None:
+    account = keys.create_account(db, "a", credits=10**6).account_id
+    job_id = submit_job(db, account)
+    async with reader_of(db) as reader:
+        # Concurrent reads grow the pool to several connections; all of them are then cut.
+        await asyncio.gather(*(reader.get(job_id, account_id=account) for _ in range(16)))
+        assert _terminate_other_backends(db.url) >= 2
+        await asyncio.sleep(0.1)  # the terminations reach the client sockets
+        for _ in range(6):  # every dead pooled connection in turn: each read is retried
+            assert await reader.get(job_id, account_id=account) is not None
+        assert _terminate_other_backends(db.url) >= 1
+        await asyncio.sleep(0.1)
+        found = await asyncio.gather(*(reader.get(job_id, account_id=account) for _ in range(16)))
+        assert all(job is not None for job in found)
+
+
+@pg_only
+async def test_an_unreachable_database_is_a_quick_store_unavailable() -> None:
+    closed = f"postgresql://127.0.0.1:{free_port()}/nowhere"
+    reader = PgJobReader(closed, TtlCache(ttl=1.0, maxsize=10))
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await reader.get("0" * 36, account_id="a")
+        # The first read waits once for the pool; then each read fails at once.
+        assert time.monotonic() - started < PG_CHECKOUT_TIMEOUT + 1.5
+        started = time.monotonic()
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                await reader.get("0" * 36, account_id="a")
+        assert time.monotonic() - started < 1.0
+    finally:
+        await reader.aclose()
+
+
+@pg_only
+async def test_reads_recover_as_soon_as_the_database_returns(db: Database) -> None:
+    from tests.api.test_db_outage import TcpProxy
+
+    account = keys.create_account(db, "a", credits=10**6).account_id
+    job_id = submit_job(db, account)
+    target = make_url(db.url)
+    with TcpProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
+        proxied = target.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+        reader = PgJobReader(proxied, db.positions)
+        try:
+            assert await reader.get(job_id, account_id=account) is not None
+            proxy.stop()
+            for _ in range(3):
+                with pytest.raises(StoreUnavailable):
+                    await reader.get(job_id, account_id=account)
+            proxy.start()
+            # No waiting out the pool's reconnection back-off: the next read works.
+            started = time.monotonic()
+            assert await reader.get(job_id, account_id=account) is not None
+            assert await reader.get(job_id, account_id=account) is not None
+            assert time.monotonic() - started < 1.0
+        finally:
+            await reader.aclose()
