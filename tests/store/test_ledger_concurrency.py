@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from auraserve.core.jobs import JobStatus
 from auraserve.core.presets import default_presets
 from auraserve.core.request import build_request
-from auraserve.errors import InsufficientBalance
+from auraserve.errors import InsufficientBalance, QueueLimitReached
 from auraserve.store import jobs, keys, ledger
 from auraserve.store.db import Database
+from auraserve.store.schema import accounts
+from auraserve.store.schema import jobs as jobs_table
 from auraserve.store.schema import ledger as ledger_table
 
 PRESET = default_presets()["auraflow-v0-3-512"]
@@ -94,3 +97,82 @@ def test_concurrent_submits_never_overdraw_and_every_reservation_settles_once(db
     captured = (affordable + 1) // 2
     assert ledger.balance(db, acct.account_id) == total_delta
     assert ledger.balance(db, acct.account_id) == price * (affordable - captured) + price // 2
+
+
+def _submit(db: Database, account_id: str, *, max_queued: int) -> jobs.Submission:
+    req = build_request({"prompt": "p", "steps": 2}, model=MODEL, preset=PRESET)
+    return jobs.submit(
+        db,
+        account_id=account_id,
+        request=req,
+        price=req.price(PRESET),
+        max_queued=max_queued,
+        max_attempts=3,
+    )
+
+
+def test_a_submit_touches_the_account_row_last(db: Database) -> None:
+    """Every submit of an account waits for the account row's lock (PostgreSQL) from the
+    reserving UPDATE to the COMMIT, so that UPDATE is the transaction's last statement (on
+    PostgreSQL it also writes the ledger entry, in the same statement)."""
+    acct = keys.create_account(db, "a", credits=10**9)
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.split()))
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        _submit(db, acct.account_id, max_queued=100)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    statements = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
+    touching = [i for i, s in enumerate(statements) if "accounts" in s]
+    assert touching == [len(statements) - 1], statements
+    assert statements[0].startswith("INSERT INTO jobs")
+    if db.is_sqlite:
+        assert statements[-2].startswith("INSERT INTO ledger")
+    else:
+        assert statements[-1].startswith("WITH reserved AS (UPDATE accounts")
+        assert "INSERT INTO ledger" in statements[-1]
+        assert sum("pg_notify" in s for s in statements) == 1
+    entries = ledger.entries(db, acct.account_id)
+    assert [e["kind"] for e in entries] == ["grant", "reserve"]
+    assert entries[-1]["balance_delta"] == -entries[-1]["amount"]
+
+
+def test_concurrent_submits_never_pass_the_queue_limit(db: Database) -> None:
+    """The queue slots are taken last, after the job's INSERT: refused submits must still
+    roll back whole, whatever the interleaving."""
+    limit = 5
+    acct = keys.create_account(db, "a", credits=10**9)
+    barrier = threading.Barrier(12)
+    accepted: list[str] = []
+    refused: list[QueueLimitReached] = []
+    lock = threading.Lock()
+
+    def submitter() -> None:
+        barrier.wait()
+        for _ in range(2):
+            try:
+                sub = _submit(db, acct.account_id, max_queued=limit)
+                with lock:
+                    accepted.append(sub.job.id)
+            except QueueLimitReached as exc:
+                with lock:
+                    refused.append(exc)
+
+    threads = [threading.Thread(target=submitter) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(accepted) == limit and len(refused) == 24 - limit
+    assert jobs.count_active(db, acct.account_id) == limit
+    with db.read() as conn:
+        stored = conn.execute(select(jobs_table.c.id)).scalars().all()
+        active = conn.execute(select(accounts.c.active_jobs)).scalar_one()
+    assert sorted(stored) == sorted(accepted) and active == limit
+    reserves = [e for e in ledger.entries(db, acct.account_id) if e["kind"] == "reserve"]
+    assert sorted(e["job_id"] for e in reserves) == sorted(accepted)
+    assert ledger.balance(db, acct.account_id) == 10**9 - sum(e["amount"] for e in reserves)

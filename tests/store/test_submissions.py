@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -10,9 +11,10 @@ from sqlalchemy import func, select
 
 from auraserve.core.presets import default_presets
 from auraserve.core.request import GenerationRequest, build_request
-from auraserve.errors import IdempotencyKeyReused, InsufficientBalance
-from auraserve.store import keys, ledger, submissions
+from auraserve.errors import IdempotencyKeyReused, InsufficientBalance, QueueLimitReached
+from auraserve.store import jobs, keys, ledger, submissions
 from auraserve.store.db import Database
+from auraserve.store.events import WORK
 from auraserve.store.schema import idempotency_keys
 from auraserve.store.schema import jobs as jobs_table
 from auraserve.store.submissions import IdempotencyKey, Submitted
@@ -26,12 +28,12 @@ def _req(prompt: str = "a cat") -> GenerationRequest:
 
 def _submit(db: Database, account_id: str, idem: IdempotencyKey | None, **kw: Any) -> Submitted:
     req = _req()
+    kw.setdefault("max_queued", 100)
     return submissions.submit(
         db,
         account_id=account_id,
         request=req,
         price=req.price(PRESET),
-        max_queued=100,
         max_attempts=3,
         idem=idem,
         **kw,
@@ -128,3 +130,48 @@ def test_concurrent_duplicates_make_one_job_and_one_charge(db: Database) -> None
     kinds = [e["kind"] for e in ledger.entries(db, acct.account_id)]
     assert kinds.count("reserve") == 1
     assert ledger.balance(db, acct.account_id) == 100_000 - _req().price(PRESET)
+
+
+def test_the_submitted_job_is_the_row_the_store_holds(db: Database) -> None:
+    acct = keys.create_account(db, "a", credits=1000)
+    submitted = _submit(db, acct.account_id, None)
+    stored = jobs.get(db, submitted.job.id)
+    assert stored is not None
+    assert dataclasses.replace(stored, queue_position=None) == submitted.job
+
+
+@pytest.mark.parametrize("refusal", ["balance", "queue limit"])
+def test_a_submit_refused_at_its_reservation_leaves_no_trace(db: Database, refusal: str) -> None:
+    """The job is inserted before the credits are reserved (the account row is locked for the
+    shortest time); a refused reservation rolls all of it back, its events and hook calls
+    included."""
+    price = _req().price(PRESET)
+    acct = keys.create_account(db, "a", credits=price if refusal == "queue limit" else price - 1)
+    committed: list[str] = []
+    db.on_committed_transition(lambda job: committed.append(job.id))
+    published: list[tuple[str, str]] = []
+    forward = db.bus.forward
+    db.bus.forward = lambda kind, job_id: published.append((kind, job_id))
+    try:
+        max_queued = 100
+        if refusal == "queue limit":
+            _submit(db, acct.account_id, None)  # takes the only slot (and all the credits)
+            ledger.grant(db, acct.account_id, price)
+            max_queued, committed[:], published[:] = 1, [], []
+        before = (ledger.entries(db, acct.account_id), ledger.balance(db, acct.account_id))
+        jobs_before = _count(db, jobs_table)
+        expected = QueueLimitReached if refusal == "queue limit" else InsufficientBalance
+        with pytest.raises(expected):
+            _submit(db, acct.account_id, IdempotencyKey("k", "d", ttl=60), max_queued=max_queued)
+        assert (ledger.entries(db, acct.account_id), ledger.balance(db, acct.account_id)) == before
+        assert _count(db, jobs_table) == jobs_before
+        assert _count(db, idempotency_keys) == 0
+        assert jobs.count_active(db, acct.account_id) == jobs_before
+        assert committed == [] and published == []
+        # Nothing of the refused transaction leaks into the next one on the connection.
+        ledger.grant(db, acct.account_id, 10 * price)
+        ok = _submit(db, acct.account_id, None, max_queued=100)
+        assert committed == [ok.job.id]
+        assert published == [(WORK, ok.job.id)]  # one event wakes workers and watchers
+    finally:
+        db.bus.forward = forward

@@ -3,23 +3,30 @@
 SQLite runs in WAL mode with one writer at a time. Python's sqlite3 driver would otherwise
 open a deferred transaction and upgrade it to a write lock at the first write, which deadlocks
 two writers against each other; we therefore issue `BEGIN IMMEDIATE` for write transactions
-ourselves and serialise this process's writers on a lock, so SQLite's busy handler (which
-sleeps) only ever waits for *other* processes such as the CLI.
+ourselves. Writers take turns on two locks first: a thread lock for this process's writers and
+an flock on `<database>.write-lock` for other processes' (`serve --api-processes N`, a worker,
+the CLI). SQLite's busy handler would also make them take turns, but it *sleeps* between
+retries (1, 2, 5, 10 ms ...), so a writer that lost the race idles long after the lock is free;
+a writer waiting on the flock is woken by the kernel the moment it is released. busy_timeout
+stays as the fallback for writers that do not take the flock (other tools on the file).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, InvalidatePoolError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from auraserve.core.jobs import Job
@@ -28,6 +35,9 @@ from auraserve.observability import metrics
 from auraserve.store.cache import TtlCache
 from auraserve.store.events import LocalBus, PgListener, SqliteFanout, take_events
 from auraserve.store.migrations import HEAD_REVISION
+
+if sys.platform != "win32":
+    import fcntl
 
 if TYPE_CHECKING:
     from auraserve.store.keys import Account
@@ -63,6 +73,11 @@ AUTH_CACHE_MAX = 10_000
 POSITION_TTL = 0.5
 POSITION_CACHE_MAX = 50_000
 
+# PostgreSQL: a pooled connection unused for longer than this is pinged before it is handed
+# out (see `_ping_when_idle`).
+PING_AFTER_IDLE_SECONDS = 1.0
+_LAST_USED = "auraserve_last_used"
+
 
 class Database:
     """Owns the engine; hands out short transactions. Thread-safe.
@@ -95,6 +110,7 @@ class Database:
         self._listener: PgListener | None = None
         self._fanout: SqliteFanout | None = None
         self._write_lock = threading.Lock() if self.is_sqlite else None
+        self.writer_file_lock: WriterFileLock | None = None
         if self.is_sqlite:
             if sqlite3.sqlite_version_info < (3, 35):
                 raise RuntimeError(
@@ -104,6 +120,8 @@ class Database:
             db_path = url.split(":///", 1)[-1]
             if db_path and db_path != ":memory:":
                 Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+                if not db_path.startswith("file:"):  # a URI names no plain path to put it beside
+                    self.writer_file_lock = WriterFileLock.beside(Path(db_path))
             self.engine: Engine = create_engine(
                 url,
                 pool_size=pool_size,
@@ -118,9 +136,9 @@ class Database:
                 url,
                 pool_size=pool_size,
                 max_overflow=20,
-                pool_pre_ping=True,
                 execution_options=options,
             )
+            _ping_when_idle(self.engine)
         self.on_committed_transition(metrics.observe_transition)
 
     def on_transition(self, hook: TransitionHook) -> None:
@@ -141,7 +159,8 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A transaction that will write. On SQLite: this process's writers take turns.
+        """A transaction that will write. On SQLite, writers take turns: this process's on a
+        thread lock, other processes' on the lock file (see the module docstring).
 
         A database that cannot be reached raises `StoreUnavailable` (see `is_unavailable`);
         the transaction was not committed, so nothing of it happened."""
@@ -154,11 +173,14 @@ class Database:
                     events = take_events(conn)
                     changed = _take_committed(conn)
             else:
+                # The thread lock first: flock excludes open files, not threads, and this
+                # process's writers share one.
                 with self._write_lock, self.engine.connect() as conn:
                     conn = conn.execution_options(auraserve_immediate=True)
                     _take_committed(conn)  # drop leftovers of a rolled-back transaction
                     take_events(conn)
-                    with conn.begin():
+                    file_lock = self.writer_file_lock
+                    with file_lock.held() if file_lock else nullcontext(), conn.begin():
                         yield conn
                     events = take_events(conn)
                     changed = _take_committed(conn)
@@ -233,6 +255,92 @@ class Database:
             self._listener.stop()
             self._listener = None
         self.engine.dispose()
+        if self.writer_file_lock is not None:
+            self.writer_file_lock.close()
+
+
+class WriterFileLock:
+    """An exclusive flock on a file beside a SQLite database, taken by every write transaction,
+    so writers in different processes queue in the kernel instead of in SQLite's sleeping busy
+    handler.
+
+    Not thread-safe: callers hold `Database._write_lock` around it (flock excludes open file
+    descriptions, so two threads sharing the descriptor would both get it). The descriptor is
+    opened per process: a forked child that kept its parent's would share the parent's lock
+    instead of waiting for it. It is never held across an await: writes are synchronous.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._pid = 0
+
+    @classmethod
+    def beside(cls, database: Path) -> WriterFileLock | None:
+        """The lock for `database` (`<database>.write-lock`); None where there is no flock."""
+        if sys.platform == "win32":
+            return None
+        return cls(database.with_name(database.name + ".write-lock"))
+
+    def fileno(self) -> int | None:
+        """This process's descriptor, opened on first use; None when the file cannot be
+        opened (then writers rely on busy_timeout alone)."""
+        pid = os.getpid()
+        if self._pid == pid:
+            return self._fd
+        self.close()  # inherited over fork: closing our copy leaves the parent's lock alone
+        self._pid = pid
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.warning("no writer lock file %s (%s): writers rely on busy_timeout", self.path, exc)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._pid = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        fd = self.fileno()
+        if fd is None or sys.platform == "win32":
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection at checkout only when it sat unused for longer than
+    `PING_AFTER_IDLE_SECONDS` (what `pool_pre_ping` does at every checkout, one round trip per
+    transaction).
+
+    A connection used a moment ago is alive but for an outage that began since; a statement on
+    it then fails with a disconnect, which answers 503 (`is_unavailable`) and makes SQLAlchemy
+    replace every pooled connection at its next checkout. Connections idle for longer (all of
+    them, after an outage without traffic) are pinged, and a dead one is replaced before use,
+    as pre-ping would. A failed ping invalidates the whole pool, as pre-ping's does."""
+
+    def stamp(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_LAST_USED] = time.monotonic()
+
+    def ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        last_used = record.info.get(_LAST_USED)
+        if last_used is not None and time.monotonic() - last_used < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise InvalidatePoolError(f"ping failed: {exc}") from exc
+
+    event.listen(engine, "connect", stamp)  # a new connection needs no ping
+    event.listen(engine, "checkin", stamp)
+    event.listen(engine, "checkout", ping_if_idle)
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -299,7 +407,11 @@ def _sqlite_on_begin(conn: Connection) -> None:
     options = conn.get_execution_options()
     if options.get("auraserve_autocommit"):
         return  # the driver is in autocommit mode; its commit at the end is a no-op
-    if options.get("auraserve_immediate"):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-    else:
-        conn.exec_driver_sql("BEGIN")
+    statement = "BEGIN IMMEDIATE" if options.get("auraserve_immediate") else "BEGIN"
+    # Straight to the driver: SQLAlchemy's statement machinery (exec_driver_sql) cost several
+    # times the BEGIN itself. Errors are wrapped as SQLAlchemy wraps them, so a locked or
+    # unreadable file still reads as unavailable (`is_unavailable`).
+    try:
+        conn.connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, func, insert, select, tuple_, update
@@ -30,7 +31,11 @@ PROCESSING = JobStatus.PROCESSING.value
 ACTIVE = (QUEUED, PROCESSING)
 _MAX_LOG_LINES = 50
 
-_INSERT_JOB = insert(jobs).returning(*jobs.c)
+# A new job's row is exactly what submit inserts, every other column NULL: it is built from the
+# inserted values rather than read back with RETURNING (every column through SQLAlchemy's
+# result handling, on the hottest write).
+_INSERT_JOB = insert(jobs)
+_NEW_JOB_NULLS: dict[str, Any] = dict.fromkeys(jobs.c.keys())
 _RELEASE_SLOT = (
     update(accounts)
     .where(accounts.c.id == bindparam("acct"))
@@ -38,10 +43,11 @@ _RELEASE_SLOT = (
 )
 
 
-def _transitioned_in(conn: Connection, row: Any) -> Job:
+def _transitioned_in(conn: Connection, row: Any, *, event: str = JOB) -> Job:
     """Every status change goes through here, in its transaction: the account's active-job
     counter, the wake-up event and the database's transition hooks (webhook outbox) stay in
-    step."""
+    step. A job that became claimable passes `event=WORK`: that one event wakes the workers
+    and, like JOB, whoever watches the job (one NOTIFY on PostgreSQL instead of two)."""
     job = Job.from_row(row)
     # Callers only pass rows that just changed status (their UPDATEs are fenced on the old
     # status), so a terminal row here is always a new arrival in a terminal state: settle its
@@ -52,7 +58,7 @@ def _transitioned_in(conn: Connection, row: Any) -> Job:
         else:
             ledger.release_in(conn, job.account_id, job.id, job.price)
         conn.execute(_RELEASE_SLOT, {"acct": job.account_id})
-    emit_in(conn, JOB, job.id)
+    emit_in(conn, event, job.id)
     for hook in database_of(conn).transition_hooks:
         hook(conn, job)
     return job
@@ -76,36 +82,35 @@ def submit_in(
     webhook_url: str | None = None,
     webhook_mode: str | None = None,
 ) -> Submission:
-    """Take a queue slot and reserve credits (one guarded UPDATE), then insert the job, in
-    `conn`'s transaction. Raises QueueLimitReached or InsufficientBalance (nothing written)."""
+    """Insert the job, then take a queue slot and reserve its credits (one guarded UPDATE,
+    the last statement: see `ledger.reserve_in`), in `conn`'s transaction. Raises
+    QueueLimitReached or InsufficientBalance; the transaction then rolls back, so nothing is
+    written (its events and hook rows go with it)."""
     job_id = uuid7()
-    balance = ledger.reserve_in(conn, account_id, job_id, price, max_active=max_queued)
     now = time.time()
-    row = conn.execute(
-        _INSERT_JOB,
-        {
-            "id": job_id,
-            "account_id": account_id,
-            "model_id": request.model,
-            "status": QUEUED,
-            "priority": priority,
-            "params": request.model_dump_json(),
-            "batch_key": request.batch_key,
-            "num_images": request.num_images,
-            "price": price,
-            "attempts": 0,
-            "max_attempts": max_attempts,
-            "progress_step": 0,
-            "progress_total": request.steps,
-            "cancel_requested": False,
-            "webhook_url": webhook_url,
-            "webhook_mode": webhook_mode,
-            "created_at": now,
-            "updated_at": now,
-        },
-    ).one()
-    emit_in(conn, WORK, job_id)
-    job = _transitioned_in(conn, row)
+    values: dict[str, Any] = {
+        "id": job_id,
+        "account_id": account_id,
+        "model_id": request.model,
+        "status": QUEUED,
+        "priority": priority,
+        "params": request.model_dump_json(),
+        "batch_key": request.batch_key,
+        "num_images": request.num_images,
+        "price": price,
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "progress_step": 0,
+        "progress_total": request.steps,
+        "cancel_requested": False,
+        "webhook_url": webhook_url,
+        "webhook_mode": webhook_mode,
+        "created_at": now,
+        "updated_at": now,
+    }
+    conn.execute(_INSERT_JOB, values)
+    job = _transitioned_in(conn, SimpleNamespace(**{**_NEW_JOB_NULLS, **values}), event=WORK)
+    balance = ledger.reserve_in(conn, account_id, job_id, price, max_active=max_queued)
     return Submission(job, balance)
 
 
@@ -341,8 +346,7 @@ def hand_back(db: Database, *, worker_id: str, job_ids: Collection[str]) -> list
         ).all()
         for row in rows:
             requeued.append(row.id)
-            emit_in(conn, WORK, row.id)
-            _transitioned_in(conn, row)
+            _transitioned_in(conn, row, event=WORK)
     return requeued
 
 
@@ -382,8 +386,7 @@ def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str
                 ).first()
                 if row is not None:
                     requeued.append(job.id)
-                    emit_in(conn, WORK, job.id)
-                    _transitioned_in(conn, row)
+                    _transitioned_in(conn, row, event=WORK)
             else:
                 row = conn.execute(
                     update(jobs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, Select, bindparam, insert, select, update
 
 from auraserve.errors import InsufficientBalance, QueueLimitReached
 from auraserve.store.db import Database
@@ -64,6 +64,21 @@ _ACCOUNT_STATE = select(accounts.c.balance, accounts.c.active_jobs).where(
 )
 
 
+def _reserve_and_record() -> Select[tuple[int]]:
+    """PostgreSQL: `_RESERVE` and its ledger entry in one statement (a data-modifying CTE),
+    the entry written only when the guarded UPDATE took the credits. SQLite has no such CTEs:
+    it runs the two statements (its writers hold the whole file, so order does not matter)."""
+    reserved = _RESERVE.cte("reserved")
+    columns = ("account_id", "job_id", "kind", "amount", "balance_delta", "created_at")
+    # Prefixed: an UPDATE given parameters named like its table's columns would SET them.
+    values = [bindparam(f"entry_{name}", type_=ledger.c[name].type) for name in columns]
+    entry = insert(ledger).from_select(list(columns), select(*values).select_from(reserved))
+    return select(reserved.c.balance).add_cte(entry.cte("entry"))
+
+
+_RESERVE_AND_RECORD = _reserve_and_record()
+
+
 def _entry(
     account_id: str, job_id: str | None, kind: str, amount: int, delta: int
 ) -> dict[str, object]:
@@ -82,11 +97,22 @@ def reserve_in(
     conn: Connection, account_id: str, job_id: str, amount: int, *, max_active: int
 ) -> int:
     """Take `amount` from the balance and one of the account's `max_active` queue slots for
-    `job_id`, in one guarded UPDATE. Raises QueueLimitReached or InsufficientBalance (nothing
-    written then). Returns the balance left."""
-    row = conn.execute(
-        _RESERVE, {"acct": account_id, "amount": amount, "max_active": max_active}
-    ).first()
+    `job_id`, and record the reservation. Raises QueueLimitReached or InsufficientBalance;
+    the caller's transaction must then roll back (nothing of it is written). Returns the
+    balance left.
+
+    Call it last, right before COMMIT: its guarded UPDATE locks the account row until the
+    transaction ends, and every other submit of the account waits for that lock (PostgreSQL),
+    so each round trip made after it would be one that all of them wait for."""
+    entry = _entry(account_id, job_id, "reserve", amount, -amount)
+    guard = {"acct": account_id, "amount": amount, "max_active": max_active}
+    if conn.dialect.name == "postgresql":
+        row = conn.execute(
+            _RESERVE_AND_RECORD, {**guard, **{f"entry_{k}": v for k, v in entry.items()}}
+        ).first()
+    else:
+        conn.execute(_INSERT_ENTRY, entry)
+        row = conn.execute(_RESERVE, guard).first()
     if row is None:
         state = conn.execute(_ACCOUNT_STATE, {"acct": account_id}).first()
         if state is not None and state.active_jobs >= max_active:
@@ -95,7 +121,6 @@ def reserve_in(
                 f"{max_active}); wait for some to finish"
             )
         raise InsufficientBalance()
-    conn.execute(_INSERT_ENTRY, _entry(account_id, job_id, "reserve", amount, -amount))
     return int(row.balance)
 
 
