@@ -73,7 +73,12 @@ def test_strength_zero_is_the_vae_round_trip(engine: AuraFlowEngine) -> None:
     with torch.inference_mode():
         expected = engine._decode_one(encode_image(engine.pipe, _input_image(), SIZE, SIZE))
     assert steps == []
-    assert np.array_equal(_pixels(result.images[0]), _pixels(expected))
+    # Equal up to the last bit's rounding: the engine decodes through its batched path, whose
+    # float kernels may round one channel of one pixel the other way (seen: 1 of 12,288 values
+    # off by 1 on one machine). Any denoising step would move the whole image, far past 1.
+    difference = np.abs(_pixels(result.images[0]) - _pixels(expected))
+    assert difference.max() <= 1
+    assert np.count_nonzero(difference) <= 0.001 * difference.size
 
 
 @pytest.mark.parametrize(("steps", "strength", "runs"), [(5, 0.5, 3), (4, 0.3, 1), (6, 0.8, 5)])

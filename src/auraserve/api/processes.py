@@ -1,10 +1,11 @@
 """Several API processes on one port: `auraserve serve --api-processes N`.
 
-One Python process serves about 3,000 status polls/s on one core (docs/benchmarks.md); the GIL
-keeps it there however many cores the machine has. The supervisor (the `serve` process itself)
-reserves the port and starts N children that each listen on it (SO_REUSEPORT), each a whole
-API: its own store connections, outbox dispatcher, rate limiter, and our `GuardedH11Protocol` limits
-(`api.server.server_config`), the connection cap counting per child.
+One Python process serves about 2,500 status polls/s on one core of the 2-core test machine
+(docs/benchmarks.md); the GIL keeps it there however many cores the machine has. The
+supervisor (the `serve` process itself) reserves the port and starts N children that each
+listen on it (SO_REUSEPORT), each a whole API: its own store connections, outbox dispatcher,
+rate limiter, and our `GuardedH11Protocol` limits (`api.server.server_config`), the
+connection cap counting per child.
 
 Why SO_REUSEPORT rather than one inherited listening socket: with a shared socket, whichever
 child wakes first accepts a whole burst of connections, and keep-alive clients then stay on it

@@ -2,11 +2,11 @@
 machinery. Clients poll far more often than anything else happens, so this one read gets its
 own path; every other read keeps `store.jobs`.
 
-The SQL is not written twice: the statements of `store.jobs` (the tenant-scoped select, and
-the queue-position count rebuilt with bind parameters from the same columns and
-`_queue_order`) are compiled once per dialect, and the rows they return feed `Job.from_row`
-as SQLAlchemy's rows do, so a job read here equals the one `jobs.get(..., account_id=...)`
-returns. Queue positions share `Database.positions` with `jobs.queue_position_in`.
+The SQL is not written twice: the statements of `store.jobs` (the tenant-scoped select and
+the queue-position count, `COUNT_AHEAD`) are compiled once per dialect, and the rows they
+return feed `Job.from_row` as SQLAlchemy's rows do, so a job read here equals the one
+`jobs.get(..., account_id=...)` returns. Queue positions share `Database.positions` with
+`jobs.queue_position_in`.
 
 - SQLite: a raw `sqlite3` connection per thread, autocommit (each statement reads its own WAL
   snapshot, as `Database.read` does), `query_only`. Called inline on the event loop: a read
@@ -35,7 +35,7 @@ from typing import Any, Protocol, TypeVar, cast
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from sqlalchemy import Select, bindparam, func, select, tuple_
+from sqlalchemy import Select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError
@@ -45,8 +45,7 @@ from auraserve.errors import StoreUnavailable
 from auraserve.observability.logs import describe
 from auraserve.store.cache import TtlCache
 from auraserve.store.db import Database, is_unavailable
-from auraserve.store.jobs import _SELECT_TENANT_JOB, QUEUE_POSITION_CAP, QUEUED, _queue_order
-from auraserve.store.schema import jobs
+from auraserve.store.jobs import _SELECT_TENANT_JOB, COUNT_AHEAD, QUEUED, count_ahead_params
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +69,6 @@ PG_DOWN_CHECKOUT_TIMEOUT = 0.1
 # A WAL reader is almost never blocked; this bounds the rare wait (WAL recovery after a crash)
 # that would otherwise hold the event loop.
 SQLITE_BUSY_TIMEOUT = 5.0
-
-_COUNT_AHEAD = select(func.count()).select_from(
-    select(jobs.c.id)
-    .where(
-        jobs.c.status == QUEUED,
-        tuple_(*_queue_order())
-        < tuple_(
-            bindparam("priority", type_=jobs.c.priority.type),
-            bindparam("created_at", type_=jobs.c.created_at.type),
-            bindparam("job_id", type_=jobs.c.id.type),
-        ),
-    )
-    .limit(QUEUE_POSITION_CAP)
-    .subquery()
-)
-
 
 # The parameter styles the raw drivers take: sqlite3 `:name`, psycopg `%(name)s`.
 _SQLITE: Dialect = sqlite.dialect(paramstyle="named")
@@ -119,10 +102,6 @@ class _Compiled:
             names = [column[0] for column in cursor.description]
             make = self._make_row = cast(Any, namedtuple("Row", names))._make
         return make(values)
-
-
-def _count_params(row: Any) -> dict[str, object]:
-    return {"priority": row.priority, "created_at": row.created_at, "job_id": row.id}
 
 
 def _count_of(row: Sequence[Any] | None) -> int:
@@ -166,7 +145,7 @@ def open_job_reader(db: Database) -> JobReader:
 
 class SqliteJobReader(JobReader):
     _SELECT = _Compiled(_SELECT_TENANT_JOB, _SQLITE)
-    _COUNT = _Compiled(_COUNT_AHEAD, _SQLITE)
+    _COUNT = _Compiled(COUNT_AHEAD, _SQLITE)
 
     def __init__(self, path: str, positions: TtlCache[str, int], *, uri: bool = False) -> None:
         super().__init__(positions)
@@ -197,7 +176,7 @@ class SqliteJobReader(JobReader):
         if row.status == QUEUED:
             position = self.positions.get(row.id)
             if position is None:
-                params = self._COUNT.params(**_count_params(row))
+                params = self._COUNT.params(**count_ahead_params(row))
                 counted = conn.execute(self._COUNT.sql, params).fetchall()
                 position = _count_of(counted[0] if counted else None)
                 self.positions.put(row.id, position)
@@ -234,7 +213,7 @@ PgConnection = psycopg.AsyncConnection[Any]
 
 class PgJobReader(JobReader):
     _SELECT = _Compiled(_SELECT_TENANT_JOB, _PSYCOPG)
-    _COUNT = _Compiled(_COUNT_AHEAD, _PSYCOPG)
+    _COUNT = _Compiled(COUNT_AHEAD, _PSYCOPG)
 
     def __init__(
         self,
@@ -271,7 +250,7 @@ class PgJobReader(JobReader):
             position = self.positions.get(row.id)
             if position is None:
                 cursor = await conn.execute(
-                    self._COUNT.sql, self._COUNT.params(**_count_params(row))
+                    self._COUNT.sql, self._COUNT.params(**count_ahead_params(row))
                 )
                 position = _count_of(await cursor.fetchone())
                 self.positions.put(row.id, position)

@@ -426,17 +426,31 @@ def queue_position_in(conn: Connection, row: Any) -> int:
     return position
 
 
-def _count_ahead(conn: Connection, row: Any) -> int:
-    ahead = (
-        select(jobs.c.id)
-        .where(
-            jobs.c.status == QUEUED,
-            tuple_(*_queue_order()) < tuple_(row.priority, row.created_at, row.id),
-        )
-        .limit(QUEUE_POSITION_CAP)
-        .subquery()
+# How many queued jobs come before a given one, with bind parameters: built once here, and
+# compiled by `store.job_reads` for the status poll's own path.
+COUNT_AHEAD = select(func.count()).select_from(
+    select(jobs.c.id)
+    .where(
+        jobs.c.status == QUEUED,
+        tuple_(*_queue_order())
+        < tuple_(
+            bindparam("priority", type_=jobs.c.priority.type),
+            bindparam("created_at", type_=jobs.c.created_at.type),
+            bindparam("job_id", type_=jobs.c.id.type),
+        ),
     )
-    return int(conn.execute(select(func.count()).select_from(ahead)).scalar_one())
+    .limit(QUEUE_POSITION_CAP)
+    .subquery()
+)
+
+
+def count_ahead_params(row: Any) -> dict[str, object]:
+    """`COUNT_AHEAD`'s parameters for a job row."""
+    return {"priority": row.priority, "created_at": row.created_at, "job_id": row.id}
+
+
+def _count_ahead(conn: Connection, row: Any) -> int:
+    return int(conn.execute(COUNT_AHEAD, count_ahead_params(row)).scalar_one())
 
 
 def get(db: Database, job_id: str, *, account_id: str | None = None) -> Job | None:
