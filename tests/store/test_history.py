@@ -110,3 +110,28 @@ def test_account_summary_shows_balance_reservations_and_entries(db: Database) ->
     newest = history.account_summary(db, acct, entries=1)
     assert newest is not None and [e.kind for e in newest.entries] == ["release"]
     assert history.account_summary(db, "no-such-account") is None
+
+
+def test_a_page_is_read_through_the_account_time_index(db: Database) -> None:
+    """The listing is ordered by the index itself (no sort of all the account's jobs), with and
+    without a cursor. PostgreSQL is told to avoid sequential scans and sorts (on a tiny table
+    its planner would pick either), so the plan shows whether the index can serve the page."""
+    account_id = keys.create_account(db, "history-index", credits=1_000).account_id
+    _submit(db, account_id, "one")
+    cursor = history.encode_cursor(1e12, "0" * 36)
+    for page_cursor in (None, cursor):
+        query = history.page_query(account_id, limit=20, cursor=page_cursor, status=None)
+        sql = str(query.compile(db.engine, compile_kwargs={"literal_binds": True}))
+        with db.engine.connect() as conn:
+            if db.is_sqlite:
+                rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
+                plan = " ".join(str(row[-1]) for row in rows)
+                assert "ix_jobs_account_created" in plan, plan
+                assert "TEMP B-TREE" not in plan, plan
+            else:
+                conn.exec_driver_sql("SET enable_seqscan = off")
+                conn.exec_driver_sql("SET enable_sort = off")
+                plan = " ".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}"))
+                conn.rollback()
+                assert "ix_jobs_account_created" in plan, plan
+                assert "Sort" not in plan, plan

@@ -136,6 +136,8 @@ jobs = Table(
     Column("completed_at", Double, nullable=True),
     Index("ix_jobs_queue", "status", "priority", "created_at", "id"),
     Index("ix_jobs_account_status", "account_id", "status"),
+    # An account's history, newest first, a page at a time (store/history.py).
+    Index("ix_jobs_account_created", "account_id", "created_at", "id"),
     Index("ix_jobs_lease", "status", "lease_expires_at"),
 )
 
