@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -84,6 +85,7 @@ class Server:
             command, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env
         )
         self.key = self._wait_until_serving()
+        self._wait_until_listening(processes)
         self.headers = {"Ocp-Apim-Subscription-Key": self.key}
 
     def _wait_until_serving(self, timeout: float = 300) -> str:
@@ -102,6 +104,25 @@ class Server:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"server did not start: {self.log.read_text()}")
+
+    def _wait_until_listening(self, processes: int, timeout: float = 120) -> None:
+        """Every API child listening on the port: /health answers as soon as one does, and
+        wrk's connections, made at its start, would all go to that one (seen: a PostgreSQL
+        submit run at 0.82 + 0.05 cores while the second child was still starting)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listening = 0
+            for child in self.tree()[1:]:
+                with contextlib.suppress(psutil.Error):
+                    listening += any(
+                        c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port
+                        for c in child.net_connections(kind="tcp")
+                    )
+            # With one API process, `serve` itself listens (no children).
+            if listening >= processes or processes == 1:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{processes} API processes did not all listen: {self.log.read_text()}")
 
     def tree(self) -> list[psutil.Process]:
         """The supervisor and its API children (multiprocessing's resource tracker aside)."""
