@@ -16,6 +16,7 @@ from auraserve.store.db import Database
 from auraserve.store.schema import accounts
 from auraserve.store.schema import jobs as jobs_table
 from auraserve.store.schema import ledger as ledger_table
+from tests.store_jobs import submit_job
 
 PRESET = default_presets()["auraflow-v0-3-512"]
 MODEL = "auraflow-v0-3-512"
@@ -99,18 +100,6 @@ def test_concurrent_submits_never_overdraw_and_every_reservation_settles_once(db
     assert ledger.balance(db, acct.account_id) == price * (affordable - captured) + price // 2
 
 
-def _submit(db: Database, account_id: str, *, max_queued: int) -> jobs.Submission:
-    req = build_request({"prompt": "p", "steps": 2}, model=MODEL, preset=PRESET)
-    return jobs.submit(
-        db,
-        account_id=account_id,
-        request=req,
-        price=req.price(PRESET),
-        max_queued=max_queued,
-        max_attempts=3,
-    )
-
-
 def test_a_submit_touches_the_account_row_last(db: Database) -> None:
     """Every submit of an account waits for the account row's lock (PostgreSQL) from the
     reserving UPDATE to the COMMIT, so that UPDATE is the transaction's last statement (on
@@ -123,7 +112,7 @@ def test_a_submit_touches_the_account_row_last(db: Database) -> None:
 
     event.listen(db.engine, "before_cursor_execute", record)
     try:
-        _submit(db, acct.account_id, max_queued=100)
+        submit_job(db, acct.account_id, {"steps": 2})
     finally:
         event.remove(db.engine, "before_cursor_execute", record)
     statements = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
@@ -155,9 +144,9 @@ def test_concurrent_submits_never_pass_the_queue_limit(db: Database) -> None:
         barrier.wait()
         for _ in range(2):
             try:
-                sub = _submit(db, acct.account_id, max_queued=limit)
+                job_id = submit_job(db, acct.account_id, {"steps": 2}, max_queued=limit)
                 with lock:
-                    accepted.append(sub.job.id)
+                    accepted.append(job_id)
             except QueueLimitReached as exc:
                 with lock:
                     refused.append(exc)

@@ -305,7 +305,7 @@ class WriterFileLock:
     @contextmanager
     def held(self) -> Iterator[None]:
         fd = self.fileno()
-        if fd is None or sys.platform == "win32":
+        if fd is None:
             yield
             return
         fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
