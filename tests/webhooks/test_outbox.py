@@ -217,6 +217,25 @@ def test_cancel_fires_the_terminal_webhook(
     assert payload["status"] == "CANCELLED" and payload["request_id"] == request_id
 
 
+def test_a_jobs_callbacks_arrive_in_the_order_recorded(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant, hooks: Receiver
+) -> None:
+    # The receiver holds the QUEUED callback for 5 s; the CANCELLED one, recorded meanwhile,
+    # must wait for it rather than overtake it on a second connection.
+    request_id = _submit(client, tenant, f"https://localhost:{hooks.port}/slow", mode="sync")
+    _wait(lambda: len(hooks.requests) == 1, what="the QUEUED callback")
+    assert client.post(f"/v2/requests/{request_id}/cancel", headers=tenant.headers).is_success
+    _wait(
+        lambda: len(_deliveries(api_only_server.runtime, _job_id(request_id))) == 2,
+        what="the CANCELLED delivery row",
+    )
+    time.sleep(1.0)  # time enough for a concurrent send to arrive
+    assert len(hooks.requests) == 1
+    _wait(lambda: len(hooks.requests) == 2, what="the CANCELLED callback")
+    statuses = [json.loads(r.body)["status"] for r in hooks.requests]
+    assert statuses == ["QUEUED", "CANCELLED"]
+
+
 @pytest.mark.parametrize(
     ("headers", "field"),
     [

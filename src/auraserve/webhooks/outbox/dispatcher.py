@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -81,6 +82,10 @@ class Dispatcher:
         self.policy = settings.policy()
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        # The latest send of each job in flight here: a job's next send waits for it, so one
+        # process delivers a job's callbacks in the order they were recorded (QUEUED before
+        # PROCESSING before COMPLETED) instead of racing them over separate connections.
+        self._last_send: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self._wake: asyncio.Event | None = None
         self._last_tick = 0.0
@@ -123,9 +128,7 @@ class Dispatcher:
                     if delay == 0 and room > 0:
                         claimed = await run_sync(self._claim, room)
                         for item in claimed:
-                            task = asyncio.get_running_loop().create_task(self._send(item))
-                            self._inflight.add(task)
-                            task.add_done_callback(self._done)
+                            self._start_send(item)
                         # More may be due (come straight back), or the due rows were taken
                         # by another replica (look again after the poll interval).
                         delay = 0.0 if len(claimed) == room else _POLL_SECONDS
@@ -144,8 +147,17 @@ class Dispatcher:
                         await asyncio.wait_for(wake.wait(), delay)
             self._wake = None
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _start_send(self, item: _Claimed) -> None:
+        before = self._last_send.get(item.job_id)
+        task = asyncio.get_running_loop().create_task(self._send(item, after=before))
+        self._last_send[item.job_id] = task
+        self._inflight.add(task)
+        task.add_done_callback(functools.partial(self._done, item.job_id))
+
+    def _done(self, job_id: str, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        if self._last_send.get(job_id) is task:
+            del self._last_send[job_id]
         if self._wake is not None:
             self._wake.set()  # a slot freed up
 
@@ -216,7 +228,11 @@ class Dispatcher:
             for r in claimed
         ]
 
-    async def _send(self, item: _Claimed) -> None:
+    async def _send(self, item: _Claimed, *, after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:
+            # Whatever became of it (delivered, rescheduled, crashed): a failed earlier
+            # callback is retried on its schedule and does not hold this one back.
+            await asyncio.wait([after])
         try:
             headers = signed_headers(item.secrets, item.event_id, item.payload)
             result = await deliver(
