@@ -1,5 +1,7 @@
 """The SQLite fan-out: events committed through one `Database` wake waiters of another that
-shares the file, as they would in another process (unix datagram sockets, real ones)."""
+shares the file, as they would in another process (unix datagram sockets, real ones). The bus's
+job-event subscriptions and listening state (what `store.job_reads`' row cache relies on), and
+the events of bulk job updates."""
 
 from __future__ import annotations
 
@@ -11,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from auraserve.store import jobs, keys
+from auraserve.store import media as media_rows
 from auraserve.store.db import Database
-from auraserve.store.events import JOB, WORK, SqliteFanout
+from auraserve.store.events import JOB, WORK, LocalBus, SqliteFanout
+from tests.conftest import BACKEND
+from tests.store_jobs import MODEL, submit_job
 
 
 @pytest.fixture
@@ -82,3 +88,62 @@ def test_not_on_postgresql() -> None:
     db = Database("postgresql+psycopg://127.0.0.1:5432/test")
     assert SqliteFanout.join(db) is None
     db.dispose()
+
+
+def test_job_subscribers_hear_job_and_work_events_and_listening_changes() -> None:
+    bus = LocalBus()
+    heard: list[str | None] = []
+
+    def failing(_job_id: str | None) -> None:
+        raise RuntimeError("a broken subscriber")
+
+    bus.on_job_event(failing)  # it fails: the others still hear, waiters still wake
+    bus.on_job_event(heard.append)
+    bus.deliver(JOB, "j1")
+    bus.publish(WORK, "j2")
+    bus.deliver("outbox", "x")  # not a job's event
+    assert heard == ["j1", "j2"]
+    assert not bus.listening
+    bus.set_listening(True)
+    assert bus.listening and heard[-1] is None
+    heard.clear()
+    bus.set_listening(False)
+    assert not bus.listening and heard == [None]
+
+    async def woken() -> None:
+        with bus.watch("j3") as changed:
+            bus.deliver(JOB, "j3")
+            await asyncio.wait_for(changed.wait(), 1.0)
+
+    asyncio.run(woken())
+
+
+def test_media_retention_emits_an_event_per_job(db: Database) -> None:
+    account = keys.create_account(db, "a", credits=10**6).account_id
+    done = []
+    for _ in range(3):
+        job_id = submit_job(db, account)
+        jobs.claim(db, worker_id="w", models=[MODEL], max_images=1, lease_seconds=30)
+        output = {"media": [f"{job_id}.png"], "media_type": "image/png", "seeds": [1]}
+        jobs.complete(db, worker_id="w", job_id=job_id, output=output, engine_seconds=0.1)
+        done.append(job_id)
+    heard: list[str | None] = []
+    db.bus.on_job_event(heard.append)
+    now = time.time()
+    expired = media_rows.expire_older_than(db, cutoff=now + 1, retention=60.0, now=now)
+    assert sorted(expired.job_ids) == sorted(done)
+    assert sorted(j for j in heard if j is not None) == sorted(done)
+
+
+@pytest.mark.skipif(BACKEND != "postgresql", reason="PostgreSQL's LISTEN")
+def test_the_bus_listens_from_listen_until_the_listener_stops(db: Database) -> None:
+    assert not db.bus.listening
+    db.start_listener()
+    deadline = time.monotonic() + 5.0
+    while not db.bus.listening:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    listener = db._listener
+    assert listener is not None and listener.backend_pid is not None
+    db.dispose()
+    assert not db.bus.listening and listener.backend_pid is None

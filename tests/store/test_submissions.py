@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from auraserve.core.presets import default_presets
 from auraserve.core.request import GenerationRequest, build_request
@@ -175,3 +175,76 @@ def test_a_submit_refused_at_its_reservation_leaves_no_trace(db: Database, refus
         assert published == [(WORK, ok.job.id)]  # one event wakes workers and watchers
     finally:
         db.bus.forward = forward
+
+
+# --- several submits of one account in one transaction ---------------------------------------
+
+
+def _new_jobs(n: int, **kw: Any) -> list[jobs.NewJob]:
+    req = _req()
+    return [jobs.NewJob(req, req.price(PRESET), **kw) for _ in range(n)]
+
+
+def _submit_many(
+    db: Database, account_id: str, new: list[jobs.NewJob], max_queued: int = 100
+) -> Any:
+    return submissions.submit_many(
+        db, account_id=account_id, new_jobs=new, max_queued=max_queued, max_attempts=3
+    )
+
+
+def test_submits_that_all_fit_go_in_one_transaction_answered_as_if_one_by_one(
+    db: Database,
+) -> None:
+    price = _req().price(PRESET)
+    acct = keys.create_account(db, "a", credits=10 * price)
+    published: list[tuple[str, str]] = []
+    forward = db.bus.forward
+    db.bus.forward = lambda kind, job_id: published.append((kind, job_id))
+    try:
+        answers = _submit_many(db, acct.account_id, _new_jobs(4))
+    finally:
+        db.bus.forward = forward
+    assert all(isinstance(a, Submitted) and not a.replayed for a in answers)
+    # Each balance is the one that submit alone, in this order, would have left.
+    assert [a.balance for a in answers] == [9 * price, 8 * price, 7 * price, 6 * price]
+    ids = [a.job.id for a in answers]
+    assert published == [(WORK, i) for i in ids]
+    for answer in answers:
+        stored = jobs.get(db, answer.job.id)
+        assert stored is not None
+        assert dataclasses.replace(stored, queue_position=None) == answer.job
+    entries = ledger.entries(db, acct.account_id)
+    assert [(e["kind"], e["job_id"]) for e in entries[1:]] == [("reserve", i) for i in ids]
+    assert jobs.count_active(db, acct.account_id) == 4
+    assert ledger.balance(db, acct.account_id) == 6 * price
+    if not db.is_sqlite:
+        # One transaction: every row was written by the same one (PostgreSQL's xmin).
+        with db.read() as conn:
+            writers = conn.execute(
+                text("SELECT count(DISTINCT xmin::text) FROM jobs WHERE id = ANY(:ids)"),
+                {"ids": ids},
+            ).scalar_one()
+        assert writers == 1
+
+
+@pytest.mark.parametrize("refusal", ["balance", "queue limit"])
+def test_submits_that_do_not_all_fit_get_each_the_answer_it_would_have_alone(
+    db: Database, refusal: str
+) -> None:
+    price = _req().price(PRESET)
+    credits = 3 * price if refusal == "balance" else 100 * price
+    acct = keys.create_account(db, "a", credits=credits)
+    max_queued = 3 if refusal == "queue limit" else 100
+    answers = _submit_many(db, acct.account_id, _new_jobs(5), max_queued=max_queued)
+    expected = InsufficientBalance if refusal == "balance" else QueueLimitReached
+    assert [type(a) for a in answers] == [Submitted] * 3 + [expected] * 2
+    assert [a.balance for a in answers[:3] if isinstance(a, Submitted)] == [
+        credits - price,
+        credits - 2 * price,
+        credits - 3 * price,
+    ]
+    kinds = [e["kind"] for e in ledger.entries(db, acct.account_id)]
+    assert kinds == ["grant"] + ["reserve"] * 3
+    assert _count(db, jobs_table) == 3
+    assert ledger.balance(db, acct.account_id) == credits - 3 * price

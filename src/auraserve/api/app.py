@@ -24,6 +24,7 @@ from auraserve.api.limits import Kind, LongLivedSlots, endpoint_is, hold_slot, m
 from auraserve.api.media_route import media_origins, serve_media
 from auraserve.api.openapi import media_responses, tidy_document
 from auraserve.api.ratelimit import RateLimiter
+from auraserve.api.submit_batching import SubmitBatcher
 from auraserve.errors import PayloadTooLarge
 from auraserve.runtime import Runtime
 from auraserve.webhooks.outbox import Dispatcher
@@ -175,6 +176,7 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     app.state.runtime = runtime
     errors.install(app, default=queue.QUEUE)
     app.state.long_lived = LongLivedSlots()
+    app.state.submit_batcher = SubmitBatcher(runtime)
     app.include_router(queue.router)
     app.include_router(
         request_routes.router,

@@ -2,7 +2,9 @@
 
 Order: idempotent replay (a retry costs nothing, not even rate budget) → requests-per-minute
 limit → the store's submit (`store.submissions.submit`: one transaction that takes the
-idempotency key, checks the jobs-in-flight limit, reserves credits and inserts the job).
+idempotency key, checks the jobs-in-flight limit, reserves credits and inserts the job;
+without a key, through the app's `SubmitBatcher`, which lets one transaction take several of
+an account's submits while the store is busy).
 Dialects only decide how the resulting job is shown.
 """
 
@@ -18,11 +20,13 @@ from auraserve.api import idempotency
 from auraserve.api.dialect import Dialect
 from auraserve.api.ratelimit import concurrency_refusal
 from auraserve.api.store_calls import call_store
+from auraserve.api.submit_batching import SubmitBatcher
 from auraserve.core.jobs import Job
 from auraserve.core.request import GenerationRequest
 from auraserve.errors import QueueLimitReached
 from auraserve.runtime import Runtime
 from auraserve.store import ledger, submissions
+from auraserve.store.jobs import NewJob
 from auraserve.store.keys import Account
 from auraserve.store.submissions import IdempotencyKey, ResponseBuilder
 
@@ -83,22 +87,32 @@ async def accept(
         if concurrent > 0:
             max_in_flight = min(max_in_flight, concurrent)
 
+    price = gen.price(settings.presets[gen.model])
+    webhook_url, webhook_mode = (webhook.url, webhook.mode) if webhook else (None, None)
     try:
-        submitted = await call_store(
-            runtime,
-            submissions.submit,
-            runtime.db,
-            account_id=account.id,
-            request=gen,
-            price=gen.price(settings.presets[gen.model]),
-            max_queued=max_in_flight,
-            max_attempts=settings.max_attempts,
-            webhook_url=webhook.url if webhook else None,
-            webhook_mode=webhook.mode if webhook else None,
-            idem=idem,
-            build_response=build_response,
-            response_status=202,
-        )
+        if idem is None:
+            submitted = await _batcher(request, runtime).submit(
+                account.id,
+                NewJob(gen, price, webhook_url, webhook_mode),
+                max_queued=max_in_flight,
+                max_attempts=settings.max_attempts,
+            )
+        else:
+            submitted = await call_store(
+                runtime,
+                submissions.submit,
+                runtime.db,
+                account_id=account.id,
+                request=gen,
+                price=price,
+                max_queued=max_in_flight,
+                max_attempts=settings.max_attempts,
+                webhook_url=webhook_url,
+                webhook_mode=webhook_mode,
+                idem=idem,
+                build_response=build_response,
+                response_status=202,
+            )
     except QueueLimitReached as exc:
         # The account's own concurrency cap, not the server's queue limit, stopped it: say so.
         if 0 < concurrent <= (account.max_queued or settings.max_queued_per_account):
@@ -107,6 +121,14 @@ async def accept(
     if submitted.replayed:  # a concurrent submit with the same key committed first
         return _accepted(submitted, {"Idempotent-Replayed": "true"})
     return _accepted(submitted, headers)
+
+
+def _batcher(request: Request, runtime: Runtime) -> SubmitBatcher:
+    """The app's submit batcher (made on first use by an app built without one)."""
+    batcher = getattr(request.app.state, "submit_batcher", None)
+    if not isinstance(batcher, SubmitBatcher) or batcher.runtime is not runtime:
+        batcher = request.app.state.submit_batcher = SubmitBatcher(runtime)
+    return batcher
 
 
 def _accepted(submitted: submissions.Submitted, headers: dict[str, str]) -> Accepted:

@@ -8,6 +8,11 @@ bus. SQLite has no NOTIFY: processes that share one SQLite file (`serve --api-pr
 join a datagram fan-out (`SqliteFanout`) that carries the same events between them. Waiters
 always re-read the store after waking and keep a short poll as a fallback, so a lost
 notification costs latency, never correctness.
+
+Caches of job rows (`store.job_reads`) subscribe to the bus's job events (`on_job_event`) and
+trust it only while it is `listening`: on PostgreSQL from the moment the listener's LISTEN is in
+place until its connection is lost. Every change of a job row emits a JOB or WORK event for
+that job in its transaction (`emit_in`, `emit_each_in` for many jobs).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +45,10 @@ CHANNEL = "auraserve"
 WORK = "work"  # a job became claimable
 JOB = "job"  # a job's status, progress or cancel flag changed
 
+JobChanged = Callable[[str | None], None]
+"""Told the id of a job that changed (a JOB or WORK event), or None when any job may have
+changed unheard (the bus started or stopped listening)."""
+
 
 class LocalBus:
     """In-process fan-out of events to threads (workers) and asyncio tasks (HTTP waiters)."""
@@ -53,6 +62,29 @@ class LocalBus:
         )
         # Where this process's committed events also go (SqliteFanout: the other processes).
         self.forward: Callable[[str, str], None] | None = None
+        # Replaced whole under _lock, read without it: deliver() runs on every event.
+        self._job_callbacks: tuple[JobChanged, ...] = ()
+        self._listening = False
+
+    def on_job_event(self, callback: JobChanged) -> None:
+        """Call `callback(job_id)` for every JOB and WORK event delivered here, and
+        `callback(None)` whenever `listening` changes. It runs on the delivering thread (a
+        writer after its commit, the listener thread): it must be quick and thread-safe."""
+        with self._lock:
+            self._job_callbacks = (*self._job_callbacks, callback)
+
+    @property
+    def listening(self) -> bool:
+        """True while every job change committed by any process reaches this bus (PostgreSQL:
+        the listener's LISTEN is in place). Never on SQLite: its fan-out drops datagrams."""
+        return self._listening
+
+    def set_listening(self, listening: bool) -> None:
+        """Set by the listener: True once LISTEN is in place, False when its connection is
+        lost. Either way subscribers hear `None`: after a loss, changes may go unheard; and
+        a read that began before LISTEN may have missed a change made before it."""
+        self._listening = listening
+        self._tell_job_callbacks(None)
 
     def publish(self, kind: str, job_id: str) -> None:
         """An event committed by this process: deliver it here, and forward it if joined."""
@@ -63,6 +95,9 @@ class LocalBus:
 
     def deliver(self, kind: str, job_id: str) -> None:
         """Wake this process's waiters only (events that came from another process)."""
+        if kind in (JOB, WORK):
+            # Before any waiter wakes: whatever it reads next must not come from a cache.
+            self._tell_job_callbacks(job_id)
         if kind == WORK:
             with self._work:
                 self._work_seq += 1
@@ -74,6 +109,13 @@ class LocalBus:
                 loop.call_soon_threadsafe(event.set)
             except RuntimeError:  # the loop closed while we held a reference
                 pass
+
+    def _tell_job_callbacks(self, job_id: str | None) -> None:
+        for callback in self._job_callbacks:
+            try:
+                callback(job_id)
+            except Exception:  # the commit is done: a failing subscriber must not undo it
+                log.exception("a job-event subscriber failed")
 
     def work_seq(self) -> int:
         with self._work:
@@ -113,19 +155,38 @@ def emit_in(conn: Connection, kind: str, job_id: str) -> None:
         conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": f"{kind}:{job_id}"})
 
 
+def emit_each_in(conn: Connection, kind: str, job_ids: Collection[str]) -> None:
+    """`emit_in` for each of `job_ids`, in one statement on PostgreSQL (bulk updates)."""
+    if not job_ids:
+        return
+    conn.info.setdefault("auraserve_events", []).extend((kind, job_id) for job_id in job_ids)
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p"),
+            {"c": CHANNEL, "ps": [f"{kind}:{job_id}" for job_id in job_ids]},
+        )
+
+
 def take_events(conn: Connection) -> list[tuple[str, str]]:
     events: list[tuple[str, str]] = conn.info.pop("auraserve_events", [])
     return events
 
 
 class PgListener:
-    """A thread that LISTENs on PostgreSQL and republishes notifications on the local bus."""
+    """A thread that LISTENs on PostgreSQL and republishes notifications on the local bus.
+
+    The bus is `listening` from the moment LISTEN is in place until the connection is lost or
+    the listener stops. A connection that dies silently (no reset reaches us) goes unnoticed
+    until TCP gives up; caches that trust `listening` bound that with their own TTL."""
 
     def __init__(self, dsn: str, bus: LocalBus) -> None:
         self._dsn = dsn
         self._bus = bus
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pg-listener", daemon=True)
+        # The server process of the current connection (None between connections): lets an
+        # operator, or a test, find it in pg_stat_activity.
+        self.backend_pid: int | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -135,21 +196,32 @@ class PgListener:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        import psycopg
-
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._dsn, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    # Anything may have happened while we were not listening.
-                    self._bus.wake_workers()
-                    while not self._stop.is_set():
-                        for note in conn.notifies(timeout=0.25, stop_after=100):
-                            kind, _, job_id = note.payload.partition(":")
-                            self._bus.deliver(kind, job_id)
+                self._listen()
             except Exception as exc:  # reconnect: the poll fallback covers the gap
                 log.warning("PostgreSQL listener lost its connection (%s); reconnecting", exc)
                 self._stop.wait(1.0)
+
+    def _listen(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self._dsn, autocommit=True) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            self.backend_pid = conn.info.backend_pid
+            try:
+                # From here on every commit that notifies reaches this bus.
+                self._bus.set_listening(True)
+                # Anything may have happened while we were not listening.
+                self._bus.wake_workers()
+                while not self._stop.is_set():
+                    for note in conn.notifies(timeout=0.25, stop_after=100):
+                        kind, _, job_id = note.payload.partition(":")
+                        self._bus.deliver(kind, job_id)
+            finally:
+                # Before anything else: from now on changes may go unheard.
+                self._bus.set_listening(False)
+                self.backend_pid = None
 
 
 # AF_UNIX socket paths are at most 107 bytes on Linux.

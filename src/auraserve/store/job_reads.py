@@ -19,6 +19,30 @@ return feed `Job.from_row` as SQLAlchemy's rows do, so a job read here equals th
   for the pool (whose reconnection backs off for seconds) and try one fresh connection each,
   so they answer 503 at once; when a fresh connection works where the pool gave none, the
   pool is replaced, so reads are served again the moment the database is.
+
+PostgreSQL job rows are also cached per process (`JobRowCache`, a few seconds, 10,000 rows),
+so a poll of a job that did not change costs no round trip. The rules that keep it correct:
+
+1. Every change of a job row emits a JOB or WORK event for that job in its transaction
+   (`store.events.emit_in`; `emit_each_in` for bulk updates such as retention). The bus hands
+   each one to the cache (`LocalBus.on_job_event`), which drops the job's row: this process's
+   own commits right after they commit, other processes' when their NOTIFY arrives.
+2. A row read from the database is cached only if no job event at all (and no change of the
+   listening state) arrived while it was read: the cache's invalidation counter is taken
+   before the read and compared, under the cache's lock, when the row is put. A row read
+   before a change whose event came during the read is thus never cached after that event.
+3. The cache is used only while the bus is `listening` (the process's PgListener has its
+   LISTEN in place). When the listener's connection is lost the cache is emptied and stops
+   serving until LISTEN is in place again (whose start empties it once more: a read begun
+   before it may have missed a change). A `Database` without a listener (CLI commands) never
+   caches, nor does a reader made without a bus.
+4. The queue position is not cached with the row: it comes from `Database.positions` (or a
+   count) at each read, as without the cache, so it may be POSITION_TTL old, as before.
+
+A change made by another process is thus seen once its notification arrives (about a
+millisecond); `PG_ROW_CACHE_TTL` bounds what no event announces (a connection that died
+without a reset, a row changed by hand). Only found rows are cached, and a cached row answers
+only the account that owns it (`account_id` never changes); anything else reads the database.
 """
 
 from __future__ import annotations
@@ -34,6 +58,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 import psycopg
+from cachetools import TTLCache
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import Select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -45,6 +70,7 @@ from auraserve.errors import StoreUnavailable
 from auraserve.observability.logs import describe
 from auraserve.store.cache import TtlCache
 from auraserve.store.db import Database, is_unavailable
+from auraserve.store.events import LocalBus
 from auraserve.store.jobs import _SELECT_TENANT_JOB, COUNT_AHEAD, QUEUED, count_ahead_params
 
 log = logging.getLogger(__name__)
@@ -66,6 +92,10 @@ PG_CONNECT_TIMEOUT = 2  # libpq counts whole seconds (and treats 1 as 2)
 # While reads find the database unreachable, they wait this long for a pooled connection (one
 # may still be alive, e.g. when only new connections are refused) before a fresh attempt.
 PG_DOWN_CHECKOUT_TIMEOUT = 0.1
+# The per-process cache of job rows (see the module docstring): events keep it fresh; the TTL
+# only bounds what no event announces.
+PG_ROW_CACHE_TTL = 2.0
+PG_ROW_CACHE_MAX = 10_000
 # A WAL reader is almost never blocked; this bounds the rare wait (WAL recovery after a crash)
 # that would otherwise hold the event loop.
 SQLITE_BUSY_TIMEOUT = 5.0
@@ -137,7 +167,7 @@ def open_job_reader(db: Database) -> JobReader:
     if db.is_sqlite:
         url = make_url(db.url)
         return SqliteJobReader(url.database or "", db.positions, uri=url.query.get("uri") == "true")
-    return PgJobReader(db.url, db.positions)
+    return PgJobReader(db.url, db.positions, bus=db.bus)
 
 
 # --- SQLite ------------------------------------------------------------------------------------
@@ -211,6 +241,65 @@ class SqliteJobReader(JobReader):
 PgConnection = psycopg.AsyncConnection[Any]
 
 
+class JobRowCache:
+    """Job rows by job id, trusted only while `bus` is listening; see the module docstring.
+
+    Thread-safe: reads happen on the event loop, invalidations on whichever thread delivers
+    an event (a writer after its commit, the listener thread)."""
+
+    def __init__(
+        self, bus: LocalBus, *, ttl: float = PG_ROW_CACHE_TTL, maxsize: int = PG_ROW_CACHE_MAX
+    ) -> None:
+        self._bus = bus
+        self._rows: TTLCache[str, Any] = TTLCache(maxsize=maxsize, ttl=ttl)
+        self._lock = threading.Lock()
+        # Counts invalidations: a read may cache its row only if none happened meanwhile.
+        self._seq = 0
+        bus.on_job_event(self.invalidate)
+
+    @property
+    def seq(self) -> int:
+        """Take before reading the database; pass to `put`."""
+        return self._seq
+
+    def get(self, job_id: str, account_id: str) -> Any | None:
+        """The row of `job_id` if cached and it belongs to `account_id`, else None."""
+        if not self._bus.listening:
+            return None
+        with self._lock:
+            row = self._rows.get(job_id)
+        if row is None or row.account_id != account_id:
+            return None
+        return row
+
+    def put(self, row: Any, seq: int) -> bool:
+        """Cache `row` if no invalidation came since `seq` was taken and the bus listens;
+        returns whether it did."""
+        with self._lock:
+            if seq != self._seq or not self._bus.listening:
+                return False
+            self._rows[row.id] = row
+            return True
+
+    def invalidate(self, job_id: str | None) -> None:
+        """Forget `job_id`'s row (every row for None), and refuse rows read meanwhile."""
+        with self._lock:
+            self._seq += 1
+            if job_id is None:
+                self._rows.clear()
+            else:
+                self._rows.pop(job_id, None)
+
+    def __contains__(self, job_id: object) -> bool:
+        with self._lock:
+            return job_id in self._rows
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._rows.expire()
+            return len(self._rows)
+
+
 class PgJobReader(JobReader):
     _SELECT = _Compiled(_SELECT_TENANT_JOB, _PSYCOPG)
     _COUNT = _Compiled(COUNT_AHEAD, _PSYCOPG)
@@ -220,13 +309,17 @@ class PgJobReader(JobReader):
         url: str,
         positions: TtlCache[str, int],
         *,
+        bus: LocalBus | None = None,
         max_size: int = PG_POOL_MAX,
         checkout_timeout: float = PG_CHECKOUT_TIMEOUT,
+        row_cache_ttl: float = PG_ROW_CACHE_TTL,
     ) -> None:
         super().__init__(positions)
         self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(False)
         self.max_size = max_size
         self.checkout_timeout = checkout_timeout
+        # Rows are cached only where the bus hears every change (see the module docstring).
+        self.rows = JobRowCache(bus, ttl=row_cache_ttl) if bus is not None else None
         self._pool: AsyncConnectionPool[PgConnection] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -234,26 +327,53 @@ class PgJobReader(JobReader):
         self.down_since: float | None = None
 
     async def get(self, job_id: str, *, account_id: str) -> Job | None:
-        async def lookup(conn: PgConnection) -> Job | None:
-            return await self._lookup(conn, job_id, account_id)
+        rows = self.rows
+        if rows is None:
+            found = await self._read(lambda conn: self._lookup(conn, job_id, account_id))
+        else:
+            row = rows.get(job_id, account_id)
+            if row is not None:
+                return await self._job_of(row)
+            seq = rows.seq  # before the read: an event during it keeps its row out
+            found = await self._read(lambda conn: self._lookup(conn, job_id, account_id))
+            if found is not None:
+                rows.put(found[0], seq)
+        if found is None:
+            return None
+        row, position = found
+        return Job.from_row(row, queue_position=position)
 
-        return await self._read(lookup)
-
-    async def _lookup(self, conn: PgConnection, job_id: str, account_id: str) -> Job | None:
+    async def _lookup(
+        self, conn: PgConnection, job_id: str, account_id: str
+    ) -> tuple[Any, int | None] | None:
+        """The job's row and, when QUEUED, its queue position."""
         cursor = await conn.execute(self._SELECT.sql, {"job_id": job_id, "acct": account_id})
         found = await cursor.fetchone()
         if found is None:
             return None
         row = self._SELECT.row(cursor, found)
+        return row, await self._position(conn, row)
+
+    async def _position(self, conn: PgConnection, row: Any) -> int | None:
+        if row.status != QUEUED:
+            return None
+        position = self.positions.get(row.id)
+        if position is None:
+            cursor = await conn.execute(
+                self._COUNT.sql, self._COUNT.params(**count_ahead_params(row))
+            )
+            position = _count_of(await cursor.fetchone())
+            self.positions.put(row.id, position)
+        return position
+
+    async def _job_of(self, row: Any) -> Job:
+        """The job of a cached row: its queue position as an uncached read gets it (the
+        shared position cache, else a count on a connection)."""
         position = None
         if row.status == QUEUED:
             position = self.positions.get(row.id)
             if position is None:
-                cursor = await conn.execute(
-                    self._COUNT.sql, self._COUNT.params(**count_ahead_params(row))
-                )
-                position = _count_of(await cursor.fetchone())
-                self.positions.put(row.id, position)
+                position = await self._read(lambda conn: self._position(conn, row))
         return Job.from_row(row, queue_position=position)
 
     async def _read(self, work: Callable[[PgConnection], Awaitable[T]]) -> T:
@@ -365,6 +485,8 @@ class PgJobReader(JobReader):
         # From synchronous code (Runtime.close): the pool's loop is normally gone by now, its
         # connections closed by the API's lifespan (aclose).
         self._discard_pool()
+        if self.rows is not None:
+            self.rows.invalidate(None)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -23,7 +23,7 @@ from auraserve.core.request import GenerationRequest
 from auraserve.store import ledger
 from auraserve.store import media as media_rows
 from auraserve.store.db import Database, database_of
-from auraserve.store.events import JOB, WORK, emit_in
+from auraserve.store.events import JOB, WORK, emit_each_in, emit_in
 from auraserve.store.schema import accounts, jobs
 
 QUEUED = JobStatus.QUEUED.value
@@ -43,11 +43,12 @@ _RELEASE_SLOT = (
 )
 
 
-def _transitioned_in(conn: Connection, row: Any, *, event: str = JOB) -> Job:
+def _transitioned_in(conn: Connection, row: Any, *, event: str | None = JOB) -> Job:
     """Every status change goes through here, in its transaction: the account's active-job
     counter, the wake-up event and the database's transition hooks (webhook outbox) stay in
     step. A job that became claimable passes `event=WORK`: that one event wakes the workers
-    and, like JOB, whoever watches the job (one NOTIFY on PostgreSQL instead of two)."""
+    and, like JOB, whoever watches the job (one NOTIFY on PostgreSQL instead of two). `None`:
+    the caller emits the events itself (several jobs' in one statement)."""
     job = Job.from_row(row)
     # Callers only pass rows that just changed status (their UPDATEs are fenced on the old
     # status), so a terminal row here is always a new arrival in a terminal state: settle its
@@ -58,7 +59,8 @@ def _transitioned_in(conn: Connection, row: Any, *, event: str = JOB) -> Job:
         else:
             ledger.release_in(conn, job.account_id, job.id, job.price)
         conn.execute(_RELEASE_SLOT, {"acct": job.account_id})
-    emit_in(conn, event, job.id)
+    if event is not None:
+        emit_in(conn, event, job.id)
     for hook in database_of(conn).transition_hooks:
         hook(conn, job)
     return job
@@ -86,32 +88,83 @@ def submit_in(
     the last statement: see `ledger.reserve_in`), in `conn`'s transaction. Raises
     QueueLimitReached or InsufficientBalance; the transaction then rolls back, so nothing is
     written (its events and hook rows go with it)."""
-    job_id = uuid7()
-    now = time.time()
-    values: dict[str, Any] = {
-        "id": job_id,
+    new = NewJob(request, price, webhook_url, webhook_mode)
+    values = _job_values(account_id, new, max_attempts, priority, time.time())
+    conn.execute(_INSERT_JOB, values)
+    job = _transitioned_in(conn, SimpleNamespace(**{**_NEW_JOB_NULLS, **values}), event=WORK)
+    balance = ledger.reserve_in(conn, account_id, job.id, price, max_active=max_queued)
+    return Submission(job, balance)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What one submit asks for, as `submit_many_in` takes it."""
+
+    request: GenerationRequest
+    price: int
+    webhook_url: str | None = None
+    webhook_mode: str | None = None
+
+
+def submit_many_in(
+    conn: Connection,
+    *,
+    account_id: str,
+    new_jobs: list[NewJob],
+    max_queued: int,
+    max_attempts: int,
+    priority: int = 0,
+) -> list[Submission]:
+    """Several submits of one account in `conn`'s transaction, answered as if made one after
+    another in this order: the jobs and their reservations inserted in one statement each, then
+    one guarded UPDATE takes all their queue slots and credits, the last statement as in
+    `submit_in`. One lock of the account row per batch instead of one per job: that row is
+    what a busy account's submits queue on. All or nothing: raises QueueLimitReached or
+    InsufficientBalance when they do not all fit (some may: `store.submissions` then submits
+    them one by one)."""
+    rows = [_job_values(account_id, new, max_attempts, priority, time.time()) for new in new_jobs]
+    conn.execute(_INSERT_JOB, rows)
+    made = [
+        _transitioned_in(conn, SimpleNamespace(**{**_NEW_JOB_NULLS, **values}), event=None)
+        for values in rows
+    ]
+    emit_each_in(conn, WORK, [job.id for job in made])
+    balance = ledger.reserve_many_in(
+        conn, account_id, [(job.id, job.price) for job in made], max_active=max_queued
+    )
+    # Each submit's balance as it would have been right after it alone: the later ones' credits
+    # were still there.
+    submissions: list[Submission] = []
+    for job in reversed(made):
+        submissions.append(Submission(job, balance))
+        balance += job.price
+    return submissions[::-1]
+
+
+def _job_values(
+    account_id: str, new: NewJob, max_attempts: int, priority: int, now: float
+) -> dict[str, Any]:
+    """A new job's row: QUEUED, nothing tried yet."""
+    return {
+        "id": uuid7(),
         "account_id": account_id,
-        "model_id": request.model,
+        "model_id": new.request.model,
         "status": QUEUED,
         "priority": priority,
-        "params": request.model_dump_json(),
-        "batch_key": request.batch_key,
-        "num_images": request.num_images,
-        "price": price,
+        "params": new.request.model_dump_json(),
+        "batch_key": new.request.batch_key,
+        "num_images": new.request.num_images,
+        "price": new.price,
         "attempts": 0,
         "max_attempts": max_attempts,
         "progress_step": 0,
-        "progress_total": request.steps,
+        "progress_total": new.request.steps,
         "cancel_requested": False,
-        "webhook_url": webhook_url,
-        "webhook_mode": webhook_mode,
+        "webhook_url": new.webhook_url,
+        "webhook_mode": new.webhook_mode,
         "created_at": now,
         "updated_at": now,
     }
-    conn.execute(_INSERT_JOB, values)
-    job = _transitioned_in(conn, SimpleNamespace(**{**_NEW_JOB_NULLS, **values}), event=WORK)
-    balance = ledger.reserve_in(conn, account_id, job_id, price, max_active=max_queued)
-    return Submission(job, balance)
 
 
 def submit(db: Database, **kwargs: Any) -> Submission:
@@ -224,9 +277,9 @@ def report_progress(
             .values(**values)
             .returning(jobs.c.id, jobs.c.cancel_requested)
         ).all()
-        for r in rows:
-            if step is not None:
-                emit_in(conn, JOB, r.id)
+        # A heartbeat too: it moves `updated_at` (and may add a log line), which the status
+        # shows, and API processes' row caches must hear of every change (store.job_reads).
+        emit_each_in(conn, JOB, [r.id for r in rows])
     return {r.id for r in rows}, {r.id for r in rows if r.cancel_requested}
 
 

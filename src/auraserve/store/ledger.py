@@ -11,6 +11,7 @@ row, so concurrent submits can never take it below zero.
 from __future__ import annotations
 
 import time
+from typing import NoReturn
 
 from sqlalchemy import Connection, Select, bindparam, insert, select, update
 
@@ -51,11 +52,11 @@ _RESERVE = (
     .where(
         accounts.c.id == bindparam("acct"),
         accounts.c.balance >= bindparam("amount"),
-        accounts.c.active_jobs < bindparam("max_active"),
+        accounts.c.active_jobs + bindparam("count") <= bindparam("max_active"),
     )
     .values(
         balance=accounts.c.balance - bindparam("amount"),
-        active_jobs=accounts.c.active_jobs + 1,
+        active_jobs=accounts.c.active_jobs + bindparam("count"),
     )
     .returning(accounts.c.balance)
 )
@@ -105,7 +106,7 @@ def reserve_in(
     transaction ends, and every other submit of the account waits for that lock (PostgreSQL),
     so each round trip made after it would be one that all of them wait for."""
     entry = _entry(account_id, job_id, "reserve", amount, -amount)
-    guard = {"acct": account_id, "amount": amount, "max_active": max_active}
+    guard = {"acct": account_id, "amount": amount, "count": 1, "max_active": max_active}
     if conn.dialect.name == "postgresql":
         row = conn.execute(
             _RESERVE_AND_RECORD, {**guard, **{f"entry_{k}": v for k, v in entry.items()}}
@@ -114,14 +115,37 @@ def reserve_in(
         conn.execute(_INSERT_ENTRY, entry)
         row = conn.execute(_RESERVE, guard).first()
     if row is None:
-        state = conn.execute(_ACCOUNT_STATE, {"acct": account_id}).first()
-        if state is not None and state.active_jobs >= max_active:
-            raise QueueLimitReached(
-                f"Too many requests in flight for this account ({state.active_jobs}, limit "
-                f"{max_active}); wait for some to finish"
-            )
-        raise InsufficientBalance()
+        _refuse(conn, account_id, 1, max_active)
     return int(row.balance)
+
+
+def reserve_many_in(
+    conn: Connection, account_id: str, reservations: list[tuple[str, int]], *, max_active: int
+) -> int:
+    """`reserve_in` for several jobs at once, `(job_id, amount)` each: one entry per job and
+    one guarded UPDATE for all of them, which must all fit (else it raises as `reserve_in`
+    does, and the caller rolls back). Returns the balance left after the last."""
+    entries = [
+        _entry(account_id, job_id, "reserve", amount, -amount) for job_id, amount in reservations
+    ]
+    conn.execute(_INSERT_ENTRY, entries)
+    total = sum(amount for _, amount in reservations)
+    guard = {"acct": account_id, "amount": total, "count": len(reservations)}
+    row = conn.execute(_RESERVE, {**guard, "max_active": max_active}).first()
+    if row is None:
+        _refuse(conn, account_id, len(reservations), max_active)
+    return int(row.balance)
+
+
+def _refuse(conn: Connection, account_id: str, count: int, max_active: int) -> NoReturn:
+    """Why a guarded reservation of `count` slots took nothing: the queue limit or the money."""
+    state = conn.execute(_ACCOUNT_STATE, {"acct": account_id}).first()
+    if state is not None and state.active_jobs + count > max_active:
+        raise QueueLimitReached(
+            f"Too many requests in flight for this account ({state.active_jobs}, limit "
+            f"{max_active}); wait for some to finish"
+        )
+    raise InsufficientBalance()
 
 
 def capture_in(conn: Connection, account_id: str, job_id: str, amount: int) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, delete, insert, select, update
 
 from auraserve.store.db import Database
+from auraserve.store.events import JOB, emit_each_in
 from auraserve.store.schema import jobs, media_objects
 
 _M = media_objects.c
@@ -60,7 +61,9 @@ def expire_older_than(
     outputs expired (`output.expired_at`, `output.retention_seconds`), in one transaction.
 
     Concurrent callers (several replicas) never both expire one job: the DELETE decides, and
-    only the jobs whose rows this call deleted are marked and returned."""
+    only the jobs whose rows this call deleted are marked and returned. Each marked job emits a
+    JOB event (one NOTIFY statement for all), so no process serves its old output from a cache
+    (`store.job_reads`)."""
     with db.write() as conn:
         job_ids = list(
             conn.scalars(select(_M.job_id).where(_M.created_at < cutoff).distinct().limit(limit))
@@ -83,4 +86,5 @@ def expire_older_than(
                 .where(jobs.c.id == row.id)
                 .values(output=json.dumps(output), updated_at=now)
             )
+        emit_each_in(conn, JOB, [row.id for row in outputs])
     return Expired(won, [r.name for r in deleted])

@@ -19,7 +19,12 @@ from sqlalchemy.exc import IntegrityError
 
 from auraserve.core.jobs import Job
 from auraserve.core.request import GenerationRequest
-from auraserve.errors import IdempotencyKeyReused, RequestNotFound
+from auraserve.errors import (
+    IdempotencyKeyReused,
+    InsufficientBalance,
+    QueueLimitReached,
+    RequestNotFound,
+)
 from auraserve.store import idempotency, jobs, ledger
 from auraserve.store.db import Database
 
@@ -124,3 +129,53 @@ def submit(
         return first
     body = build_response(submission.job) if build_response else None
     return Submitted(submission.job, submission.balance, False, body)
+
+
+Refusal = QueueLimitReached | InsufficientBalance
+
+
+def submit_many(
+    db: Database,
+    *,
+    account_id: str,
+    new_jobs: list[jobs.NewJob],
+    max_queued: int,
+    max_attempts: int,
+) -> list[Submitted | Refusal]:
+    """Submits of one account without idempotency keys, each answered as if it had run alone
+    in this order: a refused one gets its error in its place in the list. When they all fit,
+    one transaction takes them all (`jobs.submit_many_in`); when they do not, that rolls back
+    and they go one by one, so each gets exactly the answer it would have had. A store that
+    cannot be reached raises for all of them (nothing of theirs was written)."""
+    if len(new_jobs) > 1:
+        try:
+            with db.write() as conn:
+                made = jobs.submit_many_in(
+                    conn,
+                    account_id=account_id,
+                    new_jobs=new_jobs,
+                    max_queued=max_queued,
+                    max_attempts=max_attempts,
+                )
+        except (QueueLimitReached, InsufficientBalance):
+            pass  # not all of them fit; some may
+        else:
+            return [Submitted(m.job, m.balance, False) for m in made]
+    answers: list[Submitted | Refusal] = []
+    for new in new_jobs:
+        try:
+            answers.append(
+                submit(
+                    db,
+                    account_id=account_id,
+                    request=new.request,
+                    price=new.price,
+                    max_queued=max_queued,
+                    max_attempts=max_attempts,
+                    webhook_url=new.webhook_url,
+                    webhook_mode=new.webhook_mode,
+                )
+            )
+        except (QueueLimitReached, InsufficientBalance) as refusal:
+            answers.append(refusal)
+    return answers
