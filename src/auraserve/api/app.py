@@ -20,6 +20,7 @@ from auraserve import __version__
 from auraserve.api import account_routes, errors, operations, request_routes
 from auraserve.api.dialect import Dialect
 from auraserve.api.dialects import openai, queue, sync
+from auraserve.api.fast_status import FastStatus
 from auraserve.api.limits import Kind, LongLivedSlots, endpoint_is, hold_slot, method_is
 from auraserve.api.media_route import media_origins, serve_media
 from auraserve.api.openapi import media_responses, tidy_document
@@ -174,6 +175,9 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         redoc_url=None,
     )
     app.state.runtime = runtime
+    # Innermost of the app's middlewares: the status poll's fast path stands in front of the
+    # router only, so the error handler, body limit, request id and metrics still apply.
+    app.add_middleware(FastStatus, runtime=runtime, routes=queue.router.routes)
     errors.install(app, default=queue.QUEUE)
     app.state.long_lived = LongLivedSlots()
     app.state.submit_batcher = SubmitBatcher(runtime)
