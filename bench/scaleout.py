@@ -4,7 +4,9 @@ A real server runs as its own process tree (tiny model); load comes from other p
 loopback. Measured per backend:
 
 - status polls/s with p50/p99 and submits/s, against an API-only server (`--workers 0`: on a
-  2-core machine a CPU "GPU" worker would take the cores the API is measured on);
+  2-core machine a CPU "GPU" worker would take the cores the API is measured on), and
+  `GET /healthz`/s beside them: the framework's floor, which shows how fast the machine is
+  at that moment (this VM's speed drifts);
 - the wake-up latencies, against a server with its in-process worker (which runs in the
   supervisor, the API children being other processes): submit -> claim on an idle worker
   (`started_at - created_at`) and completion -> sync response (the client's clock at the last
@@ -342,7 +344,29 @@ def throughput(
             ),
         )
         polls.append({**result, "server_cpu": cpu})
-    return {"submit": submits, "poll": polls, "poll_queue_position": polled.get("queue_position")}
+    # The framework's floor on this machine right now: the cheapest route. This VM's speed
+    # drifts by up to ~1.8x over a day, so every rate above is read beside this one.
+    floor = []
+    for c in connections:
+        result, cpu = cpu_during(
+            server,
+            lambda c=c: load(
+                client,
+                f"{server.url}/healthz",
+                connections=c,
+                duration=duration,
+                method="GET",
+                headers={},
+                body=None,
+            ),
+        )
+        floor.append({**result, "server_cpu": cpu})
+    return {
+        "submit": submits,
+        "poll": polls,
+        "healthz": floor,
+        "poll_queue_position": polled.get("queue_position"),
+    }
 
 
 def _job_times(database_url: str, job_ids: list[str]) -> dict[str, tuple[float, float, float]]:
@@ -445,7 +469,7 @@ def table(results: list[dict[str, Any]]) -> str:
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
-        for phase in ("submit", "poll"):
+        for phase in ("submit", "poll", "healthz"):
             for row in r.get("throughput", {}).get(phase, []):
                 cpu = " + ".join(f"{v:.2f}" for v in row["server_cpu"].values())
                 lines.append(

@@ -45,3 +45,18 @@ def test_threads_can_share_it() -> None:
     for t in threads:
         t.join()
     assert errors == [] and len(cache) == 100
+
+
+def test_a_grace_keeps_an_expired_entry_for_get_stale_only() -> None:
+    cache: TtlCache[str, int] = TtlCache(ttl=0.2, maxsize=10, grace=0.5)
+    cache.put("a", 1)
+    time.sleep(0.25)
+    assert cache.get("a") is None and len(cache) == 0  # no longer fresh
+    assert cache.get_stale("a") == 1  # but kept to answer with while it is renewed
+    cache.put("a", 2)
+    assert cache.get("a") == 2
+    cache.discard("a")
+    assert cache.get_stale("a") is None
+    cache.put("b", 3)
+    time.sleep(0.75)
+    assert cache.get_stale("b") is None  # past the grace too

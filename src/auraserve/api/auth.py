@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from auraserve.api.store_calls import call_store
+from auraserve.api.store_calls import refreshed
 from auraserve.errors import Forbidden, Unauthorized
 from auraserve.runtime import Runtime
 from auraserve.store import keys
@@ -35,15 +35,28 @@ async def current_account(request: Request) -> Account:
             "Authorization: Bearer"
         )
     runtime: Runtime = request.app.state.runtime
-    # A key verified a moment ago is answered here, on the event loop: on PostgreSQL that
-    # saves a thread-pool hand-off on every poll.
-    account = keys.cached_account(runtime.db, raw) or await call_store(
-        runtime, keys.authenticate, runtime.db, raw
-    )
+    account = await account_for_key(runtime, raw)
     if account is None:
         raise Unauthorized("Invalid or revoked API key")
     request.state.account = account
     return account
+
+
+async def account_for_key(runtime: Runtime, raw: str, *, wait: bool = True) -> Account | None:
+    """The account of a presented key. A key verified a moment ago is answered on the event
+    loop (on PostgreSQL that saves a thread-pool hand-off per poll); one verified a little
+    longer ago is too, while one lookup renews it (`store_calls.refreshed`). `wait=False`:
+    None rather than waiting for the store (a key this process has not seen lately)."""
+    db = runtime.db
+    if not wait and keys.stale_account(db, raw) is None:
+        return None
+    return await refreshed(
+        runtime,
+        ("key", raw),
+        fresh=lambda: keys.cached_account(db, raw),
+        stale=lambda: keys.stale_account(db, raw),
+        fetch=lambda: keys.authenticate(db, raw),
+    )
 
 
 def require_admin(account: Account) -> None:

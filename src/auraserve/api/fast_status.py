@@ -4,12 +4,12 @@ FastAPI's routing and dependency injection when nothing about the request is unu
 Polls are the service's hottest request (clients poll every job until it ends), and at
 thousands a second FastAPI's own work per request (matching, dependency solving, its exception
 and exit-stack middlewares) cost more than finding the job (bench/scaleout.py: the cached poll
-ran no faster than `/healthz`). This pure-ASGI layer, inside the app's own middlewares (request
-id, metrics, error handler, body limit), answers the common case itself: a key this process
-verified a moment ago (`keys.cached_account`), no query string, and a job of that account
-without a webhook. It builds the answer with the route's own functions
-(`results.load_job_fast`, `results.plain_status`) and response class, so it is the route's
-answer, byte for byte (tests/api/test_fast_status.py compares them).
+ran no faster than `/healthz`). This pure-ASGI layer, inside the app's own middlewares
+(request id, metrics, error handler, body limit), answers the common case itself: a key this
+process verified lately (`auth.account_for_key`, without waiting for the store), no query
+string, and a job of that account without a webhook. It builds the answer with the route's
+own functions (`results.load_job_fast`, `results.status_of`) and response class, so it is the
+route's answer, byte for byte (tests/api/test_fast_status.py compares them).
 
 Anything else goes to the FastAPI route untouched, which answers as it always did: no key or
 an uncached one, an unknown id or another account's (404), a job with a webhook (its body is
@@ -27,10 +27,9 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from auraserve.api import results
-from auraserve.api.auth import presented_key
+from auraserve.api.auth import account_for_key, presented_key
 from auraserve.errors import AuraserveError
 from auraserve.runtime import Runtime
-from auraserve.store import keys
 
 __all__ = ["PATH_PREFIX", "FastStatus"]
 
@@ -66,7 +65,7 @@ class FastStatus:
     async def _answer(self, scope: Scope, request_id: str) -> JSONResponse | None:
         """The route's response when this is the common case, else None (the route answers)."""
         raw = presented_key(Request(scope))
-        account = keys.cached_account(self.runtime.db, raw) if raw else None
+        account = await account_for_key(self.runtime, raw, wait=False) if raw else None
         if account is None:
             return None
         try:
@@ -75,4 +74,4 @@ class FastStatus:
             return None
         if job.webhook_url is not None:
             return None
-        return JSONResponse(results.plain_status(self.runtime, job))
+        return JSONResponse(await results.status_of(self.runtime, job))

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import Request
 
-from auraserve.api.store_calls import call_store
+from auraserve.api.store_calls import call_store, refreshed
 from auraserve.core.jobs import Job, JobStatus, split_request_id
 from auraserve.core.status import status_body
 from auraserve.errors import (
@@ -60,17 +60,39 @@ def _found(job: Job | None, parts: tuple[str, str] | None, request_id: str) -> J
 
 def plain_status(runtime: Runtime, job: Job) -> dict[str, Any]:
     """The status object (core.status.status_body), plus a `note` on a queued job whose model
-    no live worker serves: it waits until one starts, and the client should know. The lookup
-    is cached per process for about a second (store.workers.live_models), so on a hit this
-    costs no store call and may run on the event loop."""
-    body = status_body(job, runtime.media.url)
+    no live worker serves: it waits until one starts, and the client should know. Blocking
+    on a miss of the live-models cache (store.workers.live_models, about a second): async
+    code calls `status_of` instead."""
+    served = None
     if job.status == JobStatus.QUEUED:
         served = workers.live_models(runtime.db, runtime.settings.worker_stale_seconds)
-        if job.model_id not in served:
-            body["note"] = (
-                f"no live worker serves model {job.model_id} right now; the request waits "
-                "in the queue until one starts"
-            )
+    return _status_body(runtime, job, served)
+
+
+async def status_of(runtime: Runtime, job: Job) -> dict[str, Any]:
+    """`plain_status` for async code: the live models come from the cache, renewed off the
+    event loop (`store_calls.refreshed`), where one blocking read every second held every poll
+    in flight behind it (the p99 of bench/scaleout.py's polls)."""
+    served = None
+    if job.status == JobStatus.QUEUED:
+        db, stale_after = runtime.db, runtime.settings.worker_stale_seconds
+        served = await refreshed(
+            runtime,
+            ("live models", stale_after),
+            fresh=lambda: workers.cached_live_models(db, stale_after),
+            stale=lambda: workers.cached_live_models(db, stale_after, stale_ok=True),
+            fetch=lambda: workers.live_models(db, stale_after),
+        )
+    return _status_body(runtime, job, served)
+
+
+def _status_body(runtime: Runtime, job: Job, served: frozenset[str] | None) -> dict[str, Any]:
+    body = status_body(job, runtime.media.url)
+    if served is not None and job.model_id not in served:
+        body["note"] = (
+            f"no live worker serves model {job.model_id} right now; the request waits "
+            "in the queue until one starts"
+        )
     return body
 
 

@@ -11,8 +11,11 @@ writes are single short transactions, so that wait is short.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+import asyncio
+import functools
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any, ParamSpec, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
@@ -26,3 +29,47 @@ async def call_store(runtime: Runtime, fn: Callable[P, T], *args: P.args, **kwar
     if runtime.db.is_sqlite:
         return fn(*args, **kwargs)
     return await run_in_threadpool(fn, *args, **kwargs)
+
+
+# Per event loop: the renewals in flight, by what they renew.
+_renewing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]]
+_renewing = weakref.WeakKeyDictionary()
+
+
+async def refreshed(
+    runtime: Runtime,
+    key: Hashable,
+    *,
+    fresh: Callable[[], T | None],
+    stale: Callable[[], T | None],
+    fetch: Callable[[], T],
+) -> T:
+    """A value the store's caches hold: `fresh()` when it has one; else `fetch()` renews it
+    (once per `key` at a time, however many requests ask meanwhile) and `stale()` answers
+    now if it can (stale-while-revalidate), or the caller waits for the renewal.
+
+    Why: every such cache entry expires every second or two, and the requests that then found
+    it empty each went to the store (a thread hop on PostgreSQL, each waiting on the GIL's
+    switch interval behind a busy event loop): tens of polls per expiry, 50-250 ms each, were
+    the p99 of bench/scaleout.py's polls."""
+    value = fresh()
+    if value is not None:
+        return value
+    loop = asyncio.get_running_loop()
+    pending = _renewing.setdefault(loop, {})
+    renewal = pending.get(key)
+    if renewal is None:
+        renewal = asyncio.ensure_future(call_store(runtime, fetch))
+        pending[key] = renewal
+        renewal.add_done_callback(functools.partial(_renewed, pending, key))
+    value = stale()
+    if value is not None:
+        return value
+    return await asyncio.shield(renewal)
+
+
+def _renewed(pending: dict[Hashable, asyncio.Future[Any]], key: Hashable, renewal: Any) -> None:
+    if pending.get(key) is renewal:
+        del pending[key]
+    if not renewal.cancelled():
+        renewal.exception()  # whoever awaited it has it; a renewal nobody awaited may fail quietly

@@ -8,6 +8,7 @@ when full); it is not thread-safe, and the API's thread pool and the worker thre
 from __future__ import annotations
 
 import threading
+import time
 from typing import Generic, TypeVar
 
 from cachetools import TTLCache
@@ -17,20 +18,39 @@ V = TypeVar("V")
 
 
 class TtlCache(Generic[K, V]):
-    """At most `maxsize` entries, each forgotten `ttl` seconds (monotonic) after it was put."""
+    """At most `maxsize` entries, each forgotten `ttl` seconds (monotonic) after it was put.
 
-    def __init__(self, *, ttl: float, maxsize: int) -> None:
+    With a `grace`, an entry past its `ttl` is kept that much longer for `get_stale`: async
+    callers answer with it while one fetch renews it (stale-while-revalidate), so nobody waits
+    for the store each time an entry expires; `get` never returns it."""
+
+    def __init__(self, *, ttl: float, maxsize: int, grace: float = 0.0) -> None:
         self.ttl = ttl
-        self._entries: TTLCache[K, V] = TTLCache(maxsize=maxsize, ttl=ttl)
+        # Each value with the monotonic time it stops being fresh.
+        self._entries: TTLCache[K, tuple[V, float]] = TTLCache(maxsize=maxsize, ttl=ttl + grace)
         self._lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
         with self._lock:
-            return self._entries.get(key)
+            found = self._entries.get(key)
+        if found is None or time.monotonic() >= found[1]:
+            return None
+        return found[0]
+
+    def get_stale(self, key: K) -> V | None:
+        """The entry's value even past its `ttl` (within the grace): to answer with while a
+        fresh one is fetched."""
+        with self._lock:
+            found = self._entries.get(key)
+        return None if found is None else found[0]
 
     def put(self, key: K, value: V) -> None:
         with self._lock:
-            self._entries[key] = value
+            self._entries[key] = (value, time.monotonic() + self.ttl)
+
+    def discard(self, key: K) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
 
     def clear(self) -> None:
         with self._lock:
@@ -38,6 +58,7 @@ class TtlCache(Generic[K, V]):
 
     def __len__(self) -> int:
         with self._lock:
-            # TTLCache drops expired entries lazily, at its next write; count only live ones.
+            # TTLCache drops expired entries lazily, at its next write; count only fresh ones.
             self._entries.expire()
-            return len(self._entries)
+            now = time.monotonic()
+            return sum(1 for _, fresh_until in self._entries.values() if now < fresh_until)

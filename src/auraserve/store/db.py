@@ -65,6 +65,9 @@ _SQLITE_UNAVAILABLE = ("database is locked", "unable to open", "disk i/o", "disk
 # not repeat the lookup. Revoking through a Database clears its cache at once; a revocation
 # made elsewhere (the CLI, another replica) takes effect within AUTH_CACHE_TTL seconds.
 AUTH_CACHE_TTL = 2.0
+# After that, async callers may still answer with a key's account while one lookup renews it
+# (api.store_calls.refreshed), so no request waits on the store each time it expires.
+AUTH_CACHE_GRACE = 30.0
 AUTH_CACHE_MAX = 10_000
 
 # Queue positions are advisory and only move when the queue head moves, so each process keeps
@@ -99,7 +102,7 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         self.bus = LocalBus()
         self.auth_cache: TtlCache[str, Account] = TtlCache(
-            ttl=auth_cache_ttl, maxsize=AUTH_CACHE_MAX
+            ttl=auth_cache_ttl, maxsize=AUTH_CACHE_MAX, grace=AUTH_CACHE_GRACE
         )
         self.positions: TtlCache[str, int] = TtlCache(ttl=position_ttl, maxsize=POSITION_CACHE_MAX)
         self._transition_hooks: list[TransitionHook] = []

@@ -48,6 +48,7 @@ only the account that owns it (`account_id` never changes); anything else reads 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import threading
@@ -58,7 +59,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 import psycopg
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import Select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -325,6 +326,9 @@ class PgJobReader(JobReader):
         self._closing: set[asyncio.Task[None]] = set()
         # Since when reads find the database unreachable (monotonic); None while it answers.
         self.down_since: float | None = None
+        # Queue positions being counted, and each job's last count (`_recount`).
+        self._counting: dict[str, asyncio.Future[int | None]] = {}
+        self._previous_positions: LRUCache[str, int] = LRUCache(maxsize=PG_ROW_CACHE_MAX)
 
     async def get(self, job_id: str, *, account_id: str) -> Job | None:
         rows = self.rows
@@ -364,17 +368,40 @@ class PgJobReader(JobReader):
             )
             position = _count_of(await cursor.fetchone())
             self.positions.put(row.id, position)
+            self._previous_positions[row.id] = position
         return position
 
     async def _job_of(self, row: Any) -> Job:
-        """The job of a cached row: its queue position as an uncached read gets it (the
-        shared position cache, else a count on a connection)."""
+        """The job of a cached row, with its queue position (the shared position cache, else
+        a count: `_recount`)."""
         position = None
         if row.status == QUEUED:
             position = self.positions.get(row.id)
             if position is None:
-                position = await self._read(lambda conn: self._position(conn, row))
+                position = await self._recount(row)
         return Job.from_row(row, queue_position=position)
+
+    async def _recount(self, row: Any) -> int | None:
+        """A new count of a cached row's queue position, one at a time per job. Polls that
+        arrive while it runs answer with the job's previous count (a position is approximate,
+        up to POSITION_TTL old, anyway), or wait for this one when there is none. Without
+        this, every poll in flight when the position expired ran its own count, a scan of the
+        queue ahead, and those polls made the p99 (bench/scaleout.py: 26-46 ms, /healthz's 14)."""
+        counting = self._counting.get(row.id)
+        if counting is None:
+            counting = asyncio.ensure_future(self._read(lambda conn: self._position(conn, row)))
+            self._counting[row.id] = counting
+            counting.add_done_callback(functools.partial(self._counted, row.id))
+        previous = self._previous_positions.get(row.id)
+        if previous is not None:
+            return previous
+        return await asyncio.shield(counting)
+
+    def _counted(self, job_id: str, task: asyncio.Future[int | None]) -> None:
+        if self._counting.get(job_id) is task:
+            del self._counting[job_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: the polls that awaited it got it; others need not
 
     async def _read(self, work: Callable[[PgConnection], Awaitable[T]]) -> T:
         pool = self._pool if self._loop is asyncio.get_running_loop() else None

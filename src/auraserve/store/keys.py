@@ -191,6 +191,12 @@ def cached_account(db: Database, raw_key: str) -> Account | None:
     return db.auth_cache.get(_hash(raw_key))
 
 
+def stale_account(db: Database, raw_key: str) -> Account | None:
+    """`cached_account`, or the account of a key verified a little longer ago (within
+    `store.db.AUTH_CACHE_GRACE`): only to answer with while `authenticate` renews it."""
+    return db.auth_cache.get_stale(_hash(raw_key))
+
+
 def authenticate(db: Database, raw_key: str) -> Account | None:
     """The account a presented key belongs to, or None for malformed, unknown or revoked keys.
 
@@ -202,6 +208,8 @@ def authenticate(db: Database, raw_key: str) -> Account | None:
     account = _authenticate_uncached(db, raw_key, digest)
     if account is not None:
         db.auth_cache.put(digest, account)
+    else:
+        db.auth_cache.discard(digest)  # revoked elsewhere: no stale answer either
     return account
 
 

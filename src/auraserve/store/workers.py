@@ -30,6 +30,7 @@ STATES = ("starting", "ready", "busy", "stopping", STOPPED)
 # Status polls ask "does a live worker serve this model?"; one lookup per process per second
 # keeps that off the hot path however many clients poll.
 LIVE_MODELS_TTL = 1.0
+LIVE_MODELS_GRACE = 30.0
 _LIVE_CACHES: weakref.WeakKeyDictionary[Database, TtlCache[float, frozenset[str]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -135,11 +136,25 @@ def list_workers(db: Database) -> list[WorkerInfo]:
     ]
 
 
+def cached_live_models(
+    db: Database, stale_seconds: float, *, stale_ok: bool = False
+) -> frozenset[str] | None:
+    """`live_models` if this process remembers them, else None: never touches the store, so
+    async code may ask on the event loop. `stale_ok`: also what it remembered up to
+    LIVE_MODELS_GRACE longer, to answer with while `live_models` renews it."""
+    cache = _LIVE_CACHES.get(db)
+    if cache is None:
+        return None
+    return cache.get_stale(stale_seconds) if stale_ok else cache.get(stale_seconds)
+
+
 def live_models(db: Database, stale_seconds: float) -> frozenset[str]:
     """The models at least one live worker serves; remembered LIVE_MODELS_TTL s per Database."""
     cache = _LIVE_CACHES.get(db)
     if cache is None:
-        cache = _LIVE_CACHES.setdefault(db, TtlCache(ttl=LIVE_MODELS_TTL, maxsize=8))
+        cache = _LIVE_CACHES.setdefault(
+            db, TtlCache(ttl=LIVE_MODELS_TTL, maxsize=8, grace=LIVE_MODELS_GRACE)
+        )
     served = cache.get(stale_seconds)
     if served is None:
         since = time.time() - stale_seconds

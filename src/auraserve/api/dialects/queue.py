@@ -186,5 +186,5 @@ async def status(request_id: str, runtime: RuntimeDep, account: CurrentAccount) 
     job = await results.load_job_fast(runtime, account.id, request_id)
     if job.webhook_url is None:
         # Plain JSON types already; skip FastAPI's generic encoder on this hot path.
-        return JSONResponse(results.plain_status(runtime, job))
+        return JSONResponse(await results.status_of(runtime, job))
     return JSONResponse(await call_store(runtime, results.render_status, runtime, job))
