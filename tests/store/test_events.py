@@ -6,6 +6,7 @@ the events of bulk job updates."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -47,6 +48,25 @@ def test_a_job_event_reaches_the_other_member(
             return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 1.0
+
+
+def test_a_batch_of_events_reaches_the_other_member_whole(
+    pair: tuple[Database, Database, list[SqliteFanout]],
+) -> None:
+    """A transaction's events go in as few datagrams as fit (several here: 300 events are
+    over 4,000 bytes), and every one of them arrives."""
+    one, two, _ = pair
+    ids = [f"job-{i:04d}-{'x' * 20}" for i in range(300)]
+
+    async def scenario() -> None:
+        with contextlib.ExitStack() as stack:
+            changed = [stack.enter_context(two.bus.watch(i)) for i in ids]
+            with one.bus.batch():
+                for job_id in ids:
+                    one.bus.publish(JOB, job_id)
+            await asyncio.wait_for(asyncio.gather(*(c.wait() for c in changed)), 2.0)
+
+    asyncio.run(scenario())
 
 
 def test_work_wakes_the_other_members_workers(

@@ -9,13 +9,16 @@ account's submits in the store: the submits that arrive meanwhile wait for it an
 together (`store.submissions.submit_many`: one transaction, one lock and one flush for all
 of them when they all fit; one by one, each with its own answer, when they do not).
 
-Nothing waits for a batch to fill: with the store idle a submit goes at once, alone, so at
-low load this adds no latency; batches grow only while the store is busy, which is when one
-commit for many pays. Submits with an Idempotency-Key are not batched (their key row needs
-its own transaction: a key race must fail that submit only).
+Nothing waits for a batch to fill: with the store idle a submit goes at once (after the
+requests already read in the same turn of the event loop), so at low load this adds no
+latency; batches grow only while the store is busy, which is when one commit for many pays.
+Submits with an Idempotency-Key are not batched (their key row needs its own transaction: a
+key race must fail that submit only).
 
-SQLite store calls run inline on the event loop (`api.store_calls`): no other submit can
-arrive during one, so there is nothing to gather and they go straight to the store.
+SQLite store calls run inline on the event loop (`api.store_calls`), so nothing arrives while
+one runs; a batch there is what the event loop read in one turn (the submits of all the
+connections that had a request ready), which still spares a write lock, a commit and a
+wake-up datagram per submit.
 """
 
 from __future__ import annotations
@@ -61,26 +64,17 @@ class SubmitBatcher:
     ) -> Submitted:
         """Submit `new_job` for the account; raises QueueLimitReached or InsufficientBalance
         when it does not fit, as `store.submissions.submit` would."""
-        if self.runtime.db.is_sqlite:
-            return submissions.submit(
-                self.runtime.db,
-                account_id=account_id,
-                request=new_job.request,
-                price=new_job.price,
-                max_queued=max_queued,
-                max_attempts=max_attempts,
-                webhook_url=new_job.webhook_url,
-                webhook_mode=new_job.webhook_mode,
-            )
         loop = asyncio.get_running_loop()
         waiting = _Waiting(new_job, loop.create_future())
         key = (account_id, max_queued, max_attempts)
         queue = self._waiting.get(key)
         if queue is not None:
-            queue.append(waiting)  # the batch in the store takes it along when it is done
+            queue.append(waiting)  # the next batch takes it along
         else:
-            self._waiting[key] = []
-            task = loop.create_task(self._send_batches(key, [waiting]))
+            # The task starts after the requests already read in this turn of the event loop
+            # (they join the queue first), so even inline SQLite calls go in batches.
+            self._waiting[key] = [waiting]
+            task = loop.create_task(self._send_batches(key))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         answer = await waiting.answer
@@ -88,13 +82,16 @@ class SubmitBatcher:
             raise answer
         return answer
 
-    async def _send_batches(self, key: _BatchKey, batch: list[_Waiting]) -> None:
-        """Send `batch`, then whatever gathered meanwhile, until nothing waits."""
+    async def _send_batches(self, key: _BatchKey) -> None:
+        """Send what waits for `key`, batch after batch, until nothing does."""
+        batch: list[_Waiting] = []
         try:
-            while batch:
-                await self._send(key, batch)
+            while True:
                 queue = self._waiting[key]
                 batch, self._waiting[key] = queue[:MAX_BATCH], queue[MAX_BATCH:]
+                if not batch:
+                    break
+                await self._send(key, batch)
         finally:
             # Normally empty by now; after an unexpected failure nobody may be left hanging.
             for waiting in [*batch, *self._waiting.pop(key, [])]:

@@ -188,8 +188,9 @@ class Database:
                     events = take_events(conn)
                     changed = _take_committed(conn)
         # Committed: now it is safe to wake whoever waits on these jobs.
-        for kind, job_id in events:
-            self.bus.publish(kind, job_id)
+        with self.bus.batch():
+            for kind, job_id in events:
+                self.bus.publish(kind, job_id)
         for job in changed:
             for hook in self._committed_hooks:
                 try:
