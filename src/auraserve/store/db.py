@@ -187,7 +187,21 @@ class Database:
                         yield conn
                     events = take_events(conn)
                     changed = _take_committed(conn)
-        # Committed: now it is safe to wake whoever waits on these jobs.
+        self.committed(events, changed)
+
+    @contextmanager
+    def statement(self) -> Iterator[Connection]:
+        """PostgreSQL: a connection in autocommit, for one statement that is a whole
+        transaction. The server commits it before it answers, so a lock the statement takes is
+        not held across a round trip to this process (and its GIL) until a COMMIT arrives.
+        The caller reports what it changed to `committed`. An unreachable database raises
+        `StoreUnavailable`."""
+        with _unavailable_as_error(), self.engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    def committed(self, events: list[tuple[str, str]], changed: list[Job]) -> None:
+        """After a commit: wake whoever waits on these jobs (now it is safe: they can see the
+        rows), then run the committed-transition hooks."""
         with self.bus.batch():
             for kind, job_id in events:
                 self.bus.publish(kind, job_id)

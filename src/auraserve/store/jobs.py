@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, insert, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, select, text, tuple_, update
 
 from auraserve.core.ids import uuid7
 from auraserve.core.jobs import Job, JobStatus
@@ -23,7 +23,7 @@ from auraserve.core.request import GenerationRequest
 from auraserve.store import ledger
 from auraserve.store import media as media_rows
 from auraserve.store.db import Database, database_of
-from auraserve.store.events import JOB, WORK, emit_each_in, emit_in
+from auraserve.store.events import CHANNEL, JOB, WORK, emit_each_in, emit_in
 from auraserve.store.schema import accounts, jobs
 
 QUEUED = JobStatus.QUEUED.value
@@ -134,6 +134,95 @@ def submit_many_in(
     )
     # Each submit's balance as it would have been right after it alone: the later ones' credits
     # were still there.
+    submissions: list[Submission] = []
+    for job in reversed(made):
+        submissions.append(Submission(job, balance))
+        balance += job.price
+    return submissions[::-1]
+
+
+# PostgreSQL: a batch of new jobs without webhooks in one statement, run in autocommit
+# (`submit_many_at_once`). The guarded UPDATE runs first (the inserts read its result, so they
+# happen only when it took the credits and slots); the statement commits on the server before
+# it answers, so the account row is locked for the statement and its commit only.
+_SUBMIT_MANY_PG = text(
+    """
+WITH reserved AS (
+    UPDATE accounts
+    SET balance = balance - :total, active_jobs = active_jobs + :count
+    WHERE id = :acct AND balance >= :total AND active_jobs + :count <= :max_active
+    RETURNING balance
+), new AS (
+    SELECT * FROM unnest(
+        CAST(:ids AS text[]), CAST(:models AS text[]), CAST(:params AS text[]),
+        CAST(:batch_keys AS text[]), CAST(:num_images AS integer[]),
+        CAST(:prices AS bigint[]), CAST(:steps AS integer[]), CAST(:times AS float8[])
+    ) AS n(id, model_id, params, batch_key, num_images, price, steps, created_at)
+    WHERE EXISTS (SELECT 1 FROM reserved)
+), inserted AS (
+    INSERT INTO jobs (
+        id, account_id, model_id, status, priority, params, batch_key, num_images, price,
+        attempts, max_attempts, progress_step, progress_total, cancel_requested,
+        created_at, updated_at
+    )
+    SELECT id, :acct, model_id, :status, :priority, params, batch_key, num_images, price,
+        0, :max_attempts, 0, steps, false, created_at, created_at
+    FROM new
+    RETURNING id
+), entries AS (
+    INSERT INTO ledger (account_id, job_id, kind, amount, balance_delta, created_at)
+    SELECT :acct, id, 'reserve', price, -price, created_at FROM new
+), notified AS (
+    SELECT pg_notify(:channel, :work_prefix || id) FROM inserted
+)
+SELECT balance, (SELECT count(*) FROM notified) AS notified FROM reserved
+"""
+)
+
+
+def submit_many_at_once(
+    db: Database,
+    *,
+    account_id: str,
+    new_jobs: list[NewJob],
+    max_queued: int,
+    max_attempts: int,
+    priority: int = 0,
+) -> list[Submission]:
+    """`submit_many_in` as one statement that is its own transaction (PostgreSQL, jobs
+    without webhooks: no transition hook has anything to record for them). Raises
+    QueueLimitReached or InsufficientBalance with nothing written when they do not all fit."""
+    if any(new.webhook_url is not None for new in new_jobs) or db.is_sqlite:
+        raise ValueError("one statement takes only PostgreSQL jobs without webhooks")
+    rows = [_job_values(account_id, new, max_attempts, priority, time.time()) for new in new_jobs]
+    with db.statement() as conn:
+        reserved = conn.execute(
+            _SUBMIT_MANY_PG,
+            {
+                "acct": account_id,
+                "total": sum(r["price"] for r in rows),
+                "count": len(rows),
+                "max_active": max_queued,
+                "status": QUEUED,
+                "priority": priority,
+                "max_attempts": max_attempts,
+                "ids": [r["id"] for r in rows],
+                "models": [r["model_id"] for r in rows],
+                "params": [r["params"] for r in rows],
+                "batch_keys": [r["batch_key"] for r in rows],
+                "num_images": [r["num_images"] for r in rows],
+                "prices": [r["price"] for r in rows],
+                "steps": [r["progress_total"] for r in rows],
+                "times": [r["created_at"] for r in rows],
+                "channel": CHANNEL,
+                "work_prefix": f"{WORK}:",
+            },
+        ).first()
+        if reserved is None:
+            ledger.refuse(conn, account_id, len(rows), max_queued)
+    made = [Job.from_row(SimpleNamespace(**{**_NEW_JOB_NULLS, **values})) for values in rows]
+    db.committed([(WORK, job.id) for job in made], made)
+    balance = int(reserved.balance)
     submissions: list[Submission] = []
     for job in reversed(made):
         submissions.append(Submission(job, balance))

@@ -115,7 +115,7 @@ def reserve_in(
         conn.execute(_INSERT_ENTRY, entry)
         row = conn.execute(_RESERVE, guard).first()
     if row is None:
-        _refuse(conn, account_id, 1, max_active)
+        refuse(conn, account_id, 1, max_active)
     return int(row.balance)
 
 
@@ -133,12 +133,13 @@ def reserve_many_in(
     guard = {"acct": account_id, "amount": total, "count": len(reservations)}
     row = conn.execute(_RESERVE, {**guard, "max_active": max_active}).first()
     if row is None:
-        _refuse(conn, account_id, len(reservations), max_active)
+        refuse(conn, account_id, len(reservations), max_active)
     return int(row.balance)
 
 
-def _refuse(conn: Connection, account_id: str, count: int, max_active: int) -> NoReturn:
-    """Why a guarded reservation of `count` slots took nothing: the queue limit or the money."""
+def refuse(conn: Connection, account_id: str, count: int, max_active: int) -> NoReturn:
+    """Raise why a guarded reservation of `count` slots took nothing: the queue limit (then
+    QueueLimitReached) or the money (InsufficientBalance)."""
     state = conn.execute(_ACCOUNT_STATE, {"acct": account_id}).first()
     if state is not None and state.active_jobs + count > max_active:
         raise QueueLimitReached(

@@ -144,21 +144,36 @@ def submit_many(
 ) -> list[Submitted | Refusal]:
     """Submits of one account without idempotency keys, each answered as if it had run alone
     in this order: a refused one gets its error in its place in the list. When they all fit,
-    one transaction takes them all (`jobs.submit_many_in`); when they do not, that rolls back
-    and they go one by one, so each gets exactly the answer it would have had. A store that
+    one transaction takes them all (`jobs.submit_many_at_once` on PostgreSQL when none has a
+    webhook, else `jobs.submit_many_in`); when they do not, nothing is written and they go one
+    by one, so each gets exactly the answer it would have had. A store that
     cannot be reached raises for all of them (nothing of theirs was written)."""
-    if len(new_jobs) > 1:
+    # PostgreSQL, no webhooks: one statement that commits on the server (the account row is
+    # locked for the statement only); else one transaction.
+    at_once = not db.is_sqlite and all(new.webhook_url is None for new in new_jobs)
+    if at_once or len(new_jobs) > 1:
         try:
-            with db.write() as conn:
-                made = jobs.submit_many_in(
-                    conn,
+            if at_once:
+                made = jobs.submit_many_at_once(
+                    db,
                     account_id=account_id,
                     new_jobs=new_jobs,
                     max_queued=max_queued,
                     max_attempts=max_attempts,
                 )
-        except (QueueLimitReached, InsufficientBalance):
-            pass  # not all of them fit; some may
+            else:
+                with db.write() as conn:
+                    made = jobs.submit_many_in(
+                        conn,
+                        account_id=account_id,
+                        new_jobs=new_jobs,
+                        max_queued=max_queued,
+                        max_attempts=max_attempts,
+                    )
+        except (QueueLimitReached, InsufficientBalance) as refusal:
+            if len(new_jobs) == 1:
+                return [refusal]
+            # Not all of them fit; some may.
         else:
             return [Submitted(m.job, m.balance, False) for m in made]
     answers: list[Submitted | Refusal] = []
