@@ -329,44 +329,51 @@ def throughput(
         server.url + SEED_PATH, headers=server.headers, json={"prompt": "poll me"}
     ).json()["request_id"]
     polled = httpx.get(f"{server.url}/v2/requests/status/{rid}", headers=server.headers).json()
-    polls = []
-    for c in connections:
-        result, cpu = cpu_during(
-            server,
-            lambda c=c: load(
-                client,
-                f"{server.url}/v2/requests/status/{rid}",
-                connections=c,
-                duration=duration,
-                method="GET",
-                headers=server.headers,
-                body=None,
-            ),
-        )
-        polls.append({**result, "server_cpu": cpu})
+    polls = _runs(
+        server,
+        client,
+        f"{server.url}/v2/requests/status/{rid}",
+        connections,
+        duration,
+        headers=server.headers,
+    )
     # The framework's floor on this machine right now: the cheapest route. This VM's speed
     # drifts by up to ~1.8x over a day, so every rate above is read beside this one.
-    floor = []
-    for c in connections:
-        result, cpu = cpu_during(
-            server,
-            lambda c=c: load(
-                client,
-                f"{server.url}/healthz",
-                connections=c,
-                duration=duration,
-                method="GET",
-                headers={},
-                body=None,
-            ),
-        )
-        floor.append({**result, "server_cpu": cpu})
+    floor = _runs(server, client, f"{server.url}/healthz", connections, duration, headers={})
     return {
         "submit": submits,
         "poll": polls,
         "healthz": floor,
         "poll_queue_position": polled.get("queue_position"),
     }
+
+
+def _runs(
+    server: Server,
+    client: str,
+    url: str,
+    connections: list[int],
+    duration: float,
+    *,
+    headers: dict[str, str],
+) -> list[dict[str, Any]]:
+    """GET `url` at each connection count, with the server's CPU meanwhile."""
+    runs = []
+    for c in connections:
+        result, cpu = cpu_during(
+            server,
+            lambda c=c: load(
+                client,
+                url,
+                connections=c,
+                duration=duration,
+                method="GET",
+                headers=headers,
+                body=None,
+            ),
+        )
+        runs.append({**result, "server_cpu": cpu})
+    return runs
 
 
 def _job_times(database_url: str, job_ids: list[str]) -> dict[str, tuple[float, float, float]]:

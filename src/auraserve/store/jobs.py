@@ -132,9 +132,14 @@ def submit_many_in(
     balance = ledger.reserve_many_in(
         conn, account_id, [(job.id, job.price) for job in made], max_active=max_queued
     )
-    # Each submit's balance as it would have been right after it alone: the later ones' credits
-    # were still there.
+    return _one_by_one(made, balance)
+
+
+def _one_by_one(made: list[Job], balance_after: int) -> list[Submission]:
+    """Each submit with the balance it would have left alone, in this order: the later ones'
+    credits were still there."""
     submissions: list[Submission] = []
+    balance = balance_after
     for job in reversed(made):
         submissions.append(Submission(job, balance))
         balance += job.price
@@ -222,12 +227,7 @@ def submit_many_at_once(
             ledger.refuse(conn, account_id, len(rows), max_queued)
     made = [Job.from_row(SimpleNamespace(**{**_NEW_JOB_NULLS, **values})) for values in rows]
     db.committed([(WORK, job.id) for job in made], made)
-    balance = int(reserved.balance)
-    submissions: list[Submission] = []
-    for job in reversed(made):
-        submissions.append(Submission(job, balance))
-        balance += job.price
-    return submissions[::-1]
+    return _one_by_one(made, int(reserved.balance))
 
 
 def _job_values(
