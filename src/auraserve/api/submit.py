@@ -91,7 +91,8 @@ async def accept(
     webhook_url, webhook_mode = (webhook.url, webhook.mode) if webhook else (None, None)
     try:
         if idem is None:
-            submitted = await _batcher(request, runtime).submit(
+            batcher: SubmitBatcher = request.app.state.submit_batcher
+            submitted = await batcher.submit(
                 account.id,
                 NewJob(gen, price, webhook_url, webhook_mode),
                 max_queued=max_in_flight,
@@ -121,14 +122,6 @@ async def accept(
     if submitted.replayed:  # a concurrent submit with the same key committed first
         return _accepted(submitted, {"Idempotent-Replayed": "true"})
     return _accepted(submitted, headers)
-
-
-def _batcher(request: Request, runtime: Runtime) -> SubmitBatcher:
-    """The app's submit batcher (made on first use by an app built without one)."""
-    batcher = getattr(request.app.state, "submit_batcher", None)
-    if not isinstance(batcher, SubmitBatcher) or batcher.runtime is not runtime:
-        batcher = request.app.state.submit_batcher = SubmitBatcher(runtime)
-    return batcher
 
 
 def _accepted(submitted: submissions.Submitted, headers: dict[str, str]) -> Accepted:

@@ -74,6 +74,9 @@ AUTH_CACHE_MAX = 10_000
 # them for a moment: a client (or many) polling a deep queue costs one count per job per
 # POSITION_TTL instead of one per poll.
 POSITION_TTL = 0.5
+# After that a position may still answer async polls while one count renews it
+# (store.job_reads), so no poll waits for a count each time it expires.
+POSITION_GRACE = 30.0
 POSITION_CACHE_MAX = 50_000
 
 # PostgreSQL: a pooled connection unused for longer than this is pinged before it is handed
@@ -104,7 +107,9 @@ class Database:
         self.auth_cache: TtlCache[str, Account] = TtlCache(
             ttl=auth_cache_ttl, maxsize=AUTH_CACHE_MAX, grace=AUTH_CACHE_GRACE
         )
-        self.positions: TtlCache[str, int] = TtlCache(ttl=position_ttl, maxsize=POSITION_CACHE_MAX)
+        self.positions: TtlCache[str, int] = TtlCache(
+            ttl=position_ttl, maxsize=POSITION_CACHE_MAX, grace=POSITION_GRACE
+        )
         self._transition_hooks: list[TransitionHook] = []
         self._committed_hooks: list[CommittedHook] = []
         # Every connection names its Database, so store functions that get only a connection

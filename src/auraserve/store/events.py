@@ -174,9 +174,7 @@ class LocalBus:
 
 def emit_in(conn: Connection, kind: str, job_id: str) -> None:
     """Record an event in the current transaction; delivered after commit."""
-    conn.info.setdefault("auraserve_events", []).append((kind, job_id))
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": f"{kind}:{job_id}"})
+    emit_each_in(conn, kind, (job_id,))
 
 
 def emit_each_in(conn: Connection, kind: str, job_ids: Collection[str]) -> None:

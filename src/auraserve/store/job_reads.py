@@ -59,7 +59,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 import psycopg
-from cachetools import LRUCache, TTLCache
+from cachetools import TTLCache
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import Select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -326,9 +326,8 @@ class PgJobReader(JobReader):
         self._closing: set[asyncio.Task[None]] = set()
         # Since when reads find the database unreachable (monotonic); None while it answers.
         self.down_since: float | None = None
-        # Queue positions being counted, and each job's last count (`_recount`).
+        # Queue positions being counted (`_recount`).
         self._counting: dict[str, asyncio.Future[int | None]] = {}
-        self._previous_positions: LRUCache[str, int] = LRUCache(maxsize=PG_ROW_CACHE_MAX)
 
     async def get(self, job_id: str, *, account_id: str) -> Job | None:
         rows = self.rows
@@ -368,7 +367,6 @@ class PgJobReader(JobReader):
             )
             position = _count_of(await cursor.fetchone())
             self.positions.put(row.id, position)
-            self._previous_positions[row.id] = position
         return position
 
     async def _job_of(self, row: Any) -> Job:
@@ -392,7 +390,7 @@ class PgJobReader(JobReader):
             counting = asyncio.ensure_future(self._read(lambda conn: self._position(conn, row)))
             self._counting[row.id] = counting
             counting.add_done_callback(functools.partial(self._counted, row.id))
-        previous = self._previous_positions.get(row.id)
+        previous = self.positions.get_stale(row.id)
         if previous is not None:
             return previous
         return await asyncio.shield(counting)

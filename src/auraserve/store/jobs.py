@@ -147,7 +147,7 @@ def _one_by_one(made: list[Job], balance_after: int) -> list[Submission]:
 
 
 # PostgreSQL: a batch of new jobs without webhooks in one statement, run in autocommit
-# (`submit_many_at_once`). The guarded UPDATE runs first (the inserts read its result, so they
+# (`_submit_many_at_once`). The guarded UPDATE runs first (the inserts read its result, so they
 # happen only when it took the credits and slots); the statement commits on the server before
 # it answers, so the account row is locked for the statement and its commit only.
 _SUBMIT_MANY_PG = text(
@@ -185,7 +185,7 @@ SELECT balance, (SELECT count(*) FROM notified) AS notified FROM reserved
 )
 
 
-def submit_many_at_once(
+def submit_many(
     db: Database,
     *,
     account_id: str,
@@ -194,11 +194,33 @@ def submit_many_at_once(
     max_attempts: int,
     priority: int = 0,
 ) -> list[Submission]:
+    """All of `new_jobs` or none, answered as `submit_many_in` answers: on PostgreSQL, when
+    none has a webhook, one statement that commits on the server (the account row is locked
+    for that statement only); else one transaction. Raises QueueLimitReached or
+    InsufficientBalance with nothing written when they do not all fit."""
+    if not db.is_sqlite and all(new.webhook_url is None for new in new_jobs):
+        return _submit_many_at_once(db, account_id, new_jobs, max_queued, max_attempts, priority)
+    with db.write() as conn:
+        return submit_many_in(
+            conn,
+            account_id=account_id,
+            new_jobs=new_jobs,
+            max_queued=max_queued,
+            max_attempts=max_attempts,
+            priority=priority,
+        )
+
+
+def _submit_many_at_once(
+    db: Database,
+    account_id: str,
+    new_jobs: list[NewJob],
+    max_queued: int,
+    max_attempts: int,
+    priority: int,
+) -> list[Submission]:
     """`submit_many_in` as one statement that is its own transaction (PostgreSQL, jobs
-    without webhooks: no transition hook has anything to record for them). Raises
-    QueueLimitReached or InsufficientBalance with nothing written when they do not all fit."""
-    if any(new.webhook_url is not None for new in new_jobs) or db.is_sqlite:
-        raise ValueError("one statement takes only PostgreSQL jobs without webhooks")
+    without webhooks: no transition hook has anything to record for them)."""
     rows = [_job_values(account_id, new, max_attempts, priority, time.time()) for new in new_jobs]
     with db.statement() as conn:
         reserved = conn.execute(

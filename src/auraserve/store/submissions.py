@@ -144,53 +144,30 @@ def submit_many(
 ) -> list[Submitted | Refusal]:
     """Submits of one account without idempotency keys, each answered as if it had run alone
     in this order: a refused one gets its error in its place in the list. When they all fit,
-    one transaction takes them all (`jobs.submit_many_at_once` on PostgreSQL when none has a
-    webhook, else `jobs.submit_many_in`); when they do not, nothing is written and they go one
-    by one, so each gets exactly the answer it would have had. A store that
+    one transaction takes them all (`jobs.submit_many`); when they do not, nothing is written
+    and they go one by one, so each gets exactly the answer it would have had. A store that
     cannot be reached raises for all of them (nothing of theirs was written)."""
-    # PostgreSQL, no webhooks: one statement that commits on the server (the account row is
-    # locked for the statement only); else one transaction.
-    at_once = not db.is_sqlite and all(new.webhook_url is None for new in new_jobs)
-    if at_once or len(new_jobs) > 1:
-        try:
-            if at_once:
-                made = jobs.submit_many_at_once(
-                    db,
-                    account_id=account_id,
-                    new_jobs=new_jobs,
-                    max_queued=max_queued,
-                    max_attempts=max_attempts,
-                )
-            else:
-                with db.write() as conn:
-                    made = jobs.submit_many_in(
-                        conn,
-                        account_id=account_id,
-                        new_jobs=new_jobs,
-                        max_queued=max_queued,
-                        max_attempts=max_attempts,
-                    )
-        except (QueueLimitReached, InsufficientBalance) as refusal:
-            if len(new_jobs) == 1:
-                return [refusal]
-            # Not all of them fit; some may.
-        else:
-            return [Submitted(m.job, m.balance, False) for m in made]
+
+    def together(batch: list[jobs.NewJob]) -> list[Submitted | Refusal]:
+        made = jobs.submit_many(
+            db,
+            account_id=account_id,
+            new_jobs=batch,
+            max_queued=max_queued,
+            max_attempts=max_attempts,
+        )
+        return [Submitted(m.job, m.balance, False) for m in made]
+
+    try:
+        return together(new_jobs)
+    except (QueueLimitReached, InsufficientBalance) as refusal:
+        if len(new_jobs) == 1:
+            return [refusal]
+    # Not all of them fit; some may.
     answers: list[Submitted | Refusal] = []
     for new in new_jobs:
         try:
-            answers.append(
-                submit(
-                    db,
-                    account_id=account_id,
-                    request=new.request,
-                    price=new.price,
-                    max_queued=max_queued,
-                    max_attempts=max_attempts,
-                    webhook_url=new.webhook_url,
-                    webhook_mode=new.webhook_mode,
-                )
-            )
+            answers.extend(together([new]))
         except (QueueLimitReached, InsufficientBalance) as refusal:
             answers.append(refusal)
     return answers
