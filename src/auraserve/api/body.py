@@ -74,7 +74,7 @@ _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 # Longer than any valid value of any field; keeps int() away from its digit limit.
 _MAX_NUMBER_CHARS = 40
 _NUMERIC: dict[str, type] = {
-    name: field.annotation
+    name: int if field.annotation is int else float
     for name, field in GenerationRequest.model_fields.items()
     if field.annotation in (int, float)
 }
