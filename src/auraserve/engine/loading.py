@@ -22,6 +22,8 @@ from auraserve.core.presets import DEFAULT_WEIGHTS, TINY_MODEL
 from auraserve.engine.components import AuraFlowPipeline
 from auraserve.engine.pos_embed import install_pos_embed_interpolation
 from auraserve.engine.tiny import build_tiny_pipeline
+from auraserve.engine.weights.components import dtype_kwargs
+from auraserve.engine.weights.loader import load_file
 from auraserve.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -118,14 +120,7 @@ def _no_weights_hint(weights: str) -> str:
     )
 
 
-def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """Newer diffusers renamed from_pretrained's `torch_dtype` to `dtype` (and warns on the
-    old name); older ones only know `torch_dtype`."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
+_dtype_kwargs = dtype_kwargs
 
 
 def _load_local(directory: Path, dtype: torch.dtype) -> AuraFlowPipeline:
@@ -170,13 +165,18 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> AuraFlowPipeline:
         ) from exc
 
 
-def _load_pipeline(weights: str, dtype: torch.dtype) -> AuraFlowPipeline:
+def _load_pipeline(
+    weights: str, components: str, dtype: torch.dtype
+) -> tuple[AuraFlowPipeline, str]:
+    """The pipeline and a few words on the weights' format for the engine's description."""
     if weights == TINY_MODEL:
         pipe = build_tiny_pipeline()  # built in float32
-        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+        return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), ""
     path = Path(weights).expanduser()
     if path.is_dir():
-        return _load_local(path, dtype)
+        return _load_local(path, dtype), ""
+    if path.is_file():
+        return load_file(path, components, dtype)
     looks_like_path = (
         weights.startswith(("/", ".", "~")) or weights.count("/") > 1 or "\\" in weights
     )
@@ -189,7 +189,7 @@ def _load_pipeline(weights: str, dtype: torch.dtype) -> AuraFlowPipeline:
             f"model {weights!r} is neither a local directory, a Hugging Face id (owner/name) "
             f"nor '{TINY_MODEL}'; e.g. --model {DEFAULT_WEIGHTS}"
         )
-    return _load_hub(weights, dtype)
+    return _load_hub(weights, dtype), ""
 
 
 def _is_toy(pipe: AuraFlowPipeline) -> bool:
@@ -215,6 +215,7 @@ def _place(pipe: AuraFlowPipeline, device: torch.device, offload: str) -> str:
 def load_pipeline(
     weights: str = DEFAULT_WEIGHTS,
     *,
+    components: str = DEFAULT_WEIGHTS,
     device: str = "auto",
     dtype: str = "auto",
     offload: str = "none",
@@ -222,9 +223,15 @@ def load_pipeline(
     """Load AuraFlow's pipeline and place it (`engine.pipeline.load_engine` wraps it).
 
     `weights`: a Hugging Face id (default fal/AuraFlow-v0.3; the local cache is tried first,
-    then a download if the hub is reachable), a local diffusers-format directory, or "tiny"
-    (random-weight test model built in code). Failures raise `ModelLoadError` with one line
-    that says why and what to do.
+    then a download if the hub is reachable), a local diffusers-format directory, one weights
+    file (.safetensors in AuraFlow's original, ComfyUI's or diffusers' layout, bf16/fp16/fp32
+    or float8; all-in-one files with the text encoder and VAE; GGUF quants: see
+    `engine.weights`), or "tiny" (random-weight test model built in code). Failures raise
+    `ModelLoadError` with one line that says why and what to do.
+
+    `components`: for a single file, where what it lacks comes from (tokenizer, scheduler,
+    text encoder and VAE unless inside, the transformer's head split): a diffusers folder or
+    hub id. Ignored for folders and hub ids, which hold everything.
 
     `device`: auto picks cuda, then mps, then cpu. `dtype`: auto is bfloat16 on CUDA (float16 on
     GPUs without bf16) and float32 on CPU/MPS. In float16 the VAE is kept in float32, because
@@ -250,7 +257,7 @@ def load_pipeline(
         raise ModelLoadError(f"unknown offload mode {offload!r}; use none, model or sequential")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    pipe = _load_pipeline(weights, torch_dtype)
+    pipe, weights_format = _load_pipeline(weights, components, torch_dtype)
     if torch_dtype == torch.float16:
         pipe.vae.to(torch.float32)
     install_pos_embed_interpolation(pipe)  # before offload hooks capture forward()
@@ -269,7 +276,7 @@ def load_pipeline(
     suffix = f", offload={mode}" if mode != "none" else ""
     return LoadedPipeline(
         pipe=pipe,
-        description=f"{weights} ({torch_device.type}, {dtype_name}{suffix})",
+        description=f"{weights} ({weights_format}{torch_device.type}, {dtype_name}{suffix})",
         is_test_model=weights == TINY_MODEL or _is_toy(pipe),
     )
 

@@ -520,6 +520,7 @@ def _truncation_warnings(tokenizer: Any, text: str, what: str) -> list[str]:
 def load_engine(
     weights: str = DEFAULT_WEIGHTS,
     *,
+    components: str = DEFAULT_WEIGHTS,
     device: str = "auto",
     dtype: str = "auto",
     offload: str = "none",
@@ -530,7 +531,7 @@ def load_engine(
 ) -> AuraFlowEngine:
     """Load AuraFlow and wrap it in an engine.
 
-    `weights`, `device`, `dtype` and `offload` (and the memory each offload mode needs): see
+    `weights`, `components`, `device`, `dtype` and `offload` (and the memory each offload mode needs): see
     `engine.loading.load_pipeline`; failures raise `ModelLoadError` with one line that says why
     and what to do. `expander` (default: the offline one) serves `expand_prompt`; `max_rows`
     bounds the rows of one transformer forward (see `AuraFlowEngine`). `options`: opt-in speed
@@ -538,7 +539,9 @@ def load_engine(
     placed; None changes nothing. Compiled modes compile lazily: call `engine.warmup(sizes)`
     before serving. `lora`: per-request LoRA adapters (`engine.lora.LoraOptions`).
     """
-    loaded = load_pipeline(weights, device=device, dtype=dtype, offload=offload)
+    loaded = load_pipeline(
+        weights, components=components, device=device, dtype=dtype, offload=offload
+    )
     return AuraFlowEngine(
         loaded.pipe,
         description=loaded.description,
