@@ -531,7 +531,8 @@ def load_engine(
 ) -> AuraFlowEngine:
     """Load AuraFlow and wrap it in an engine.
 
-    `weights`, `components`, `device`, `dtype` and `offload` (and the memory each offload mode needs): see
+    `weights`, `components`, `device`, `dtype` and `offload` (and the memory each offload mode
+    needs): see
     `engine.loading.load_pipeline`; failures raise `ModelLoadError` with one line that says why
     and what to do. `expander` (default: the offline one) serves `expand_prompt`; `max_rows`
     bounds the rows of one transformer forward (see `AuraFlowEngine`). `options`: opt-in speed

@@ -20,9 +20,8 @@ from safetensors import safe_open
 from transformers import PreTrainedModel, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from auraserve.engine.components import AutoencoderKL
-from auraserve.engine.weights.probe import WeightsFile
+from auraserve.engine.weights.probe import BadWeights, WeightsFile
 from auraserve.engine.weights.single_file import stream_into
-from auraserve.errors import ModelLoadError
 
 _TIED = "encoder.embed_tokens.weight"
 
@@ -69,7 +68,7 @@ def load_vae(info: WeightsFile, config: dict[str, Any], dtype: torch.dtype) -> A
     missing, unexpected = vae.load_state_dict(state, strict=False)
     if missing or unexpected:
         example = (missing or unexpected)[0]
-        raise ModelLoadError(
+        raise BadWeights(
             f"{info.path} (VAE): {len(missing)} tensors missing, {len(unexpected)} unexpected "
             f"(e.g. {example!r}); not the VAE the components' config describes"
         )

@@ -10,7 +10,7 @@ import torch
 
 from auraserve.engine.components import AuraFlowPipeline
 from auraserve.engine.weights import bundled, components, single_file
-from auraserve.engine.weights.probe import WeightsFile, probe
+from auraserve.engine.weights.probe import BadWeights, WeightsFile, probe
 from auraserve.errors import ModelLoadError
 
 
@@ -24,7 +24,7 @@ def _check_text_dim(
 ) -> None:
     text_dim = te.get("d_model")
     if text_dim is not None and int(text_dim) != int(config["joint_attention_dim"]):
-        raise ModelLoadError(
+        raise BadWeights(
             f"{info.path}: shape mismatch with --components {src}: the transformer takes "
             f"text features of {config['joint_attention_dim']} dims, the text encoder gives "
             f"{text_dim}"
@@ -58,7 +58,7 @@ def load_file(path: Path, source: str, dtype: torch.dtype) -> tuple[AuraFlowPipe
     except ModelLoadError:
         raise
     except Exception as exc:  # safetensors/diffusers errors on a damaged or odd file
-        raise ModelLoadError(f"{path}: cannot load it: {_first_line(exc)}") from exc
+        raise BadWeights(f"{path}: cannot load it: {_first_line(exc)}") from exc
     label = f"{info.format}, {info.layout_name}"
     if info.fp8_dtype is not None:
         label += f", {'float8_e4m3fn' if info.fp8_dtype == 'F8_E4M3' else 'float8_e5m2'} storage"

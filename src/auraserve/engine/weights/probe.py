@@ -66,8 +66,11 @@ _OTHERS: tuple[tuple[str, str], ...] = (
 _LORA = re.compile(r"(lora_(up|down|A|B)|\.hada_w|\.lokr_w|\.alpha$|lora_te_|lora_unet_)")
 
 
-class NotServable(ModelLoadError):
-    """The file is not AuraFlow weights this server can run: one line saying what it is."""
+class BadWeights(ModelLoadError):
+    """The weights given are wrong, not unreachable: a truncated file, another architecture,
+    a shape that does not fit the components, an unknown quant type, an adapter that does not
+    fit. One line naming the file and the problem; the command exits 2 (the same weights will
+    never load, unlike a hub that is down)."""
 
 
 @dataclass(frozen=True)
@@ -219,19 +222,19 @@ def _read_safetensors(path: Path, size: int) -> tuple[dict[str, TensorMeta], dic
     with path.open("rb") as file:
         head = file.read(8)
         if len(head) < 8:
-            raise NotServable(f"{path}: truncated or empty file ({size} bytes); cannot be served")
+            raise BadWeights(f"{path}: truncated or empty file ({size} bytes); cannot be served")
         (length,) = struct.unpack("<Q", head)
         if length > size - 8 or length > 100 * 2**20:
-            raise NotServable(
+            raise BadWeights(
                 f"{path}: truncated file, or not a .safetensors file (header of {length} bytes "
                 f"in a file of {size}); cannot be served"
             )
         try:
             header = json.loads(file.read(length))
         except ValueError as exc:
-            raise NotServable(f"{path}: not a .safetensors file ({exc}); cannot be served") from exc
+            raise BadWeights(f"{path}: not a .safetensors file ({exc}); cannot be served") from exc
     if not isinstance(header, dict):
-        raise NotServable(f"{path}: not a .safetensors file; cannot be served")
+        raise BadWeights(f"{path}: not a .safetensors file; cannot be served")
     metadata = header.pop("__metadata__", None) or {}
     tensors: dict[str, TensorMeta] = {}
     end = 0
@@ -239,7 +242,7 @@ def _read_safetensors(path: Path, size: int) -> tuple[dict[str, TensorMeta], dic
         tensors[name] = TensorMeta(tuple(int(n) for n in entry["shape"]), str(entry["dtype"]))
         end = max(end, int(entry["data_offsets"][1]))
     if 8 + length + end > size:
-        raise NotServable(
+        raise BadWeights(
             f"{path}: truncated file ({size} bytes, its header describes {8 + length + end}); "
             "download it again; cannot be served"
         )
@@ -252,13 +255,13 @@ def _read_gguf(path: Path, size: int) -> tuple[dict[str, TensorMeta], dict[str, 
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # the reader raises ValueError/IndexError/OSError on bad bytes
-        raise NotServable(
+        raise BadWeights(
             f"{path}: truncated or damaged GGUF file ({_first_line(exc)}); cannot be served"
         ) from exc
     tensors: dict[str, TensorMeta] = {}
     for tensor in reader.tensors:
         if int(tensor.data_offset) + int(tensor.n_bytes) > size:
-            raise NotServable(f"{path}: truncated GGUF file; download it again")
+            raise BadWeights(f"{path}: truncated GGUF file; download it again")
         # GGUF lists dimensions innermost first; torch's order is the reverse.
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
         tensors[tensor.name] = TensorMeta(shape, tensor.tensor_type.name)
@@ -281,15 +284,19 @@ def read_header(path: Path) -> WeightsFile:
         with path.open("rb") as file:
             magic = file.read(4)
     except OSError as exc:
-        raise NotServable(f"{path}: cannot read it ({exc.strerror}); cannot be served") from exc
+        raise BadWeights(f"{path}: cannot read it ({exc.strerror}); cannot be served") from exc
     if magic == b"GGUF":
         tensors, metadata = _read_gguf(path, size)
         return WeightsFile(path, "gguf", size, tensors, metadata)
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":
-        raise NotServable(
-            f"{path}: a pickled PyTorch checkpoint (.ckpt/.pt); only .safetensors and .gguf "
-            "files are loaded (pickles can run code); cannot be served"
-        )
+    if magic == b"PK\x03\x04" or (magic[:1] == b"\x80" and magic[1:2] in b"\x02\x03\x04\x05"):
+        try:  # a safetensors header length can start with these bytes too
+            tensors, metadata = _read_safetensors(path, size)
+        except BadWeights:
+            raise BadWeights(
+                f"{path}: a pickled PyTorch checkpoint (.ckpt/.pt); only .safetensors and "
+                ".gguf files are loaded (pickles can run code); cannot be served"
+            ) from None
+        return WeightsFile(path, "safetensors", size, tensors, metadata)
     tensors, metadata = _read_safetensors(path, size)
     return WeightsFile(path, "safetensors", size, tensors, metadata)
 
@@ -326,7 +333,7 @@ def looks_like(tensors: dict[str, TensorMeta]) -> str:
 
 
 def probe(path: str | Path) -> WeightsFile:
-    """Read and recognise one file; `NotServable` (one line naming the file) if it is not
+    """Read and recognise one file; `BadWeights` (one line naming the file) if it is not
     AuraFlow weights."""
     path = Path(path).expanduser()
     info = read_header(path)
@@ -338,7 +345,7 @@ def probe(path: str | Path) -> WeightsFile:
     elif diffusers is not None:
         info.layout, info.prefix = "diffusers", diffusers
     else:
-        raise NotServable(
+        raise BadWeights(
             f"{path}: looks like {looks_like(info.tensors)}; not an AuraFlow transformer, "
             "cannot be served"
         )
@@ -351,7 +358,7 @@ def probe(path: str | Path) -> WeightsFile:
     if info.format == "gguf":
         unknown = sorted({m.dtype for m in info.tensors.values()} - set(GGUF_TYPES))
         if unknown:
-            raise NotServable(
+            raise BadWeights(
                 f"{path}: GGUF quant type {', '.join(unknown)} is not supported; use one of "
                 f"{', '.join(GGUF_TYPES)}"
             )
@@ -382,7 +389,7 @@ def render(info: dict[str, Any]) -> str:
 __all__ = [
     "FP8_DTYPES",
     "GGUF_TYPES",
-    "NotServable",
+    "BadWeights",
     "TensorMeta",
     "WeightsFile",
     "looks_like",

@@ -25,8 +25,7 @@ from torch import nn
 
 from auraserve.engine.components import AuraFlowTransformer2DModel
 from auraserve.engine.weights.keymap import convert_tensor, original_to_diffusers
-from auraserve.engine.weights.probe import WeightsFile
-from auraserve.errors import ModelLoadError
+from auraserve.engine.weights.probe import BadWeights, WeightsFile
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -43,17 +42,17 @@ def derive_config(info: WeightsFile, base: dict[str, Any], source: str) -> dict[
     )
     q = info.transformer_tensor(q_key)
     if q is None or "width" not in arch or "patch_inputs" not in arch:
-        raise ModelLoadError(f"{where}: the AuraFlow transformer in it is incomplete")
+        raise BadWeights(f"{where}: the AuraFlow transformer in it is incomplete")
     inner = q.shape[0]
     head_dim = int(base.get("attention_head_dim", 256))
     patch = int(base.get("patch_size", 2))
     if inner % head_dim:
-        raise ModelLoadError(
+        raise BadWeights(
             f"{where}: shape mismatch with --components {source}: attention width {inner} is "
             f"not a multiple of its attention_head_dim {head_dim}"
         )
     if arch["patch_inputs"] % (patch * patch) or arch.get("patch_outputs", 0) % (patch * patch):
-        raise ModelLoadError(
+        raise BadWeights(
             f"{where}: shape mismatch with --components {source}: patch projection of "
             f"{arch['patch_inputs']} inputs does not fit patch_size {patch}"
         )
@@ -80,7 +79,7 @@ def renamed_keys(info: WeightsFile) -> dict[str, str]:
         return own
     mapping, unknown = original_to_diffusers(own.values())
     if unknown:
-        raise ModelLoadError(
+        raise BadWeights(
             f"{info.path}: {len(unknown)} tensors that AuraFlow does not have, e.g. "
             f"{unknown[0]!r}; is it a fine-tune of another architecture?"
         )
@@ -103,10 +102,10 @@ def stream_into(
         name = names[key]
         param = params.get(name)
         if param is None:
-            raise ModelLoadError(f"{where}: tensor {key!r} has no place in the model")
+            raise BadWeights(f"{where}: tensor {key!r} has no place in the model")
         value = convert(key, tensor)
         if tuple(value.shape) != tuple(param.shape):
-            raise ModelLoadError(
+            raise BadWeights(
                 f"{where}: shape mismatch for {key!r}: the file has {tuple(value.shape)}, the "
                 f"model (file shapes + --components config) expects {tuple(param.shape)}"
             )
@@ -116,7 +115,7 @@ def stream_into(
     finish()
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise ModelLoadError(
+        raise BadWeights(
             f"{where}: {len(missing)} tensors missing (e.g. {missing[0]!r}); truncated export?"
         )
 
