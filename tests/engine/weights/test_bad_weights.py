@@ -37,7 +37,10 @@ def test_truncated_file(tiny_built, tiny_folder: Path, tmp_path: Path) -> None: 
     [
         ("model.diffusion_model.input_blocks.0.0.weight", "Stable Diffusion 1.x/2.x"),
         ("conditioner.embedders.1.model.ln_final.weight", "Stable Diffusion XL"),
-        ("model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight", "Stable Diffusion 3"),
+        (
+            "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight",
+            "Stable Diffusion 3",
+        ),
         ("double_blocks.0.img_attn.qkv.weight", "Flux"),
         ("lora_unet_double_layers_0_attn_w2q.lora_down.weight", "LoRA"),
         ("transformer.joint_transformer_blocks.0.attn.to_q.lora_A.weight", "LoRA"),

@@ -1,0 +1,73 @@
+"""`models inspect`'s reading of a file: header only, under 2 s for a full-size file, torch-free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from auraserve.engine.weights.footprint import shapes
+from auraserve.engine.weights.keymap import diffusers_to_original
+from auraserve.engine.weights.probe import BadWeights, probe, render
+from tests.engine.weights.writers import COMFY, write_all_in_one, write_sparse_safetensors
+
+
+def test_a_full_size_file_is_read_from_its_header(tmp_path: Path) -> None:
+    v03 = shapes()
+    names = diffusers_to_original(v03)
+    path = write_sparse_safetensors(
+        tmp_path / "auraflow-v0.3-fp8.bin",
+        {
+            COMFY + names[k]: (shape, "F8_E4M3" if len(shape) == 2 else "BF16")
+            for k, shape in v03.items()
+        },
+    )
+    assert path.stat().st_size > 6.8e9
+    started = time.perf_counter()
+    info = probe(path).describe()
+    assert time.perf_counter() - started < 2
+    assert info["format"] == "safetensors"
+    assert info["layout"] == "AuraFlow original, ComfyUI prefix 'model.diffusion_model.'"
+    arch = info["architecture"]
+    assert (arch["double_layers"], arch["single_layers"], arch["width"], arch["text_dim"]) == (
+        4,
+        32,
+        3072,
+        2048,
+    )
+    assert round(arch["parameters"] / 1e9, 2) == 6.86
+    assert info["dtypes"]["transformer.single_blocks"] == {"F8_E4M3": 32 * 8}
+    assert info["inside"] == ["transformer"]
+    assert "text_encoder" in info["from_components"] and "vae" in info["from_components"]
+    assert "6.86 B parameters" in render(info)
+
+
+def test_all_in_one_components_are_listed(tiny_built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    info = probe(write_all_in_one(tmp_path / "aio.safetensors", tiny_built)).describe()
+    assert info["inside"] == ["transformer", "text_encoder", "vae"]
+    assert info["from_components"] == [
+        "tokenizer",
+        "scheduler",
+        "transformer config (attention heads)",
+    ]
+    assert set(info["dtypes"]) >= {"text_encoder", "vae", "transformer.double_blocks"}
+
+
+def test_probe_never_imports_torch(tiny_built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = write_all_in_one(tmp_path / "aio.safetensors", tiny_built)
+    code = (
+        "import sys\nfrom auraserve.engine.weights.probe import probe, render\n"
+        f"render(probe({str(path)!r}).describe())\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_not_a_weights_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(BadWeights, match="cannot be served"):
+        probe(path)
