@@ -103,4 +103,5 @@ def test_fp8_files_stay_fp8_and_match_diffusers(
     theirs = draw(_diffusers_single_file(path, tiny_folder))
     # fp8 → fp32 is exact, so upcasting per layer draws what upcasting all at once draws.
     assert np.array_equal(ours, theirs)
+    print(f"{fp8}: {psnr(ours, reference):.2f} dB (diffusers: {psnr(theirs, reference):.2f} dB)")
     assert psnr(ours, reference) > 15

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AuraFlowPipeline
 from safetensors.torch import save_file
@@ -129,4 +130,78 @@ def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...
     with path.open("wb") as file:
         file.write(len(raw).to_bytes(8, "little") + raw)
         file.truncate(8 + len(raw) + offset)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF
+# --------------------------------------------------------------------------------------------
+
+
+def _kquant(rows: np.ndarray, bits: int) -> np.ndarray:
+    """Q4_K / Q5_K blocks of float32 rows (row length a multiple of 256), in ggml's byte
+    layout: gguf-py dequantises K-quants but has no quantizer for them. Simple min/max scales
+    per 32-value sub-block (llama.cpp searches better ones: our files are a little worse)."""
+    import numpy as np
+
+    levels = 2**bits - 1
+    x = rows.reshape(-1, 8, 32).astype(np.float64)  # blocks × sub-blocks × values
+    lo = np.minimum(x.min(axis=2), 0.0)
+    hi = np.maximum(x.max(axis=2), lo + 1e-12)
+    scale, mins = (hi - lo) / levels, -lo
+    d = np.maximum(scale.max(axis=1, keepdims=True) / 63, 1e-30).astype(np.float16)
+    dmin = np.maximum(mins.max(axis=1, keepdims=True) / 63, 1e-30).astype(np.float16)
+    sc = np.clip(np.round(scale / d.astype(np.float64)), 1, 63).astype(np.uint8)
+    m = np.clip(np.round(mins / dmin.astype(np.float64)), 0, 63).astype(np.uint8)
+    step = (d.astype(np.float64) * sc)[:, :, None]
+    offset = (dmin.astype(np.float64) * m)[:, :, None]
+    q = np.clip(np.round((x + offset) / step), 0, levels).astype(np.uint8).reshape(-1, 256)
+    scales = np.zeros((x.shape[0], 12), np.uint8)
+    for j in range(4):
+        scales[:, j] = (sc[:, j] & 63) | ((sc[:, j + 4] >> 4) << 6)
+        scales[:, j + 4] = (m[:, j] & 63) | ((m[:, j + 4] >> 4) << 6)
+        scales[:, j + 8] = (sc[:, j + 4] & 15) | ((m[:, j + 4] & 15) << 4)
+    chunks = q.reshape(-1, 4, 2, 32)  # 4 chunks of 64 values: two sub-blocks each
+    qs = ((chunks[:, :, 0] & 15) | ((chunks[:, :, 1] & 15) << 4)).reshape(-1, 128)
+    parts = [d.view(np.uint8), dmin.view(np.uint8), scales]
+    if bits == 5:
+        high = (chunks >> 4) & 1  # blocks × chunk i × half h × l → bit 2i + h of qh[l]
+        qh = np.zeros((x.shape[0], 32), np.uint8)
+        for i in range(4):
+            for h in range(2):
+                qh |= (high[:, i, h] << (2 * i + h)).astype(np.uint8)
+        parts.append(qh)
+    parts.append(qs.astype(np.uint8))
+    return np.concatenate(parts, axis=1).reshape(*rows.shape[:-1], -1)
+
+
+def gguf_quantize(array: np.ndarray, quant: str) -> tuple[np.ndarray, object]:
+    """(data, GGMLQuantizationType) of one tensor: quantized when its rows fit the type's
+    blocks (as llama.cpp-style writers do), else F16."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    from auraserve.engine.weights.footprint import quantized
+
+    kind = GGMLQuantizationType[quant]
+    if quant != "F16" and quantized(tuple(array.shape), quant):
+        if quant in ("Q4_K", "Q5_K"):
+            return _kquant(array.astype(np.float32), 4 if quant == "Q4_K" else 5), kind
+        return quants.quantize(array.astype(np.float32), kind), kind
+    return array.astype(np.float16), GGMLQuantizationType.F16
+
+
+def write_gguf(path: Path, pipe: AuraFlowPipeline, quant: str, *, prefix: str = "") -> Path:
+    """The transformer in AuraFlow's original names as city96's ComfyUI-GGUF converter writes
+    it (architecture "aura")."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch="aura")
+    for name, tensor in original_state(pipe).items():
+        data, kind = gguf_quantize(tensor.float().numpy(), quant)
+        writer.add_tensor(prefix + name, data, raw_dtype=kind)  # type: ignore[arg-type]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path

@@ -45,7 +45,7 @@ def load_file(path: Path, source: str, dtype: torch.dtype) -> tuple[AuraFlowPipe
         if info.format == "gguf":
             from auraserve.engine.weights.gguf_file import load_transformer as load_gguf
 
-            parts["transformer"] = load_gguf(info, config, dtype)
+            parts["transformer"] = load_gguf(info, config, dtype, folder)
         else:
             parts["transformer"] = single_file.load_transformer(info, config, dtype)
         if "text_encoder" in inside:
@@ -62,6 +62,8 @@ def load_file(path: Path, source: str, dtype: torch.dtype) -> tuple[AuraFlowPipe
     label = f"{info.format}, {info.layout_name}"
     if info.fp8_dtype is not None:
         label += f", {'float8_e4m3fn' if info.fp8_dtype == 'F8_E4M3' else 'float8_e5m2'} storage"
+    if info.format == "gguf":
+        label += f", {info.transformer_dtypes.most_common(1)[0][0]}"
     if len(inside) > 1:
         label += ", all-in-one"
     return pipe, label + "; "

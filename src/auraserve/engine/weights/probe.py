@@ -52,6 +52,8 @@ GGUF_TYPES = (
     "Q4_1",
     "Q3_K",
     "Q2_K",
+    "IQ4_NL",
+    "IQ4_XS",
 )
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 # What a file that is not AuraFlow looks like, by a key only that family has.
