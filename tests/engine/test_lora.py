@@ -73,11 +73,44 @@ def _kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tens
     return out
 
 
+def _comfyui(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """ComfyUI's layout: `diffusion_model.` + AuraFlow's original module names."""
+    originals = {v: k for k, v in original_module_names(build_tiny_pipeline().transformer).items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, _, rest = key.partition(".lora_")
+        name = "diffusion_model." + originals[module.removeprefix("transformer.")]
+        part = "lora_down" if rest.startswith("A") else "lora_up"
+        out[f"{name}.{part}.weight"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def _simpletuner(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """SimpleTuner's LyCORIS-trained LoRA: kohya's layout under `lycoris_`."""
+    return {
+        key.replace("lora_unet_", "lycoris_", 1): value
+        for key, value in _kohya(state, alpha).items()
+    }
+
+
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("loras")
     style = save_adapter(root / "style", rank=4, alpha=8, seed=1)
     save_file(_kohya(style, alpha=8.0), str(root / "style-kohya.safetensors"))
+    save_file(_comfyui(style, alpha=8.0), str(root / "style-comfyui.safetensors"))
+    save_file(_simpletuner(style, alpha=8.0), str(root / "style-simpletuner.safetensors"))
+    # Layouts the engine does not apply: refused when the folder is listed.
+    module = "lycoris_joint_transformer_blocks_0_attn_to_q"
+    save_file(
+        {f"{module}.hada_w1_a": torch.ones(32, 2), f"{module}.hada_w1_b": torch.ones(2, 32)},
+        str(root / "loha.safetensors"),
+    )
+    save_file({f"{module}.lokr_w1": torch.ones(4, 4)}, str(root / "lokr.safetensors"))
+    dora = _kohya(style, alpha=8.0)
+    dora["lora_unet_joint_transformer_blocks_0_attn_to_q.dora_scale"] = torch.ones(1, 32)
+    save_file(dora, str(root / "dora.safetensors"))
     save_adapter(root / "other", rank=8, alpha=4, seed=2)
     save_adapter(root / "wide", rank=16, alpha=16, seed=3)
     return root
@@ -148,10 +181,51 @@ def test_lora_matches_diffusers_load_lora_weights(engine: AuraFlowEngine, lora_d
     assert np.abs(ours - plain).mean() > 2  # the adapter really changed the image
 
 
-def test_kohya_layout_gives_the_diffusers_layout_image(engine: AuraFlowEngine) -> None:
+@pytest.mark.parametrize("layout", ["style-kohya", "style-comfyui", "style-simpletuner"])
+def test_every_layout_gives_the_peft_layout_image(engine: AuraFlowEngine, layout: str) -> None:
     diffusers_layout = _pixels(_image(engine, _request(("style", 1.0))))
-    kohya_layout = _pixels(_image(engine, _request(("style-kohya", 1.0))))
-    assert np.abs(diffusers_layout - kohya_layout).max() <= 1
+    other_layout = _pixels(_image(engine, _request((layout, 1.0))))
+    assert np.abs(diffusers_layout - other_layout).max() <= 1
+
+
+def test_lycoris_and_dora_are_refused_when_listed(lora_dir: Path) -> None:
+    from auraserve.core.lora import check_registry
+    from auraserve.errors import InvalidParameter
+
+    registry = available_loras(lora_dir)
+    assert {"loha", "lokr", "dora"}.isdisjoint(registry)
+    assert "LoHa" in registry.refused["loha"] and "LoKr" in registry.refused["lokr"]
+    assert "DoRA" in registry.refused["dora"]
+    with pytest.raises(InvalidParameter, match="'loha' cannot be used: LyCORIS LoHa"):
+        check_registry([LoraSpec(name="loha")], registry, "loras")
+
+
+def test_adapters_that_do_not_fit_stop_the_start(lora_dir: Path, tmp_path: Path) -> None:
+    from auraserve.engine.lora import check_registry_fits
+    from auraserve.engine.weights.probe import BadWeights
+
+    transformer = build_tiny_pipeline().transformer
+    registry = available_loras(lora_dir)
+    assert check_registry_fits(registry, transformer, max_rank=16) == len(registry)
+    with pytest.raises(BadWeights, match=r"wide.*rank 16 .* up to 8"):
+        check_registry_fits(registry, transformer, max_rank=8)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    save_file(
+        {
+            "lora_unet_joint_transformer_blocks_0_attn_to_q.lora_down.weight": torch.ones(4, 48),
+            "lora_unet_joint_transformer_blocks_0_attn_to_q.lora_up.weight": torch.ones(32, 4),
+        },
+        str(other / "sdxl-sized.safetensors"),
+    )
+    with pytest.raises(BadWeights, match=r"sdxl-sized.safetensors.*takes 32 inputs"):
+        check_registry_fits(available_loras(other), transformer, max_rank=64)
+    save_file(
+        {"lora_unet_down_blocks_0_attentions_0.lora_down.weight": torch.ones(4, 48)},
+        str(other / "sdxl-sized.safetensors"),
+    )
+    with pytest.raises(BadWeights, match=r"targets 'down_blocks_0_attentions_0'"):
+        check_registry_fits(available_loras(other), transformer, max_rank=64)
 
 
 def test_original_auraflow_names_map_with_diffusers_converter(engine: AuraFlowEngine) -> None:
@@ -297,5 +371,12 @@ def fresh_dynamo() -> Iterator[None]:
 
 def test_registry_names_only(lora_dir: Path) -> None:
     registry = available_loras(lora_dir)
-    assert set(registry) == {"style", "style-kohya", "other", "wide"}
+    assert set(registry) == {
+        "style",
+        "style-kohya",
+        "style-comfyui",
+        "style-simpletuner",
+        "other",
+        "wide",
+    }
     assert registry["style"] == LoraSource("style", "folder", str((lora_dir / "style").resolve()))

@@ -11,7 +11,10 @@ path or URL. The API lists the registry with `available_loras` to refuse unknown
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -20,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import ErrorDetails
 
 from auraserve.errors import InvalidParameter
+
+logger = logging.getLogger(__name__)
 
 MAX_LORAS = 4
 MIN_LORA_SCALE = -2.0
@@ -72,24 +77,101 @@ def is_hub_id(value: str) -> bool:
     return bool(_HUB_ID.match(value))
 
 
-def available_loras(
-    lora_dir: Path | None, hub_allowlist: Iterable[str] = ()
-) -> dict[str, LoraSource]:
+class Registry(dict[str, LoraSource]):
+    """The usable adapters by name, plus `refused`: name → why an adapter in the folder
+    cannot be used (a layout the engine does not apply), so a request naming it is told."""
+
+    def __init__(self, found: Mapping[str, LoraSource], refused: Mapping[str, str]) -> None:
+        super().__init__(found)
+        self.refused = dict(refused)
+
+
+def safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """Tensor names and metadata of a .safetensors file, from its JSON header alone."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        if length > 100 * 2**20:
+            raise ValueError("header too large")
+        header = json.loads(file.read(length))
+    metadata = header.pop("__metadata__", None) or {}
+    return list(header), metadata
+
+
+def refusal(keys: Iterable[str], metadata: Mapping[str, str]) -> str | None:
+    """Why an adapter with these tensor names cannot be applied, or None. The engine applies
+    low-rank (A, B) pairs; LyCORIS' Hadamard and Kronecker products and DoRA's magnitude
+    vectors change the layer differently, so they are refused, not half applied."""
+    keys = list(keys)
+    only = "only LoRA: lora_A/lora_B or lora_down/lora_up"
+    if any(".hada_w" in k for k in keys):
+        return f"LyCORIS LoHa adapters are not supported ({only})"
+    if any(".lokr_w" in k for k in keys):
+        return f"LyCORIS LoKr adapters are not supported ({only})"
+    if any(k.endswith(".dora_scale") or "lora_magnitude_vector" in k for k in keys):
+        return "DoRA adapters are not supported (magnitude vectors); retrain without DoRA"
+    config = " ".join(str(v) for v in metadata.values())
+    if '"use_dora": true' in config:
+        return "DoRA adapters are not supported (use_dora in its config); retrain without DoRA"
+    return None
+
+
+def _refusal_of(path: Path) -> str | None:
+    try:
+        keys, metadata = safetensors_header(path)
+    except (OSError, ValueError, struct.error):
+        return None  # unreadable: listed; the worker's start check names the file
+    return refusal(keys, metadata)
+
+
+def available_loras(lora_dir: Path | None, hub_allowlist: Iterable[str] = ()) -> Registry:
     """The registry: name → source, sorted by name. Directory entries shadow nothing: a hub id
     contains a slash and a directory name cannot, so the two never collide. Entries whose
     names do not match the safe pattern, hidden files and symlinks leaving the folder are
-    skipped."""
+    skipped. Files in a layout the engine cannot apply (LyCORIS LoHa/LoKr, DoRA; read from
+    the header alone) are left out with the reason in `Registry.refused`, logged once."""
     found: dict[str, LoraSource] = {}
+    refused: dict[str, str] = {}
     if lora_dir is not None and lora_dir.is_dir():
         root = lora_dir.resolve()
         for entry in lora_dir.iterdir():
             source = _dir_entry(root, entry)
-            if source is not None:
+            if source is None:
+                continue
+            reason = _cached_refusal(*_weights_file(source))
+            if reason is None:
                 found[source.name] = source
+            else:
+                refused[source.name] = reason
     for hub_id in hub_allowlist:
         if is_hub_id(hub_id):
             found[hub_id] = LoraSource(name=hub_id, kind="hub", location=hub_id)
-    return dict(sorted(found.items()))
+    return Registry(dict(sorted(found.items())), refused)
+
+
+def _weights_file(source: LoraSource) -> tuple[Path, float]:
+    path = Path(source.location)
+    if source.kind == "folder":
+        path = path / DIFFUSERS_WEIGHT_NAME
+    try:
+        return path, path.stat().st_mtime
+    except OSError:
+        return path, 0.0
+
+
+_REFUSALS: dict[tuple[Path, float], str | None] = {}
+
+
+def _cached_refusal(path: Path, mtime: float) -> str | None:
+    """The folder is listed per request: read each file's header once per version of it."""
+    key = (path, mtime)
+    if key not in _REFUSALS:
+        if len(_REFUSALS) > 10_000:
+            _REFUSALS.clear()
+        reason = _refusal_of(path)
+        _REFUSALS[key] = reason
+        if reason is not None:
+            logger.warning("LoRA %s refused: %s", path, reason)
+    return _REFUSALS[key]
 
 
 def _dir_entry(root: Path, entry: Path) -> LoraSource | None:
@@ -122,7 +204,15 @@ def check_registry(
     loras: Iterable[LoraSpec], registry: Mapping[str, LoraSource], public: str
 ) -> None:
     """Refuse a name the operator did not register (400 naming the entry)."""
+    refused: Mapping[str, str] = getattr(registry, "refused", {})
     for index, spec in enumerate(loras):
+        if spec.name in refused and spec.name not in registry:
+            raise InvalidParameter(
+                field=f"{public}[{index}].name",
+                message=f"{public}[{index}].name: LoRA '{spec.name[:100]}' cannot be used: "
+                f"{refused[spec.name]}",
+                allowed=", ".join(registry) or "none are configured",
+            )
         if spec.name not in registry:
             known = ", ".join(registry) or "none are configured"
             raise InvalidParameter(
@@ -171,9 +261,12 @@ __all__ = [
     "MIN_LORA_SCALE",
     "LoraSource",
     "LoraSpec",
+    "Registry",
     "available_loras",
     "check_lora_types",
     "check_registry",
     "is_hub_id",
     "lora_error",
+    "refusal",
+    "safetensors_header",
 ]

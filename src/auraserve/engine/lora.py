@@ -24,7 +24,14 @@ one layout, `{diffusers module: (A, B)}` with the adapter's alpha/rank folded in
 * kohya / ComfyUI keys: `lora_unet_<module with _>.lora_down.weight` / `lora_up` / `alpha`,
   and `diffusion_model.<module>.…`, in diffusers' module names or in the original AuraFlow
   names (`double_layers.0.attn.w2q`), mapped with diffusers'
-  `convert_auraflow_transformer_checkpoint_to_diffusers` so the mapping is diffusers' own.
+  `convert_auraflow_transformer_checkpoint_to_diffusers` so the mapping is diffusers' own;
+* SimpleTuner: its PEFT adapters are the diffusers layout; its LyCORIS-trained ones
+  (`lycoris_<module with _>.lora_down.weight` / `lora_up` / `alpha`, what Pony V7's conversion
+  script takes) are kohya's layout under another prefix.
+
+LyCORIS LoHa/LoKr and DoRA are refused when the registry is listed (`core.lora.refusal`), and
+`check_registry_fits` reads every listed adapter's header at worker start, so an adapter whose
+rank or targets do not fit the model stops the start with one line naming the file.
 
 Converted adapters stay in an LRU cache bounded by bytes (`AURASERVE_LORA_CACHE_MB`); the
 adapters of the running batch are never evicted, so one adapter larger than the budget still
@@ -47,6 +54,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,6 +81,8 @@ _PREFIXES = (
     "transformer.",
     "lora_unet_",
     "lora_transformer_",
+    # SimpleTuner's LyCORIS-trained LoRAs (algo "lora"): kohya-style underscored names.
+    "lycoris_",
 )
 _KEY = re.compile(
     r"^(?P<module>.+?)\.(?:(?P<part>lora_A|lora_B|lora_down|lora_up)(?:\.[^.]+)?\.weight|"
@@ -305,7 +315,9 @@ class LoraSlots:
         self.options = options
         self.transformer = pipe.transformer
         self.compiled = engine_options.compile != "none"
-        self.unavailable = _unavailable(engine_options, offload_mode(pipe))
+        self.unavailable = _unavailable(engine_options, offload_mode(pipe)) or (
+            _weights_unavailable(self.transformer)
+        )
         self.cache = AdapterCache(options.cache_bytes)
         self.swaps = 0  # adapters copied into a slot, for tests and the benchmark
         self._lock = threading.Lock()
@@ -458,6 +470,65 @@ def check_same_loras(requests: Sequence[GenerationRequest]) -> tuple[LoraSpec, .
     return first
 
 
+def check_registry_fits(
+    registry: Mapping[str, LoraSource], transformer: AuraFlowTransformer2DModel, max_rank: int
+) -> int:
+    """Check, from headers alone, that every local adapter fits the model: known layout,
+    targets it has, shapes of its layers, rank within `max_rank`. Raises `BadWeights` naming
+    the first file that does not; returns how many were checked. Run at worker start."""
+    from auraserve.engine.weights.probe import BadWeights, read_header
+
+    aliases = module_aliases(transformer)
+    checked = 0
+    for source in registry.values():
+        if source.kind == "hub":
+            continue
+        path = Path(source.location)
+        if source.kind == "folder":
+            path = path / DIFFUSERS_WEIGHT_NAME
+        try:
+            tensors = read_header(path).tensors
+        except (OSError, ValueError, BadWeights) as exc:
+            raise BadWeights(f"LoRA {path}: cannot read it ({exc})") from exc
+        for key, meta in tensors.items():
+            match = _KEY.match(key)
+            if match is None:
+                raise BadWeights(f"LoRA {path}: key {key[:120]!r} is not in a known layout")
+            if match["alpha"]:
+                continue
+            module = _strip_prefix(match["module"])
+            name = aliases.get(module)
+            if name is None:
+                raise BadWeights(f"LoRA {path}: targets {module[:120]!r}, which this model lacks")
+            layer = transformer.get_submodule(name)
+            base = getattr(layer, "base_layer", layer)
+            down = match["part"] in ("lora_A", "lora_down")
+            rank = meta.shape[0] if down else meta.shape[-1]
+            if rank > max_rank:
+                raise BadWeights(
+                    f"LoRA {path}: rank {rank} on {name!r}; this server accepts up to "
+                    f"{max_rank} (AURASERVE_LORA_MAX_RANK)"
+                )
+            width = meta.shape[-1] if down else meta.shape[0]
+            expected = base.in_features if down else base.out_features
+            if len(meta.shape) != 2 or width != expected:
+                raise BadWeights(
+                    f"LoRA {path}: {key!r} has shape {meta.shape}, but {name!r} takes "
+                    f"{base.in_features} inputs and gives {base.out_features} outputs: "
+                    "an adapter for another model?"
+                )
+        checked += 1
+    return checked
+
+
+def _weights_unavailable(transformer: AuraFlowTransformer2DModel) -> str | None:
+    if any(p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for p in transformer.parameters()):
+        return "the weights are in fp8 storage; adapters need bf16/fp16/fp32 weights"
+    if any(type(m).__name__.startswith("GGUF") for m in transformer.modules()):
+        return "the weights are GGUF-quantized; adapters need bf16/fp16/fp32 weights"
+    return None
+
+
 def _unavailable(options: EngineOptions, offload: str) -> str | None:
     if options.fuse_qkv:
         return "fuse_qkv replaces the q/k/v layers that adapters attach to"
@@ -473,6 +544,7 @@ __all__ = [
     "AdapterCache",
     "LoraOptions",
     "LoraSlots",
+    "check_registry_fits",
     "check_same_loras",
     "convert",
     "module_aliases",
