@@ -86,6 +86,12 @@ def test_gguf_types(
     comfy = write_gguf(tmp_path / "comfy.gguf", wide, quant, prefix=COMFY)
     engine = load_engine(str(comfy), components=str(wide_folder), device="cpu", dtype="float32")
     assert quant in engine.description
+    # Quantized weights stay quantized in memory (F16 tensors are upcast to the compute dtype,
+    # as diffusers does): far below the float32 model.
+    fp32_bytes = 4 * sum(p.numel() for p in wide.transformer.parameters())
+    transformer = engine.pipe.transformer
+    resident = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    assert resident < (1.01 if quant == "F16" else 0.5) * fp32_bytes
     ours = draw(engine)
     theirs = draw(_diffusers_gguf(bare, wide_folder))  # diffusers cannot read the prefixed one
     ours_db, theirs_db = psnr(ours, wide_reference), psnr(theirs, wide_reference)

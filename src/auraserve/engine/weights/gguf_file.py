@@ -11,11 +11,11 @@ matches only bare keys), the config from the file's shapes and the components
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.model_loading_utils import load_gguf_checkpoint
 from diffusers.quantizers.quantization_config import GGUFQuantizationConfig
 
 from auraserve.engine.components import AuraFlowTransformer2DModel
@@ -39,13 +39,7 @@ _FROM_SHAPES = (
 def load_transformer(
     info: WeightsFile, config: dict[str, Any], dtype: torch.dtype, folder: Path
 ) -> AuraFlowTransformer2DModel:
-    try:
-        tensors = load_gguf_checkpoint(str(info.path))
-    except ValueError as exc:  # an unsupported quant type, named by diffusers
-        first = str(exc).strip().splitlines()[0][:200]
-        raise BadWeights(f"{info.path}: {first}") from exc
-    keys = set(info.transformer_keys)
-    state = {k[len(info.prefix) :]: v for k, v in tensors.items() if k in keys}
+    state = _read(info)
     model: AuraFlowTransformer2DModel = AuraFlowTransformer2DModel.from_single_file(
         state,
         config=str(folder),
@@ -56,6 +50,31 @@ def load_transformer(
         **{key: config[key] for key in _FROM_SHAPES},
     )
     return model.eval()
+
+
+def _read(info: WeightsFile) -> dict[str, torch.Tensor]:
+    """The transformer's tensors as diffusers' `load_gguf_checkpoint` makes them, but as
+    views of the memory-mapped file instead of copies: the quantized bytes are read once, by
+    the model's load, so the peak stays near the file's size, not twice it."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFParameter
+
+    plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    keys = set(info.transformer_keys)
+    state: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        # The map is read-only; nothing writes to these tensors (the load copies them).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for tensor in gguf.GGUFReader(info.path).tensors:
+            if tensor.name not in keys:
+                continue
+            kind = tensor.tensor_type
+            if kind not in plain and kind not in SUPPORTED_GGUF_QUANT_TYPES:
+                raise BadWeights(f"{info.path}: GGUF quant type {kind.name} is not supported")
+            data = torch.from_numpy(tensor.data)
+            name = tensor.name[len(info.prefix) :]
+            state[name] = data if kind in plain else GGUFParameter(data, quant_type=kind)
+    return state
 
 
 def quant_types(info: WeightsFile) -> str:
