@@ -57,8 +57,13 @@ class Settings(BaseSettings):
     public_url: str = ""
     # Weights that every preset runs on when set: a hub id, a local diffusers directory or "tiny".
     model: str = ""
+    # Components source for a single weights file given as `model` (see ModelPreset).
+    components: str = ""
     presets: dict[str, ModelPreset] = Field(default_factory=default_presets)
     default_preset: str = "auraflow-v0-3"
+    # A TOML file of model presets, `[models.<id>]` tables with ModelPreset's fields
+    # (weights, components, lora_dir, defaults, price): they replace the built-in presets.
+    models_file: Path | None = None
 
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -295,6 +300,26 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis:// or rediss://")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_models_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("models_file"):
+            return data
+        import tomllib
+
+        path = Path(data["models_file"]).expanduser()
+        try:
+            models = tomllib.loads(path.read_text()).get("models")
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"AURASERVE_MODELS_FILE {path}: {exc}") from None
+        if not isinstance(models, dict) or not models:
+            raise ValueError(f"AURASERVE_MODELS_FILE {path}: no [models.<id>] tables")
+        data = dict(data)
+        data["presets"] = models
+        if "default_preset" not in data or data["default_preset"] not in models:
+            data["default_preset"] = next(iter(models))
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.default_preset not in self.presets:
@@ -357,6 +382,18 @@ class Settings(BaseSettings):
 
     def weights_for(self, preset_id: str) -> str:
         return self.model or self.presets[preset_id].weights
+
+    def components_for(self, preset_id: str) -> str:
+        if self.model:
+            return self.components or self.presets[preset_id].components
+        return self.presets[preset_id].components
+
+    def loras_for(self, preset_id: str) -> dict[str, LoraSource]:
+        """A model's LoRA registry: its own folder when its preset names one."""
+        lora_dir = self.presets[preset_id].lora_dir
+        if lora_dir is None:
+            return self.loras()
+        return available_loras(lora_dir, self.lora_hub_allowlist)
 
     def loras(self) -> dict[str, LoraSource]:
         """The LoRA registry as it is now: the folder is listed on each call, so an adapter

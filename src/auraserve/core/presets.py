@@ -6,6 +6,7 @@ defaults requests from them without loading the model stack.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +22,12 @@ class ModelPreset(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # A hub id, a diffusers folder, one weights file (.safetensors / .gguf) or "tiny".
     weights: str = DEFAULT_WEIGHTS
+    # For a single file: where what it lacks comes from (tokenizer, text encoder, VAE…).
+    components: str = DEFAULT_WEIGHTS
+    # This model's own LoRA folder; None: the server-wide AURASERVE_LORA_DIR.
+    lora_dir: Path | None = None
     description: str = ""
     width: Annotated[int, Field(ge=512, le=2048)] = 1024
     height: Annotated[int, Field(ge=512, le=2048)] = 1024

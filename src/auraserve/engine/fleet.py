@@ -1,0 +1,88 @@
+"""Several models in one worker: one engine per distinct weights, each batch run by the
+engine of its model (a batch never mixes models: the model is part of the batch key).
+
+Presets that share weights (and components) share one engine, so `auraflow-v0-3` and its
+512 px variant cost one load; presets with other weights (a Pony V7 file, a GGUF quant) each
+get their own. The worker claims jobs only for the models it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from PIL import Image
+
+from auraserve.core.request import GenerationRequest
+from auraserve.engine.base import CancelCheck, Engine, JobResult, StepCallback
+from auraserve.errors import UnsupportedRequest
+
+
+class FleetEngine:
+    """The `Engine` for several models: model id → the engine that runs it."""
+
+    def __init__(self, engines: Mapping[str, Engine]) -> None:
+        if not engines:
+            raise ValueError("a fleet needs at least one model")
+        self.engines = dict(engines)
+        distinct = list({id(e): e for e in self.engines.values()}.values())
+        self.description = "; ".join(
+            f"{', '.join(m for m, e in self.engines.items() if e is engine)}: {engine.description}"
+            for engine in distinct
+        )
+        self.is_test_model = all(engine.is_test_model for engine in distinct)
+        self.optimization_log: list[str] = [
+            line for engine in distinct for line in getattr(engine, "optimization_log", [])
+        ]
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.engines)
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        on_step: StepCallback | None = None,
+        cancelled: CancelCheck | None = None,
+        init_images: Sequence[Image.Image | None] | None = None,
+    ) -> list[JobResult]:
+        models = {request.model for request in requests}
+        if len(models) > 1:
+            raise ValueError("a batch must share its model")  # the batch key keeps them apart
+        model = next(iter(models), "")
+        engine = self.engines.get(model)
+        if engine is None:
+            raise UnsupportedRequest(
+                f"model {model!r} is not loaded by this worker (it serves "
+                f"{', '.join(self.engines)})"
+            )
+        kwargs: dict[str, Any] = {"on_step": on_step, "cancelled": cancelled}
+        if init_images is not None:
+            kwargs["init_images"] = init_images
+        return engine.generate(requests, **kwargs)
+
+    def warmup(self, sizes: Sequence[tuple[int, int]], steps: int = 2) -> float:
+        seconds = 0.0
+        for engine in {id(e): e for e in self.engines.values()}.values():
+            warm = getattr(engine, "warmup", None)
+            if warm is not None:
+                seconds += float(warm(sizes, steps=steps))
+        return seconds
+
+
+def load_fleet(
+    models: Mapping[str, tuple[str, str]], load: Callable[[str, str], Engine]
+) -> FleetEngine:
+    """`models`: model id → (weights, components). `load(weights, components)` is called once
+    per distinct pair, in the order models are given (the first failure stops the start)."""
+    engines: dict[tuple[str, str], Engine] = {}
+    by_model: dict[str, Engine] = {}
+    for model, key in models.items():
+        if key not in engines:
+            engines[key] = load(*key)
+        by_model[model] = engines[key]
+    return FleetEngine(by_model)
+
+
+__all__ = ["FleetEngine", "load_fleet"]
