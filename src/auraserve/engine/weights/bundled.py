@@ -33,10 +33,12 @@ def load_text_encoder(
     umt5 = (
         "UMT5" in "".join(config.get("architectures") or []) or config.get("model_type") == "umt5"
     )
-    model_class = UMT5EncoderModel if umt5 else T5EncoderModel
-    config_class = UMT5Config if umt5 else T5Config
+    model: PreTrainedModel
     with init_empty_weights():
-        model = model_class(config_class.from_dict(config))
+        if umt5:
+            model = UMT5EncoderModel(UMT5Config.from_dict(config))
+        else:
+            model = T5EncoderModel(T5Config.from_dict(config))
     wanted = {name for name, _ in model.named_parameters()}
     names = {
         key: key[len(prefix) :]
