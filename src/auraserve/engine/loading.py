@@ -182,7 +182,8 @@ def _load_pipeline(
     )
     if looks_like_path:
         raise ModelLoadError(
-            f"model directory {weights} does not exist; " + _no_weights_hint(DEFAULT_WEIGHTS)
+            f"model path {weights} does not exist (a diffusers directory or a weights file); "
+            + _no_weights_hint(DEFAULT_WEIGHTS)
         )
     if not _HUB_ID.match(weights):
         raise ModelLoadError(

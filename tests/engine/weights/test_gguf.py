@@ -102,6 +102,16 @@ def test_gguf_types(
         assert ours_db > 40
 
 
+def test_inspect_reads_gguf_metadata(wide: AuraFlowPipeline, tmp_path: Path) -> None:
+    from auraserve.engine.weights.probe import probe
+
+    info = probe(write_gguf(tmp_path / "q.gguf", wide, "Q4_K", prefix=COMFY)).describe()
+    assert info["format"] == "gguf"
+    assert info["layout"].startswith("AuraFlow original, ComfyUI prefix")
+    assert info["dtypes"]["transformer.single_blocks"] == {"Q4_K": 8}
+    assert info["architecture"]["width"] == 256
+
+
 def test_quality_order() -> None:
     if set(MEASURED) != set(QUANTS):
         pytest.skip("needs every type measured in this session")
