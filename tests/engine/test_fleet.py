@@ -118,3 +118,15 @@ def test_a_model_the_worker_did_not_load(
     request = build_request({"prompt": "x", "steps": 1}, model="tiny-b", preset=preset)
     with pytest.raises(UnsupportedRequest, match="not loaded by this worker"):
         fleet.generate([request])
+
+
+def test_a_worker_takes_the_models_it_can_hold(models_file: Path, tmp_path: Path) -> None:
+    from auraserve.engine.fleet import estimate_bytes, models_that_fit
+
+    sizes = {"a": 10, "b": 6, "c": 5}
+    models = {"x": "a", "x-512": "a", "y": "b", "z": "c"}
+    assert models_that_fit(models, None) == ["x", "x-512", "y", "z"]
+    # Presets sharing weights cost once; a model that does not fit is skipped, not the rest.
+    assert models_that_fit(models, 15, sizes.__getitem__) == ["x", "x-512", "z"]
+    weights = models_file.parent / "tiny-b.safetensors"
+    assert estimate_bytes(str(weights)) > weights.stat().st_size  # + text encoder and VAE

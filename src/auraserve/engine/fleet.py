@@ -71,6 +71,50 @@ class FleetEngine:
         return seconds
 
 
+# What a hub id or diffusers folder of AuraFlow v0.3 holds in bf16 (transformer, text encoder,
+# VAE): `engine.weights.footprint`; plus CUDA's context and activations at 1024².
+_FOLDER_BYTES = 15_210_000_000
+_OVERHEAD_BYTES = 2 * 2**30
+
+
+def estimate_bytes(weights: str) -> int:
+    """Device bytes a model's weights need, from the file's header for a single file (its
+    size, plus a bf16 text encoder and VAE unless inside), else v0.3's bf16 pipeline."""
+    from pathlib import Path
+
+    from auraserve.engine.weights.footprint import TEXT_ENCODER_BYTES, VAE_BYTES
+    from auraserve.engine.weights.probe import probe
+
+    if weights == "tiny":
+        return 10 * 2**20
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        return _FOLDER_BYTES + _OVERHEAD_BYTES
+    info = probe(path)
+    inside = info.components_inside
+    extra = (0 if "text_encoder" in inside else TEXT_ENCODER_BYTES) + (
+        0 if "vae" in inside else VAE_BYTES
+    )
+    return info.size + extra + _OVERHEAD_BYTES
+
+
+def models_that_fit(
+    models: Mapping[str, str], budget: int | None, size: Callable[[str], int] = estimate_bytes
+) -> list[str]:
+    """The models (id → weights) a worker can hold together in `budget` bytes (None: all),
+    in order, weights shared by several presets counted once."""
+    if budget is None:
+        return list(models)
+    chosen: list[str] = []
+    held: dict[str, int] = {}
+    for model, weights in models.items():
+        cost = 0 if weights in held else size(weights)
+        if sum(held.values()) + cost <= budget:
+            held.setdefault(weights, cost)
+            chosen.append(model)
+    return chosen
+
+
 def load_fleet(
     models: Mapping[str, tuple[str, str]], load: Callable[[str, str], Engine]
 ) -> FleetEngine:
@@ -85,4 +129,4 @@ def load_fleet(
     return FleetEngine(by_model)
 
 
-__all__ = ["FleetEngine", "load_fleet"]
+__all__ = ["FleetEngine", "estimate_bytes", "load_fleet", "models_that_fit"]

@@ -71,3 +71,21 @@ def test_not_a_weights_file(tmp_path: Path) -> None:
     path.write_text("hello")
     with pytest.raises(BadWeights, match="cannot be served"):
         probe(path)
+
+
+def test_inspect_report_and_exit_status(tiny_built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from auraserve.engine.weights.probe import inspect
+
+    path = write_all_in_one(tmp_path / "aio.safetensors", tiny_built)
+    text, code = inspect(path)
+    assert code == 0 and "inside:        transformer, text_encoder, vae" in text
+    data, code = inspect(path, as_json=True)
+    assert code == 0 and json.loads(data)["inside"] == ["transformer", "text_encoder", "vae"]
+    lora = tmp_path / "lora.safetensors"
+    write_sparse_safetensors(lora, {"lora_unet_x.lora_down.weight": ((4, 8), "F16")})
+    text, code = inspect(lora)
+    assert code == 2 and "\n" not in text and "a LoRA adapter" in text
+    data, code = inspect(lora, as_json=True)
+    assert code == 2 and json.loads(data)["servable"] is False

@@ -388,12 +388,25 @@ def render(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def inspect(path: str | Path, *, as_json: bool = False) -> tuple[str, int]:
+    """`auraserve models inspect PATH [--json]`: the report and the exit status (0, or 2 for a
+    file that cannot be served, with one line saying what it looks like)."""
+    try:
+        info = probe(path).describe()
+    except BadWeights as exc:
+        if as_json:
+            return json.dumps({"path": str(path), "servable": False, "error": exc.message}), 2
+        return exc.message, 2
+    return (json.dumps(info, indent=2) if as_json else render(info)), 0
+
+
 __all__ = [
     "FP8_DTYPES",
     "GGUF_TYPES",
     "BadWeights",
     "TensorMeta",
     "WeightsFile",
+    "inspect",
     "looks_like",
     "probe",
     "read_header",
