@@ -79,3 +79,22 @@ def test_tensor_of_the_wrong_shape(tiny_built, tiny_folder: Path, tmp_path: Path
     state["double_layers.0.mlpX.c_proj.weight"] = torch.zeros(32, 7)
     save_file(state, str(path))
     assert "shape mismatch for 'double_layers.0.mlpX.c_proj.weight'" in _fails(path, tiny_folder)
+
+
+def test_components_that_cannot_be_had(
+    tiny_built,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+) -> None:
+    from auraserve.errors import ModelLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = write_original(tmp_path / "t.safetensors", tiny_built)
+    with pytest.raises(ModelLoadError) as info:
+        load_engine(str(path), components="auraserve-tests/missing", device="cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("cannot get components auraserve-tests/missing")
+    assert "--components" in message
+    with pytest.raises(ModelLoadError, match="not a diffusers folder"):
+        load_engine(str(path), components=str(tmp_path), device="cpu")
