@@ -19,13 +19,10 @@ def test_a_full_size_file_is_read_from_its_header(tmp_path: Path) -> None:
     v03 = shapes()
     names = diffusers_to_original(v03)
     path = write_sparse_safetensors(
-        tmp_path / "auraflow-v0.3-fp8.bin",
-        {
-            COMFY + names[k]: (shape, "F8_E4M3" if len(shape) == 2 else "BF16")
-            for k, shape in v03.items()
-        },
+        tmp_path / "auraflow-v0.3-bf16.bin",
+        {COMFY + names[k]: (shape, "BF16") for k, shape in v03.items()},
     )
-    assert path.stat().st_size > 6.8e9
+    assert path.stat().st_size > 13.7e9  # Pony V7 / AuraFlow v0.3 in bf16, as a hole
     started = time.perf_counter()
     info = probe(path).describe()
     assert time.perf_counter() - started < 2
@@ -39,7 +36,7 @@ def test_a_full_size_file_is_read_from_its_header(tmp_path: Path) -> None:
         2048,
     )
     assert round(arch["parameters"] / 1e9, 2) == 6.86
-    assert info["dtypes"]["transformer.single_blocks"] == {"F8_E4M3": 32 * 8}
+    assert info["dtypes"]["transformer.single_blocks"] == {"BF16": 32 * 8}
     assert info["inside"] == ["transformer"]
     assert "text_encoder" in info["from_components"] and "vae" in info["from_components"]
     assert "6.86 B parameters" in render(info)
