@@ -261,7 +261,7 @@ router = APIRouter(tags=["OpenAI images"], dependencies=[use_dialect(OPENAI)])
             "content": {"application/json": {"schema": ImageGenerationBody.model_json_schema()}},
         }
     },
-    responses=OPENAI.error_responses(400, 401, 409, 413, 422, 429, 500, 504),
+    responses=OPENAI.error_responses(400, 401, 409, 413, 415, 422, 429, 500, 504),
 )
 async def generations(
     request: Request,

@@ -122,7 +122,7 @@ def accepted_body(runtime: Runtime, job: Job) -> dict[str, Any]:
             "content": {"application/json": {"schema": QueueSubmitBody.model_json_schema()}},
         }
     },
-    responses=QUEUE.error_responses(400, 401, 402, 413, 422, 429),
+    responses=QUEUE.error_responses(400, 401, 402, 413, 415, 422, 429),
 )
 async def submit(
     model_id: str,

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
 from auraserve.api import idempotency, results
-from auraserve.api.body import json_object, read_numbers
+from auraserve.api.body import FORM_TYPES, JSON, media_type, read_json_body, read_numbers
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName
 from auraserve.api.image_field import upload_as_field
@@ -38,14 +38,12 @@ from auraserve.errors import (
     AuraserveError,
     InsufficientBalance,
     InvalidParameter,
-    UnsupportedMediaType,
 )
 from auraserve.runtime import Runtime
 from auraserve.store import ledger
 from auraserve.store.keys import Account
 
 SEED_PATH = "/v1/aura-flow"
-_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _BOOL = TypeAdapter(bool)
 # On /v1/{preset} the preset's own size wins (that is what naming a 512 preset is for).
 _PRESET_SIZED = ("width", "height")
@@ -130,8 +128,8 @@ class SyncImages(BaseModel):
 
 async def read_fields(request: Request) -> dict[str, Any]:
     """The body as a flat dict: form fields (strings) or a JSON object."""
-    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if content_type in _FORM_TYPES:
+    content_type = media_type(request, (*FORM_TYPES, JSON))
+    if content_type in FORM_TYPES:
         try:
             form = await request.form()
         except Exception as exc:  # malformed multipart: a client error, never a 500
@@ -147,12 +145,7 @@ async def read_fields(request: Request) -> dict[str, Any]:
                 continue
             data[name] = value
         return read_numbers(data, SYNC)
-    if content_type in ("application/json", "") or content_type.endswith("+json"):
-        return await json_object(request)
-    raise UnsupportedMediaType(
-        content_type,
-        "multipart/form-data, application/x-www-form-urlencoded or application/json",
-    )
+    return await read_json_body(request)
 
 
 def parse_bool(name: str, value: Any) -> bool:
