@@ -132,7 +132,9 @@ def test_openai_expander_talks_to_a_real_server(chat_server: _ChatServer, suffix
     expander = OpenAIChatExpander(chat_server.url + suffix, "qwen2.5-3b", api_key="sk-test")
     out = expander.expand("a cat holding a sign that says hello world", 42)
     # The model's answer is appended: the user's words stay first, byte for byte.
-    assert out == "a cat holding a sign that says hello world, golden light, a weathered wooden sign"
+    assert out == (
+        "a cat holding a sign that says hello world, golden light, a weathered wooden sign"
+    )
     [request] = chat_server.requests
     assert request["path"] == "/v1/chat/completions"
     assert request["auth"] == "Bearer sk-test"

@@ -285,8 +285,7 @@ def fit_to_budget(prompt: str, expanded: str, budget: TokenBudget) -> tuple[str,
     shown = ", ".join(left_out)
     shown = shown if len(shown) <= 120 else shown[:117] + "..."
     warning = (
-        f"prompt expansion shortened to fit AuraFlow's {budget.limit} tokens; "
-        f"left out: {shown!r}"
+        f"prompt expansion shortened to fit AuraFlow's {budget.limit} tokens; left out: {shown!r}"
     )
     return append_detail(text, ", ".join(kept)), [warning]
 
