@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     max_streams_per_account: int = Field(32, ge=1)
     max_sync_waits_per_account: int = Field(32, ge=1)
     bootstrap_credits: int = Field(100_000, ge=0)
-    # How long a sync-dialect request (seed 000, OpenAI) waits for its image before answering
+    # How long a Sync API or OpenAI Images request waits for its image before answering
     # 504 with the request_id; the job keeps running and stays pollable.
     sync_timeout_seconds: float = Field(300.0, gt=0)
     # Server-sent events on /v2/requests/status/{id}/stream: a comment line this often keeps
@@ -135,18 +135,18 @@ class Settings(BaseSettings):
     redis_url: str = ""
     rate_limit_key_prefix: str = Field("auraserve", min_length=1, max_length=100)
 
-    # Webhooks (seed 002). Hosts or networks that deliveries may reach although they are
+    # Webhooks (the Queue API). Hosts or networks that deliveries may reach although they are
     # loopback/private (development and tests), e.g. "127.0.0.1,localhost,::1"; comma separated
     # or a JSON list. Trust for private CAs comes from SSL_CERT_FILE / SSL_CERT_DIR.
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Accept plain http:// webhook URLs (development only; seed 002 requires https).
+    # Accept plain http:// webhook URLs (development only; the hosted Queue API requires https).
     webhook_allow_http: bool = False
     # Delay before attempt n, in seconds (Standard Webhooks schedule); jittered by ±10 %.
     webhook_schedule: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [float(d) for d in DEFAULT_SCHEDULE]
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=120)
-    # X-Webhook-Mode: sync sends progress at most this often (seed 002: 15 s).
+    # X-Webhook-Mode: sync sends progress at most this often (the hosted Queue API: 15 s).
     webhook_sync_interval_seconds: float = Field(15.0, gt=0)
     # Deliveries in flight at once per API process.
     webhook_concurrency: int = Field(16, ge=1, le=1000)

@@ -23,7 +23,7 @@ from auraserve.api.dialects import openai, queue, sync
 from auraserve.api.fast_status import FastStatus
 from auraserve.api.limits import Kind, LongLivedSlots, endpoint_is, hold_slot, method_is
 from auraserve.api.media_route import media_origins, serve_media
-from auraserve.api.openapi import media_responses, tidy_document
+from auraserve.api.openapi import TAGS, media_responses, tidy_document
 from auraserve.api.ratelimit import RateLimiter
 from auraserve.api.submit_batching import SubmitBatcher
 from auraserve.errors import PayloadTooLarge
@@ -182,6 +182,7 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         description="Self-hosted AuraFlow text-to-image API: the Queue API (submit, then "
         "poll), the Sync API (the image in the response) and OpenAI Images.",
         lifespan=lifespan,
+        openapi_tags=TAGS,
         # account_routes serves /docs and /redoc from the package instead of a CDN.
         docs_url=None,
         redoc_url=None,

@@ -151,7 +151,7 @@ class GenerationRequest(BaseModel):
     @field_validator("output_format", mode="before")
     @classmethod
     def _format(cls, value: object) -> object:
-        # Formats are case-insensitive and "jpg" means "jpeg", as in the seeds' examples.
+        # Formats are case-insensitive and "jpg" means "jpeg", as in the hosted APIs' examples.
         if isinstance(value, str):
             value = value.lower()
             return "jpeg" if value == "jpg" else value

@@ -1,4 +1,4 @@
-"""The OpenAI Images dialect: `POST /v1/images/generations`, so the `openai` SDKs work with
+"""OpenAI Images: `POST /v1/images/generations`, so the `openai` SDKs work with
 only `base_url` changed.
 
 Mapping only: `n` → num_images, `size` "WxH" → width/height ("auto": the preset's), `quality`
@@ -36,6 +36,7 @@ from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName, Problem
 from auraserve.api.openapi import (
     MODEL_NAMES_MARK,
+    OPENAI_TAG,
     OpenAIErrorBody,
     int_range_pattern,
     request_body_model,
@@ -272,7 +273,7 @@ class ModelList(BaseModel):
     data: list[ModelObject]
 
 
-router = APIRouter(tags=["OpenAI Images"], dependencies=[use_dialect(OPENAI)])
+router = APIRouter(tags=[OPENAI_TAG], dependencies=[use_dialect(OPENAI)])
 
 
 def _model_object(model_id: str) -> dict[str, Any]:
