@@ -582,12 +582,12 @@ def test_a_new_data_dir_is_private(tmp_path: Path) -> None:
 
 def test_the_engine_of_serve_and_worker_serves_the_lora_registry(tmp_path: Path) -> None:
     """`serve`/`worker` build their engine with LoRA slots when a registry is configured."""
-    from auraserve.cli import _load_engine
+    from auraserve.cli.engine import load_engine
     from auraserve.config import load_settings
 
     (tmp_path / "loras").mkdir()
-    plain = _load_engine(load_settings(data_dir=tmp_path / "d", device="cpu"), "tiny")
-    with_lora = _load_engine(
+    plain = load_engine(load_settings(data_dir=tmp_path / "d", device="cpu"), "tiny")
+    with_lora = load_engine(
         load_settings(data_dir=tmp_path / "d", device="cpu", lora_dir=tmp_path / "loras"), "tiny"
     )
     assert getattr(plain, "lora", None) is None
