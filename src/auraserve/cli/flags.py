@@ -116,6 +116,9 @@ def other_settings_epilog(command: str) -> str:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    settings = load_settings(**{s.name: getattr(args, s.name, None) for s in SETTING_FLAGS})
+    given = {s.name: getattr(args, s.name, None) for s in SETTING_FLAGS}
+    # A bad value names the flag that gave it, not the environment variable it overrode.
+    flags = {s.name: s.flag for s in SETTING_FLAGS if given[s.name] is not None}
+    settings = load_settings(flags=flags, **given)
     configure_logging(settings.log_format, verbose=getattr(args, "verbose", False))
     return settings

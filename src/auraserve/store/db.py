@@ -35,6 +35,7 @@ from auraserve.observability import metrics
 from auraserve.store.cache import TtlCache
 from auraserve.store.events import LocalBus, PgListener, SqliteFanout, take_events
 from auraserve.store.migrations import HEAD_REVISION
+from auraserve.store.urls import normalise_database_url
 
 if sys.platform != "win32":
     import fcntl
@@ -101,6 +102,7 @@ class Database:
         auth_cache_ttl: float = AUTH_CACHE_TTL,
         position_ttl: float = POSITION_TTL,
     ) -> None:
+        url = normalise_database_url(url)
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.bus = LocalBus()
