@@ -479,3 +479,14 @@ def _origin(
     if field in table:
         return f"{'.'.join(loc)} in {toml_path} (AURASERVE_CONFIG)"
     return "AURASERVE_" + field.upper()  # a default that no longer fits what was set
+
+
+def setting_origin(field: str, flags: Mapping[str, str]) -> str | None:
+    """Where a valid setting came from, for messages: the flag, the environment variable or
+    the settings-file key that set it; None when it is the default."""
+    toml_path = os.environ.get("AURASERVE_CONFIG", "")
+    table = _toml_table(toml_path)
+    origin = _origin([field], flags, {}, toml_path, table)
+    if origin == "AURASERVE_" + field.upper() and origin not in {n.upper() for n in os.environ}:
+        return None
+    return origin

@@ -161,7 +161,13 @@ class Runtime:
     _closed: bool = field(default=False, init=False, repr=False)
 
     @classmethod
-    def open(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
+    def open(
+        cls,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        on_migration_step: Callable[[int, int], None] | None = None,
+    ) -> Runtime:
         # 0700: the data dir holds the server key, the database and every image.
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         server_key = load_server_key(
@@ -172,7 +178,7 @@ class Runtime:
         _private_sqlite_files(settings.resolved_database_url)
         db = Database(settings.resolved_database_url)
         keys.use_server_key(db, server_key)
-        db.migrate()
+        db.migrate(on_migration_step)
         # Every process that changes job statuses records their webhook deliveries in the
         # same transactions (API: cancels; workers: results), whoever sends them later.
         # Disk under data_dir/media, or S3 for processes on many machines (media.factory).

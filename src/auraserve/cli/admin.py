@@ -6,13 +6,13 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from auraserve.cli.stores import open_admin, store_label
+from auraserve.cli.output import iso, print_fields, print_json, print_table, refuse
+from auraserve.cli.stores import FIRST_START, NEEDS_ROWS, ON_REQUEST, open_admin, store_label
 
-
-def refuse(message: str) -> int:
-    print(f"auraserve: {message}", file=sys.stderr)
-    return 2
+if TYPE_CHECKING:
+    from auraserve.runtime import Runtime
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -28,9 +28,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
             "--admin makes a new admin account; an existing account stays what it is "
             "(make an operator account with `auraserve keys create --name NAME --admin`)"
         )
-    # Only a new account makes sense on a new store; everything else needs existing rows.
-    may_create = args.keys_cmd == "create" and not args.account
-    runtime = open_admin(args, may_create=may_create)
+    # Only a new account makes sense on a new store (with --create); the rest needs rows.
+    new_account = args.keys_cmd == "create" and not args.account
+    runtime = open_admin(args, ON_REQUEST if new_account else NEEDS_ROWS)
     try:
         if args.keys_cmd == "create":
             if args.account:
@@ -55,26 +55,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(record))
             else:
-                print(f"API key (shown once): {created.key}")
-                print(
-                    f"key id {created.key_id}, account {created.account_id}, "
-                    f"credits {created.credits}"
-                )
-                print(f"webhook signing secret: {created.webhook_secret}")
+                fields: dict[str, object] = {
+                    "API key (shown once)": created.key,
+                    "key id": created.key_id,
+                    "account": created.account_id,
+                    "credits": created.credits,
+                    "webhook signing secret": created.webhook_secret,
+                }
                 if args.admin:
-                    print("admin account: its keys may also read GET /v2/workers")
+                    fields["admin"] = "yes: its keys may also read GET /v2/workers"
+                print_fields(fields)
         elif args.keys_cmd == "list":
-            rows = keys.list_keys(runtime.db)
-            if args.json:
-                print(json.dumps([r.__dict__ for r in rows]))
-            for r in rows if not args.json else []:
-                state = "revoked" if r.revoked_at else "active"
-                print(f"{r.key_id}\t{r.account_id}\t{state}\t{r.name}")
+            _list_keys(args, runtime)
         elif args.keys_cmd == "revoke":
             if not keys.revoke_key(runtime.db, args.key_id):
                 print(f"no active key {args.key_id}", file=sys.stderr)
                 return 1
-            print(f"revoked {args.key_id}")
+            if args.json:
+                print_json({"key_id": args.key_id, "revoked": True})
+            else:
+                print(f"revoked {args.key_id}")
         elif args.keys_cmd == "webhook-secret":
             try:
                 current = keys.webhook_secrets(runtime.db, args.account)
@@ -114,23 +114,35 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
-    from auraserve.store import ledger
+    from auraserve.store import history, ledger
 
-    runtime = open_admin(args, may_create=False)
+    runtime = open_admin(args)
     try:
         if args.credits_cmd == "grant":
             try:
-                balance = ledger.grant(runtime.db, args.account_id, args.amount, note="cli grant")
+                ledger.grant(runtime.db, args.account_id, args.amount, note="cli grant")
             except LookupError:
                 return refuse(f"no account {args.account_id} in this store")
+        summary = history.account_summary(runtime.db, args.account_id, entries=0)
+        if summary is None:
+            # Status 1, not 2: the question was well formed and the answer is "none".
+            print(f"no account {args.account_id}", file=sys.stderr)
+            return 1
+        record = {
+            "account_id": summary.account_id,
+            "name": summary.name,
+            "credits": summary.balance,
+            "reserved": summary.reserved,
+        }
+        if args.json:
+            print_json(record)
         else:
-            try:
-                balance = ledger.balance(runtime.db, args.account_id)
-            except LookupError:
-                # Status 1, not 2: the question was well formed and the answer is "none".
-                print(f"no account {args.account_id}", file=sys.stderr)
-                return 1
-        print(json.dumps({"account_id": args.account_id, "credits": balance}))
+            if args.credits_cmd == "grant":
+                print(f"granted {args.amount} credits", file=sys.stderr)
+            print_table(
+                ("ACCOUNT", "NAME", "BALANCE", "RESERVED"),
+                [(summary.account_id, summary.name, summary.balance, summary.reserved)],
+            )
     finally:
         runtime.close()
     return 0
@@ -141,7 +153,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
     from auraserve.store import workers as registry
 
-    runtime = open_admin(args, may_create=False)
+    runtime = open_admin(args)
     try:
         stale = runtime.settings.worker_stale_seconds
         now = time.time()
@@ -155,26 +167,24 @@ def cmd_workers(args: argparse.Namespace) -> int:
             return 0
         if not rows:
             print("no workers have registered with this store", file=sys.stderr)
-            return 0
-        table = [("ID", "HOST", "PID", "STATE", "LIVENESS", "SEEN", "JOBS", "MODELS", "DEVICE")]
+        table: list[tuple[object, ...]] = [
+            ("ID", "HOST", "PID", "STATE", "LIVENESS", "SEEN", "JOBS", "MODELS", "DEVICE")
+        ]
         for w in rows:
             table.append(
                 (
                     w.id,
                     w.host,
-                    str(w.pid),
+                    w.pid,
                     w.state,
                     w.liveness(stale, now),
                     f"{max(0.0, now - w.last_seen_at):.0f}s ago",
-                    str(w.jobs_done),
+                    w.jobs_done,
                     ",".join(w.models),
                     w.device,
                 )
             )
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-        for row in table:
-            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-            print("  ".join([*cells, row[-1]]))
+        print_table([str(c) for c in table[0]], table[1:])
         print(
             f"live: heard from within {stale:g} s (AURASERVE_WORKER_STALE_SECONDS); "
             "stale: not heard from since (crashed or cut off); its leased jobs are requeued "
@@ -191,7 +201,48 @@ _RECENTLY_STOPPED = 3600.0
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    runtime = open_admin(args, may_create=True)  # opening migrates
-    print(f"store at head revision ({store_label(runtime.settings)})")
-    runtime.close()
+    from auraserve.store.migrations import HEAD_REVISION
+
+    runtime = open_admin(args, FIRST_START)  # opening migrates
+    try:
+        if args.json:
+            print_json({"store": store_label(runtime.settings), "revision": HEAD_REVISION})
+        else:
+            print(f"store at head revision {HEAD_REVISION} ({store_label(runtime.settings)})")
+    finally:
+        runtime.close()
     return 0
+
+
+def _list_keys(args: argparse.Namespace, runtime: Runtime) -> None:
+    """Every key with its account's balance and reserved credits (never the key itself)."""
+    from auraserve.store import history, keys
+
+    summaries: dict[str, history.AccountSummary | None] = {}
+    rows = []
+    for info in keys.list_keys(runtime.db):
+        if info.account_id not in summaries:
+            summaries[info.account_id] = history.account_summary(
+                runtime.db, info.account_id, entries=0
+            )
+        summary = summaries[info.account_id]
+        rows.append(
+            {
+                "key_id": info.key_id,
+                "account_id": info.account_id,
+                "name": info.name,
+                "state": "revoked" if info.revoked_at else "active",
+                "created_at": iso(info.created_at),
+                "revoked_at": iso(info.revoked_at),
+                "balance": summary.balance if summary else 0,
+                "reserved": summary.reserved if summary else 0,
+            }
+        )
+    if args.json:
+        print_json(rows)
+        return
+    columns = ("KEY ID", "ACCOUNT", "NAME", "STATE", "CREATED", "BALANCE", "RESERVED")
+    fields = ("key_id", "account_id", "name", "state", "created_at", "balance", "reserved")
+    print_table(columns, [[row[f] for f in fields] for row in rows])
+    if not rows:
+        print("no keys in this store yet: auraserve keys create --name NAME", file=sys.stderr)

@@ -18,9 +18,10 @@ if TYPE_CHECKING:
 
 def load_engine(settings: Settings, weights: str) -> Engine:
     # The model stack loads here and only here: the admin commands never reach this.
+    from auraserve.cli.progress import elapsed_bar
     from auraserve.engine.expand import make_expander
     from auraserve.engine.lora import LoraOptions
-    from auraserve.engine.pipeline import load_engine
+    from auraserve.engine.pipeline import load_engine as load_auraflow
 
     lora = None
     if settings.lora_dir or settings.lora_hub_allowlist:
@@ -32,21 +33,22 @@ def load_engine(settings: Settings, weights: str) -> Engine:
             max_rank=settings.lora_max_rank,
         )
     print(f"loading model {weights} …", file=sys.stderr, flush=True)
-    engine = load_engine(
-        weights,
-        device=settings.device,
-        dtype=settings.dtype,
-        offload=settings.offload,
-        max_rows=settings.max_rows,
-        options=settings.engine_mode,
-        lora=lora,
-        expander=make_expander(
-            settings.expand_url or None,
-            settings.expand_model or None,
-            settings.expand_api_key or None,
-            settings.expand_local_path or None,
-        ),
-    )
+    with elapsed_bar(f"loading model {weights}"):
+        engine = load_auraflow(
+            weights,
+            device=settings.device,
+            dtype=settings.dtype,
+            offload=settings.offload,
+            max_rows=settings.max_rows,
+            options=settings.engine_mode,
+            lora=lora,
+            expander=make_expander(
+                settings.expand_url or None,
+                settings.expand_model or None,
+                settings.expand_api_key or None,
+                settings.expand_local_path or None,
+            ),
+        )
     for line in getattr(engine, "optimization_log", []):
         print(f"engine: {line}", file=sys.stderr)
     if engine.is_test_model:
@@ -110,15 +112,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         paths.append(str(path))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(
-        json.dumps(
-            {
-                "files": paths,
-                "seeds": result.seeds,
-                "width": result.width,
-                "height": result.height,
-                "seconds": round(result.engine_seconds, 3),
-            }
+    record = {
+        "files": paths,
+        "seeds": result.seeds,
+        "width": result.width,
+        "height": result.height,
+        "seconds": round(result.engine_seconds, 3),
+    }
+    if args.json:
+        print(json.dumps(record))
+    else:
+        seeds = ", ".join(str(seed) for seed in result.seeds)
+        print(
+            f"wrote {', '.join(paths)} ({result.width}x{result.height}, seed {seeds}, "
+            f"{result.engine_seconds:.1f} s)"
         )
-    )
     return 0

@@ -115,10 +115,14 @@ def other_settings_epilog(command: str) -> str:
     )
 
 
+def given_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The settings this command line gave as flags: field name -> flag."""
+    return {s.name: s.flag for s in SETTING_FLAGS if getattr(args, s.name, None) is not None}
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     given = {s.name: getattr(args, s.name, None) for s in SETTING_FLAGS}
     # A bad value names the flag that gave it, not the environment variable it overrode.
-    flags = {s.name: s.flag for s in SETTING_FLAGS if given[s.name] is not None}
-    settings = load_settings(flags=flags, **given)
+    settings = load_settings(flags=given_flags(args), **given)
     configure_logging(settings.log_format, verbose=getattr(args, "verbose", False))
     return settings

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -14,12 +16,44 @@ from auraserve.cli.flags import add_setting_flags, other_settings_epilog
 from auraserve.errors import AuraserveError, ConfigError, ModelLoadError, RequestError
 from auraserve.observability.logs import configure_logging
 
+DESCRIPTION = """\
+Self-hosted text-to-image API for AuraFlow. Start with `auraserve serve --model tiny` (a random
+test model) or `auraserve serve` (AuraFlow v0.3), then open the playground URL it prints.
+
+Every command takes --json for machine-readable output on stdout; notes go to stderr.
+Exit status: 0 done; 1 the command ran and the answer is no (no such account to show, no
+active key to revoke) or the weights cannot be loaded; 2 the command cannot run as given (a
+wrong flag or value, an invalid setting, a store that is not there or cannot be reached).
+"""
+
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a command-line mistake ends with one line instead of the usage text."""
+    """argparse, with this command's own usage and a did-you-mean on a mistake; the last line
+    on stderr names the problem."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.print_usage(sys.stderr)
+        self.exit(
+            2, f"{self.prog}: {message}{self._suggestion(message)} (see {self.prog} --help)\n"
+        )
+
+    def _suggestion(self, message: str) -> str:
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = re.findall(r"'([^']*)'", choice.group(2)) or choice.group(2).split(", ")
+            close = difflib.get_close_matches(choice.group(1), options, n=1, cutoff=0.5)
+            return f"; did you mean {close[0]!r}?" if close else ""
+        if message.startswith("unrecognized arguments: "):
+            hints = []
+            for word in message.removeprefix("unrecognized arguments: ").split():
+                if not word.startswith("-"):
+                    continue
+                flag = word.split("=", 1)[0]
+                close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1)
+                if close:
+                    hints.append(f"did you mean {close[0]} for {flag}?")
+            return "; " + "; ".join(hints) if hints else ""
+        return ""
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -38,7 +72,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="auraserve",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"auraserve {__version__}")
@@ -46,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        parent: Any, name: str, help: str, *, settings: str, epilog: bool = False
+        parent: Any,
+        name: str,
+        help: str,
+        *,
+        settings: str,
+        epilog: bool = False,
+        json_help: str = "print JSON on stdout instead of text",
     ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(
             name,
@@ -56,12 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         add_setting_flags(p, settings)
+        p.add_argument("--json", action="store_true", help=json_help)
+        # An unknown flag is reported by this command's parser (main), with its usage.
+        p.set_defaults(parser=p)
         return p
+
+    def may_create(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--create",
+            action="store_true",
+            help=f"make a new, empty store when the one configured is not there ({what})",
+        )
 
     serve = command(
         sub, "serve", "run the API and its in-process workers", settings="serve", epilog=True
     )
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    may_create(serve, "a --data-dir given here; the configured one is made on a first start")
     serve.set_defaults(func=service.cmd_serve)
 
     worker = command(
@@ -71,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         settings="worker",
         epilog=True,
     )
+    may_create(worker, "a --data-dir given here; the configured one is made on a first start")
     worker.set_defaults(func=service.cmd_worker)
 
     gen = command(
@@ -116,16 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make the new account an operator's: its keys may also read GET /v2/workers",
     )
-    create.add_argument("--json", action="store_true", help="print one JSON object")
-    lst = command(keys_sub, "list", "list keys (never the keys themselves)", settings="keys")
-    lst.add_argument("--json", action="store_true", help="print one JSON array")
+    may_create(create, "any: keys go to a store the server reads, so say so to start one")
+    command(keys_sub, "list", "list keys (never the keys themselves)", settings="keys")
     revoke = command(keys_sub, "revoke", "revoke a key by id", settings="keys")
     revoke.add_argument("key_id", help="the key id (16 hex characters, shown by keys list)")
     secret = command(
         keys_sub, "webhook-secret", "show an account's webhook signing secrets", settings="keys"
     )
     secret.add_argument("account", metavar="ACCOUNT", help="the account id (acct_…)")
-    secret.add_argument("--json", action="store_true", help="print one JSON object")
     rotate = command(
         keys_sub,
         "rotate-webhook-secret",
@@ -139,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=24,
         help="hours the previous secret keeps signing beside the new one (default 24)",
     )
-    rotate.add_argument("--json", action="store_true", help="print one JSON object")
     keys_p.set_defaults(func=admin.cmd_keys)
 
     credits = sub.add_parser(
@@ -162,18 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     workers.add_argument(
         "--all", action="store_true", help="also workers that stopped over an hour ago"
     )
-    workers.add_argument("--json", action="store_true", help="print one JSON object")
     workers.set_defaults(func=admin.cmd_workers)
 
     db = command(sub, "db", "apply migrations to the configured store", settings="db")
     db.add_argument("action", choices=["upgrade"], help="upgrade: migrate to the newest schema")
+    may_create(db, "a --data-dir given here; the configured one is made on a first start")
     db.set_defaults(func=admin.cmd_db)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    # Text unless AURASERVE_LOG_FORMAT=json; `_settings` sets it again from the settings.
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # The command's own parser reports it: its usage, and a did-you-mean for its flags.
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(extras)}")
+    # Text unless AURASERVE_LOG_FORMAT=json; `settings_from` sets it again from the settings.
     configure_logging(os.environ.get("AURASERVE_LOG_FORMAT", "text"), verbose=args.verbose)
     try:
         code = args.func(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -12,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 from auraserve import __version__
 from auraserve.cli.engine import load_engine, served_models
 from auraserve.cli.flags import settings_from
-from auraserve.cli.stores import open_runtime, store_label
+from auraserve.cli.stores import FIRST_START, check_store, open_runtime, store_label
 from auraserve.config import Settings
 from auraserve.observability.logs import configure_logging
 from auraserve.observability.metrics import MULTIPROC_ENV
 
 if TYPE_CHECKING:
     from auraserve.runtime import Runtime
+    from auraserve.store.keys import CreatedKey
 
 log = logging.getLogger("auraserve")
 
@@ -29,35 +31,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     weights = settings.weights_for(settings.default_preset)
-    engine = load_engine(settings, weights) if settings.workers else None
-    runtime = open_runtime(settings, engine)
+    runtime = _open_before_the_model(args, settings)
+    try:
+        runtime.engine = load_engine(settings, weights) if settings.workers else None
+    except BaseException:
+        runtime.close()
+        raise
     created = runtime.bootstrap_key(settings.bootstrap_credits)
-    if created is not None:
-        print(
-            "\nFirst start: created account "
-            f"{created.account_id} with {created.credits} credits and this API key "
-            f"(shown once, keep it):\n\n    {created.key}\n\n"
-            "Make more with: auraserve keys create --name NAME --credits N\n",
-            flush=True,
-        )
-    if runtime.server_key is not None and runtime.server_key.created:
-        print(
-            f"Server key: {runtime.server_key.source} (created now, mode 0600). Webhook "
-            "secrets derive from it: back it up, and give every replica the same key "
-            "(AURASERVE_SECRET_KEY or AURASERVE_SECRET_KEY_FILE).",
-            flush=True,
-        )
     # Lease rescue and the other periodic tasks run in every serving process, API-only too.
     runtime.start_maintenance()
     for _ in range(settings.workers):
         runtime.start_worker(models=served_models(settings, weights))
     app = create_app(runtime, owns_runtime=True)
-    print(
-        f"auraserve {__version__} listening on http://{settings.host}:{settings.port} "
-        f"(store: {store_label(settings)}, "
-        f"models: {', '.join(served_models(settings, weights))})",
-        flush=True,
-    )
+    _print_start(args, settings, runtime, created, served_models(settings, weights))
     if settings.api_processes > 1:
         # N API processes on one socket; the worker(s) above stay here (api/processes.py).
         return _serve_processes(args, settings, runtime)
@@ -142,8 +128,12 @@ def _serve_processes(args: argparse.Namespace, settings: Settings, runtime: Runt
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     weights = settings.weights_for(settings.default_preset)
-    engine = load_engine(settings, weights)
-    runtime = open_runtime(settings, engine)
+    runtime = _open_before_the_model(args, settings)
+    try:
+        runtime.engine = load_engine(settings, weights)
+    except BaseException:
+        runtime.close()
+        raise
     signals = 0
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -168,11 +158,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # Registers in the store's worker registry, heartbeats, and runs the maintenance tasks
     # (lease rescue) like every serving process.
     worker = runtime.start_worker(models=served_models(settings, weights))
-    print(
-        f"worker {worker.worker_id} ready (store: {store_label(settings)}, "
-        f"models: {', '.join(worker.models)})",
-        flush=True,
-    )
+    if args.json:
+        record = {
+            "event": "ready",
+            "worker_id": worker.worker_id,
+            "store": store_label(settings),
+            "models": list(worker.models),
+        }
+        print(json.dumps(record), flush=True)
+    else:
+        print(
+            f"worker {worker.worker_id} ready (store: {store_label(settings)}, "
+            f"models: {', '.join(worker.models)})",
+            flush=True,
+        )
     while not runtime.stopping.wait(0.5) and not worker.finished:
         pass
     crashed = worker.finished and not runtime.stopping.is_set()
@@ -182,3 +181,84 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 1
     print(f"worker {worker.worker_id} stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _open_before_the_model(args: argparse.Namespace, settings: Settings) -> Runtime:
+    """The store (and the S3 bucket, when media go there) is reached and migrated before the
+    model loads: a wrong URL or a server that is down is one line at once, not after the
+    seconds or minutes that the weights take."""
+    exists = check_store(args, settings, FIRST_START)
+    runtime = open_runtime(args, settings)
+    if not exists:
+        print(f"store: {store_label(settings)} (new: created now)", file=sys.stderr, flush=True)
+    return runtime
+
+
+def browser_url(settings: Settings) -> str:
+    """The base URL to open in a browser: the public URL, else this host and port (a
+    wildcard listen address is reached as localhost)."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+def _print_start(
+    args: argparse.Namespace,
+    settings: Settings,
+    runtime: Runtime,
+    created: CreatedKey | None,
+    models: list[str],
+) -> None:
+    """What a first-time operator needs, on stdout: the key (first start only), where the
+    playground and the API docs are, and which store and models this is."""
+    base = browser_url(settings)
+    server_key = runtime.server_key if runtime.server_key and runtime.server_key.created else None
+    if args.json:
+        record: dict[str, Any] = {
+            "event": "listening",
+            "version": __version__,
+            "url": base,
+            "playground": f"{base}/playground",
+            "docs": f"{base}/docs",
+            "store": store_label(settings),
+            "models": models,
+        }
+        if created is not None:
+            record["api_key"] = {
+                "key": created.key,
+                "key_id": created.key_id,
+                "account_id": created.account_id,
+                "credits": created.credits,
+            }
+        if server_key is not None:
+            record["server_key"] = str(server_key.source)
+        print(json.dumps(record), flush=True)
+        return
+    if created is not None:
+        print(
+            "\nFirst start: created account "
+            f"{created.account_id} with {created.credits} credits and this API key "
+            f"(shown once, keep it):\n\n    {created.key}\n\n"
+            "Make more with: auraserve keys create --name NAME --credits N",
+            flush=True,
+        )
+    if server_key is not None:
+        print(
+            f"Server key: {server_key.source} (created now, mode 0600). Webhook "
+            "secrets derive from it: back it up, and give every replica the same key "
+            "(AURASERVE_SECRET_KEY or AURASERVE_SECRET_KEY_FILE).",
+            flush=True,
+        )
+    key_hint = " (paste the key above)" if created is not None else ""
+    print(
+        f"\n  playground  {base}/playground{key_hint}\n"
+        f"  API docs    {base}/docs\n\n"
+        f"auraserve {__version__} listening on http://{settings.host}:{settings.port} "
+        f"(store: {store_label(settings)}, models: {', '.join(models)})",
+        flush=True,
+    )
