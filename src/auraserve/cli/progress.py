@@ -5,12 +5,20 @@ plain lines, not carriage-return redraws."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from tqdm import tqdm
+
+
+def _size() -> dict[str, int]:
+    # A terminal that reports no size (0x0: some ptys, `script`, serial consoles) would get no
+    # bar at all from tqdm's own sizing; shutil falls back to $COLUMNS/$LINES, then 80x24.
+    columns, lines = shutil.get_terminal_size()
+    return {"ncols": columns, "nrows": lines}
 
 
 @contextmanager
@@ -27,6 +35,7 @@ def migration_bar() -> Iterator[Callable[[int, int], None]]:
                 unit="revision",
                 file=sys.stderr,
                 disable=None,
+                **_size(),
             )
         bar.update(done - bar.n)
 
@@ -41,7 +50,7 @@ def migration_bar() -> Iterator[Callable[[int, int], None]]:
 def elapsed_bar(desc: str) -> Iterator[None]:
     """A bar for a step that reports no progress of its own (loading weights): it shows that
     the process is alive and for how long it has been at it."""
-    bar = tqdm(desc=desc, bar_format="{desc} {elapsed}", file=sys.stderr, disable=None)
+    bar = tqdm(desc=desc, bar_format="{desc} {elapsed}", file=sys.stderr, disable=None, **_size())
     stop = threading.Event()
 
     def tick() -> None:
