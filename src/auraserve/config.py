@@ -468,7 +468,8 @@ def _origin(
     if field in flags:
         return flags[field]
     if field in given:
-        return field  # set by the caller in code: the field's name is all there is
+        # Set in code (tests, embedding): the setting's variable names it best.
+        return "AURASERVE_" + field.upper()
     # pydantic-settings matches variable names case-insensitively; nested values may come
     # whole (AURASERVE_PRESETS as JSON) or per part (AURASERVE_PRESETS__NAME__STEPS).
     environment = {name.upper(): name for name in os.environ}
