@@ -350,6 +350,7 @@ def _problem_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
         (["serve", "--port", "http"], "--port"),
         (["serve", "--device", "tpu"], "--device"),
         (["generate", "x", "-o", "x.png", "--steps", "0"], "steps"),
+        (["generate", "x", "-o", "x.png", "--preset", "nope"], "--preset nope"),
         (["nonsense"], "nonsense"),
     ],
 )

@@ -118,3 +118,18 @@ def test_postgres_urls_are_postgresql(tmp_path: Path, settings: Settings) -> Non
     )
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.startswith("KEY ID")
+
+
+def test_a_missing_secret_key_file_is_one_line_naming_the_variable(
+    tmp_path: Path, settings: Settings
+) -> None:
+    from auraserve.runtime import Runtime
+
+    Runtime.open(settings).close()
+    missing = tmp_path / "no-such.key"
+    result = run_cli(
+        "keys", "list", settings=settings, env={"AURASERVE_SECRET_KEY_FILE": str(missing)}
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "AURASERVE_SECRET_KEY_FILE" in line and str(missing) in line

@@ -73,8 +73,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     preset_id = args.preset or settings.default_preset
     if preset_id not in settings.presets:
+        given = "--preset" if args.preset else "AURASERVE_DEFAULT_PRESET"
         raise ConfigError(
-            f"unknown preset {preset_id!r}; choose from {', '.join(settings.presets)}"
+            f"{given} {preset_id}: unknown preset; choose from {', '.join(settings.presets)}"
         )
     out = Path(args.output)
     fmt = args.format or {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}.get(
