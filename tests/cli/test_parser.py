@@ -53,3 +53,16 @@ def test_every_command_takes_json() -> None:
         if name in leaves and "--json" not in parser._option_string_actions
     ]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        ([], "Run `auraserve COMMAND --help`"),
+        (["keys"], "Run `auraserve keys ACTION --help`"),
+        (["credits"], "Run `auraserve credits ACTION --help`"),
+    ],
+)
+def test_help_says_how_to_get_a_commands_help(args: list[str], hint: str) -> None:
+    result = run_cli(*args, "--help")
+    assert result.returncode == 0 and hint in result.stdout

@@ -27,6 +27,13 @@ wrong flag or value, an invalid setting, a store that is not there or cannot be 
 """
 
 
+_FLAG_GIVEN = (
+    "needed for a --data-dir given on this command line; the configured store is made on a "
+    "first start without it"
+)
+_SUBCOMMAND_HINT = "Run `{prog} {metavar} --help` for the flags of one, e.g. `{example}`."
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with this command's own usage and a did-you-mean on a mistake; the last line
     on stderr names the problem."""
@@ -73,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="auraserve",
         description=DESCRIPTION,
+        epilog=_SUBCOMMAND_HINT.format(
+            prog="auraserve", metavar="COMMAND", example="auraserve serve --help"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"auraserve {__version__}")
@@ -105,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--create",
             action="store_true",
-            help=f"make a new, empty store when the one configured is not there ({what})",
+            help=f"make a new, empty store if none is there yet ({what})",
         )
 
     serve = command(
         sub, "serve", "run the API and its in-process workers", settings="serve", epilog=True
     )
     serve.add_argument("--access-log", action="store_true", help="log every request")
-    may_create(serve, "a --data-dir given here; the configured one is made on a first start")
+    may_create(serve, _FLAG_GIVEN)
     serve.set_defaults(func=service.cmd_serve)
 
     worker = command(
@@ -122,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         settings="worker",
         epilog=True,
     )
-    may_create(worker, "a --data-dir given here; the configured one is made on a first start")
+    may_create(worker, _FLAG_GIVEN)
     worker.set_defaults(func=service.cmd_worker)
 
     gen = command(
@@ -151,7 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--num-images", type=int, default=1, help="images to make (default 1)")
     gen.set_defaults(func=engine.cmd_generate)
 
-    keys_p = sub.add_parser("keys", help="manage API keys", description="manage API keys")
+    keys_p = sub.add_parser(
+        "keys",
+        help="manage API keys",
+        description="manage API keys",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_SUBCOMMAND_HINT.format(
+            prog="auraserve keys", metavar="ACTION", example="auraserve keys create --help"
+        ),
+    )
     keys_sub = keys_p.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
     create = command(
         keys_sub, "create", "new account and key (or another key for --account)", settings="keys"
@@ -168,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make the new account an operator's: its keys may also read GET /v2/workers",
     )
-    may_create(create, "any: keys go to a store the server reads, so say so to start one")
+    may_create(
+        create,
+        "never made without it: a key in a store that the server does not read is useless",
+    )
     command(keys_sub, "list", "list keys (never the keys themselves)", settings="keys")
     revoke = command(keys_sub, "revoke", "revoke a key by id", settings="keys")
     revoke.add_argument("key_id", help="the key id (16 hex characters, shown by keys list)")
@@ -192,7 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys_p.set_defaults(func=admin.cmd_keys)
 
     credits = sub.add_parser(
-        "credits", help="grant or show credits", description="grant or show credits"
+        "credits",
+        help="grant or show credits",
+        description="grant or show credits",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_SUBCOMMAND_HINT.format(
+            prog="auraserve credits", metavar="ACTION", example="auraserve credits grant --help"
+        ),
     )
     credits_sub = credits.add_subparsers(dest="credits_cmd", required=True, metavar="ACTION")
     grant = command(credits_sub, "grant", "add credits to an account", settings="credits")
@@ -215,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = command(sub, "db", "apply migrations to the configured store", settings="db")
     db.add_argument("action", choices=["upgrade"], help="upgrade: migrate to the newest schema")
-    may_create(db, "a --data-dir given here; the configured one is made on a first start")
+    may_create(db, _FLAG_GIVEN)
     db.set_defaults(func=admin.cmd_db)
     return parser
 
