@@ -157,6 +157,8 @@ class Runtime:
     stopping: threading.Event = field(default_factory=threading.Event)
     # Set by a second signal: hand the batch in hand back now instead of waiting out the grace.
     hurry: threading.Event = field(default_factory=threading.Event)
+    # This process created the store (a first start): the CLI says so in its start-up line.
+    store_created: bool = False
     _stop_deadline: float | None = field(default=None, init=False, repr=False)
     _stop_watcher: threading.Thread | None = field(default=None, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)

@@ -91,7 +91,7 @@ def test_the_quick_start_creates_the_default_store_with_no_flags(tmp_path: Path)
     text = "".join(lines)
     assert "listening on" in text, text
     assert (tmp_path / ".auraserve" / "auraserve.db").is_file()
-    assert "(new: created now)" in text
+    assert "(new: created now)" in lines[-1]
 
 
 def test_postgres_urls_are_postgresql(tmp_path: Path, settings: Settings) -> None:

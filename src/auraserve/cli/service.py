@@ -163,12 +163,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "event": "ready",
             "worker_id": worker.worker_id,
             "store": store_label(settings),
+            "store_created": runtime.store_created,
             "models": list(worker.models),
         }
         print(json.dumps(record), flush=True)
     else:
         print(
-            f"worker {worker.worker_id} ready (store: {store_label(settings)}, "
+            f"worker {worker.worker_id} ready (store: {_store_text(settings, runtime)}, "
             f"models: {', '.join(worker.models)})",
             flush=True,
         )
@@ -189,8 +190,9 @@ def _open_before_the_model(args: argparse.Namespace, settings: Settings) -> Runt
     seconds or minutes that the weights take."""
     exists = check_store(args, settings, FIRST_START)
     runtime = open_runtime(args, settings)
-    if not exists:
-        print(f"store: {store_label(settings)} (new: created now)", file=sys.stderr, flush=True)
+    # Said in the start-up line on stdout: stderr is the log, JSON lines only when
+    # AURASERVE_LOG_FORMAT=json.
+    runtime.store_created = not exists
     return runtime
 
 
@@ -226,6 +228,7 @@ def _print_start(
             "playground": f"{base}/playground",
             "docs": f"{base}/docs",
             "store": store_label(settings),
+            "store_created": runtime.store_created,
             "models": models,
         }
         if created is not None:
@@ -259,6 +262,11 @@ def _print_start(
         f"\n  playground  {base}/playground{key_hint}\n"
         f"  API docs    {base}/docs\n\n"
         f"auraserve {__version__} listening on http://{settings.host}:{settings.port} "
-        f"(store: {store_label(settings)}, models: {', '.join(models)})",
+        f"(store: {_store_text(settings, runtime)}, models: {', '.join(models)})",
         flush=True,
     )
+
+
+def _store_text(settings: Settings, runtime: Runtime) -> str:
+    new = " (new: created now)" if runtime.store_created else ""
+    return f"{store_label(settings)}{new}"
