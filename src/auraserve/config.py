@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
@@ -310,8 +311,6 @@ class Settings(BaseSettings):
     def _read_models_file(cls, data: Any) -> Any:
         if not isinstance(data, dict) or not data.get("models_file"):
             return data
-        import tomllib
-
         path = Path(data["models_file"]).expanduser()
         try:
             models = tomllib.loads(path.read_text()).get("models")
