@@ -16,19 +16,26 @@ if TYPE_CHECKING:
     from auraserve.engine.base import Engine
 
 
-def load_engine(settings: Settings, weights: str) -> Engine:
+def load_engine(
+    settings: Settings, weights: str, components: str = "", lora_model: str | None = None
+) -> Engine:
+    """One engine on `weights` (a single file takes what it lacks from `components`).
+    `lora_model`: the preset whose LoRA folder this engine serves (its own or the global)."""
     # The model stack loads here and only here: the admin commands never reach this.
     from auraserve.cli.progress import elapsed_bar
+    from auraserve.core.presets import DEFAULT_WEIGHTS
     from auraserve.engine.expand import make_expander
-    from auraserve.engine.lora import LoraOptions
+    from auraserve.engine.lora import LoraOptions, check_registry_fits
     from auraserve.engine.pipeline import load_engine as load_auraflow
 
     lora = None
-    if settings.lora_dir or settings.lora_hub_allowlist:
+    lora_dir = settings.presets[lora_model].lora_dir if lora_model in settings.presets else None
+    if settings.lora_dir or settings.lora_hub_allowlist or lora_dir:
         # The registry is listed again for every batch, so adapters dropped into the folder
         # are served without a restart.
+        registry = settings.loras if lora_model is None else lambda: settings.loras_for(lora_model)
         lora = LoraOptions(
-            registry=settings.loras,
+            registry=registry,
             cache_bytes=settings.lora_cache_mb * 2**20,
             max_rank=settings.lora_max_rank,
         )
@@ -36,6 +43,7 @@ def load_engine(settings: Settings, weights: str) -> Engine:
     with elapsed_bar(f"loading model {weights}"):
         engine = load_auraflow(
             weights,
+            components=components or DEFAULT_WEIGHTS,
             device=settings.device,
             dtype=settings.dtype,
             offload=settings.offload,
@@ -49,6 +57,10 @@ def load_engine(settings: Settings, weights: str) -> Engine:
                 settings.expand_local_path or None,
             ),
         )
+    if lora is not None and engine.lora is not None and engine.lora.unavailable is None:
+        # Every adapter already in the folder must fit this model (rank, targets, shapes):
+        # one that does not stops the start with a line naming it (BadWeights, exit 2).
+        check_registry_fits(lora.registry(), engine.pipe.transformer, lora.max_rank)
     for line in getattr(engine, "optimization_log", []):
         print(f"engine: {line}", file=sys.stderr)
     if engine.is_test_model:
@@ -62,6 +74,67 @@ def load_engine(settings: Settings, weights: str) -> Engine:
 
 def served_models(settings: Settings, weights: str) -> list[str]:
     return [p for p in settings.presets if settings.weights_for(p) == weights]
+
+
+def worker_models(settings: Settings, requested: str | None) -> list[str]:
+    """The presets a worker loads: `--models a,b`, else every preset this machine can hold
+    (on a GPU, by its memory and each preset's weights; elsewhere all of them)."""
+    if requested:
+        names = [name.strip() for name in requested.split(",") if name.strip()]
+        unknown = [name for name in names if name not in settings.presets]
+        if unknown or not names:
+            raise ConfigError(
+                f"--models {requested}: unknown preset {', '.join(unknown) or '(none)'}; "
+                f"choose from {', '.join(settings.presets)}"
+            )
+        return names
+    from auraserve.engine.fleet import models_that_fit
+
+    budget = None
+    if settings.device in ("auto", "cuda") and settings.offload == "none":
+        import torch
+
+        if torch.cuda.is_available():
+            budget = int(torch.cuda.get_device_properties(0).total_memory)
+    models = {p: settings.weights_for(p) for p in settings.presets}
+    chosen = models_that_fit(models, budget)
+    if not chosen:  # not even one fits: load the default and let offload advice speak
+        chosen = served_models(settings, settings.weights_for(settings.default_preset))
+    return chosen
+
+
+def load_models(settings: Settings, models: list[str]) -> Engine:
+    """The engine for `models`: one load per distinct weights; several become a fleet."""
+    from auraserve.engine.fleet import FleetEngine, load_fleet
+
+    pairs = {m: (settings.weights_for(m), settings.components_for(m)) for m in models}
+    loras = {m: settings.presets[m].lora_dir for m in models}
+    if len(set(pairs.values())) == 1 and len({str(d) for d in loras.values()}) == 1:
+        weights, components = next(iter(pairs.values()))
+        return load_engine(settings, weights, components, lora_model=models[0])
+    owner = {pair: m for m, pair in reversed(list(pairs.items()))}
+    keyed = {m: (*pairs[m], str(loras[m])) for m in models}
+    fleet: FleetEngine = load_fleet(
+        {m: (key[0], key[1] + "\0" + key[2]) for m, key in keyed.items()},
+        lambda weights, rest: load_engine(
+            settings,
+            weights,
+            rest.split("\0", 1)[0],
+            lora_model=owner.get((weights, rest.split("\0", 1)[0])),
+        ),
+    )
+    return fleet
+
+
+def cmd_models_inspect(args: argparse.Namespace) -> int:
+    from auraserve.engine.weights.probe import inspect
+
+    text, code = inspect(args.path, as_json=args.json)
+    if code and not args.json:
+        print(f"auraserve: {text}", file=sys.stderr)
+    else:
+        print(text)
+    return code
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -97,7 +170,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "num_images": args.num_images,
     }
     request = build_request(fields, model=preset_id, preset=settings.presets[preset_id])
-    engine = load_engine(settings, settings.weights_for(preset_id))
+    engine = load_engine(
+        settings,
+        settings.weights_for(preset_id),
+        settings.components_for(preset_id),
+        lora_model=preset_id,
+    )
     with tqdm(total=request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
 
         def on_step(step: int, total: int) -> None:

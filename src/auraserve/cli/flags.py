@@ -38,8 +38,16 @@ SETTING_FLAGS: tuple[SettingFlag, ...] = (
     SettingFlag("data_dir", "data directory: the SQLite store and the media", _ALL, Path),
     SettingFlag(
         "model",
-        "weights for every preset: a Hugging Face id, a local diffusers directory, or 'tiny' "
-        "(random test model that draws noise); empty: each preset's own weights",
+        "weights for every preset: a Hugging Face id, a local diffusers directory, one "
+        ".safetensors or .gguf file (README, 'Bring your weights'), or 'tiny' (random test "
+        "model that draws noise); empty: each preset's own weights",
+        _ENGINE,
+    ),
+    SettingFlag(
+        "components",
+        "for a single weights file: where the tokenizer, scheduler and whatever the file "
+        "lacks come from, a diffusers folder or hub id (default: the preset's, "
+        "fal/AuraFlow-v0.3)",
         _ENGINE,
     ),
     SettingFlag("host", "listen address", frozenset({"serve"})),

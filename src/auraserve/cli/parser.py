@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 from auraserve import __version__
 from auraserve.cli import admin, engine, service
 from auraserve.cli.flags import add_setting_flags, other_settings_epilog
+from auraserve.engine.weights.probe import BadWeights
 from auraserve.errors import AuraserveError, ConfigError, ModelLoadError, RequestError
 from auraserve.observability.logs import configure_logging
 
@@ -23,7 +24,8 @@ test model) or `auraserve serve` (AuraFlow v0.3), then open the playground URL i
 Every command takes --json for machine-readable output on stdout; notes go to stderr.
 Exit status: 0 done; 1 the command ran and the answer is no (no such account to show, no
 active key to revoke) or the weights cannot be loaded; 2 the command cannot run as given (a
-wrong flag or value, an invalid setting, a store that is not there or cannot be reached).
+wrong flag or value, an invalid setting, a store that is not there or cannot be reached, bad
+weights: a truncated file, another architecture, a shape or quant type that does not fit).
 """
 
 
@@ -133,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=True,
     )
     may_create(worker, _FLAG_GIVEN)
+    worker.add_argument(
+        "--models",
+        help="preset ids to load and claim jobs for, comma separated (default: every preset "
+        "this machine can hold; presets sharing weights share one load)",
+    )
     worker.set_defaults(func=service.cmd_worker)
 
     gen = command(
@@ -240,6 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     workers.set_defaults(func=admin.cmd_workers)
 
+    models = sub.add_parser(
+        "models",
+        help="look at weights files",
+        description="look at weights files",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_SUBCOMMAND_HINT.format(
+            prog="auraserve models", metavar="ACTION", example="auraserve models inspect --help"
+        ),
+    )
+    models_sub = models.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
+    inspect = command(
+        models_sub,
+        "inspect",
+        "what a weights file holds (format, layout, architecture, dtypes, components), read "
+        "from its header alone; exit 2 if it cannot be served",
+        settings="models",
+    )
+    inspect.add_argument("path", metavar="PATH", help="a .safetensors or .gguf file")
+    inspect.set_defaults(func=engine.cmd_models_inspect)
+
     db = command(sub, "db", "apply migrations to the configured store", settings="db")
     db.add_argument("action", choices=["upgrade"], help="upgrade: migrate to the newest schema")
     may_create(db, _FLAG_GIVEN)
@@ -261,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"auraserve: {exc.message}", file=sys.stderr)
         code = 2
     except RequestError as exc:  # e.g. `generate --steps 0`: the message names the field
+        print(f"auraserve: {exc.message}", file=sys.stderr)
+        code = 2
+    except BadWeights as exc:  # the same weights will never load: a usage error
         print(f"auraserve: {exc.message}", file=sys.stderr)
         code = 2
     except (ModelLoadError, AuraserveError) as exc:

@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from auraserve import __version__
-from auraserve.cli.engine import load_engine, served_models
+from auraserve.cli.engine import load_models, worker_models
 from auraserve.cli.flags import settings_from
 from auraserve.cli.stores import FIRST_START, check_store, open_runtime, store_label
 from auraserve.config import Settings
@@ -30,10 +30,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from auraserve.api.server import server_config
 
     settings = settings_from(args)
-    weights = settings.weights_for(settings.default_preset)
+    models = worker_models(settings, None) if settings.workers else []
     runtime = _open_before_the_model(args, settings)
     try:
-        runtime.engine = load_engine(settings, weights) if settings.workers else None
+        runtime.engine = load_models(settings, models) if settings.workers else None
     except BaseException:
         runtime.close()
         raise
@@ -41,9 +41,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Lease rescue and the other periodic tasks run in every serving process, API-only too.
     runtime.start_maintenance()
     for _ in range(settings.workers):
-        runtime.start_worker(models=served_models(settings, weights))
+        runtime.start_worker(models=models)
     app = create_app(runtime, owns_runtime=True)
-    _print_start(args, settings, runtime, created, served_models(settings, weights))
+    _print_start(args, settings, runtime, created, models or list(settings.presets))
     if settings.api_processes > 1:
         # N API processes on one socket; the worker(s) above stay here (api/processes.py).
         return _serve_processes(args, settings, runtime)
@@ -127,10 +127,10 @@ def _serve_processes(args: argparse.Namespace, settings: Settings, runtime: Runt
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    weights = settings.weights_for(settings.default_preset)
+    models = worker_models(settings, args.models)
     runtime = _open_before_the_model(args, settings)
     try:
-        runtime.engine = load_engine(settings, weights)
+        runtime.engine = load_models(settings, models)
     except BaseException:
         runtime.close()
         raise
@@ -157,7 +157,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     # Registers in the store's worker registry, heartbeats, and runs the maintenance tasks
     # (lease rescue) like every serving process.
-    worker = runtime.start_worker(models=served_models(settings, weights))
+    worker = runtime.start_worker(models=models)
     if args.json:
         record = {
             "event": "ready",

@@ -367,18 +367,28 @@ def probe(path: str | Path) -> WeightsFile:
     return info
 
 
+def _amount(count: float, unit: str) -> str:
+    """6.86 B / 12.3 M (parameters), 13.7 GB / 771 kB (bytes)."""
+    names = ((1e9, "G", "B"), (1e6, "M", "M"), (1e3, "k", "k"))
+    for scale, byte_name, count_name in names:
+        if count >= scale:
+            return f"{count / scale:.2f} {byte_name + unit if unit else count_name}"
+    return f"{count:.0f} {unit}".rstrip()
+
+
 def render(info: dict[str, Any]) -> str:
     """`describe()`'s data as lines for people."""
     arch = info["architecture"]
     params = arch.get("parameters", 0)
+    size = info["size_bytes"]
     lines = [
-        f"file:          {info['path']} ({info['size_bytes'] / 1e9:.2f} GB)",
+        f"file:          {info['path']} ({_amount(size, 'B')})",
         f"format:        {info['format']}",
         f"layout:        {info['layout']}",
         f"architecture:  AuraFlow, {arch.get('double_layers')} joint (MMDiT) + "
         f"{arch.get('single_layers')} single-DiT layers, width {arch.get('width')}, text "
         f"dim {arch.get('text_dim')}, positional grid {arch.get('pos_embed_max_size')}, "
-        f"{params / 1e9:.2f} B parameters",
+        f"{_amount(params, '')} parameters",
     ]
     for group, counts in info["dtypes"].items():
         detail = ", ".join(f"{n} {dtype}" for dtype, n in sorted(counts.items()))
