@@ -1,4 +1,4 @@
-"""Weights formats and memory (issue 19, point 6).
+"""Weights formats and memory: resident bytes per format, and the loader's peak host memory.
 
 1. AuraFlow v0.3's full architecture, counted on the meta device (no download, no memory):
    the transformer's resident bytes per format (bf16, fp8, Q8_0, Q5_K, Q4_K) and which GPUs

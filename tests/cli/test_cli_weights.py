@@ -1,4 +1,4 @@
-"""Bring your weights from the command line (issue 19): `models inspect`, `--components`,
+"""Bring your weights from the command line: `models inspect`, `--components`,
 bad weights as one line and exit 2, `worker --models`."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Several models in one fleet: two tiny models of different weights served side by side by
-one worker over a real store, each request drawn by its own model (issue 19, point 3)."""
+one worker over a real store, each request drawn by its own model."""
 
 from __future__ import annotations
 

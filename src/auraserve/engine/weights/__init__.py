@@ -1,4 +1,4 @@
-"""AuraFlow weights as their users hold them: one module per layout (issue 19).
+"""AuraFlow weights as their users hold them: one module per layout.
 
 * `probe`: torch-free. Reads a file's header only (safetensors' JSON header, GGUF's metadata)
   and says what it holds: format, layout, prefix, architecture, dtypes, bundled text encoder
