@@ -100,3 +100,40 @@ def test_worker_models_must_be_presets(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "--models auraflow-v0-3,nope: unknown preset nope" in result.stderr
+
+
+def test_an_adapter_that_does_not_fit_stops_the_start(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    module = "lora_unet_joint_transformer_blocks_0_attn_to_q"
+    save_file(
+        {
+            f"{module}.lora_down.weight": torch.ones(8, 32),
+            f"{module}.lora_up.weight": torch.ones(32, 8),
+        },
+        str(loras / "too-wide.safetensors"),
+    )
+    out = tmp_path / "o.png"
+    result = run_cli(
+        "generate",
+        "x",
+        "-o",
+        str(out),
+        "--model",
+        str(files["folder"]),
+        env={
+            **ENV,
+            "AURASERVE_DATA_DIR": str(tmp_path / "d"),
+            "AURASERVE_LORA_DIR": str(loras),
+            "AURASERVE_LORA_MAX_RANK": "4",
+        },
+    )
+    assert result.returncode == 2
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("auraserve:")]
+    assert "too-wide.safetensors" in line and "rank 8" in line
+    assert not out.exists()

@@ -9,6 +9,7 @@ import pytest
 
 from auraserve.engine.pipeline import AuraFlowEngine, load_engine
 from auraserve.engine.tiny import build_tiny_pipeline, save_tiny_model
+from tests.bench.loader import bench_module
 from tests.engine.conftest import make_small_request
 
 
@@ -33,6 +34,5 @@ def reference(tiny_folder: Path) -> np.ndarray:
     return draw(load_engine(str(tiny_folder), device="cpu", dtype="float32"))
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+# The measure the speed modes are held to, and the formats too.
+psnr = bench_module("quality").psnr
