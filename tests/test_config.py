@@ -98,3 +98,25 @@ def test_secrets_never_appear_in_errors(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert "AURASERVE_DATABASE_URL" in str(err.value) and "hunter2" not in str(err.value)
+
+
+def test_models_file_replaces_the_presets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[models.pony-v7]\nweights = "/m/pony.safetensors"\nlora_dir = "/m/pony-loras"\n'
+        "price_per_image = 150\n\n"
+        '[models.aura-q4]\nweights = "/m/aura-Q4_K.gguf"\ncomponents = "/m/AuraFlow"\n'
+    )
+    monkeypatch.setenv("AURASERVE_MODELS_FILE", str(models))
+    settings = load_settings()
+    assert list(settings.presets) == ["pony-v7", "aura-q4"]
+    assert settings.default_preset == "pony-v7"
+    assert settings.components_for("pony-v7") == "fal/AuraFlow-v0.3"
+    assert settings.components_for("aura-q4") == "/m/AuraFlow"
+    assert settings.presets["pony-v7"].lora_dir == Path("/m/pony-loras")
+    models.write_text("[models]\n")
+    with pytest.raises(ConfigError, match=r"AURASERVE_MODELS_FILE.*no \[models.<id>\] tables"):
+        load_settings()
+    monkeypatch.setenv("AURASERVE_MODELS_FILE", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match=r"AURASERVE_MODELS_FILE.*cannot read"):
+        load_settings()

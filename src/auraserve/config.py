@@ -308,21 +308,27 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _read_models_file(cls, data: Any) -> Any:
+    def _presets_from_models_file(cls, data: Any) -> Any:
+        """The models file's tables become the presets; a file that cannot be read is left
+        to `_valid_models_file`, whose error names AURASERVE_MODELS_FILE."""
         if not isinstance(data, dict) or not data.get("models_file"):
             return data
-        path = Path(data["models_file"]).expanduser()
         try:
-            models = tomllib.loads(path.read_text()).get("models")
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"AURASERVE_MODELS_FILE {path}: {exc}") from None
-        if not isinstance(models, dict) or not models:
-            raise ValueError(f"AURASERVE_MODELS_FILE {path}: no [models.<id>] tables")
+            models = _read_models_file(Path(data["models_file"]))
+        except ValueError:
+            return data
         data = dict(data)
         data["presets"] = models
-        if "default_preset" not in data or data["default_preset"] not in models:
+        if data.get("default_preset") not in models:
             data["default_preset"] = next(iter(models))
         return data
+
+    @field_validator("models_file")
+    @classmethod
+    def _valid_models_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            _read_models_file(value)
+        return value
 
     # Cross-field checks are field validators (reading the fields declared before), so that an
     # error carries the field that is wrong and load_settings can name what set it.
@@ -425,6 +431,19 @@ _SECRET_FIELDS = frozenset(
         "redis_url",
     }
 )
+
+
+def _read_models_file(path: Path) -> dict[str, Any]:
+    """`[models.<id>]` tables of a TOML file; ValueError saying what is wrong."""
+    try:
+        models = tomllib.loads(path.expanduser().read_text()).get("models")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    if not isinstance(models, dict) or not models:
+        raise ValueError(f"{path} has no [models.<id>] tables")
+    return models
 
 
 def load_settings(*, flags: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
