@@ -63,11 +63,13 @@ _SQLITE_UNAVAILABLE = ("database is locked", "unable to open", "disk i/o", "disk
 
 # Every request authenticates; a verified key is remembered for a moment so hot polling does
 # not repeat the lookup. Revoking through a Database clears its cache at once; a revocation
-# made elsewhere (the CLI, another replica) takes effect within AUTH_CACHE_TTL seconds.
-AUTH_CACHE_TTL = 2.0
-# After that, async callers may still answer with a key's account while one lookup renews it
-# (api.store_calls.refreshed), so no request waits on the store each time it expires.
-AUTH_CACHE_GRACE = 30.0
+# made elsewhere (the CLI, another replica) takes effect within AUTH_CACHE_TTL +
+# AUTH_CACHE_GRACE = 2 seconds (the documented promise), counted from the lookup's start.
+AUTH_CACHE_TTL = 1.0
+# After the TTL, reads (GET) may still answer with a key's account while one lookup renews it
+# (api.auth), so no poll waits on the store each time it expires; never longer than this, and
+# never for a request that writes (a submit waits for a lookup instead: api.auth).
+AUTH_CACHE_GRACE = 1.0
 AUTH_CACHE_MAX = 10_000
 
 # Queue positions are advisory and only move when the queue head moves, so each process keeps
