@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -545,3 +546,79 @@ def test_a_submit_cut_off_at_its_commit_is_not_told_nothing_was_written(
             conn.execute(text(_FAST_COMMIT))
         admin.dispose()
     _assert_money_consistent(settings.database_url)
+
+
+# --- streams and workers during an outage (issue 18, point 3) ---------------------------------
+
+
+def test_a_status_stream_ends_with_an_error_event_when_the_database_goes(
+    settings: Settings, records: Records
+) -> None:
+    """Not an incomplete chunked body ("ASGI callable returned without completing response"):
+    a last `error` event, then the end of the stream."""
+    target = make_url(settings.database_url)
+    with TcpProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
+        runtime, live = _proxied_server(settings, proxy)
+        try:
+            tenant = make_tenant(runtime, credits=10**6)
+            with httpx.Client(base_url=live.url, timeout=30) as client:
+                submitted = client.post(QUEUE_SUBMIT, headers=tenant.headers, json=JOB_BODY)
+                request_id = submitted.json()["request_id"]
+                url = f"/v2/requests/status/{request_id}/stream"
+                with client.stream("GET", url, headers=tenant.headers) as stream:
+                    lines = stream.iter_lines()
+                    assert next(lines).startswith("data: ")  # the QUEUED status
+                    proxy.stop()
+                    rest = list(lines)  # ends cleanly: httpx raises on a cut chunked body
+            events = [line for line in rest if line.startswith(("event:", "data:"))]
+            assert events[-2] == "event: error", rest
+            error = json.loads(events[-1].removeprefix("data: "))
+            assert error["error"] == "Service Unavailable"
+            assert error["retry_after"] >= 1 and "reconnect" in error["message"]
+        finally:
+            live.stop()
+            runtime.close()
+    assert not [r for r in records.records if "ASGI callable" in r.getMessage()]
+
+
+def test_a_worker_logs_an_outage_in_a_batch_once_as_a_store_error(
+    settings: Settings, tiny_engine: Any, records: Records
+) -> None:
+    """The database goes away while a batch runs: one "database unavailable" line from the
+    worker, no "engine failure", no traceback; the job still completes once it is back."""
+    target = make_url(settings.database_url)
+    with TcpProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
+        runtime, live = _proxied_server(settings, proxy)
+        try:
+            tenant = make_tenant(runtime, credits=10**6)
+            runtime.engine = tiny_engine
+            runtime.start_worker()
+            with httpx.Client(base_url=live.url, timeout=30) as client:
+                body = {**JOB_BODY, "num_inference_steps": 40, "width": 768, "height": 768}
+                submitted = client.post(QUEUE_SUBMIT, headers=tenant.headers, json=body)
+                assert submitted.status_code == 202, submitted.text
+            deadline = time.monotonic() + 60
+            while not [
+                r for r in _jobs_of(settings.database_url, tenant.account_id) if r.progress_step > 0
+            ]:
+                assert time.monotonic() < deadline, "the batch never reported progress"
+                time.sleep(0.02)
+            proxy.stop()
+            time.sleep(2.0)  # steps go on; their progress writes fail
+            proxy.start()
+            deadline = time.monotonic() + 90
+            while True:
+                [job] = _jobs_of(settings.database_url, tenant.account_id)
+                if job.status not in ("QUEUED", "PROCESSING"):
+                    break
+                assert time.monotonic() < deadline, job.status
+                time.sleep(0.1)
+        finally:
+            live.stop()
+            runtime.close()
+    worker_lines = [r for r in records.records if r.name == "auraserve.worker.loop"]
+    messages = [r.getMessage() for r in worker_lines]
+    assert not [m for m in messages if "engine failure" in m], messages
+    assert len([m for m in messages if "database unavailable" in m]) == 1, messages
+    assert not [r for r in worker_lines if r.exc_info], messages
+    assert job.status == "COMPLETED", job.error

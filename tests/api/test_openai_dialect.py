@@ -193,3 +193,11 @@ def test_unknown_method_under_the_prefix_is_openai_shaped_405(
     )
     assert resp.status_code == 405 and resp.headers["allow"] == "POST"
     assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_503_is_a_server_error_not_the_requests_fault() -> None:
+    from auraserve.api.dialects.openai import OPENAI
+    from auraserve.errors import StoreUnavailable
+
+    body = OPENAI.error_body(OPENAI.problem(StoreUnavailable()))
+    assert body["error"]["type"] == "server_error"

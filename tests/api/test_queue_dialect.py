@@ -185,3 +185,19 @@ def test_wrong_method_and_unknown_path(
     resp = client.get("/nothing/here", headers=tenant.headers)
     assert resp.status_code == 404
     assert resp.json()["error"] == "Not Found"
+
+
+def test_a_lora_scale_given_as_a_string_is_refused_like_any_number(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
+    """The JSON dialects refuse numeric strings (api/body.py); `loras[].scale` is no
+    exception."""
+    resp = client.post(
+        "/auraflow-v0-3-512/v1/auraflow-v0-3-request",
+        headers=tenant.headers,
+        json={"prompt": "x", "loras": [{"name": "any", "scale": "1"}]},
+    )
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    assert body["field"] == "loras[0].scale"
+    assert "must be a number, not a string" in body["message"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,9 +19,11 @@ from auraserve.api.dialects.queue import QUEUE
 from auraserve.api.openapi import StatusBody, event_stream_schema
 from auraserve.api.store_calls import call_store
 from auraserve.core.jobs import Job, split_request_id
-from auraserve.errors import RequestConflict, RequestNotFound
+from auraserve.errors import RequestConflict, RequestNotFound, StoreUnavailable
 from auraserve.runtime import Runtime
 from auraserve.store import jobs
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["requests (all dialects)"], dependencies=[use_dialect(QUEUE)])
 
@@ -35,8 +38,10 @@ def _status_responses() -> dict[int | str, dict[str, Any]]:
     description=(
         "A `text/event-stream` of status objects (`data: <json>`, the same object as "
         "`GET /v2/requests/status/{request_id}`), one per change, ending after a terminal "
-        "status, or when the server shuts down (reconnect, or poll). A `: keep-alive` "
-        "comment is sent when nothing changed for a while."
+        "status, or when the server shuts down (reconnect, or poll). When the database "
+        "becomes unavailable the last event is `event: error` with the error body and "
+        "`retry_after` (seconds): reconnect or poll after it. A `: keep-alive` comment is "
+        "sent when nothing changed for a while."
     ),
     response_class=StreamingResponse,
     responses={
@@ -69,8 +74,14 @@ async def _events(request: Request, runtime: Runtime, job: Job) -> AsyncIterator
     with runtime.db.bus.watch(job.id) as changed:
         while True:
             changed.clear()
-            job = await call_store(runtime, results.reload, runtime, job)
-            body = await call_store(runtime, results.render_status, runtime, job)
+            try:
+                job = await call_store(runtime, results.reload, runtime, job)
+                body = await call_store(runtime, results.render_status, runtime, job)
+            except StoreUnavailable as exc:
+                # Headers are sent: no status code can say it now. A last event does, and the
+                # stream ends as a stream should (not cut mid-body).
+                yield _error_event(exc)
+                return
             text = json.dumps(body, separators=(",", ":"))
             if text != last_sent:
                 last_sent = text
@@ -89,6 +100,21 @@ async def _events(request: Request, runtime: Runtime, job: Job) -> AsyncIterator
             wait = min(results.FALLBACK_RECHECK_SECONDS, keepalive - (loop.time() - last_write))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), max(0.01, wait))
+
+
+def _error_event(exc: StoreUnavailable) -> str:
+    """An SSE `error` event: the queue dialect's error body, with when to come back."""
+    problem = QUEUE.problem(exc)
+    body = {
+        **QUEUE.error_body(problem),
+        "retry_after": int(problem.headers.get("Retry-After", "1")),
+    }
+    body["message"] = (
+        f"{problem.message}; the stream ends here: reconnect, or poll the status, after "
+        f"{body['retry_after']} s"
+    )
+    log.warning("status stream ended: the database is unavailable")
+    return f"event: error\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
 async def _cancel(request_id: str, runtime: RuntimeDep, account: CurrentAccount) -> Response:
