@@ -234,8 +234,10 @@ def test_two_api_processes_refuse_a_revoked_key_on_every_path_within_two_seconds
         ]
         assert late, "no request was sent after the promise"
         assert [x for x in late if x[2] != 401] == [], late
+        # The load was real: submits were accepted until the revocation (one sent just before
+        # its commit returned may already be refused, which is right).
         before = [code for s, _name, code in seen if s < revoked]
-        assert set(before) <= {200, 202} and before, before
+        assert 202 in before and set(before) <= {200, 202, 401}, before
     finally:
         cli.dispose()
         tree.stop()
