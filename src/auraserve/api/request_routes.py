@@ -14,12 +14,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from auraserve.api import results
+from auraserve.api.auth import account_for_key, presented_key
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
 from auraserve.api.openapi import StatusBody, event_stream_schema
 from auraserve.api.store_calls import call_store
 from auraserve.core.jobs import Job, split_request_id
-from auraserve.errors import RequestConflict, RequestNotFound, StoreUnavailable
+from auraserve.errors import RequestConflict, RequestNotFound, StoreUnavailable, Unauthorized
 from auraserve.runtime import Runtime
 from auraserve.store import jobs
 
@@ -40,7 +41,8 @@ def _status_responses() -> dict[int | str, dict[str, Any]]:
         "`GET /v2/requests/status/{request_id}`), one per change, ending after a terminal "
         "status, or when the server shuts down (reconnect, or poll). When the database "
         "becomes unavailable the last event is `event: error` with the error body and "
-        "`retry_after` (seconds): reconnect or poll after it. A `: keep-alive` comment is "
+        "`retry_after` (seconds): reconnect or poll after it; when its key is revoked, the "
+        "last event is `event: error` with the 401 body. A `: keep-alive` comment is "
         "sent when nothing changed for a while."
     ),
     response_class=StreamingResponse,
@@ -60,13 +62,13 @@ async def stream(
 ) -> Response:
     job = await call_store(runtime, results.load_job, runtime, account.id, request_id)
     return StreamingResponse(
-        _events(request, runtime, job),
+        _events(request, runtime, job, presented_key(request) or ""),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _events(request: Request, runtime: Runtime, job: Job) -> AsyncIterator[str]:
+async def _events(request: Request, runtime: Runtime, job: Job, key: str) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     keepalive = runtime.settings.sse_keepalive_seconds
     last_sent: str | None = None
@@ -75,6 +77,11 @@ async def _events(request: Request, runtime: Runtime, job: Job) -> AsyncIterator
         while True:
             changed.clear()
             try:
+                # A key revoked while its stream is open stops it too (within the key cache's
+                # 2 s, like every new request): a cache hit on all but one wake-up a second.
+                if await account_for_key(runtime, key) is None:
+                    yield _error_event(Unauthorized("Invalid or revoked API key"))
+                    return
                 job = await call_store(runtime, results.reload, runtime, job)
                 body = await call_store(runtime, results.render_status, runtime, job)
             except StoreUnavailable as exc:
@@ -102,18 +109,18 @@ async def _events(request: Request, runtime: Runtime, job: Job) -> AsyncIterator
                 await asyncio.wait_for(changed.wait(), max(0.01, wait))
 
 
-def _error_event(exc: StoreUnavailable) -> str:
-    """An SSE `error` event: the queue dialect's error body, with when to come back."""
+def _error_event(exc: StoreUnavailable | Unauthorized) -> str:
+    """An SSE `error` event, the stream's last: the queue dialect's error body; for an outage
+    with when to come back."""
     problem = QUEUE.problem(exc)
-    body = {
-        **QUEUE.error_body(problem),
-        "retry_after": int(problem.headers.get("Retry-After", "1")),
-    }
-    body["message"] = (
-        f"{problem.message}; the stream ends here: reconnect, or poll the status, after "
-        f"{body['retry_after']} s"
-    )
-    log.warning("status stream ended: the database is unavailable")
+    body = QUEUE.error_body(problem)
+    if isinstance(exc, StoreUnavailable):
+        body["retry_after"] = int(problem.headers.get("Retry-After", "1"))
+        body["message"] = (
+            f"{problem.message}; the stream ends here: reconnect, or poll the status, after "
+            f"{body['retry_after']} s"
+        )
+        log.warning("status stream ended: the database is unavailable")
     return f"event: error\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
