@@ -90,8 +90,8 @@ function creditsForm(account) {
   ]);
   const amount = el("input", { id: `credits-amount-${id}`, type: "number", min: "1", step: "1", "aria-label": "Credits" });
   amount.placeholder = "credits";
-  const reason = el("input", { id: `credits-reason-${id}`, type: "text", maxlength: "200", "aria-label": "Reason" });
-  reason.placeholder = "reason (kept in the ledger)";
+  const reason = el("input", { id: `credits-reason-${id}`, type: "text", maxlength: "200", "aria-label": "Reason (kept in the ledger)" });
+  reason.placeholder = "reason";
   const error = el("p", { className: "error-text", role: "alert" });
   const form = el("form", { className: "credits inline", novalidate: "" }, [
     action,

@@ -578,6 +578,7 @@ function forgetKey() {
 async function start() {
   $("key-form").addEventListener("submit", useKey);
   $("forget-key").addEventListener("click", forgetKey);
+  $("admin-forget").addEventListener("click", forgetKey);
   $("gen-form").addEventListener("submit", submit);
   $("gen-form").addEventListener("input", () => {
     state.lastBody = null;
@@ -596,8 +597,8 @@ async function start() {
   $("detail-use").addEventListener("click", () => useSettings(state.detail));
   closeOnBackdrop($("lightbox"));
   closeOnBackdrop($("detail"));
-  $("view-playground").addEventListener("click", () => selectView("playground"));
-  $("view-admin").addEventListener("click", () => selectView("admin"));
+  $("view-playground").addEventListener("click", () => selectView("playground", true));
+  $("view-admin").addEventListener("click", () => selectView("admin", true));
   window.addEventListener("hashchange", () => selectView(window.location.hash === "#admin" ? "admin" : "playground"));
   setInterval(() => refreshTimes(), 30_000);
   $("size").addEventListener("change", () => {
@@ -636,21 +637,25 @@ async function start() {
 
 // ---- views: the playground, and the admin console for admin keys -------------------------
 
-function selectView(view) {
+// `chosen`: the user picked the view, so the URL follows (#admin); otherwise the URL stays as
+// it is, and an admin signing in later on /#admin still lands in the console.
+function selectView(view, chosen = false) {
   const admin = view === "admin" && !$("view-admin").hidden;
   $("playground").hidden = admin;
   $("admin").hidden = !admin;
   $("view-playground").setAttribute("aria-pressed", String(!admin));
   $("view-admin").setAttribute("aria-pressed", String(admin));
   const hash = admin ? "#admin" : "";
-  if (window.location.hash !== hash) history.replaceState(null, "", hash || window.location.pathname);
+  if (chosen && window.location.hash !== hash) {
+    history.replaceState(null, "", hash || window.location.pathname);
+  }
   if (admin) showAdmin();
 }
 
 function setAdmin(isAdmin) {
   $("view-admin").hidden = !isAdmin;
   adminAvailable(isAdmin);
-  selectView(isAdmin && window.location.hash === "#admin" ? "admin" : "playground");
+  selectView(window.location.hash === "#admin" ? "admin" : "playground");
 }
 
 start();
