@@ -194,11 +194,15 @@ def test_grant_and_deduct_are_ledger_entries_and_never_go_negative(
         "actor_key_id": admin.key_id,
     }
     taken = client.post(
-        url, headers=admin.headers, json={"action": "deduct", "amount": 1_000, "reason": "chargeback"}
+        url,
+        headers=admin.headers,
+        json={"action": "deduct", "amount": 1_000, "reason": "chargeback"},
     ).json()
     assert taken["balance"] == 50
     entries_before = ledger.entries(db, alice.account_id)
-    assert [(e["kind"], e["balance_delta"], e["note"], e["actor_key_id"]) for e in entries_before[-2:]] == [
+    assert [
+        (e["kind"], e["balance_delta"], e["note"], e["actor_key_id"]) for e in entries_before[-2:]
+    ] == [
         ("grant", 50, "refund #12", admin.key_id),
         ("deduct", -1_000, "chargeback", admin.key_id),
     ]

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.playground.conftest import Serve, Watched
+from tests.playground.conftest import Serve, Watched, save_screenshot
 
 try:
     from playwright.sync_api import Page, expect
@@ -53,12 +53,12 @@ def _fetch(page: Page, path: str, key: str, body: object | None = None) -> int:
 
 
 def _account_id(serve: Serve, key: str) -> str:
-    return str(httpx.get(f"{serve.url}/v2/account", headers={"x-api-key": key}).json()["account_id"])
+    return str(
+        httpx.get(f"{serve.url}/v2/account", headers={"x-api-key": key}).json()["account_id"]
+    )
 
 
-def test_a_tenant_key_gets_no_admin_view_and_no_admin_data(
-    serve: Serve, open_page: Opener
-) -> None:
+def test_a_tenant_key_gets_no_admin_view_and_no_admin_data(serve: Serve, open_page: Opener) -> None:
     alice = serve.new_key("alice-tenant", 1_000)
     bob = serve.new_key("bob-tenant", 500)
     bob_account = _account_id(serve, bob)
@@ -158,7 +158,7 @@ def test_an_admin_manages_accounts_keys_and_credits(
     revoke = erin_card.locator(".key .revoke")
     revoke.click()
     expect(revoke).to_have_text("Confirm revoke")
-    page.screenshot(path=str(screenshot_dir / "admin-1440.png"))
+    save_screenshot(page, screenshot_dir / "admin-1440.png")
     revoke.click()
     expect(erin_card.locator(".key")).to_have_attribute("data-revoked", "true")
     expect(erin_card.locator(".key .badge")).to_have_text("revoked")
@@ -182,5 +182,5 @@ def test_the_console_fits_a_phone(serve: Serve, open_page: Opener, screenshot_di
            }).map(e => e.id || e.className || e.tagName)"""
     )
     assert cut == []
-    page.screenshot(path=str(screenshot_dir / "admin-390.png"))
+    save_screenshot(page, screenshot_dir / "admin-390.png")
     watched.assert_clean()

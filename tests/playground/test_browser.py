@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.playground.conftest import Serve, Watched
+from tests.playground.conftest import Serve, Watched, save_screenshot
 
 try:
     from playwright.sync_api import Page, Route, expect
@@ -241,7 +241,7 @@ def test_generate_watch_progress_download_and_copy_code(
     _scroll_to_bottom(page)
     assert _in_viewport(page, "#submit") and _in_viewport(page, "#progress")
     page.evaluate("() => window.scrollTo(0, 0)")
-    page.screenshot(path=str(screenshot_dir / "playground-1440.png"))
+    save_screenshot(page, screenshot_dir / "playground-1440.png")
     watched.assert_clean()
 
 
@@ -514,7 +514,7 @@ def test_phone_width_shows_the_image_first(
     assert _box(page, "#lightbox-img")["width"] <= 390
     page.click("#lightbox-close")
     expect(page.locator("#lightbox")).to_be_hidden()
-    page.screenshot(path=str(screenshot_dir / "playground-390.png"))
+    save_screenshot(page, screenshot_dir / "playground-390.png")
     watched.assert_clean()
 
 

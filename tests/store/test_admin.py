@@ -79,7 +79,7 @@ def test_a_deduct_racing_reservations_never_overdraws(db: Database) -> None:
 def test_grant_and_deduct_refuse_what_is_not_a_positive_amount(db: Database) -> None:
     account = keys.create_account(db, "x", credits=5).account_id
     for amount in (0, -1):
-        with pytest.raises(ValueError), db.write() as conn:
+        with pytest.raises(ValueError, match="must be positive"), db.write() as conn:
             ledger.deduct_in(conn, account, amount)
     with pytest.raises(LookupError):
         admin.adjust_credits(db, "acct_none", "grant", 1, reason="r", actor_key_id="a")
@@ -97,5 +97,5 @@ def test_accounts_page_counts_only_its_accounts_usage(db: Database) -> None:
     second, one = page.accounts
     assert second.name == "second" and second.is_admin and second.usage.granted == 20
     assert one.keys[0].revoked_at is not None and one.usage.requests == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="limit must be"):
         admin.list_accounts(db, limit=0)

@@ -114,7 +114,9 @@ def list_accounts(db: Database, *, limit: int = 100, offset: int = 0) -> Account
                         "completed"
                     ),
                     func.sum(
-                        case((jobs.c.status == JobStatus.COMPLETED.value, jobs.c.num_images), else_=0)
+                        case(
+                            (jobs.c.status == JobStatus.COMPLETED.value, jobs.c.num_images), else_=0
+                        )
                     ).label("images"),
                     func.sum(case((jobs.c.status.in_(ACTIVE), jobs.c.price), else_=0)).label(
                         "reserved"
@@ -230,7 +232,9 @@ def adjust_credits(
 def get_key(db: Database, key_id: str) -> keys.KeyInfo | None:
     with db.read() as conn:
         r = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
-    return None if r is None else keys.KeyInfo(r.id, r.account_id, r.name, r.created_at, r.revoked_at)
+    return (
+        None if r is None else keys.KeyInfo(r.id, r.account_id, r.name, r.created_at, r.revoked_at)
+    )
 
 
 def account_exists(db: Database, account_id: str) -> bool:

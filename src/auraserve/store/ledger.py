@@ -2,10 +2,11 @@
 
 `accounts.balance` is the spendable balance and the ledger is the history that explains it:
 grant (+), deduct (−, an operator takes credits back), reserve (−, at submit), release (+, when
-a job ends unfinished) and capture (0: the reserved credits are spent). The `*_in` functions run inside a caller's transaction so that a
-reservation commits together with its job, and a settlement together with the job's final
-status. The balance is decremented with a guarded UPDATE, which the database serialises per
-row, so concurrent submits can never take it below zero.
+a job ends unfinished) and capture (0: the reserved credits are spent). The `*_in` functions run
+inside a caller's transaction so that a reservation commits together with its job, and a
+settlement together with the job's final status. The balance is decremented with a guarded
+UPDATE, which the database serialises per row, so concurrent submits (and deducts) can never
+take it below zero.
 """
 
 from __future__ import annotations
