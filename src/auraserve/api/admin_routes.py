@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from auraserve.api.account_routes import queue_parameters
 from auraserve.api.auth import current_account, presented_key, require_admin
@@ -49,6 +50,19 @@ _FORBIDDEN = {"model": ErrorBody, "description": "The key's account is not an ad
 _TEXT = r"^[^\x00-\x1f\x7f]*[^\x00-\x20\x7f][^\x00-\x1f\x7f]*$"
 _ACCOUNT_ID = Annotated[str, Path(max_length=40, description="`account_id`, e.g. acct_…")]
 MAX_CREDITS = 10**15
+
+
+def _whole_number(value: object) -> object:
+    """JSON integers only, as everywhere in this API: `3` and `3.0` (a zero fraction is an
+    integer in JSON Schema), never `2.5`, `"3"` or `true`."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("whole_number", "Input should be a whole number (a JSON integer)")
+    return value
+
+
+Credits = Annotated[int, BeforeValidator(_whole_number)]
 
 
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -123,7 +137,7 @@ class NewKey(BaseModel):
         description="Add a key to this existing account; omitted: a new tenant account "
         "(admin accounts are made from the shell only)",
     )
-    credits: int = Field(
+    credits: Credits = Field(
         0,
         ge=0,
         le=MAX_CREDITS,
@@ -149,7 +163,7 @@ class CreditChange(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     action: Literal["grant", "deduct"]
-    amount: int = Field(ge=1, le=MAX_CREDITS, description="Whole credits")
+    amount: Credits = Field(ge=1, le=MAX_CREDITS, description="Whole credits")
     reason: str = Field(
         min_length=1, max_length=200, pattern=_TEXT, description="Kept in the ledger entry"
     )
@@ -261,7 +275,7 @@ async def list_jobs(
     status_code=201,
     summary="Create an API key: a new tenant account, or another key for an account",
     response_model=CreatedKeyBody,
-    responses=_responses(400, 401, 404),
+    responses=_responses(400, 401, 404, 409),
 )
 async def create_key(runtime: RuntimeDep, body: NewKey, request: Request) -> Response:
     db = runtime.db
