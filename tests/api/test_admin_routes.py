@@ -124,6 +124,9 @@ def test_jobs_across_accounts_newest_first(
     assert none["items"] == []
     bad = client.get("/v2/admin/jobs?status=DONE", headers=admin.headers)
     assert bad.status_code == 400 and bad.json()["field"] == "status"
+    for name, value in (("account_id", "acct\x00"), ("before", "not-a-job-id")):
+        refused = client.get("/v2/admin/jobs", headers=admin.headers, params={name: value})
+        assert refused.status_code == 400 and refused.json()["field"] == name, refused.text
 
 
 def test_admins_create_and_revoke_keys(

@@ -48,7 +48,13 @@ _FORBIDDEN = {"model": ErrorBody, "description": "The key's account is not an ad
 
 # Names and reasons end up in the ledger and on the console: printable text, not blank.
 _TEXT = r"^[^\x00-\x1f\x7f]*[^\x00-\x20\x7f][^\x00-\x1f\x7f]*$"
-_ACCOUNT_ID = Annotated[str, Path(max_length=40, description="`account_id`, e.g. acct_…")]
+# Ids are ASCII (`acct_<hex>`, 16-hex key ids, UUIDs): anything else is refused by the pattern
+# before it reaches a query (PostgreSQL refuses NUL bytes in text with an error of its own).
+_ID = r"^[A-Za-z0-9_-]{1,40}$"
+_JOB_ID = r"^[0-9a-f-]{36}$"
+_ACCOUNT_ID = Annotated[
+    str, Path(max_length=40, pattern=_ID, description="`account_id`, e.g. acct_…")
+]
 MAX_CREDITS = 10**15
 
 
@@ -134,6 +140,7 @@ class NewKey(BaseModel):
     account_id: str | None = Field(
         None,
         max_length=40,
+        pattern=_ID,
         description="Add a key to this existing account; omitted: a new tenant account "
         "(admin accounts are made from the shell only)",
     )
@@ -249,11 +256,13 @@ async def list_jobs(
     runtime: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=admin.MAX_JOBS, description="Items per page")] = 50,
     before: Annotated[
-        str | None, Query(max_length=36, description="`next_before` of the previous page")
+        str | None,
+        Query(max_length=36, pattern=_JOB_ID, description="`next_before` of the previous page"),
     ] = None,
     status: Annotated[JobStatus | None, Query(description="Only requests in this status")] = None,
     account_id: Annotated[
-        str | None, Query(max_length=40, description="Only this account's requests")
+        str | None,
+        Query(max_length=40, pattern=_ID, description="Only this account's requests"),
     ] = None,
 ) -> Response:
     page = await call_store(
@@ -326,7 +335,9 @@ async def create_key(runtime: RuntimeDep, body: NewKey, request: Request) -> Res
 async def revoke_key(
     runtime: RuntimeDep,
     request: Request,
-    key_id: Annotated[str, Path(max_length=40, description="The key id (not the key)")],
+    key_id: Annotated[
+        str, Path(max_length=40, pattern=_ID, description="The key id (not the key)")
+    ],
 ) -> Response:
     if key_id == _caller_key_id(request):
         # Revoking the key in use would lock the console out mid-session; make another first.
