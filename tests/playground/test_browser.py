@@ -505,6 +505,10 @@ def test_phone_width_shows_the_image_first(
         " const bar = document.getElementById('actionbar').getBoundingClientRect();"
         " return r.top >= 0 && r.bottom <= bar.top; }"
     )
+    # ... and settles with the image at the top of the screen.
+    page.wait_for_function(
+        "() => Math.abs(document.getElementById('stage').getBoundingClientRect().top - 12) < 4"
+    )
     image = _box(page, "#result-image")
     assert image["width"] >= 330, image
     assert image["width"] * image["height"] > 2 * _largest_other_element(page, "#stage")

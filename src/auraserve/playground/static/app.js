@@ -308,13 +308,14 @@ async function follow(requestId, controller) {
   }
   if (last) {
     showImages(last);
-    if (last.output) revealStage();
     if (last.status === "CANCELLED") {
       setStatus($("job-status"), `${requestId}: cancelled — not charged`);
       $("job-status").dataset.state = "CANCELLED";
     }
   }
   await Promise.all([refreshAccount(), loadHistory(true)]);
+  // After the history has its new entry: the page is then long enough to scroll to the image.
+  if (last && last.output) revealStage();
 }
 
 // On a phone the form comes first: bring the finished image up, clear of the pinned bar.
