@@ -553,3 +553,23 @@ def test_api_docs_work_offline_and_are_linked(open_page: Opener) -> None:
     logo = "https://cdn.redoc.ly/redoc/logo-mini.svg"
     watched.problems = [p for p in watched.problems if logo not in p]
     watched.assert_clean()
+
+
+def test_relative_times_read_as_people_say_them(open_page: Opener) -> None:
+    watched = open_page("/")
+    page = watched.page
+    _ready(page)
+    said = page.evaluate(
+        """async () => {
+          const { relativeTime, fullTime } = await import('/playground/static/format.js');
+          const now = Date.parse('2026-12-07T12:00:00Z');
+          const ago = (s) => new Date(now - s * 1000).toISOString();
+          return {
+            texts: [10, 120, 3 * 3600, 30 * 3600, 3 * 86400].map((s) => relativeTime(ago(s), now)),
+            full: fullTime(ago(120)),
+          };
+        }"""
+    )
+    assert said["texts"] == ["just now", "2 min ago", "3 h ago", "yesterday", "3 days ago"]
+    assert "2026" in said["full"]
+    watched.assert_clean()
