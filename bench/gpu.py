@@ -638,7 +638,7 @@ def _targets(report: dict[str, Any]) -> list[str]:
     fp8 = {n: s for n, s in engine_modes.items() if (by_name[n]["options"] or {}).get("fp8")}
     bf16 = {n: s for n, s in engine_modes.items() if n not in fp8}
     if report["config"]["model"].startswith("tiny"):
-        return ["Targets (issue 5) apply to the full-size model on a GPU; not evaluated here."]
+        return ["The targets apply to the full-size model on a GPU; not evaluated here."]
     lines = [f"Targets at {size}², {report['config']['steps']} steps, CFG, batch 1:"]
 
     def verdict(ok: bool) -> str:

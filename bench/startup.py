@@ -133,9 +133,10 @@ def measure_tree(label: str, tree: Path, runs: int, serve_runs: int) -> dict[str
     with tempfile.TemporaryDirectory(prefix=f"auraserve-startup-{label}-") as tmp:
         env = tree_env(tree, Path(tmp) / "data")
         # A store with one key, so `keys list` reads a real one (and refuses nothing).
-        subprocess.run(
-            cli("keys", "create", "--name", "bench"), env=env, check=True, capture_output=True
-        )
+        # `db upgrade` first: every tree creates its configured store that way, while `keys
+        # create` makes one only with --create (which older trees do not know).
+        for args in (("db", "upgrade"), ("keys", "create", "--name", "bench")):
+            subprocess.run(cli(*args), env=env, check=True, capture_output=True)
         probe = subprocess.run(
             [sys.executable, "-c", _KEYS_LIST_PROBE],
             env=env,

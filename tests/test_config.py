@@ -28,9 +28,9 @@ def test_toml_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize(
     ("env", "value", "needle"),
     [
-        ("AURASERVE_PORT", "70000", "AURASERVE_PORT"),
-        ("AURASERVE_DEFAULT_PRESET", "nope", "default_preset"),
-        ("AURASERVE_DATABASE_URL", "mysql://x", "database_url"),
+        ("AURASERVE_PORT", "70000", "AURASERVE_PORT=70000"),
+        ("AURASERVE_DEFAULT_PRESET", "nope", "AURASERVE_DEFAULT_PRESET=nope"),
+        ("AURASERVE_DATABASE_URL", "mysql://x", "AURASERVE_DATABASE_URL"),
         ("AURASERVE_DEVICE", "tpu", "AURASERVE_DEVICE"),
         ("AURASERVE_WARMUP_SIZES", "100x100", "AURASERVE_WARMUP_SIZES"),
     ],
@@ -42,3 +42,59 @@ def test_bad_values_name_the_setting(
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert needle in str(err.value)
+
+
+def test_errors_name_the_flag_else_the_variable_else_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "auraserve.toml"
+    config.write_text("lease_seconds = -1\nportt = 1\n[presets.mine]\nweights = 'w'\nsteps = 'x'\n")
+    monkeypatch.setenv("AURASERVE_CONFIG", str(config))
+    monkeypatch.setenv("AURASERVE_PORT", "8000")  # valid: the flag below is what is wrong
+    with pytest.raises(ConfigError) as err:
+        load_settings(flags={"port": "--port"}, port=70000)
+    message = str(err.value)
+    assert "--port 70000:" in message and "AURASERVE_PORT" not in message
+    assert f"lease_seconds in {config}" in message
+    assert f"presets.mine.steps in {config}" in message
+    assert "portt" in message and "did you mean port?" in message
+
+
+def test_heartbeat_and_preset_errors_name_their_own_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AURASERVE_HEARTBEAT_SECONDS", "60")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "AURASERVE_HEARTBEAT_SECONDS=60: must be shorter than lease_seconds" in str(err.value)
+
+
+def test_a_settings_file_that_is_not_toml_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "auraserve.toml"
+    config.write_text("port = \n")
+    monkeypatch.setenv("AURASERVE_CONFIG", str(config))
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert f"AURASERVE_CONFIG={config}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://u:p@db:5432/aura",
+        "postgresql://u:p@db:5432/aura",
+        "postgres+psycopg://u:p@db:5432/aura",
+    ],
+)
+def test_postgres_urls_mean_postgresql(url: str) -> None:
+    settings = load_settings(database_url=url)
+    assert settings.resolved_database_url == "postgresql+psycopg://u:p@db:5432/aura"
+
+
+def test_secrets_never_appear_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AURASERVE_DATABASE_URL", "mysql://user:hunter2@db/x")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "AURASERVE_DATABASE_URL" in str(err.value) and "hunter2" not in str(err.value)

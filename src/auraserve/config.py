@@ -6,8 +6,11 @@ environment variable and what it accepts, instead of failing on the first reques
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,9 +18,10 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -30,6 +34,7 @@ from auraserve.core.engine_options import EngineOptions
 from auraserve.core.lora import LoraSource, available_loras, is_hub_id
 from auraserve.core.presets import ModelPreset, default_presets
 from auraserve.errors import ConfigError
+from auraserve.store.urls import normalise_database_url
 from auraserve.webhooks.settings import DEFAULT_SCHEDULE, WebhookSettings
 from auraserve.webhooks.ssrf import AddressPolicy
 
@@ -117,7 +122,7 @@ class Settings(BaseSettings):
     max_streams_per_account: int = Field(32, ge=1)
     max_sync_waits_per_account: int = Field(32, ge=1)
     bootstrap_credits: int = Field(100_000, ge=0)
-    # How long a sync-dialect request (seed 000, OpenAI) waits for its image before answering
+    # How long a Sync API or OpenAI Images request waits for its image before answering
     # 504 with the request_id; the job keeps running and stays pollable.
     sync_timeout_seconds: float = Field(300.0, gt=0)
     # Server-sent events on /v2/requests/status/{id}/stream: a comment line this often keeps
@@ -135,18 +140,18 @@ class Settings(BaseSettings):
     redis_url: str = ""
     rate_limit_key_prefix: str = Field("auraserve", min_length=1, max_length=100)
 
-    # Webhooks (seed 002). Hosts or networks that deliveries may reach although they are
+    # Webhooks (the Queue API). Hosts or networks that deliveries may reach although they are
     # loopback/private (development and tests), e.g. "127.0.0.1,localhost,::1"; comma separated
     # or a JSON list. Trust for private CAs comes from SSL_CERT_FILE / SSL_CERT_DIR.
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Accept plain http:// webhook URLs (development only; seed 002 requires https).
+    # Accept plain http:// webhook URLs (development only; the hosted Queue API requires https).
     webhook_allow_http: bool = False
     # Delay before attempt n, in seconds (Standard Webhooks schedule); jittered by ±10 %.
     webhook_schedule: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [float(d) for d in DEFAULT_SCHEDULE]
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=120)
-    # X-Webhook-Mode: sync sends progress at most this often (seed 002: 15 s).
+    # X-Webhook-Mode: sync sends progress at most this often (the hosted Queue API: 15 s).
     webhook_sync_interval_seconds: float = Field(15.0, gt=0)
     # Deliveries in flight at once per API process.
     webhook_concurrency: int = Field(16, ge=1, le=1000)
@@ -295,18 +300,30 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis:// or rediss://")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Settings:
-        if self.default_preset not in self.presets:
-            raise ValueError(
-                f"default_preset {self.default_preset!r} is not one of the presets "
-                f"({', '.join(sorted(self.presets))})"
-            )
-        if self.heartbeat_seconds >= self.lease_seconds:
-            raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
-        if self.database_url and not self.database_url.startswith(("sqlite", "postgresql")):
-            raise ValueError("database_url must start with sqlite:// or postgresql://")
-        return self
+    # Cross-field checks are field validators (reading the fields declared before), so that an
+    # error carries the field that is wrong and load_settings can name what set it.
+    @field_validator("default_preset")
+    @classmethod
+    def _known_preset(cls, value: str, info: ValidationInfo) -> str:
+        presets = info.data.get("presets")
+        if presets is not None and value not in presets:
+            raise ValueError(f"{value!r} is not one of the presets ({', '.join(sorted(presets))})")
+        return value
+
+    @field_validator("heartbeat_seconds")
+    @classmethod
+    def _heartbeat_within_lease(cls, value: float, info: ValidationInfo) -> float:
+        lease = info.data.get("lease_seconds")
+        if lease is not None and value >= lease:
+            raise ValueError(f"must be shorter than lease_seconds ({lease:g})")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _valid_database_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql", "postgres://", "postgres+")):
+            raise ValueError("must start with sqlite://, postgresql:// or postgres://")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -327,10 +344,7 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
-            url = self.database_url
-            if url.startswith("postgresql://"):
-                url = "postgresql+psycopg://" + url[len("postgresql://") :]
-            return url
+            return normalise_database_url(self.database_url)
         return f"sqlite:///{(self.data_dir / 'auraserve.db').resolve()}"
 
     @property
@@ -364,15 +378,116 @@ class Settings(BaseSettings):
         return available_loras(self.lora_dir, self.lora_hub_allowlist)
 
 
-def load_settings(**overrides: Any) -> Settings:
+# Settings whose values never appear in an error message (passwords ride in URLs too).
+_SECRET_FIELDS = frozenset(
+    {
+        "secret_key",
+        "s3_secret_access_key",
+        "s3_access_key_id",
+        "expand_api_key",
+        "database_url",
+        "redis_url",
+    }
+)
+
+
+def load_settings(*, flags: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from `overrides` (command-line values), the environment and the TOML file
+    that AURASERVE_CONFIG names, in that order of precedence.
+
+    A bad value raises ConfigError naming what the user set: the flag (`flags` maps a field to
+    the flag that gave it, e.g. {"port": "--port"}), else the environment variable, else the
+    key in the settings file."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    toml_path = os.environ.get("AURASERVE_CONFIG", "")
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**given)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            name = "_".join(str(p) for p in err["loc"]).upper()
-            setting = f"AURASERVE_{name}" if name else "settings"
-            lines.append(f"{setting}: {err['msg']}")
+        table = _toml_table(toml_path)
+        lines = [
+            _describe(err, flags or {}, given, toml_path, table)
+            for err in exc.errors(include_url=False)
+        ]
+    except (OSError, ValueError) as exc:  # the settings file: missing, unreadable, not TOML
         raise ConfigError(
-            "invalid configuration: " + "; ".join(lines) + " (see README, Configuration)"
+            f"cannot read the settings file AURASERVE_CONFIG={toml_path}: {exc}"
         ) from None
+    raise ConfigError("invalid configuration: " + "; ".join(lines) + " (see README, Configuration)")
+
+
+def _toml_table(path: str) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(
+    err: ErrorDetails,
+    flags: Mapping[str, str],
+    given: Mapping[str, Any],
+    toml_path: str,
+    table: Mapping[str, Any],
+) -> str:
+    loc = [str(part) for part in err["loc"]]
+    message = err["msg"].removeprefix("Value error, ")
+    if not loc:
+        return f"settings: {message}"
+    field = loc[0]
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(field, Settings.model_fields, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        where = f"{field} in {toml_path}" if field in table else field
+        return f"{where}: unknown setting{hint}"
+    origin = _origin(loc, flags, given, toml_path, table)
+    value = err.get("input")
+    if (
+        field not in _SECRET_FIELDS
+        and isinstance(value, str | int | float)
+        and len(str(value)) < 60
+    ):
+        if origin.startswith("--"):
+            origin = f"{origin} {value}"
+        elif origin.startswith("AURASERVE_"):
+            origin = f"{origin}={value}"
+    return f"{origin}: {message}"
+
+
+def _origin(
+    loc: list[str],
+    flags: Mapping[str, str],
+    given: Mapping[str, Any],
+    toml_path: str,
+    table: Mapping[str, Any],
+) -> str:
+    """What set the field at `loc`: a flag, an environment variable, a settings file key."""
+    field = loc[0]
+    if field in flags:
+        return flags[field]
+    if field in given:
+        # Set in code (tests, embedding): the setting's variable names it best.
+        return "AURASERVE_" + field.upper()
+    # pydantic-settings matches variable names case-insensitively; nested values may come
+    # whole (AURASERVE_PRESETS as JSON) or per part (AURASERVE_PRESETS__NAME__STEPS).
+    environment = {name.upper(): name for name in os.environ}
+    for depth in range(len(loc), 0, -1):
+        name = "AURASERVE_" + "__".join(loc[:depth]).upper()
+        if name in environment:
+            return environment[name]
+    if field in table:
+        return f"{'.'.join(loc)} in {toml_path} (AURASERVE_CONFIG)"
+    return "AURASERVE_" + field.upper()  # a default that no longer fits what was set
+
+
+def setting_origin(field: str, flags: Mapping[str, str]) -> str | None:
+    """Where a valid setting came from, for messages: the flag, the environment variable or
+    the settings-file key that set it; None when it is the default."""
+    toml_path = os.environ.get("AURASERVE_CONFIG", "")
+    table = _toml_table(toml_path)
+    origin = _origin([field], flags, {}, toml_path, table)
+    if origin == "AURASERVE_" + field.upper() and origin not in {n.upper() for n in os.environ}:
+        return None
+    return origin

@@ -43,7 +43,7 @@ server fault and the job ends in ERROR. Neither is charged.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -159,8 +159,12 @@ class UnsupportedMediaType(RequestError):
     status = 415
     title = "Unsupported Media Type"
 
-    def __init__(self, content_type: str, accepted: str) -> None:
-        super().__init__(f"Content-Type '{content_type[:100]}' is not accepted; send {accepted}")
+    def __init__(self, reason: str, accepted: Sequence[str]) -> None:
+        """`reason` says what is wrong with the sent type; `accepted` lists the types read."""
+        super().__init__(
+            f"{reason}; send Content-Type: {' or '.join(accepted)} (UTF-8)",
+            extra={"accepted": list(accepted)},
+        )
 
 
 class HeadersTooLarge(RequestError):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from auraserve.config import Settings
 from auraserve.engine.base import Engine
+from auraserve.errors import ConfigError
 from auraserve.media.factory import open_media_store
 from auraserve.media.lifecycle import MediaMaintenance
 from auraserve.media.storage import MediaStore
@@ -156,23 +157,36 @@ class Runtime:
     stopping: threading.Event = field(default_factory=threading.Event)
     # Set by a second signal: hand the batch in hand back now instead of waiting out the grace.
     hurry: threading.Event = field(default_factory=threading.Event)
+    # This process created the store (a first start): the CLI says so in its start-up line.
+    store_created: bool = False
     _stop_deadline: float | None = field(default=None, init=False, repr=False)
     _stop_watcher: threading.Thread | None = field(default=None, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
 
     @classmethod
-    def open(cls, settings: Settings, *, engine: Engine | None = None) -> Runtime:
+    def open(
+        cls,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        on_migration_step: Callable[[int, int], None] | None = None,
+    ) -> Runtime:
         # 0700: the data dir holds the server key, the database and every image.
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        server_key = load_server_key(
-            settings.secret_key.get_secret_value() if settings.secret_key else None,
-            settings.secret_key_file,
-            settings.data_dir,
-        )
+        try:
+            server_key = load_server_key(
+                settings.secret_key.get_secret_value() if settings.secret_key else None,
+                settings.secret_key_file,
+                settings.data_dir,
+            )
+        except ValueError as exc:
+            # A key file that is missing or too short: a setting to fix, not a crash.
+            named = "AURASERVE_SECRET_KEY_FILE" if settings.secret_key_file else "the server key"
+            raise ConfigError(f"{named}: {exc}") from None
         _private_sqlite_files(settings.resolved_database_url)
         db = Database(settings.resolved_database_url)
         keys.use_server_key(db, server_key)
-        db.migrate()
+        db.migrate(on_migration_step)
         # Every process that changes job statuses records their webhook deliveries in the
         # same transactions (API: cancels; workers: results), whoever sends them later.
         # Disk under data_dir/media, or S3 for processes on many machines (media.factory).

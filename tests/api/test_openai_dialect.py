@@ -193,3 +193,49 @@ def test_unknown_method_under_the_prefix_is_openai_shaped_405(
     )
     assert resp.status_code == 405 and resp.headers["allow"] == "POST"
     assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_sdk_lists_and_retrieves_the_served_models(
+    api_only_server: LiveServer, tenant: Tenant
+) -> None:
+    sdk = _client(api_only_server, tenant.key)
+    presets = sorted(api_only_server.runtime.settings.presets)
+    models = list(sdk.models.list())
+    assert [m.id for m in models] == presets
+    assert all(m.object == "model" and m.owned_by == "auraserve" for m in models)
+    assert all(isinstance(m.created, int) and m.created > 0 for m in models)
+    assert sdk.models.retrieve(presets[0]).id == presets[0]
+    # OpenAI's own names are accepted by images.generate, so they retrieve too.
+    assert sdk.models.retrieve("gpt-image-1").id == "gpt-image-1"
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.models.retrieve("no-such-model")
+    assert missing.value.code == "model_not_found" and missing.value.param == "model"
+    with pytest.raises(openai.AuthenticationError):
+        list(_client(api_only_server, "aura_bad_key").models.list())
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/chat/completions", 404),
+        ("POST", "/v1/embeddings", 404),
+        ("GET", "/v1/", 404),
+        ("DELETE", "/v1/models/auraflow-v0-3", 405),
+        ("POST", "/v1/models", 405),
+        ("GET", "/v1/images/generations", 405),
+        ("PUT", "/v1/images/edits", 404),
+        # A Sync API path with a method it does not take: still below the SDKs' base URL.
+        ("GET", "/v1/aura-flow", 405),
+    ],
+)
+def test_unknown_paths_and_methods_under_v1_answer_in_openais_shape(
+    api_only_server: LiveServer, tenant: Tenant, method: str, path: str, status: int
+) -> None:
+    headers = {"Authorization": f"Bearer {tenant.key}"}
+    resp = httpx.request(method, api_only_server.url + path, headers=headers)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    if status == 405:
+        assert resp.headers["allow"]

@@ -69,3 +69,29 @@ def test_the_prompt_pattern_is_the_validators_rule(prompt: str, valid: bool) -> 
         assert not valid
     else:
         assert valid
+
+
+# The reference pages' numbers and our own jargon, which users cannot know.
+OLD_NAMES = re.compile(r"seed[ -]?00\d|dialect|async queue", re.IGNORECASE)
+
+
+def test_the_document_names_the_apis_as_users_know_them(runtime: object, settings: object) -> None:
+    from auraserve.api.app import create_app
+
+    document = create_app(runtime).openapi()  # type: ignore[arg-type]
+    declared = {tag["name"]: tag.get("description", "") for tag in document["tags"]}
+    assert {"Queue API", "Sync API", "OpenAI Images"} <= set(declared)
+    used = {
+        tag
+        for methods in document["paths"].values()
+        for operation in methods.values()
+        for tag in operation.get("tags", [])
+    }
+    assert {"Queue API", "Sync API", "OpenAI Images"} <= used
+    for name, description in declared.items():
+        assert not OLD_NAMES.search(name) and not OLD_NAMES.search(description), name
+    for path, methods in document["paths"].items():
+        for operation in methods.values():
+            for key in ("summary", "description"):
+                assert not OLD_NAMES.search(operation.get(key, "")), (path, key)
+    assert not OLD_NAMES.search(document["info"]["description"])

@@ -185,3 +185,18 @@ def test_wrong_method_and_unknown_path(
     resp = client.get("/nothing/here", headers=tenant.headers)
     assert resp.status_code == 404
     assert resp.json()["error"] == "Not Found"
+
+
+def test_a_rounded_size_is_a_line_in_warnings(
+    server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
+    resp = client.post(
+        SEED_PATH,
+        headers=tenant.headers,
+        json={"prompt": "a cat", "width": 520, "height": 512, "num_inference_steps": 1},
+    )
+    assert resp.status_code == 202, resp.text
+    final = wait_for_status(client, resp.json()["request_id"], tenant.headers)
+    assert final["status"] == "COMPLETED", final
+    assert (final["width"], final["height"]) == (528, 512)
+    assert final["warnings"] == ["width 520 was rounded to 528 (sizes are multiples of 16)"]

@@ -67,6 +67,24 @@ def test_seed002_python_requests_example(
     [url] = status["output"]["media_url"]
     image = Image.open(io.BytesIO(requests.get(url, timeout=30).content))
     assert image.size == (512, 512)
+    # The example asks for expand_prompt: the expansion reaches the model whole. The status
+    # shows the prompt used: the example's words first, then detail, within the 256 tokens
+    # of the model's own tokenizer, and no warning says any of it was ignored.
+    sent = _example_body(script)
+    assert sent["expand_prompt"] is True
+    used = status["prompt"]
+    assert used.startswith(sent["prompt"]) and len(used) > len(sent["prompt"]) + 20, used
+    assert len(server.runtime.engine.pipe.tokenizer(used).input_ids) <= 256
+    assert not any("ignored" in w or "left out" in w for w in status.get("warnings") or [])
+
+
+def _example_body(script: str) -> dict[str, object]:
+    """The `data = {...}` literal of the seed's Python example."""
+    for node in ast.walk(ast.parse(script)):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "data":
+            body: dict[str, object] = ast.literal_eval(node.value)
+            return body
+    raise AssertionError("the example has no `data = {...}`")
 
 
 def _node_modules() -> Path:

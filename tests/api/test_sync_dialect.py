@@ -235,8 +235,9 @@ def test_status_codes_401_404_405_406_415(
     missing = client.post(
         "/v1/no-such-model", headers={"x-api-key": tenant.key}, files=_form(prompt="x")
     )
+    # Every unknown path under /v1/ answers in OpenAI's shape (the SDKs' base URL).
     assert missing.status_code == 404
-    assert missing.json()["message"] == "The requested URL does not exist"
+    assert missing.json()["error"]["message"] == "The requested URL does not exist"
     wrong = client.get(SEED_URL, headers={"x-api-key": tenant.key})
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
     assert client.put("/v1/auraflow-v0-3-512", headers={"x-api-key": tenant.key}).status_code == 405

@@ -50,8 +50,9 @@ def run_cli(
 
 def test_keys_and_credits_commands(settings: Settings) -> None:
     created = run_cli(
-        "keys", "create", "--name", "ci", "--credits", "500", "--json", settings=settings
-    )
+        "keys", "create", "--name", "ci", "--credits", "500", "--json", "--create",
+        settings=settings,
+    )  # fmt: skip
     assert created.returncode == 0, created.stderr
     record = json.loads(created.stdout)
     assert {"key", "key_id", "account_id", "credits", "webhook_secret"} <= set(record)
@@ -62,10 +63,18 @@ def test_keys_and_credits_commands(settings: Settings) -> None:
     listed = run_cli("keys", "list", settings=settings)
     assert record["key_id"] in listed.stdout and record["key"] not in listed.stdout
 
-    granted = run_cli("credits", "grant", record["account_id"], "250", settings=settings)
-    assert json.loads(granted.stdout) == {"account_id": record["account_id"], "credits": 750}
-    shown = run_cli("credits", "show", record["account_id"], settings=settings)
+    granted = run_cli("credits", "grant", record["account_id"], "250", "--json", settings=settings)
+    assert json.loads(granted.stdout) == {
+        "account_id": record["account_id"],
+        "name": "ci",
+        "credits": 750,
+        "reserved": 0,
+    }
+    shown = run_cli("credits", "show", record["account_id"], "--json", settings=settings)
     assert json.loads(shown.stdout)["credits"] == 750
+    table = run_cli("credits", "show", record["account_id"], settings=settings).stdout
+    assert table.splitlines()[0].split() == ["ACCOUNT", "NAME", "BALANCE", "RESERVED"]
+    assert table.splitlines()[1].split() == [record["account_id"], "ci", "750", "0"]
     assert run_cli("credits", "show", "acct_nope", settings=settings).returncode == 1
 
     assert run_cli("keys", "revoke", record["key_id"], settings=settings).returncode == 0
@@ -166,6 +175,7 @@ def test_generate_writes_an_image_with_a_progress_bar(tmp_path: Path) -> None:
         "512",
         "--cfg",
         "4.5",
+        "--json",
         env={"AURASERVE_DATA_DIR": str(tmp_path / "d")},
     )
     assert result.returncode == 0, result.stderr
@@ -317,8 +327,12 @@ def test_generate_with_model_dir_equals_diffusers(tmp_path: Path) -> None:
 
 
 def _problem_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
-    """stderr without the note naming the store, which admin commands always print first."""
-    return [ln for ln in result.stderr.splitlines() if not ln.startswith("store: ")]
+    """stderr without the note naming the store, which admin commands always print first,
+    and without the usage block that a command-line mistake prints before its line."""
+    lines = [ln for ln in result.stderr.splitlines() if not ln.startswith("store: ")]
+    if lines and lines[0].startswith("usage: "):
+        lines = [ln for ln in lines[1:] if not ln.startswith(" ")]
+    return lines
 
 
 @pytest.mark.parametrize(
@@ -336,6 +350,7 @@ def _problem_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
         (["serve", "--port", "http"], "--port"),
         (["serve", "--device", "tpu"], "--device"),
         (["generate", "x", "-o", "x.png", "--steps", "0"], "steps"),
+        (["generate", "x", "-o", "x.png", "--preset", "nope"], "--preset nope"),
         (["nonsense"], "nonsense"),
     ],
 )
@@ -361,22 +376,21 @@ def _store_names(settings: Settings) -> str:
 
 
 def test_admin_commands_name_their_store_on_stderr(settings: Settings) -> None:
-    created = run_cli("keys", "create", "--name", "n", "--json", settings=settings)
+    created = run_cli("keys", "create", "--name", "n", "--json", "--create", settings=settings)
     assert created.returncode == 0, created.stderr
     account = json.loads(created.stdout)["account_id"]  # stdout stays machine-readable
     for args in (
         ["keys", "list", "--json"],
-        ["credits", "grant", account, "5"],
-        ["credits", "show", account],
-        ["db", "upgrade"],
+        ["credits", "grant", account, "5", "--json"],
+        ["credits", "show", account, "--json"],
+        ["db", "upgrade", "--json"],
     ):
         result = run_cli(*args, settings=settings)
         assert result.returncode == 0, result.stderr
         (note,) = result.stderr.splitlines()
         assert note.startswith("store: ") and _store_names(settings) in note, note
         assert "new" not in note
-        if args[-1] != "upgrade":
-            json.loads(result.stdout)
+        json.loads(result.stdout)
     assert _store_names(settings) in created.stderr
 
 
@@ -465,8 +479,14 @@ def test_unreachable_store_is_one_line(tmp_path: Path) -> None:
     assert "cannot open the store" in line and "nowhere" in line
 
 
-def test_a_command_that_creates_a_store_says_so(new_store: NewStore) -> None:
-    created = run_cli("keys", "create", "--name", "first", "--json", env=new_store.env)
+def test_keys_create_makes_a_store_only_when_told(new_store: NewStore) -> None:
+    refused = run_cli("keys", "create", "--name", "first", "--json", env=new_store.env)
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.splitlines()
+    assert "no store at" in line and new_store.names in line and "--create" in line
+    assert refused.stdout == "" and not new_store.exists()
+
+    created = run_cli("keys", "create", "--name", "first", "--json", "--create", env=new_store.env)
     assert created.returncode == 0, created.stderr
     (note,) = created.stderr.splitlines()
     assert new_store.names in note and "new" in note
@@ -530,7 +550,7 @@ def test_service_help_shows_every_setting(command: str) -> None:
 
 def test_webhook_secret_rotation_commands(settings: Settings) -> None:
     created = json.loads(
-        run_cli("keys", "create", "--name", "hooks", "--json", settings=settings).stdout
+        run_cli("keys", "create", "--name", "hooks", "--json", "--create", settings=settings).stdout
     )
     account = created["account_id"]
     shown = run_cli("keys", "webhook-secret", account, "--json", settings=settings)
@@ -561,7 +581,7 @@ def test_webhook_secret_rotation_commands(settings: Settings) -> None:
 def test_a_new_data_dir_is_private(tmp_path: Path) -> None:
     data_dir = tmp_path / "fresh" / "data"
     env = {"AURASERVE_DATA_DIR": str(data_dir), "AURASERVE_DATABASE_URL": ""}
-    created = run_cli("keys", "create", "--name", "a", env=env)
+    created = run_cli("keys", "create", "--name", "a", "--create", env=env)
     assert created.returncode == 0, created.stderr
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     key_file = data_dir / "secret.key"
@@ -582,12 +602,12 @@ def test_a_new_data_dir_is_private(tmp_path: Path) -> None:
 
 def test_the_engine_of_serve_and_worker_serves_the_lora_registry(tmp_path: Path) -> None:
     """`serve`/`worker` build their engine with LoRA slots when a registry is configured."""
-    from auraserve.cli import _load_engine
+    from auraserve.cli.engine import load_engine
     from auraserve.config import load_settings
 
     (tmp_path / "loras").mkdir()
-    plain = _load_engine(load_settings(data_dir=tmp_path / "d", device="cpu"), "tiny")
-    with_lora = _load_engine(
+    plain = load_engine(load_settings(data_dir=tmp_path / "d", device="cpu"), "tiny")
+    with_lora = load_engine(
         load_settings(data_dir=tmp_path / "d", device="cpu", lora_dir=tmp_path / "loras"), "tiny"
     )
     assert getattr(plain, "lora", None) is None

@@ -168,7 +168,9 @@ def test_a_second_sigterm_hands_back_at_once_and_exits(
 
 
 def test_keys_create_admin_makes_an_operator_account(settings: Settings) -> None:
-    made = run_cli("keys", "create", "--name", "ops", "--admin", "--json", settings=settings)
+    made = run_cli(
+        "keys", "create", "--name", "ops", "--admin", "--json", "--create", settings=settings
+    )
     assert made.returncode == 0, made.stderr
     record = json.loads(made.stdout)
     assert record["admin"] is True

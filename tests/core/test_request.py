@@ -21,7 +21,27 @@ def _build(**fields: object):
     [(512, 512), (520, 528), (1000, 1008), (1023, 1024), (2047, 2048), (777, 784)],
 )
 def test_sizes_round_to_the_nearest_multiple_of_16(given: int, rounded: int) -> None:
-    assert _build(width=given, height=given).width == rounded
+    request = _build(width=given, height=given)
+    assert request.width == rounded
+    if given == rounded:
+        assert request.warnings == ()
+    else:
+        assert request.warnings == (
+            f"width {given} was rounded to {rounded} (sizes are multiples of 16)",
+            f"height {given} was rounded to {rounded} (sizes are multiples of 16)",
+        )
+
+
+def test_a_rounded_size_is_noted_in_the_dialects_words_and_never_taken_from_a_client() -> None:
+    request = build_request(
+        {"prompt": "p", "width": 1000, "height": "1024", "warnings": ["forged"]},
+        model="auraflow-v0-3",
+        preset=PRESET,
+        names={"width": "size", "height": "size"},
+    )
+    assert request.warnings == ("size: width 1000 was rounded to 1008 (sizes are multiples of 16)",)
+    # A stored request keeps its notes through a round trip (jobs re-validate on read).
+    assert type(request).model_validate_json(request.model_dump_json()) == request
 
 
 def test_preset_defaults_fill_absent_fields_and_seed_is_random() -> None:

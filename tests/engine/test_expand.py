@@ -18,9 +18,22 @@ from auraserve.engine.expand import (
     OfflineExpander,
     OpenAIChatExpander,
     PromptExpander,
+    TokenBudget,
     TransformersExpander,
+    append_detail,
     expand_prompt,
+    fit_to_budget,
     make_expander,
+)
+from auraserve.engine.tiny import build_tiny_tokenizer
+
+# The async reference's own example prompt (its body asks for expand_prompt: true).
+SEED_PROMPT = (
+    "Close-up portrait of a majestic iguana with vibrant blue-green scales, piercing amber "
+    "eyes, and orange spiky crest. Intricate textures and details visible on scaly skin. "
+    "Wrapped in dark hood, giving regal appearance. Dramatic lighting against black "
+    "background. Hyper-realistic, high-resolution image showcasing the reptiles expressive "
+    "features and coloration."
 )
 
 PROMPTS = [
@@ -66,7 +79,7 @@ class _ChatServer:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.status = 200
-        self.answer = '  "A majestic cat holding a sign that says hello world, golden light"  '
+        self.answer = '  "golden light, a weathered wooden sign"  '
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -118,7 +131,10 @@ def chat_server() -> Iterator[_ChatServer]:
 def test_openai_expander_talks_to_a_real_server(chat_server: _ChatServer, suffix: str) -> None:
     expander = OpenAIChatExpander(chat_server.url + suffix, "qwen2.5-3b", api_key="sk-test")
     out = expander.expand("a cat holding a sign that says hello world", 42)
-    assert out == "A majestic cat holding a sign that says hello world, golden light"
+    # The model's answer is appended: the user's words stay first, byte for byte.
+    assert out == (
+        "a cat holding a sign that says hello world, golden light, a weathered wooden sign"
+    )
     [request] = chat_server.requests
     assert request["path"] == "/v1/chat/completions"
     assert request["auth"] == "Bearer sk-test"
@@ -129,6 +145,14 @@ def test_openai_expander_talks_to_a_real_server(chat_server: _ChatServer, suffix
         "role": "user",
         "content": "a cat holding a sign that says hello world",
     }
+
+
+def test_an_answer_that_repeats_the_prompt_is_not_doubled(chat_server: _ChatServer) -> None:
+    chat_server.answer = "A cat on a roof, moonlight, film grain"
+    out = OpenAIChatExpander(chat_server.url, "m").expand("a cat on a roof", 1)
+    assert out == "a cat on a roof, moonlight, film grain"
+    assert append_detail("A dog.", "a dog. Snow") == "A dog. Snow"
+    assert append_detail("a dog", "") == "a dog"
 
 
 def test_openai_expander_errors_and_fallback(chat_server: _ChatServer) -> None:
@@ -222,3 +246,54 @@ def test_transformers_expander_missing_model_falls_back(tmp_path: Path) -> None:
     expander = make_expander(None, None, None, str(tmp_path / "nothing-here"))
     prompt, warnings = expand_prompt(expander, "a cat", 1)
     assert prompt.startswith("a cat") and "cannot load" in warnings[0]
+
+
+# --- the token budget ------------------------------------------------------------------------
+
+
+def _words_budget(limit: int) -> TokenBudget:
+    return TokenBudget(count=lambda text: len(text.split()), limit=limit)
+
+
+def test_expansion_keeps_the_phrases_that_fit_in_order() -> None:
+    prompt = "a red fox in snow"
+    expanded = prompt + ", soft light, a very long and detailed phrase about the fur, 8k"
+    fitted, warnings = fit_to_budget(prompt, expanded, _words_budget(8))
+    # "soft light" (2 words) and "8k" fit after the 5 words; the long phrase does not.
+    assert fitted == "a red fox in snow, soft light, 8k"
+    assert len(warnings) == 1 and "left out" in warnings[0] and "fur" in warnings[0]
+    assert fit_to_budget(prompt, expanded, _words_budget(100)) == (expanded, [])
+
+
+def test_a_prompt_that_fills_the_window_gets_nothing_appended() -> None:
+    prompt = "one two three four"
+    fitted, warnings = fit_to_budget(prompt, prompt + ", five", _words_budget(4))
+    assert fitted == prompt and warnings == [
+        "prompt expansion added nothing: the prompt alone is 4 tokens and AuraFlow reads 4"
+    ]
+    fitted, warnings = fit_to_budget(prompt, prompt + ", five", _words_budget(3))
+    assert fitted == prompt and "added nothing" in warnings[0]
+
+
+def test_expand_prompt_fits_any_expander_to_the_budget() -> None:
+    class Rewriter:
+        def expand(self, prompt: str, seed: int) -> str:
+            return "A completely rewritten prompt, with lots of detail, and more"
+
+    fitted, warnings = expand_prompt(Rewriter(), "a boat", 1, _words_budget(8))
+    assert fitted == "a boat, A completely rewritten prompt, and more"
+    assert "left out" in warnings[0]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_seed_example_expands_within_the_models_window(seed: int) -> None:
+    tokenizer = build_tiny_tokenizer()
+    budget = TokenBudget(count=lambda text: len(tokenizer(text).input_ids), limit=256)
+    fitted, warnings = expand_prompt(OfflineExpander(), SEED_PROMPT, seed, budget)
+    assert fitted == OfflineExpander().expand(SEED_PROMPT, seed) and warnings == []
+    assert fitted.startswith(SEED_PROMPT) and budget.fits(fitted)
+    # With a window it overflows, the user's words are kept whole and detail is cut.
+    tight = TokenBudget(count=budget.count, limit=budget.count(SEED_PROMPT) + 12)
+    cut, notes = expand_prompt(OfflineExpander(), SEED_PROMPT, seed, tight)
+    assert cut.startswith(SEED_PROMPT) and len(cut) > len(SEED_PROMPT) and tight.fits(cut)
+    assert len(notes) == 1 and "left out" in notes[0]

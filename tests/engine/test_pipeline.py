@@ -228,6 +228,19 @@ def test_expand_prompt_uses_the_expander(engine: AuraFlowEngine) -> None:
     assert plain.prompt_used == "a lighthouse"
 
 
+def test_expansion_is_cut_to_the_models_window_never_the_users_words(
+    engine: AuraFlowEngine,
+) -> None:
+    long_prompt = " ".join(["a cat in a garden with red flowers"] * 30)  # 240 words: 241 ids
+    request = make_small_request(prompt=long_prompt, expand_prompt=True, steps=1)
+    [result] = engine.generate([request])
+    used = result.prompt_used
+    assert used.startswith(long_prompt) and len(used) > len(long_prompt)
+    assert len(engine.pipe.tokenizer(used).input_ids) <= 256
+    # What was cut is said; nothing the model reads was ignored.
+    assert len(result.warnings) == 1 and "left out" in result.warnings[0], result.warnings
+
+
 # --- progress and cancellation -----------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +23,7 @@ from auraserve.api.dialects import openai, queue, sync
 from auraserve.api.fast_status import FastStatus
 from auraserve.api.limits import Kind, LongLivedSlots, endpoint_is, hold_slot, method_is
 from auraserve.api.media_route import media_origins, serve_media
-from auraserve.api.openapi import media_responses, tidy_document
+from auraserve.api.openapi import TAGS, media_responses, tidy_document
 from auraserve.api.ratelimit import RateLimiter
 from auraserve.api.submit_batching import SubmitBatcher
 from auraserve.errors import PayloadTooLarge
@@ -33,6 +33,9 @@ from auraserve.webhooks.outbox import Dispatcher
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
+# Who renders errors of requests no route claimed (unknown paths, wrong methods, bodies too
+# large), by path prefix; anything else is the Queue API's.
+ERROR_PREFIXES: Mapping[str, Dialect] = {openai.PREFIX: openai.OPENAI}
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -42,11 +45,19 @@ class BodyLimit:
     """Refuse bodies over `limit` bytes with 413 before reading them (Content-Length), or as
     soon as a streamed body passes the limit. Pure ASGI, so it costs nothing per chunk."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], limit: int, dialect: Dialect) -> None:
+    def __init__(
+        self,
+        app: Callable[..., Awaitable[None]],
+        limit: int,
+        dialect: Dialect,
+        prefixes: Mapping[str, Dialect] | None = None,
+    ) -> None:
         self.app = app
         self.limit = limit
-        # No route has been chosen yet, so no route's dialect is known: the default renders it.
+        # No route has been chosen yet, so no route's dialect is known: the path's prefix
+        # decides (OpenAI Images' /v1/), else the default renders it.
         self.dialect = dialect
+        self.prefixes = prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,7 +74,7 @@ class BodyLimit:
                 except ValueError:
                     declared = self.limit + 1
                 if declared > self.limit:
-                    await self._reject(send)
+                    await self._reject(scope, send)
                     return
                 await self.app(scope, receive, send)
                 return
@@ -81,7 +92,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._reject(send)
+                await self._reject(scope, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -93,9 +104,10 @@ class BodyLimit:
         }
         await self.app(scope, _replay([body_message], receive), send)
 
-    async def _reject(self, send: Send) -> None:
-        problem = self.dialect.problem(PayloadTooLarge(f"request body exceeds {self.limit} bytes"))
-        body = json.dumps(self.dialect.error_body(problem), separators=(",", ":")).encode()
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        dialect = errors.dialect_for_path(scope.get("path", ""), self.dialect, self.prefixes)
+        problem = dialect.problem(PayloadTooLarge(f"request body exceeds {self.limit} bytes"))
+        body = json.dumps(dialect.error_body(problem), separators=(",", ":")).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -167,9 +179,10 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     app = FastAPI(
         title="auraserve",
         version=__version__,
-        description="Self-hosted AuraFlow text-to-image API "
-        "(async queue, sync and OpenAI dialects).",
+        description="Self-hosted AuraFlow text-to-image API: the Queue API (submit, then "
+        "poll), the Sync API (the image in the response) and OpenAI Images.",
         lifespan=lifespan,
+        openapi_tags=TAGS,
         # account_routes serves /docs and /redoc from the package instead of a CDN.
         docs_url=None,
         redoc_url=None,
@@ -178,7 +191,7 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     # Innermost of the app's middlewares: the status poll's fast path stands in front of the
     # router only, so the error handler, body limit, request id and metrics still apply.
     app.add_middleware(FastStatus, runtime=runtime, routes=queue.router.routes)
-    errors.install(app, default=queue.QUEUE)
+    errors.install(app, default=queue.QUEUE, prefixes=ERROR_PREFIXES)
     app.state.long_lived = LongLivedSlots()
     app.state.submit_batcher = SubmitBatcher(runtime)
     app.include_router(queue.router)
@@ -237,7 +250,12 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     # /healthz, /readyz and /metrics (/health above stays for compatibility).
     operations.install(app, runtime)
 
-    app.add_middleware(BodyLimit, limit=runtime.settings.max_body_bytes, dialect=queue.QUEUE)
+    app.add_middleware(
+        BodyLimit,
+        limit=runtime.settings.max_body_bytes,
+        dialect=queue.QUEUE,
+        prefixes=ERROR_PREFIXES,
+    )
     # Outermost: every response, the body limit's 413 included, carries a request id and is
     # counted.
     app.add_middleware(operations.Observe)

@@ -1,6 +1,6 @@
 """API keys → accounts. Every dialect accepts all three headers, so a client of any of the
-hosted APIs can keep its own header: `Ocp-Apim-Subscription-Key` (seed 002), `x-api-key`
-(seed 000) and `Authorization: Bearer` (OpenAI)."""
+hosted APIs can keep its own header: `Ocp-Apim-Subscription-Key` (the Queue API), `x-api-key`
+(the Sync API) and `Authorization: Bearer` (OpenAI Images)."""
 
 from __future__ import annotations
 

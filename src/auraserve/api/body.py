@@ -1,12 +1,18 @@
 """Reading request bodies into plain dicts, with 4xx errors instead of 500s.
 
-Numbers, decided per dialect (issue 10):
+Content types, one rule for every dialect (`media_type`): a body is read only when its
+`Content-Type` names a type the route takes (the Queue API and OpenAI Images: JSON; the Sync
+API: JSON or form data), in UTF-8 (no `charset`, or `charset=utf-8`). Anything else, a missing
+header included, is 415 in the route's error shape, naming the types it takes: guessing would
+read a `text/plain` or UTF-16 body differently from what the client meant.
+
+Numbers, decided per dialect:
 
 | dialect | `3`, `3.0` | `"3"`, `"3.0"` | `"1_0"`, `" 3"`, `"0x10"`, `"+3"` |
 | --- | --- | --- | --- |
-| sync (seed 000, form data) | yes | yes: form values are strings | no |
-| queue (seed 002, JSON) | yes | no: the seed types them `integer`/`number` | no |
-| openai (JSON) | yes | no: OpenAI's schema types them | no |
+| Sync API (form data) | yes | yes: form values are strings | no |
+| Queue API (JSON) | yes | no: its reference types them `integer`/`number` | no |
+| OpenAI Images (JSON) | yes | no: OpenAI's schema types them | no |
 
 `3.0` is an integer in JSON Schema (a zero fraction), so an integer field takes it in all three;
 `2.5` there is refused everywhere. A numeric string, where accepted, must be a JSON number
@@ -18,15 +24,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
+from python_multipart.multipart import parse_options_header
 
 from auraserve.api.deps import dialect_of
 from auraserve.api.dialect import Dialect, DialectName
 from auraserve.core.request import GenerationRequest
-from auraserve.errors import InvalidParameter
+from auraserve.errors import InvalidParameter, UnsupportedMediaType
 
 # No dialect's body is deeper than a few levels; a cap far above that keeps any later walk over
 # the body (validation, hashing for idempotency, logging) away from Python's recursion limit.
@@ -60,8 +67,40 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
+JSON = "application/json"
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_UTF8 = frozenset({"utf-8", "utf8"})
+
+
+def media_type(request: Request, accepted: Sequence[str]) -> str:
+    """The body's media type (lower case, no parameters) if it is one of `accepted` (JSON
+    accepts `+json` types too) in UTF-8; otherwise UnsupportedMediaType naming `accepted`."""
+    header = request.headers.get("content-type")
+    if header is None or not header.strip():
+        raise UnsupportedMediaType("the request has no Content-Type", accepted)
+    raw_type, params = parse_options_header(header)
+    kind = raw_type.decode("latin-1").strip().lower()
+    shown = header.strip()[:100]
+    readable = kind in accepted or (JSON in accepted and kind.endswith("+json"))
+    if not readable:
+        raise UnsupportedMediaType(f"Content-Type '{shown}' is not accepted", accepted)
+    charset = params.get(b"charset")
+    if charset is not None and charset.decode("latin-1").strip().lower() not in _UTF8:
+        raise UnsupportedMediaType(
+            f"charset '{charset.decode('latin-1')[:40]}' is not read; bodies are UTF-8", accepted
+        )
+    return kind
+
+
 async def json_object(request: Request) -> dict[str, Any]:
-    """The body as a JSON object, numbers read by the route's dialect (`read_numbers`)."""
+    """The JSON body (refused unless its Content-Type is JSON in UTF-8) as an object, numbers
+    read by the route's dialect (`read_numbers`)."""
+    media_type(request, (JSON,))
+    return await read_json_body(request)
+
+
+async def read_json_body(request: Request) -> dict[str, Any]:
+    """`json_object` once the content type has been checked."""
     data = parse_json_object(await request.body())
     dialect = dialect_of(request.scope)
     return data if dialect is None else read_numbers(data, dialect)

@@ -48,7 +48,7 @@ class Problem:
 
 
 class Dialect:
-    """The queue shape (seed 002) is the base: `{"error": title, "message": text}`, plus
+    """The Queue API's shape is the base: `{"error": title, "message": text}`, plus
     `field` for a parameter error and the error's `extra` fields."""
 
     name: ClassVar[DialectName]

@@ -2,9 +2,10 @@
 
 Domain code raises `auraserve.errors.*`; the dialect the route declared (`api.deps`) turns it
 into a response (`api.dialect.Dialect.render` and its overrides). Errors raised before any
-route matched (404 and 405 of unknown paths) have no dialect and use the default one (queue);
-the OpenAI dialect claims its own prefix with a route of its own, so the SDKs still get their
-shape there. The body limit (`api.app.BodyLimit`) answers before routing, in the default shape.
+route matched (404 and 405 of unknown paths) have no dialect: the dialect that claims the
+path's prefix renders them (OpenAI Images claims `/v1/`, so the SDKs get their shape for any
+path below their `base_url`), else the default one (the Queue API's). The body limit
+(`api.app.BodyLimit`) answers before routing and chooses the same way (`dialect_for_path`).
 
 A database that cannot be reached is a 503 with `Retry-After` (`StoreUnavailable`), never a
 500, whether the store already translated the failure (`store.db.Database.read`/`write`) or a
@@ -20,6 +21,7 @@ hence every traceback twice. `ServerErrors` logs it once and does not re-raise.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,11 +70,22 @@ def http_problem(status: int, detail: str | None, headers: dict[str, str]) -> Pr
     return Problem(status, HTTP_TITLES.get(status, "Error"), message, headers=headers)
 
 
-def install(app: FastAPI, default: Dialect) -> None:
-    """Register the handlers; `default` renders errors of requests that matched no route."""
+def dialect_for_path(
+    path: str, default: Dialect, prefixes: Mapping[str, Dialect] | None = None
+) -> Dialect:
+    """The dialect for an error of a request no route claimed: by path prefix, else default."""
+    for prefix, dialect in (prefixes or {}).items():
+        if path.startswith(prefix):
+            return dialect
+    return default
+
+
+def install(app: FastAPI, default: Dialect, prefixes: Mapping[str, Dialect] | None = None) -> None:
+    """Register the handlers; errors of requests that matched no route are rendered by the
+    dialect of `prefixes` their path starts with, else by `default`."""
 
     def dialect(request: Request) -> Dialect:
-        return dialect_of(request.scope) or default
+        return dialect_of(request.scope) or dialect_for_path(request.url.path, default, prefixes)
 
     @app.exception_handler(AuraserveError)
     async def _domain(request: Request, exc: AuraserveError) -> JSONResponse:
@@ -110,7 +123,7 @@ def install(app: FastAPI, default: Dialect) -> None:
         )
         return dialect(request).render(problem)
 
-    app.add_middleware(ServerErrors, default=default)
+    app.add_middleware(ServerErrors, default=default, prefixes=prefixes)
 
 
 def _log_unavailable(request: Request, exc: StoreUnavailable) -> None:
@@ -130,9 +143,12 @@ class ServerErrors:
     exception after the response started can only be logged; the connection is then closed
     by the server."""
 
-    def __init__(self, app: ASGIApp, default: Dialect) -> None:
+    def __init__(
+        self, app: ASGIApp, default: Dialect, prefixes: Mapping[str, Dialect] | None = None
+    ) -> None:
         self.app = app
         self.default = default
+        self.prefixes = prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -157,7 +173,7 @@ class ServerErrors:
             if is_unavailable(exc):  # e.g. raised while a response was streaming
                 STORE_UNAVAILABLE.labels("api").inc()
                 log.error("database unavailable on %s %s: %s", scope["method"], path, describe(exc))
-                problem = (dialect_of(scope) or self.default).problem(StoreUnavailable())
+                problem = self._dialect(scope).problem(StoreUnavailable())
             else:
                 log.exception("unhandled error on %s %s", scope["method"], path)
                 problem = Problem(
@@ -165,5 +181,10 @@ class ServerErrors:
                 )
             if started:
                 return
-            response = (dialect_of(scope) or self.default).render(problem)
+            response = self._dialect(scope).render(problem)
             await response(scope, receive, send)
+
+    def _dialect(self, scope: Scope) -> Dialect:
+        return dialect_of(scope) or dialect_for_path(
+            scope.get("path", ""), self.default, self.prefixes
+        )

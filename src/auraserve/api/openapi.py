@@ -13,9 +13,36 @@ from pydantic.config import JsonDict
 from auraserve.core.request import GenerationRequest
 from auraserve.core.samplers import MEDIA_TYPES
 
+# The document's tags: the names users know the three APIs by, in docs, logs and errors alike.
+QUEUE_TAG = "Queue API"
+SYNC_TAG = "Sync API"
+OPENAI_TAG = "OpenAI Images"
+REQUESTS_TAG = "Requests"
+TAGS: list[dict[str, str]] = [
+    {
+        "name": QUEUE_TAG,
+        "description": "Submit a generation request (202 with a request_id), then poll its "
+        "status or receive it by webhook.",
+    },
+    {
+        "name": SYNC_TAG,
+        "description": "One call that waits for the image and answers with it (form data or "
+        "JSON in, image bytes or base64 JSON out).",
+    },
+    {
+        "name": OPENAI_TAG,
+        "description": "OpenAI's Images and Models API: the openai SDKs work with only "
+        "base_url changed.",
+    },
+    {
+        "name": REQUESTS_TAG,
+        "description": "Cancel a request or stream its status, whichever API submitted it.",
+    },
+]
+
 
 class ErrorBody(BaseModel):
-    """Seed 002 / seed 000 error shape."""
+    """The Queue API's and Sync API's error shape."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -113,7 +140,7 @@ _DESCRIPTIONS = {
     402: "Insufficient balance",
     403: "The key is valid, but this operator route needs an admin account",
     404: "No such request, model or URL",
-    406: "Not enough credits (seed 000)",
+    406: "Not enough credits (the Sync API's status for it)",
     409: "The request already finished",
     413: "Request body too large",
     415: "Unsupported Content-Type",

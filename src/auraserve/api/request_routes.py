@@ -1,5 +1,5 @@
-"""Routes on a request that every dialect shares: cancel and the live status stream. They
-answer in the queue dialect's shape (`/v2/requests/...` is seed 002's namespace)."""
+"""Routes on a request that every API shares: cancel and the live status stream. They
+answer in the Queue API's shape (`/v2/requests/...` is the Queue API's namespace)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from auraserve.api import results
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
-from auraserve.api.openapi import StatusBody, event_stream_schema
+from auraserve.api.openapi import REQUESTS_TAG, StatusBody, event_stream_schema
 from auraserve.api.store_calls import call_store
 from auraserve.core.jobs import Job, split_request_id
 from auraserve.errors import RequestConflict, RequestNotFound
 from auraserve.runtime import Runtime
 from auraserve.store import jobs
 
-router = APIRouter(tags=["requests (all dialects)"], dependencies=[use_dialect(QUEUE)])
+router = APIRouter(tags=[REQUESTS_TAG], dependencies=[use_dialect(QUEUE)])
 
 
 def _status_responses() -> dict[int | str, dict[str, Any]]:

@@ -131,5 +131,5 @@ def _accepted(submitted: submissions.Submitted, headers: dict[str, str]) -> Acce
 
 
 async def remaining_credits(runtime: Runtime, account: Account) -> str:
-    """The x-remaining-credits value (seed 000) for `account`, read now."""
+    """The x-remaining-credits value (the Sync API's header) for `account`, read now."""
     return str(await call_store(runtime, ledger.balance, runtime.db, account.id))

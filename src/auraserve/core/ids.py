@@ -1,5 +1,5 @@
-"""Identifiers. Job ids are UUIDv7 (time-ordered, like the seed's `019d…` ids), so they sort by
-creation and keep B-tree inserts local; secrets come from `secrets`."""
+"""Identifiers. Job ids are UUIDv7 (time-ordered, like the hosted API's `019d…` ids), so they
+sort by creation and keep B-tree inserts local; secrets come from `secrets`."""
 
 from __future__ import annotations
 

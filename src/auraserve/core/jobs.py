@@ -132,7 +132,7 @@ setattr(Job, "request", _ParsedOnFirstRead())  # noqa: B010
 
 
 def request_id(model_id: str, job_id: str) -> str:
-    """The public id: `{model_id}_{uuid}`, as the seed's gateway writes it."""
+    """The public id: `{model_id}_{uuid}`, as the hosted Queue API writes it."""
     return f"{model_id}_{job_id}"
 
 

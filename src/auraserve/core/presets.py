@@ -39,7 +39,7 @@ class ModelPreset(BaseModel):
 def default_presets() -> dict[str, ModelPreset]:
     return {
         "auraflow-v0-3": ModelPreset(description="AuraFlow v0.3, 1024x1024 by default"),
-        # The seed's gateway URL names this id; same weights, 512x512 by default.
+        # The hosted Queue API's example URL names this id; same weights, 512x512 by default.
         "auraflow-v0-3-512": ModelPreset(
             description="AuraFlow v0.3, 512x512 by default", width=512, height=512
         ),

@@ -111,6 +111,9 @@ class GenerationRequest(BaseModel):
     # Set by build_request when an image comes without width/height: the worker then takes the
     # size from the image, within the pixels of width × height (the priced size).
     size_from_image: bool = False
+    # Set by build_request, never by a client: how it changed what was sent (a size rounded to
+    # a multiple of 16). The job's status lists them with the engine's own warnings.
+    warnings: tuple[str, ...] = ()
 
     # LoRA adapters (core/lora.py), applied in this order; names are checked against the
     # operator's registry by build_request, not here (a stored job is re-validated on read).
@@ -148,7 +151,7 @@ class GenerationRequest(BaseModel):
     @field_validator("output_format", mode="before")
     @classmethod
     def _format(cls, value: object) -> object:
-        # Formats are case-insensitive and "jpg" means "jpeg", as in the seeds' examples.
+        # Formats are case-insensitive and "jpg" means "jpeg", as in the hosted APIs' examples.
         if isinstance(value, str):
             value = value.lower()
             return "jpeg" if value == "jpg" else value
@@ -295,6 +298,7 @@ def build_request(
     """
     data: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
     data.pop("size_from_image", None)  # derived below, never taken from a client
+    data.pop("warnings", None)  # likewise
     if "image" in data:
         data.setdefault("strength", DEFAULT_STRENGTH)
         data["size_from_image"] = "width" not in data and "height" not in data
@@ -346,7 +350,31 @@ def build_request(
         reason = str(err["msg"]).removeprefix("Value error, ")
         raise _invalid(key, reason, names) from None
     check_registry(request.loras, loras or {}, (names or {}).get("loras", "loras"))
-    return request
+    notes = _rounding_notes(fields, request, names)
+    return request.model_copy(update={"warnings": notes}) if notes else request
+
+
+def _rounding_notes(
+    fields: Mapping[str, Any], request: GenerationRequest, names: Mapping[str, str] | None
+) -> tuple[str, ...]:
+    """One line per size the client sent that validation rounded to a multiple of 16."""
+    notes = []
+    for key in ("width", "height"):
+        sent = fields.get(key)
+        kept = getattr(request, key)
+        try:
+            # Validation accepted it, so it is an integral number (or such a string: forms).
+            value = int(float(sent)) if sent is not None else kept
+        except (TypeError, ValueError):
+            continue
+        if value != kept:
+            public = (names or {}).get(key, key)
+            where = "" if public == key else f"{public}: "
+            notes.append(
+                f"{where}{key} {value} was rounded to {kept} (sizes are multiples of "
+                f"{SIZE_MULTIPLE})"
+            )
+    return tuple(notes)
 
 
 def _invalid(key: str, reason: str, names: Mapping[str, str] | None) -> InvalidParameter:

@@ -1,6 +1,6 @@
 """The sampler, scheduler and output-format names the API accepts.
 
-Names follow ComfyUI's lists because the sync dialect (seed 000) exposes them and its users
+Names follow ComfyUI's lists because the Sync API exposes them and its users
 expect them to mean what they mean there. The implementations live in `auraserve.engine`;
 this module holds only the names, as `Literal` types (so pydantic models and the OpenAPI
 document carry the enums) and as tuples derived from them, so request validation never

@@ -1,7 +1,7 @@
 """The status object: what `GET /v2/requests/status/{id}` returns and what webhooks POST.
 
 One function renders it so the poll, the SSE stream and the webhook can never disagree.
-Field names and shapes follow seed 002; `queue_position`, `progress`, `logs`, `seeds`,
+Field names and shapes follow the hosted Queue API's; `queue_position`, `progress`, `logs`, `seeds`,
 `metrics` and the rest are additions that clients of that API can ignore.
 """
 

@@ -1,14 +1,20 @@
 """Prompt expansion: turn a short prompt into a richer one before it reaches the model.
 
 AuraFlow follows long, specific prompts much better than three-word ones, so a request may ask
-(`expand_prompt`) for its prompt to be rewritten first. Three implementations:
+(`expand_prompt`) for detail to be added first. Every expander keeps the user's text, byte for
+byte, at the start and appends to it; three implementations:
 
 * `OpenAIChatExpander`: any OpenAI-compatible `/v1/chat/completions` server (OpenAI, vLLM,
-  llama.cpp, Ollama, LM Studio …), called with httpx.
-* `TransformersExpander`: a local causal LM loaded with transformers on first use.
+  llama.cpp, Ollama, LM Studio …), called with httpx, asked for the added detail only.
+* `TransformersExpander`: a local causal LM loaded with transformers on first use, likewise.
 * `OfflineExpander`: built in, no model: appends subject emphasis, lighting, composition and
-  quality terms picked by keyword rules. Deterministic for a given (prompt, seed) and never
-  drops or edits the user's text, only appends to it.
+  quality terms picked by keyword rules. Deterministic for a given (prompt, seed).
+
+The budget: AuraFlow reads 256 tokens of its own tokenizer and ignores the rest, so an
+expansion that runs past them is wasted where it matters most (the added detail is what gets
+cut). Given a `TokenBudget` (the engine passes the model's tokenizer), `expand_prompt` keeps
+the appended phrases, in order, that fit after the user's text, leaves out the ones that do
+not (and says so in a warning), and appends nothing to a prompt that already fills the window.
 
 Fallback: a remote or local expander can fail (server down, timeout, empty answer, model
 missing). `make_expander` wraps them in `FallbackExpander`, which then uses the offline expander
@@ -22,6 +28,8 @@ import logging
 import random
 import re
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
@@ -31,11 +39,26 @@ from auraserve.errors import ExpansionError
 logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
-    "You rewrite prompts for a text-to-image model. Keep every subject, attribute, style and "
-    "piece of quoted text from the user's prompt, then add concrete visual detail: subject "
-    "appearance, setting, lighting, composition, camera or medium, and quality. Answer with "
-    "the rewritten prompt only, one paragraph, at most 120 words, no preamble and no quotes."
+    "You add detail to prompts for a text-to-image model. The user's prompt is kept as it is; "
+    "your answer is appended after it. Add concrete visual detail it does not already give: "
+    "subject appearance, setting, lighting, composition, camera or medium, and quality. Answer "
+    "with the added detail only, as short comma-separated phrases, at most 60 words, without "
+    "repeating the prompt, no preamble and no quotes."
 )
+# Where added detail may be cut: between the phrases an expander appends.
+_PHRASE_BREAK = re.compile(r"\s*[,;]\s*|(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """The text encoder's window: `count(text)` is the number of ids the model's tokenizer
+    gives `text` (special tokens included); at most `limit` of them are read."""
+
+    count: Callable[[str], int]
+    limit: int
+
+    def fits(self, text: str) -> bool:
+        return self.count(text) <= self.limit
 
 
 @runtime_checkable
@@ -223,9 +246,48 @@ class OfflineExpander:
         if not words & _COMPOSITION_WORDS:
             details.append(rng.choice(_COMPOSITION))
         details.append(rng.choice(_QUALITY[style]))
-        # Keep the user's text byte for byte; only pick a joiner that reads naturally.
-        joiner = " " if text[-1] in ",.;:!?" else ", "
-        return f"{text}{joiner}{', '.join(details)}"
+        return append_detail(text, ", ".join(details))
+
+
+def append_detail(prompt: str, detail: str) -> str:
+    """`prompt` (stripped, otherwise byte for byte), then `detail` after a joiner that reads
+    naturally. A `detail` that repeats the prompt first (models do, whatever they are told)
+    has that part removed, so the prompt is not there twice."""
+    text = prompt.strip()
+    added = detail.strip()
+    if added.lower().startswith(text.lower()):
+        added = added[len(text) :].lstrip(" ,;:")
+    if not added:
+        return text
+    joiner = " " if text[-1] in ",.;:!?" else ", "
+    return f"{text}{joiner}{added}"
+
+
+def fit_to_budget(prompt: str, expanded: str, budget: TokenBudget) -> tuple[str, list[str]]:
+    """`expanded` cut to what `budget` reads: the user's text first, then the appended phrases,
+    in order, that still fit (one that does not is left out; a later, shorter one may fit).
+    Returns the prompt and the warnings about what was left out."""
+    text = prompt.strip()
+    if budget.fits(expanded):
+        return expanded, []
+    tail = expanded[len(text) :] if expanded.startswith(text) else ""
+    phrases = [p for p in _PHRASE_BREAK.split(tail.lstrip(" ,;:")) if p]
+    kept: list[str] = []
+    left_out: list[str] = []
+    for phrase in phrases if budget.fits(text) else []:
+        candidate = append_detail(text, ", ".join([*kept, phrase]))
+        (kept if budget.fits(candidate) else left_out).append(phrase)
+    if not kept:
+        return text, [
+            f"prompt expansion added nothing: the prompt alone is {budget.count(text)} tokens "
+            f"and AuraFlow reads {budget.limit}"
+        ]
+    shown = ", ".join(left_out)
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
+    warning = (
+        f"prompt expansion shortened to fit AuraFlow's {budget.limit} tokens; left out: {shown!r}"
+    )
+    return append_detail(text, ", ".join(kept)), [warning]
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +355,7 @@ class OpenAIChatExpander:
         text = _clean_answer(str(answer or ""))
         if not text:
             raise ExpansionError(f"{self.url} returned an empty prompt")
-        return text
+        return append_detail(prompt, text)
 
     def close(self) -> None:
         self._client.close()
@@ -360,7 +422,7 @@ class TransformersExpander:
         text = _clean_answer(self._tokenizer.decode(new_tokens, skip_special_tokens=True))
         if not text:
             raise ExpansionError(f"the expansion model at {self.path} returned an empty prompt")
-        return text
+        return append_detail(prompt, text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,14 +449,25 @@ class FallbackExpander:
             return self.fallback.expand(prompt, seed), [warning]
 
 
-def expand_prompt(expander: PromptExpander, prompt: str, seed: int) -> tuple[str, list[str]]:
+def expand_prompt(
+    expander: PromptExpander, prompt: str, seed: int, budget: TokenBudget | None = None
+) -> tuple[str, list[str]]:
     """Expand with any expander, returning (prompt, warnings); never raises for the expander's
-    sake: a failing expander without its own fallback falls back to the offline one here."""
+    sake: a failing expander without its own fallback falls back to the offline one here.
+    With a `budget`, the result is cut to fit it (`fit_to_budget`), the user's text first."""
     verbose = getattr(expander, "expand_with_warnings", None)
     if callable(verbose):
         result: tuple[str, list[str]] = verbose(prompt, seed)
-        return result
-    return FallbackExpander(expander).expand_with_warnings(prompt, seed)
+    else:
+        result = FallbackExpander(expander).expand_with_warnings(prompt, seed)
+    expanded, warnings = result
+    if not expanded.startswith(prompt.strip()):
+        # A custom expander that rewrote the prompt: the user's words still come first.
+        expanded = append_detail(prompt, expanded)
+    if budget is None:
+        return expanded, warnings
+    fitted, cut = fit_to_budget(prompt, expanded, budget)
+    return fitted, warnings + cut
 
 
 def make_expander(

@@ -44,7 +44,7 @@ from auraserve.core.request import SIZE_MULTIPLE, GenerationRequest
 from auraserve.core.samplers import SAMPLERS, SCHEDULERS
 from auraserve.engine.base import CancelCheck, JobResult, StepCallback
 from auraserve.engine.components import AuraFlowPipeline
-from auraserve.engine.expand import OfflineExpander, PromptExpander, expand_prompt
+from auraserve.engine.expand import OfflineExpander, PromptExpander, TokenBudget, expand_prompt
 from auraserve.engine.img2img import encode_image, noised, start_sigmas
 from auraserve.engine.loading import load_pipeline
 from auraserve.engine.lora import LoraOptions, LoraSlots, check_same_loras
@@ -204,11 +204,17 @@ class AuraFlowEngine:
     def _prepare(self, request: GenerationRequest) -> _Row:
         row = _Row(request=request, prompt_used=request.prompt)
         if request.expand_prompt:
+            # Measured with the model's own tokenizer, as _truncation_warnings measures.
+            budget = TokenBudget(count=self._token_count, limit=MAX_TOKENS)
             row.prompt_used, row.warnings = expand_prompt(
-                self.expander, request.prompt, request.seed
+                self.expander, request.prompt, request.seed, budget
             )
         self._encode(row)
         return row
+
+    def _token_count(self, text: str) -> int:
+        """Ids the tokenizer gives `text`, its final </s> included (what the window holds)."""
+        return len(self.pipe.tokenizer(text, truncation=False).input_ids)
 
     def _encode(self, row: _Row) -> None:
         """Encode with diffusers' own `encode_prompt` (one request at a time: the text

@@ -101,6 +101,11 @@ class S3MediaStore:
         self._urls: TTLCache[str, str] = TTLCache(maxsize=_PRESIGN_CACHE_SIZE, ttl=ttl)
         self._urls_lock = threading.Lock()
 
+    def check(self) -> None:
+        """Raise botocore's error when the bucket cannot be reached with these settings: run
+        once at start, so a wrong bucket or key fails the start, not the first finished job."""
+        self._client.head_bucket(Bucket=self.location.bucket)
+
     def _key(self, name: str) -> str:
         if not NAME_PATTERN.match(name):
             raise ValueError(f"invalid media name {name!r}")

@@ -1,6 +1,6 @@
 """Where finished images live. The embedded default is a directory; S3 (media/s3.py) slots in
 behind the same interface. Names are 32 random bytes (base64url), so a media URL is a
-capability: it can be fetched without a key, like the seed's CDN URLs, because nobody can guess
+capability: it can be fetched without a key, like hosted APIs' CDN URLs, because nobody can guess
 it."""
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from auraserve.observability import metrics
 from auraserve.store.cache import TtlCache
 from auraserve.store.events import LocalBus, PgListener, SqliteFanout, take_events
 from auraserve.store.migrations import HEAD_REVISION
+from auraserve.store.urls import normalise_database_url
 
 if sys.platform != "win32":
     import fcntl
@@ -101,6 +102,7 @@ class Database:
         auth_cache_ttl: float = AUTH_CACHE_TTL,
         position_ttl: float = POSITION_TTL,
     ) -> None:
+        url = normalise_database_url(url)
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.bus = LocalBus()
@@ -230,14 +232,17 @@ class Database:
             with conn.begin():
                 yield conn
 
-    def migrate(self) -> None:
-        """Bring the schema to the newest revision; safe to call from many processes at once."""
+    def migrate(self, on_step: Callable[[int, int], None] | None = None) -> None:
+        """Bring the schema to the newest revision; safe to call from many processes at once.
+        `on_step(done, total)` hears of each revision applied (the CLI's progress bar)."""
         if self.schema_is_current():
             return
         # Alembic costs about half a second to import; an admin command on a current store
         # (the common case) never needs it.
         from alembic import command
         from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -245,6 +250,18 @@ class Database:
             if not self.is_sqlite:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
             cfg.attributes["connection"] = conn
+            if on_step is not None:
+                current = MigrationContext.configure(conn).get_current_revision()
+                script = ScriptDirectory.from_config(cfg)
+                total = len(list(script.iterate_revisions("heads", current)))
+                done = [0]
+                on_step(0, total)
+
+                def applied(**_: Any) -> None:
+                    done[0] += 1
+                    on_step(done[0], total)
+
+                cfg.attributes["on_version_apply"] = applied
             command.upgrade(cfg, "head")
 
     def schema_is_current(self) -> bool:

@@ -407,7 +407,8 @@ class Worker:
             "width": result.width,
             "height": result.height,
             "prompt_used": result.prompt_used,
-            "warnings": result.warnings,
+            # The request's own notes (a size rounded at submit) come first.
+            "warnings": [*req.warnings, *result.warnings],
         }
         try:
             done = jobs.complete(

@@ -1,4 +1,4 @@
-"""The OpenAI Images dialect: `POST /v1/images/generations`, so the `openai` SDKs work with
+"""OpenAI Images: `POST /v1/images/generations`, so the `openai` SDKs work with
 only `base_url` changed.
 
 Mapping only: `n` → num_images, `size` "WxH" → width/height ("auto": the preset's), `quality`
@@ -6,8 +6,13 @@ Mapping only: `n` → num_images, `size` "WxH" → width/height ("auto": the pre
 names mean the default preset, so existing code keeps its `model=`). Ranges and rules stay in
 `core.request`. Errors come out in OpenAI's shape `{"error": {message, type, param, code}}`,
 which the SDKs raise as typed exceptions; an exhausted balance is OpenAI's 429
-`insufficient_quota`. The dialect claims every path under `/v1/images/`, so an unknown one
-answers in its shape too.
+`insufficient_quota`. Every path under `/v1/` that no route serves (and every method a route
+there does not take) answers in its shape too (`api.errors.install`'s prefixes), as the SDKs
+expect of anything below their `base_url`.
+
+`GET /v1/models` and `GET /v1/models/{id}` list the served model ids (the presets) as OpenAI's
+model objects, so `client.models.list()` works; retrieving one of OpenAI's own model names
+answers too, since image requests accept them as the default preset.
 
 As OpenAI's API does, `gpt-image-*` models answer with `b64_json` unless told otherwise;
 `dall-e-*`, our presets and an absent model answer with `url`.
@@ -23,10 +28,7 @@ from typing import Any, ClassVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from auraserve.api import idempotency, results
 from auraserve.api.body import json_object
@@ -34,6 +36,7 @@ from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName, Problem
 from auraserve.api.openapi import (
     MODEL_NAMES_MARK,
+    OPENAI_TAG,
     OpenAIErrorBody,
     int_range_pattern,
     request_body_model,
@@ -41,11 +44,15 @@ from auraserve.api.openapi import (
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import accept
 from auraserve.core.request import bounds
-from auraserve.errors import AuraserveError, InsufficientBalance, InvalidParameter
+from auraserve.errors import AuraserveError, InsufficientBalance, InvalidParameter, ModelNotFound
 from auraserve.store import ledger
 
-PREFIX = "/v1/images"
-PATH = f"{PREFIX}/generations"
+PREFIX = "/v1/"  # everything below it answers in this dialect's shape
+PATH = "/v1/images/generations"
+MODELS_PATH = "/v1/models"
+OWNER = "auraserve"
+# A model object's `created`: when this process started (presets come from its settings).
+_STARTED = int(time.time())
 
 # quality → denoising steps. "auto" (or absent) keeps the preset's default; "standard"/"hd"
 # are DALL·E 3's names for medium/high.
@@ -103,19 +110,25 @@ class OpenAIDialect(Dialect):
     error_model = OpenAIErrorBody
 
     def status_of(self, exc: AuraserveError) -> int:
-        # OpenAI reports exhausted quota as 429 insufficient_quota.
-        return 429 if isinstance(exc, InsufficientBalance) else exc.status
+        # OpenAI reports exhausted quota as 429 insufficient_quota, an unknown model in a
+        # path (GET /v1/models/{id}) as 404 model_not_found.
+        if isinstance(exc, InsufficientBalance):
+            return 429
+        return 404 if isinstance(exc, ModelNotFound) else exc.status
 
     def error_body(self, problem: Problem) -> dict[str, Any]:
         insufficient = isinstance(problem.error, InsufficientBalance)
+        code = "insufficient_quota" if insufficient else None
+        if isinstance(problem.error, ModelNotFound):
+            code = "model_not_found"
         return {
             "error": {
                 "message": problem.message,
                 "type": "insufficient_quota"
                 if insufficient
                 else _TYPES.get(problem.status, "invalid_request_error"),
-                "param": problem.field,
-                "code": "insufficient_quota" if insufficient else None,
+                "param": "model" if code == "model_not_found" else problem.field,
+                "code": code,
             }
         }
 
@@ -248,7 +261,46 @@ class ImagesResponse(BaseModel):
     quality: str | None = None
 
 
-router = APIRouter(tags=["OpenAI images"], dependencies=[use_dialect(OPENAI)])
+class ModelObject(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelObject]
+
+
+router = APIRouter(tags=[OPENAI_TAG], dependencies=[use_dialect(OPENAI)])
+
+
+def _model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": _STARTED, "owned_by": OWNER}
+
+
+@router.get(
+    MODELS_PATH,
+    summary="List the models (OpenAI Models API): the served presets",
+    response_model=ModelList,
+    responses=OPENAI.error_responses(401),
+)
+async def list_models(runtime: RuntimeDep, account: CurrentAccount) -> Response:
+    data = [_model_object(name) for name in sorted(runtime.settings.presets)]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get(
+    MODELS_PATH + "/{model}",
+    summary="Retrieve a model (OpenAI Models API)",
+    response_model=ModelObject,
+    responses=OPENAI.error_responses(401, 404),
+)
+async def retrieve_model(model: str, runtime: RuntimeDep, account: CurrentAccount) -> Response:
+    if model not in runtime.settings.presets and model not in OPENAI.model_aliases:
+        raise ModelNotFound(model)
+    return JSONResponse(_model_object(model))
 
 
 @router.post(
@@ -261,7 +313,7 @@ router = APIRouter(tags=["OpenAI images"], dependencies=[use_dialect(OPENAI)])
             "content": {"application/json": {"schema": ImageGenerationBody.model_json_schema()}},
         }
     },
-    responses=OPENAI.error_responses(400, 401, 409, 413, 422, 429, 500, 504),
+    responses=OPENAI.error_responses(400, 401, 409, 413, 415, 422, 429, 500, 504),
 )
 async def generations(
     request: Request,
@@ -318,25 +370,3 @@ async def generations(
             **accepted.headers,
         },
     )
-
-
-async def _unknown(request: Request) -> Response:
-    """Any other path under the prefix: 404, or 405 with Allow where a route of this dialect
-    has the path but not the method; in OpenAI's shape either way."""
-    for route in router.routes:
-        if route is _unknown_route or not isinstance(route, APIRoute):
-            continue
-        match, _ = route.matches(request.scope)
-        if match == Match.PARTIAL:
-            allow = ", ".join(sorted(route.methods or ()))
-            raise StarletteHTTPException(405, headers={"Allow": allow})
-    raise StarletteHTTPException(404)
-
-
-router.add_api_route(
-    PREFIX + "/{path:path}",
-    _unknown,
-    methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-    include_in_schema=False,
-)
-_unknown_route = router.routes[-1]

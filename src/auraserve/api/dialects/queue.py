@@ -1,4 +1,5 @@
-"""The async queue dialect (seed 002): submit → 202 → poll `/v2/requests/status/{id}`.
+"""The Queue API: submit → 202 → poll `/v2/requests/status/{id}`, as the hosted AuraFlow
+queue gateway answers.
 
 Mapping only: field names in, status objects out. Every rule lives in `core.request`. Its
 error shape, `{"error": title, "message": text}`, is the default one (`api.dialect.Dialect`).
@@ -16,7 +17,7 @@ from auraserve.api import idempotency, results
 from auraserve.api.body import json_object
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName
-from auraserve.api.openapi import StatusBody, request_body_model
+from auraserve.api.openapi import QUEUE_TAG, StatusBody, request_body_model
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import Webhook, accept
 from auraserve.core.jobs import Job
@@ -38,7 +39,7 @@ class QueueDialect(Dialect):
         "seed": "seed",
         "width": "width",
         "height": "height",
-        # Extensions beyond seed 002 (same names as the sync dialect):
+        # Extensions beyond the hosted Queue API (same names as in the Sync API):
         "shift": "shift",
         "sampler": "sampler",
         "scheduler": "scheduler",
@@ -66,7 +67,7 @@ class QueueSubmitResponse(BaseModel):
     polling_url: str
 
 
-router = APIRouter(tags=["async queue (seed 002)"], dependencies=[use_dialect(QUEUE)])
+router = APIRouter(tags=[QUEUE_TAG], dependencies=[use_dialect(QUEUE)])
 
 
 WEBHOOK_URL_HEADER = "X-Webhook-URL"
@@ -74,7 +75,7 @@ WEBHOOK_MODE_HEADER = "X-Webhook-Mode"
 
 
 def webhook_of(request: Request, runtime: Runtime) -> Webhook | None:
-    """Seed 002's webhook headers, validated at submit: https only (unless the operator allows
+    """The Queue API's webhook headers, validated at submit: https only (unless the operator allows
     http for development), no credentials, no literal private addresses."""
     url = request.headers.get(WEBHOOK_URL_HEADER)
     mode = request.headers.get(WEBHOOK_MODE_HEADER)
@@ -115,14 +116,14 @@ def accepted_body(runtime: Runtime, job: Job) -> dict[str, Any]:
     "/{model_id}/v1/{name}-request",
     status_code=202,
     response_model=QueueSubmitResponse,
-    summary="Submit a generation request (seed 002)",
+    summary="Submit a generation request",
     openapi_extra={
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": QueueSubmitBody.model_json_schema()}},
         }
     },
-    responses=QUEUE.error_responses(400, 401, 402, 413, 422, 429),
+    responses=QUEUE.error_responses(400, 401, 402, 413, 415, 422, 429),
 )
 async def submit(
     model_id: str,
@@ -178,7 +179,7 @@ async def submit(
 
 @router.get(
     "/v2/requests/status/{request_id}",
-    summary="Status of a request (seed 002); webhooks POST the same object",
+    summary="Status of a request; webhooks POST the same object",
     response_model=StatusBody,
     responses=QUEUE.error_responses(401, 404),
 )

@@ -1,9 +1,9 @@
-"""The sync dialect (seed 000): `POST /v1/aura-flow` → the image itself.
+"""The Sync API: `POST /v1/aura-flow` → the image itself, as the hosted AuraFlow sync API answers.
 
-Mapping only. The body arrives as multipart/form-data (the seed's own Node client), as
+Mapping only. The body arrives as multipart/form-data (the hosted API's own Node client), as
 application/x-www-form-urlencoded or as JSON; form values are strings ("5", "false") and go to
 `build_request` as they are, whose lax parsing turns numeric and boolean strings into numbers
-and booleans, so no parameter rule lives here. What this module owns is the seed's *defaults*
+and booleans, so no parameter rule lives here. What this module owns is the API's *defaults*
 (cfg 5, steps 25, uni_pc, webp, 1024², …), passed as explicit values when a field is absent,
 and the response: one image as bytes, or JSON with base64 images for several (or `base64`).
 
@@ -24,11 +24,11 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
 from auraserve.api import idempotency, results
-from auraserve.api.body import json_object, read_numbers
+from auraserve.api.body import FORM_TYPES, JSON, media_type, read_json_body, read_numbers
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName
 from auraserve.api.image_field import upload_as_field
-from auraserve.api.openapi import image_content, request_body_model
+from auraserve.api.openapi import SYNC_TAG, image_content, request_body_model
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit import accept, remaining_credits
 from auraserve.config import Settings
@@ -38,14 +38,12 @@ from auraserve.errors import (
     AuraserveError,
     InsufficientBalance,
     InvalidParameter,
-    UnsupportedMediaType,
 )
 from auraserve.runtime import Runtime
 from auraserve.store import ledger
 from auraserve.store.keys import Account
 
 SEED_PATH = "/v1/aura-flow"
-_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _BOOL = TypeAdapter(bool)
 # On /v1/{preset} the preset's own size wins (that is what naming a 512 preset is for).
 _PRESET_SIZED = ("width", "height")
@@ -67,13 +65,13 @@ class SyncDialect(Dialect):
         "output_format": "output_format",
         "output_quality": "output_quality",
         "number_of_images": "num_images",
-        # Extension beyond seed 000 (same name as seed 002):
+        # Extensions beyond the hosted Sync API (same names as in the Queue API):
         "expand_prompt": "expand_prompt",
         "loras": "loras",
         "image": "image",
         "strength": "strength",
     }
-    # Seed 000's documented defaults, in canonical names. `seed` is absent: random by default.
+    # The hosted Sync API's documented defaults, canonical names. `seed` is absent: random.
     defaults: ClassVar[dict[str, Any]] = {
         "guidance_scale": 5.0,
         "shift": 1.73,
@@ -88,7 +86,7 @@ class SyncDialect(Dialect):
     }
 
     def status_of(self, exc: AuraserveError) -> int:
-        # Seed 000 answers 406 where seed 002 answers 402 for the same condition.
+        # The Sync API answers 406 where the Queue API answers 402 for the same condition.
         return 406 if isinstance(exc, InsufficientBalance) else exc.status
 
     def canonical(self, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,8 +128,8 @@ class SyncImages(BaseModel):
 
 async def read_fields(request: Request) -> dict[str, Any]:
     """The body as a flat dict: form fields (strings) or a JSON object."""
-    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if content_type in _FORM_TYPES:
+    content_type = media_type(request, (*FORM_TYPES, JSON))
+    if content_type in FORM_TYPES:
         try:
             form = await request.form()
         except Exception as exc:  # malformed multipart: a client error, never a 500
@@ -147,12 +145,7 @@ async def read_fields(request: Request) -> dict[str, Any]:
                 continue
             data[name] = value
         return read_numbers(data, SYNC)
-    if content_type in ("application/json", "") or content_type.endswith("+json"):
-        return await json_object(request)
-    raise UnsupportedMediaType(
-        content_type,
-        "multipart/form-data, application/x-www-form-urlencoded or application/json",
-    )
+    return await read_json_body(request)
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -174,7 +167,7 @@ def _route(model_id: str, named_preset: bool) -> Any:
         try:
             return await _generate(request, runtime, account, model_id, named_preset)
         except AuraserveError as exc:
-            # Seed 000: every authenticated response says how many credits are left.
+            # The Sync API: every authenticated response says how many credits are left.
             exc.headers.setdefault("x-remaining-credits", await remaining_credits(runtime, account))
             raise
 
@@ -279,12 +272,12 @@ def _responses() -> dict[int | str, dict[str, Any]]:
 
 
 def build_router(settings: Settings) -> APIRouter:
-    """`POST /v1/aura-flow` (the default preset, seed 000's path) and `POST /v1/{preset}`
+    """`POST /v1/aura-flow` (the default preset, the hosted API's path) and `POST /v1/{preset}`
     for every configured preset. Explicit routes, so an unknown path is 404 and a known path
     with another method is 405 with Allow."""
-    router = APIRouter(tags=["sync (seed 000)"], dependencies=[use_dialect(SYNC)])
+    router = APIRouter(tags=[SYNC_TAG], dependencies=[use_dialect(SYNC)])
     paths = [(SEED_PATH, settings.default_preset, False)]
-    # "images" would shadow nothing today but is OpenAI's namespace; "aura-flow" is the seed's.
+    # "images" would shadow nothing today but is OpenAI's namespace; "aura-flow" is the default.
     reserved = ("images", "aura-flow")
     paths += [(f"/v1/{p}", p, True) for p in settings.presets if p not in reserved]
     for path, preset, named in paths:

@@ -1,4 +1,4 @@
-"""Opt-in speed modes for AuraFlowEngine (issue 5), each measurable on its own.
+"""Opt-in speed modes for AuraFlowEngine, each measurable on its own.
 
 `EngineOptions()` (`auraserve.core.engine_options`, torch-free; every field at its default)
 changes nothing: the engine stays bit-identical to diffusers on fp32 CPU. Each field switches

@@ -1,4 +1,4 @@
-// The request in the code panel, as curl, Python `requests` (seed 002's example style) and the
+// The request in the code panel, as curl, Python `requests` (the hosted Queue API's example style) and the
 // `openai` SDK. The key is never written out: every snippet reads AURASERVE_API_KEY.
 
 function shellQuote(text) {

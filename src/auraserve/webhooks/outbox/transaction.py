@@ -5,7 +5,7 @@ inserted in the *same* transaction as the status change it reports, in any proce
 changes job statuses (API: cancels; workers: results). A crash can therefore never lose a
 callback for a status that committed, nor send one for a status that rolled back.
 
-Modes (seed 002 `X-Webhook-Mode`): `terminal` records one delivery at the final status; `sync`
+Modes (Queue API `X-Webhook-Mode`): `terminal` records one delivery at the final status; `sync`
 also records progress, at most one per `WebhookSettings.sync_interval`. Event ids name the
 state they report (`…_p<attempt>_<step>`) and are unique, so two writers recording the same
 state insert one row.

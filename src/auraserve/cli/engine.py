@@ -1,0 +1,131 @@
+"""Loading the model, and `auraserve generate` (images without a server or store)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from auraserve.cli.flags import settings_from
+from auraserve.config import Settings
+from auraserve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from auraserve.engine.base import Engine
+
+
+def load_engine(settings: Settings, weights: str) -> Engine:
+    # The model stack loads here and only here: the admin commands never reach this.
+    from auraserve.cli.progress import elapsed_bar
+    from auraserve.engine.expand import make_expander
+    from auraserve.engine.lora import LoraOptions
+    from auraserve.engine.pipeline import load_engine as load_auraflow
+
+    lora = None
+    if settings.lora_dir or settings.lora_hub_allowlist:
+        # The registry is listed again for every batch, so adapters dropped into the folder
+        # are served without a restart.
+        lora = LoraOptions(
+            registry=settings.loras,
+            cache_bytes=settings.lora_cache_mb * 2**20,
+            max_rank=settings.lora_max_rank,
+        )
+    print(f"loading model {weights} …", file=sys.stderr, flush=True)
+    with elapsed_bar(f"loading model {weights}"):
+        engine = load_auraflow(
+            weights,
+            device=settings.device,
+            dtype=settings.dtype,
+            offload=settings.offload,
+            max_rows=settings.max_rows,
+            options=settings.engine_mode,
+            lora=lora,
+            expander=make_expander(
+                settings.expand_url or None,
+                settings.expand_model or None,
+                settings.expand_api_key or None,
+                settings.expand_local_path or None,
+            ),
+        )
+    for line in getattr(engine, "optimization_log", []):
+        print(f"engine: {line}", file=sys.stderr)
+    if engine.is_test_model:
+        print(
+            "WARNING: running the tiny TEST model with random weights: it draws noise, not "
+            "pictures (use --model fal/AuraFlow-v0.3 or a local directory for real images)",
+            file=sys.stderr,
+        )
+    return engine
+
+
+def served_models(settings: Settings, weights: str) -> list[str]:
+    return [p for p in settings.presets if settings.weights_for(p) == weights]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from auraserve.core.request import build_request
+    from auraserve.media.encode import encode_image, generation_metadata
+
+    settings = settings_from(args)
+    preset_id = args.preset or settings.default_preset
+    if preset_id not in settings.presets:
+        given = "--preset" if args.preset else "AURASERVE_DEFAULT_PRESET"
+        raise ConfigError(
+            f"{given} {preset_id}: unknown preset; choose from {', '.join(settings.presets)}"
+        )
+    out = Path(args.output)
+    fmt = args.format or {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}.get(
+        out.suffix.lower(), "png"
+    )
+    fields = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "guidance_scale": args.cfg,
+        "width": args.width,
+        "height": args.height,
+        "seed": args.seed,
+        "shift": args.shift,
+        "sampler": args.sampler,
+        "scheduler": args.scheduler,
+        "output_format": fmt,
+        "output_quality": args.quality,
+        "num_images": args.num_images,
+    }
+    request = build_request(fields, model=preset_id, preset=settings.presets[preset_id])
+    engine = load_engine(settings, settings.weights_for(preset_id))
+    with tqdm(total=request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+
+        def on_step(step: int, total: int) -> None:
+            bar.update(step - bar.n)
+
+        (result,) = engine.generate([request], on_step=on_step)
+    paths = []
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        path = out if len(result.images) == 1 else out.with_stem(f"{out.stem}-{i}")
+        metadata = generation_metadata(request, seed=seed, prompt_used=result.prompt_used)
+        metadata.update(width=result.width, height=result.height)
+        path.write_bytes(encode_image(image, fmt, request.output_quality, metadata=metadata))
+        paths.append(str(path))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    record = {
+        "files": paths,
+        "seeds": result.seeds,
+        "width": result.width,
+        "height": result.height,
+        "seconds": round(result.engine_seconds, 3),
+    }
+    if args.json:
+        print(json.dumps(record))
+    else:
+        seeds = ", ".join(str(seed) for seed in result.seeds)
+        print(
+            f"wrote {', '.join(paths)} ({result.width}x{result.height}, seed {seeds}, "
+            f"{result.engine_seconds:.1f} s)"
+        )
+    return 0
