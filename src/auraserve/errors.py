@@ -235,16 +235,35 @@ class ServerBusy(AuraserveError):
 
 
 class StoreUnavailable(ServerBusy):
-    """The database cannot be reached (restart, failover, network): nothing was written, so
-    the client may retry the same request (with the same Idempotency-Key) after Retry-After."""
+    """The database cannot be reached (restart, failover, network).
+
+    As raised by the store, `in_doubt` tells whether a write may have happened anyway: False,
+    the transaction never reached its COMMIT (nothing was written, the client may resend);
+    True, the connection failed during the COMMIT (or the one autocommit statement), so the
+    server may have committed it. The API turns the in-doubt case, and any outage after a
+    request's job exists, into a 503 that names the request (`extra`: request_id,
+    polling_url) instead of inviting a resend that would make a second job."""
 
     def __init__(
         self,
-        message: str = "The service's database is unavailable; retry shortly",
+        message: str | None = None,
         *,
         retry_after: int = 2,
+        in_doubt: bool = False,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
+        if message is None:
+            message = (
+                "The service's database became unavailable while committing this request, so "
+                "it may have taken effect: check before resending it"
+                if in_doubt
+                else "The service's database is unavailable; retry shortly"
+            )
         super().__init__(message, retry_after=retry_after)
+        self.in_doubt = in_doubt
+        self.headers.update(headers or {})
+        self.extra.update(extra or {})
 
 
 # --- process start ----------------------------------------------------------------------------

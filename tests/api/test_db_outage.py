@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -313,3 +314,311 @@ def test_a_stopped_database_gives_503_then_recovers(
             live.stop()
             runtime.close()
     _assert_money_consistent(settings.database_url)
+
+
+# --- a 503 that tells the truth (issue 18, point 2) ------------------------------------------
+# Without Idempotency-Keys: a client that resent after a 503 whose job existed paid twice.
+
+SYNC_FORM = {"prompt": "a lighthouse", "steps": "1", "width": "512", "height": "512"}
+
+
+def _jobs_of(database_url: str, account_id: str) -> list[Any]:
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(select(jobs).where(jobs.c.account_id == account_id)))
+    finally:
+        engine.dispose()
+
+
+def _charged_once(database_url: str, account_id: str) -> None:
+    """Exactly one job, captured once; the balance is the ledger's sum."""
+    made = _jobs_of(database_url, account_id)
+    assert len(made) == 1, [r.id for r in made]
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as conn:
+            kinds = [
+                r.kind
+                for r in conn.execute(
+                    select(ledger.c.kind).where(ledger.c.account_id == account_id)
+                )
+            ]
+    finally:
+        engine.dispose()
+    assert sorted(kinds) == ["capture", "grant", "reserve"], kinds
+    _assert_money_consistent(database_url)
+
+
+def _wait_for_a_job(database_url: str, account_id: str) -> None:
+    deadline = time.monotonic() + 30
+    while not _jobs_of(database_url, account_id):
+        assert time.monotonic() < deadline, "the submit never wrote its job"
+        time.sleep(0.05)
+
+
+def _request_id(response: httpx.Response) -> str:
+    """The job's public id: the body's, or the x-request-id that names a job (the other one
+    is the HTTP request's id, for the logs)."""
+    if response.headers.get("content-type", "").startswith("application/json"):
+        body = response.json()
+        if isinstance(body, dict) and "request_id" in body:
+            return str(body["request_id"])
+    return next(v for v in response.headers.get_list("x-request-id") if "_" in v)
+
+
+class _Call(threading.Thread):
+    """One HTTP request in the background; `response` once answered."""
+
+    def __init__(self, url: str, path: str, **kwargs: Any) -> None:
+        super().__init__(daemon=True)
+        self.url, self.path, self.kwargs = url, path, kwargs
+        self.response: httpx.Response | None = None
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=120) as client:
+            self.response = client.post(self.path, **self.kwargs)
+
+    def answer(self) -> httpx.Response:
+        self.join(120)
+        assert self.response is not None
+        return self.response
+
+
+def _proxied_server(
+    settings: Settings, proxy: TcpProxy, **update: Any
+) -> tuple[Runtime, LiveServer]:
+    proxied = settings.model_copy(
+        update={"database_url": _proxied(settings.database_url, proxy.port), **update}
+    )
+    runtime = Runtime.open(proxied)
+    return runtime, LiveServer(runtime).start()
+
+
+def test_a_sync_wait_rides_out_an_outage_and_answers_with_the_image(
+    settings: Settings, tiny_engine: Any
+) -> None:
+    """The job is written, then the database goes away while the request waits for it: the
+    request keeps waiting and answers with the image once it is back, charged once."""
+    target = make_url(settings.database_url)
+    with TcpProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
+        runtime, live = _proxied_server(settings, proxy)
+        try:
+            tenant = make_tenant(runtime, credits=10**6)
+            call = _Call(
+                live.url, "/v1/aura-flow", headers={"x-api-key": tenant.key}, data=SYNC_FORM
+            )
+            call.start()
+            _wait_for_a_job(settings.database_url, tenant.account_id)
+            proxy.stop()
+            time.sleep(3)  # the waiting request finds the store away, again and again
+            proxy.start()
+            runtime.engine = tiny_engine  # a worker runs the job once the store is back
+            runtime.start_worker()
+            response = call.answer()
+            assert response.status_code == 200, response.text
+            assert response.headers["content-type"].startswith("image/")
+        finally:
+            live.stop()
+            runtime.close()
+    _charged_once(settings.database_url, tenant.account_id)
+
+
+@pytest.mark.parametrize("dialect", ["sync", "openai"])
+def test_an_outage_past_the_wait_limit_answers_a_503_that_names_the_request(
+    settings: Settings, tiny_engine: Any, dialect: str
+) -> None:
+    """The store stays away past the sync wait: the 503 carries the request id and says how
+    to fetch the result; a client that follows it gets the image and pays once."""
+    target = make_url(settings.database_url)
+    with TcpProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
+        runtime, live = _proxied_server(settings, proxy, sync_timeout_seconds=4.0)
+        try:
+            tenant = make_tenant(runtime, credits=10**6)
+            if dialect == "sync":
+                call = _Call(
+                    live.url, "/v1/aura-flow", headers={"x-api-key": tenant.key}, data=SYNC_FORM
+                )
+            else:
+                call = _Call(
+                    live.url,
+                    "/v1/images/generations",
+                    headers={"Authorization": f"Bearer {tenant.key}"},
+                    json={"prompt": "a lighthouse", "size": "512x512", "quality": "low"},
+                )
+            call.start()
+            _wait_for_a_job(settings.database_url, tenant.account_id)
+            proxy.stop()
+            response = call.answer()
+            assert response.status_code == 503, response.text
+            request_id = _request_id(response)
+            [job] = _jobs_of(settings.database_url, tenant.account_id)
+            assert request_id.endswith(job.id)
+            if dialect == "sync":
+                message = response.json()["message"]
+                assert response.json()["request_id"] == request_id
+                assert response.json()["polling_url"].endswith(f"/v2/requests/status/{request_id}")
+            else:
+                error = response.json()["error"]
+                assert error["type"] == "server_error"
+                message = error["message"]
+            assert request_id in message and "Do not resend" in message
+            assert "retry shortly" not in message
+
+            proxy.start()
+            runtime.engine = tiny_engine
+            runtime.start_worker()
+            with httpx.Client(base_url=live.url, timeout=30) as client:
+                deadline = time.monotonic() + 60
+                while True:
+                    status = client.get(f"/v2/requests/status/{request_id}", headers=tenant.headers)
+                    if status.status_code == 200 and status.json()["status"] == "COMPLETED":
+                        break
+                    assert time.monotonic() < deadline, status.text
+                    time.sleep(0.2)
+        finally:
+            live.stop()
+            runtime.close()
+    _charged_once(settings.database_url, tenant.account_id)
+
+
+_SLOW_COMMIT = """
+CREATE OR REPLACE FUNCTION auraserve_test_slow_commit() RETURNS trigger AS $$
+BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$ LANGUAGE plpgsql;
+CREATE CONSTRAINT TRIGGER auraserve_test_slow_commit AFTER INSERT ON jobs
+DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION auraserve_test_slow_commit();
+"""
+_FAST_COMMIT = """
+DROP TRIGGER IF EXISTS auraserve_test_slow_commit ON jobs;
+DROP FUNCTION IF EXISTS auraserve_test_slow_commit();
+"""
+
+
+@pytest.mark.parametrize("dialect", ["queue", "sync"])
+def test_a_submit_cut_off_at_its_commit_is_not_told_nothing_was_written(
+    settings: Settings, tiny_engine: Any, dialect: str
+) -> None:
+    """The connection is cut while the server runs the submit's COMMIT (a deferred trigger
+    holds it there), and the server commits anyway. The API cannot know from the error; it
+    asks the store once it answers, finds the job, and answers as accepted (the queue's 202,
+    the sync image), never "retry" (which made a second job, charged again)."""
+    admin = create_engine(
+        make_url(settings.database_url).set(drivername="postgresql+psycopg"),
+        isolation_level="AUTOCOMMIT",
+    )
+    target = make_url(settings.database_url)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(_SLOW_COMMIT))
+        with TcpProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
+            runtime, live = _proxied_server(settings, proxy)
+            try:
+                tenant = make_tenant(runtime, credits=10**6)
+                if dialect == "queue":
+                    call = _Call(live.url, QUEUE_SUBMIT, headers=tenant.headers, json=JOB_BODY)
+                else:
+                    runtime.engine = tiny_engine
+                    runtime.start_worker()
+                    call = _Call(
+                        live.url, "/v1/aura-flow", headers={"x-api-key": tenant.key}, data=SYNC_FORM
+                    )
+                call.start()
+                deadline = time.monotonic() + 30
+                with admin.connect() as conn:  # until the COMMIT sleeps in the trigger
+                    while not conn.execute(
+                        text("SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+                    ).first():
+                        assert time.monotonic() < deadline
+                        time.sleep(0.02)
+                proxy.stop()  # the API's connection is cut; the server goes on and commits
+                proxy.start()
+                with admin.connect() as conn:
+                    conn.execute(text(_FAST_COMMIT))
+                response = call.answer()
+                assert response.status_code == (202 if dialect == "queue" else 200), response.text
+                [job] = _jobs_of(settings.database_url, tenant.account_id)
+                assert _request_id(response).endswith(job.id)
+            finally:
+                live.stop()
+                runtime.close()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(_FAST_COMMIT))
+        admin.dispose()
+    _assert_money_consistent(settings.database_url)
+
+
+# --- streams and workers during an outage (issue 18, point 3) ---------------------------------
+
+
+def test_a_status_stream_ends_with_an_error_event_when_the_database_goes(
+    settings: Settings, records: Records
+) -> None:
+    """Not an incomplete chunked body ("ASGI callable returned without completing response"):
+    a last `error` event, then the end of the stream."""
+    target = make_url(settings.database_url)
+    with TcpProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
+        runtime, live = _proxied_server(settings, proxy)
+        try:
+            tenant = make_tenant(runtime, credits=10**6)
+            with httpx.Client(base_url=live.url, timeout=30) as client:
+                submitted = client.post(QUEUE_SUBMIT, headers=tenant.headers, json=JOB_BODY)
+                request_id = submitted.json()["request_id"]
+                url = f"/v2/requests/status/{request_id}/stream"
+                with client.stream("GET", url, headers=tenant.headers) as stream:
+                    lines = stream.iter_lines()
+                    assert next(lines).startswith("data: ")  # the QUEUED status
+                    proxy.stop()
+                    rest = list(lines)  # ends cleanly: httpx raises on a cut chunked body
+            events = [line for line in rest if line.startswith(("event:", "data:"))]
+            assert events[-2] == "event: error", rest
+            error = json.loads(events[-1].removeprefix("data: "))
+            assert error["error"] == "Service Unavailable"
+            assert error["retry_after"] >= 1 and "reconnect" in error["message"]
+        finally:
+            live.stop()
+            runtime.close()
+    assert not [r for r in records.records if "ASGI callable" in r.getMessage()]
+
+
+def test_a_worker_logs_an_outage_in_a_batch_once_as_a_store_error(
+    settings: Settings, tiny_engine: Any, records: Records
+) -> None:
+    """The database goes away while a batch runs: one "database unavailable" line from the
+    worker, no "engine failure", no traceback; the job still completes once it is back."""
+    target = make_url(settings.database_url)
+    with TcpProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
+        runtime, live = _proxied_server(settings, proxy)
+        try:
+            tenant = make_tenant(runtime, credits=10**6)
+            runtime.engine = tiny_engine
+            runtime.start_worker()
+            with httpx.Client(base_url=live.url, timeout=30) as client:
+                body = {**JOB_BODY, "num_inference_steps": 40, "width": 768, "height": 768}
+                submitted = client.post(QUEUE_SUBMIT, headers=tenant.headers, json=body)
+                assert submitted.status_code == 202, submitted.text
+            deadline = time.monotonic() + 60
+            while not [
+                r for r in _jobs_of(settings.database_url, tenant.account_id) if r.progress_step > 0
+            ]:
+                assert time.monotonic() < deadline, "the batch never reported progress"
+                time.sleep(0.02)
+            proxy.stop()
+            time.sleep(2.0)  # steps go on; their progress writes fail
+            proxy.start()
+            deadline = time.monotonic() + 90
+            while True:
+                [job] = _jobs_of(settings.database_url, tenant.account_id)
+                if job.status not in ("QUEUED", "PROCESSING"):
+                    break
+                assert time.monotonic() < deadline, job.status
+                time.sleep(0.1)
+        finally:
+            live.stop()
+            runtime.close()
+    worker_lines = [r for r in records.records if r.name == "auraserve.worker.loop"]
+    messages = [r.getMessage() for r in worker_lines]
+    assert not [m for m in messages if "engine failure" in m], messages
+    assert len([m for m in messages if "database unavailable" in m]) == 1, messages
+    assert not [r for r in worker_lines if r.exc_info], messages
+    assert job.status == "COMPLETED", job.error

@@ -3,6 +3,7 @@ their limits while a normal client keeps being served."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -264,3 +265,21 @@ def test_expect_100_continue_is_answered_before_the_body(limited: Limited) -> No
         assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
         sock.sendall(body)
         assert sock.recv(65536).startswith(b"HTTP/1.1 202"), "no answer after the body"
+
+
+def test_malformed_http_gets_400_in_the_json_error_shape(limited: Limited) -> None:
+    """h11 cannot parse it: the answer is the queue shape's JSON, like every other refusal
+    (uvicorn's own is plain text)."""
+    sock = limited.connect()
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    finally:
+        sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), received
+    assert b"content-type: application/json" in head.lower()
+    parsed = json.loads(body)
+    assert parsed["field"] == "request" and "malformed HTTP" in parsed["message"]

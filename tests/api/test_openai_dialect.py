@@ -239,3 +239,11 @@ def test_unknown_paths_and_methods_under_v1_answer_in_openais_shape(
     assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
     if status == 405:
         assert resp.headers["allow"]
+
+
+def test_a_503_is_a_server_error_not_the_requests_fault() -> None:
+    from auraserve.api.dialects.openai import OPENAI
+    from auraserve.errors import StoreUnavailable
+
+    body = OPENAI.error_body(OPENAI.problem(StoreUnavailable()))
+    assert body["error"]["type"] == "server_error"

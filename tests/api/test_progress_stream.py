@@ -116,3 +116,30 @@ def test_stream_is_tenant_scoped(
     assert client.get(url, headers=other.headers).status_code == 404
     assert client.get(url).status_code == 401
     assert client.get("/v2/requests/status/nope/stream", headers=tenant.headers).status_code == 404
+
+
+def test_an_open_stream_ends_within_two_seconds_of_its_keys_revocation(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant, settings: Settings
+) -> None:
+    """Revoked elsewhere (the CLI: another Database, no shared cache), the key stops its
+    open streams like every new request: a last `error` event, then the end."""
+    from auraserve.store import keys
+    from auraserve.store.db import Database
+
+    request_id = _submit(client, tenant)  # no worker: it stays QUEUED
+    cli = Database(settings.resolved_database_url)
+    try:
+        url = f"/v2/requests/status/{request_id}/stream"
+        with client.stream("GET", url, headers=tenant.headers) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert keys.revoke_key(cli, tenant.key_id)
+            revoked = time.monotonic()
+            rest = list(lines)
+            ended = time.monotonic() - revoked
+    finally:
+        cli.dispose()
+    events = [line for line in rest if line.startswith(("event:", "data:"))]
+    assert events[-2:-1] == ["event: error"], rest
+    assert json.loads(events[-1].removeprefix("data: "))["error"] == "Unauthorized"
+    assert ended < 2.0 + 1.0, ended  # the promise, plus one wake-up of the stream

@@ -200,3 +200,19 @@ def test_a_rounded_size_is_a_line_in_warnings(
     assert final["status"] == "COMPLETED", final
     assert (final["width"], final["height"]) == (528, 512)
     assert final["warnings"] == ["width 520 was rounded to 528 (sizes are multiples of 16)"]
+
+
+def test_a_lora_scale_given_as_a_string_is_refused_like_any_number(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
+    """The JSON dialects refuse numeric strings (api/body.py); `loras[].scale` is no
+    exception."""
+    resp = client.post(
+        "/auraflow-v0-3-512/v1/auraflow-v0-3-request",
+        headers=tenant.headers,
+        json={"prompt": "x", "loras": [{"name": "any", "scale": "1"}]},
+    )
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    assert body["field"] == "loras[0].scale"
+    assert "must be a number, not a string" in body["message"]

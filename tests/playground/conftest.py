@@ -196,6 +196,19 @@ def open_page(browser: Browser, serve: Serve) -> Iterator[Any]:
         context.close()
 
 
+def save_screenshot(page: Page, path: Path) -> None:
+    """The viewport as a 256-colour PNG: the tiny model's noise images made full-colour
+    screenshots of over a megabyte each, and these are committed (docs/screenshots)."""
+    import io
+
+    from PIL import Image
+
+    shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    shot.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+        path, optimize=True
+    )
+
+
 @pytest.fixture(scope="module")
 def screenshot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the tests save their screenshots: AURASERVE_SCREENSHOT_DIR when set (the committed

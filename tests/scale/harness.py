@@ -380,7 +380,9 @@ class Submission:
     index: int
     dialect: str  # queue | sync | openai
     account: Account
-    idempotency_key: str
+    # None: a client that sends no Idempotency-Key and follows the 503's own words instead
+    # (`send_unkeyed`): resend only a 503 that names no request, else fetch the named one.
+    idempotency_key: str | None
     home: int  # the API process it is sent to first (a load balancer's choice)
     method: str
     path: str
@@ -397,6 +399,9 @@ class Submission:
     def send(self, api_urls: Callable[[], list[str]], deadline: float) -> None:
         """Send until an answer that ends the request; retries alternate between the API
         processes like a load balancer that took a failed replica out."""
+        if self.idempotency_key is None:
+            self.send_unkeyed(api_urls, deadline)
+            return
         start = time.monotonic()
         headers = {**self.headers, "Idempotency-Key": self.idempotency_key}
         attempt = 0
@@ -435,11 +440,68 @@ class Submission:
             time.sleep(retry_after)
         self.seconds = time.monotonic() - start
 
+    def send_unkeyed(self, api_urls: Callable[[], list[str]], deadline: float) -> None:
+        """Without an Idempotency-Key, a resend can make a second job, so this client resends
+        only what the service says was not written (a 503 without a request id); an answer
+        that names its request (a 503 or 504 with request_id) is fetched by that id, never
+        sent again. Sent to its home process only (one that no fault kills: a connection cut
+        mid-request leaves such a client unable to tell either way)."""
+        start = time.monotonic()
+        while True:
+            base = api_urls()[self.home]
+            try:
+                response = httpx.request(
+                    self.method,
+                    base + self.path,
+                    headers=self.headers,
+                    json=self.json_body,
+                    files={k: (None, v) for k, v in self.form.items()} if self.form else None,
+                    timeout=httpx.Timeout(180, connect=5),
+                )
+            except httpx.TransportError as exc:
+                self.tries.append(type(exc).__name__)
+                break  # unknowable: not resent (the check reports it)
+            self.tries.append(str(response.status_code))
+            self._answer(response)
+            named = response.status_code in (503, 504) and self.request_id
+            if named:
+                self._fetch_by_id(base, deadline)
+                break
+            if response.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(_retry_after(response))  # nothing was written: resending is safe
+        self.seconds = time.monotonic() - start
+
+    def _fetch_by_id(self, base: str, deadline: float) -> None:
+        """Poll the named request until it ends; a completed one's image is the answer."""
+        assert self.request_id is not None
+        url = f"{base}/v2/requests/status/{self.request_id}"
+        headers = {"x-api-key": self.account.key}
+        with httpx.Client(timeout=30) as client:
+            while time.monotonic() < deadline + 120:
+                try:
+                    status = client.get(url, headers=headers)
+                except httpx.TransportError:
+                    time.sleep(0.5)
+                    continue
+                body = status.json() if status.status_code == 200 else {}
+                if body.get("status") in TERMINAL:
+                    self.tries.append(f"fetched {body['status']}")
+                    if body["status"] == "COMPLETED":
+                        image = client.get(body["output"]["media_url"][0])
+                        self.status_code = 200
+                        self.content = image.content
+                        self.content_type = image.headers.get("content-type", "")
+                    return
+                time.sleep(0.5)
+        self.tries.append("fetch gave up")
+
     def _answer(self, response: httpx.Response) -> None:
         self.status_code = response.status_code
         self.content = response.content
         self.content_type = response.headers.get("content-type", "")
-        request_id = response.headers.get("x-request-id")
+        # The job's id, not the HTTP request's (both are sent as x-request-id; a job's has "_").
+        request_id = next((v for v in response.headers.get_list("x-request-id") if "_" in v), None)
         if request_id is None and self.content_type.startswith("application/json"):
             try:
                 body = response.json()

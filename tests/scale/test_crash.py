@@ -7,7 +7,9 @@ queue ones with webhooks to an HTTPS receiver. Meanwhile the test SIGKILLs a wor
 middle of a job and restarts it (twice), SIGTERMs another, terminates every database
 connection once and SIGKILLs and restarts an API process. Clients retry connection errors and
 503s with the same `Idempotency-Key` (the service replays the first submit for the same key and
-body instead of making a second job: docs/api.md, Idempotency).
+body instead of making a second job: docs/api.md, Idempotency). A few sync clients of their own
+account send no key at all and do what a 503 says (docs/api.md): resend one that names no
+request, fetch the one it names; none of them may pay twice (issue 18).
 
 Afterwards the test prints a summary and checks that nothing was lost or charged twice: every
 job has one terminal status; every COMPLETED job's images come back through its `media_url`
@@ -66,6 +68,8 @@ pytestmark = [
 QUEUE_JOBS = 140
 SYNC_JOBS = 35
 OPENAI_JOBS = 35
+# Sync requests without an Idempotency-Key, on an account of their own (the last one).
+UNKEYED_SYNC_JOBS = 12
 ACCOUNTS = 3
 CREDITS = 100_000
 CLIENT_THREADS = 24
@@ -127,10 +131,33 @@ def _env(
 def _submissions(accounts: list[Account], receiver: WebhookReceiver) -> list[Submission]:
     rng = random.Random(9)
     kinds = ["queue"] * QUEUE_JOBS + ["sync"] * SYNC_JOBS + ["openai"] * OPENAI_JOBS
+    kinds += ["unkeyed"] * UNKEYED_SYNC_JOBS
     rng.shuffle(kinds)
     subs = []
     for i, kind in enumerate(kinds):
-        account = accounts[i % len(accounts)]
+        account = accounts[i % ACCOUNTS]
+        if kind == "unkeyed":
+            subs.append(
+                Submission(
+                    index=i,
+                    dialect="sync",
+                    account=accounts[ACCOUNTS],
+                    idempotency_key=None,
+                    home=0,  # the API process no fault kills
+                    method="POST",
+                    path="/v1/aura-flow",
+                    headers={"x-api-key": accounts[ACCOUNTS].key},
+                    form={
+                        "prompt": PROMPT,
+                        "steps": "1",
+                        "width": "512",
+                        "height": "512",
+                        "seed": str(i),
+                        "output_format": "png",
+                    },
+                )
+            )
+            continue
         common: dict[str, Any] = {
             "index": i,
             "dialect": kind,
@@ -319,7 +346,7 @@ def test_nothing_is_lost_or_charged_twice_when_processes_and_the_database_fail(
         )
         runtime = Runtime.open(settings)
         accounts = []
-        for n in range(ACCOUNTS):
+        for n in range(ACCOUNTS + 1):  # the last one: the unkeyed clients'
             created = keys.create_account(runtime.db, f"crash-{n}", credits=CREDITS)
             accounts.append(Account(created.account_id, created.key, created.webhook_secret))
             receiver.secrets[created.account_id] = created.webhook_secret
@@ -358,7 +385,7 @@ def test_nothing_is_lost_or_charged_twice_when_processes_and_the_database_fail(
 
         _check_faults(report, faults, store)
         _check_answers(report, subs, store)
-        _check_jobs_and_money(report, store, accounts, len(subs), set(faults.killed_jobs))
+        _check_jobs_and_money(report, store, accounts, subs, set(faults.killed_jobs))
         _check_media(report, store, runtime, cluster, accounts, subs)
         _check_webhooks(report, store, receiver)
     except BaseException:
@@ -490,9 +517,11 @@ def _check_answers(report: Report, subs: list[Submission], store: Store) -> None
 
 
 def _check_jobs_and_money(
-    report: Report, store: Store, accounts: list[Account], submitted: int, killed: set[str]
+    report: Report, store: Store, accounts: list[Account], subs: list[Submission], killed: set[str]
 ) -> None:
-    jobs = store.rows("SELECT id, account_id, status, price, attempts FROM jobs")
+    submitted = len(subs)
+    keyed = sum(1 for s in subs if s.idempotency_key is not None)
+    jobs = store.rows("SELECT id, account_id, status, price, attempts, params FROM jobs")
     report.facts["jobs by status"] = dict(Counter(r.status for r in jobs))
     report.facts["jobs by attempts"] = dict(sorted(Counter(r.attempts for r in jobs).items()))
     # A job claimed again although no fault hit it: its live worker lost the lease (starved of
@@ -508,8 +537,21 @@ def _check_jobs_and_money(
     keys_ = store.rows("SELECT key, job_id FROM idempotency_keys")
     report.check(
         "every Idempotency-Key names one distinct job",
-        len(keys_) == submitted and len({k.job_id for k in keys_}) == submitted,
+        len(keys_) == keyed and len({k.job_id for k in keys_}) == keyed,
         f"{len(keys_)} keys, {len({k.job_id for k in keys_})} jobs",
+    )
+    # The unkeyed clients' account: one job per request (its seed), so nobody paid twice.
+    unkeyed = accounts[ACCOUNTS].account_id
+    seeds = Counter(json.loads(j.params)["seed"] for j in jobs if j.account_id == unkeyed)
+    report.facts["unkeyed sync requests: client tries"] = dict(
+        Counter(t for s in subs if s.idempotency_key is None for t in s.tries)
+    )
+    report.check(
+        "no account pays twice: without Idempotency-Keys, one job per sync request that "
+        "followed the 503's words",
+        sum(seeds.values()) == UNKEYED_SYNC_JOBS and set(seeds.values()) == {1},
+        f"{sum(seeds.values())} jobs for {UNKEYED_SYNC_JOBS} requests; twice: "
+        + sample(seed for seed, n in seeds.items() if n > 1),
     )
     report.check(
         "every job has exactly one terminal status",

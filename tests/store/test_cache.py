@@ -60,3 +60,16 @@ def test_a_grace_keeps_an_expired_entry_for_get_stale_only() -> None:
     cache.put("b", 3)
     time.sleep(0.75)
     assert cache.get_stale("b") is None  # past the grace too
+
+
+def test_an_entry_ages_from_when_its_value_was_read() -> None:
+    """`put(at=…)`: a value read a while ago is not fresh, nor stale, for longer than one
+    read just now (the key cache's 2 s revocation promise counts from the read)."""
+    cache: TtlCache[str, int] = TtlCache(ttl=0.5, maxsize=10, grace=0.5)
+    now = time.monotonic()
+    cache.put("young", 1, at=now)
+    cache.put("read long ago", 2, at=now - 0.7)  # past the ttl, within the grace
+    cache.put("older still", 3, at=now - 1.1)  # past both
+    assert cache.get("young") == 1
+    assert cache.get("read long ago") is None and cache.get_stale("read long ago") == 2
+    assert cache.get("older still") is None and cache.get_stale("older still") is None

@@ -11,7 +11,12 @@ from sqlalchemy import func, select, text
 
 from auraserve.core.presets import default_presets
 from auraserve.core.request import GenerationRequest, build_request
-from auraserve.errors import IdempotencyKeyReused, InsufficientBalance, QueueLimitReached
+from auraserve.errors import (
+    IdempotencyKeyReused,
+    InsufficientBalance,
+    QueueLimitReached,
+    StoreUnavailable,
+)
 from auraserve.store import jobs, keys, ledger, submissions
 from auraserve.store.db import Database
 from auraserve.store.events import WORK
@@ -248,3 +253,44 @@ def test_submits_that_do_not_all_fit_get_each_the_answer_it_would_have_alone(
     assert kinds == ["grant"] + ["reserve"] * 3
     assert _count(db, jobs_table) == 3
     assert ledger.balance(db, acct.account_id) == credits - 3 * price
+
+
+_DIE_ON = """
+CREATE OR REPLACE FUNCTION auraserve_test_die() RETURNS trigger AS $$
+BEGIN
+  IF NEW.id = '{job_id}' THEN
+    PERFORM pg_terminate_backend(pg_backend_pid());
+  END IF;
+  RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER auraserve_test_die BEFORE INSERT ON jobs
+FOR EACH ROW EXECUTE FUNCTION auraserve_test_die();
+"""
+
+
+@pytest.mark.postgres
+def test_a_store_lost_midway_one_by_one_keeps_the_answers_of_those_that_committed(
+    db: Database,
+) -> None:
+    """Issue 18: a batch that does not fit goes one by one; when the store is lost at the
+    second, the first committed and keeps its job (a 503 would tell its client "nothing was
+    written" and invite a second, charged job), the second gets the store's error and the
+    third, never sent, a plain StoreUnavailable."""
+    if db.is_sqlite:
+        pytest.skip("a connection killed mid-transaction: PostgreSQL")
+    price = _req().price(PRESET)
+    acct = keys.create_account(db, "a", credits=2 * price)  # 2 of the 3 fit
+    new = _new_jobs(3)
+    with db.engine.begin() as conn:  # the second job's INSERT kills its own connection
+        conn.execute(text(_DIE_ON.format(job_id=new[1].id)))
+    try:
+        answers = _submit_many(db, acct.account_id, new)
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER auraserve_test_die ON jobs"))
+            conn.execute(text("DROP FUNCTION auraserve_test_die()"))
+    first, second, third = answers
+    assert isinstance(first, Submitted) and jobs.get(db, new[0].id) is not None
+    assert isinstance(second, StoreUnavailable) and jobs.get(db, new[1].id) is None
+    assert isinstance(third, StoreUnavailable) and not third.in_doubt
+    assert jobs.get(db, new[2].id) is None

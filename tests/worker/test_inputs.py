@@ -229,3 +229,14 @@ def test_a_size_from_the_image_reaches_the_stored_output(
         assert (job.output["width"], job.output["height"]) == (512, 512)
     finally:
         rt.close()
+
+
+def test_an_undecodable_image_says_so_without_a_memory_address() -> None:
+    """PIL names its in-memory file object (`<_io.BytesIO object at 0x…>`): that never reaches
+    the job's error."""
+    broken = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64  # the signature, then nothing a PNG holds
+    with pytest.raises(UnsupportedRequest) as caught:
+        decode(broken)
+    message = str(caught.value)
+    assert message.startswith("image: could not be decoded")
+    assert "0x" not in message and "object at" not in message, message

@@ -137,6 +137,9 @@ class LedgerEntryBody(BaseModel):
 class AccountBody(BaseModel):
     account_id: str
     name: str
+    is_admin: bool = Field(
+        description="An operator's account: its keys also reach /v2/admin/… and /v2/workers"
+    )
     balance: int = Field(description="Credits available now (reservations already taken out)")
     reserved: int = Field(
         description="Credits held for queued and running requests: spent if they complete, "
@@ -259,6 +262,7 @@ async def account_state(
         {
             "account_id": summary.account_id,
             "name": summary.name,
+            "is_admin": account.is_admin,
             "balance": summary.balance,
             "reserved": summary.reserved,
             "ledger": [

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from auraserve import __version__
-from auraserve.api import account_routes, errors, operations, request_routes
+from auraserve.api import account_routes, admin_routes, errors, operations, request_routes
 from auraserve.api.dialect import Dialect
 from auraserve.api.dialects import openai, queue, sync
 from auraserve.api.fast_status import FastStatus
@@ -210,6 +210,7 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         dependencies=[hold_slot(Kind.SYNC_WAIT, openai.OPENAI, endpoint_is(openai.generations))],
     )
     account_routes.install(app, runtime.settings, media_origins(runtime.media))
+    app.include_router(admin_routes.router)
     _document_presets(app, sorted(runtime.settings.presets))
 
     @app.get(

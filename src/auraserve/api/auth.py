@@ -4,13 +4,18 @@ hosted APIs can keep its own header: `Ocp-Apim-Subscription-Key` (the Queue API)
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+
 from fastapi import Request
 
-from auraserve.api.store_calls import refreshed
+from auraserve.api.store_calls import renewal
 from auraserve.errors import Forbidden, Unauthorized
 from auraserve.runtime import Runtime
 from auraserve.store import keys
-from auraserve.store.keys import Account
+from auraserve.store.db import AUTH_CACHE_TTL, Database
+from auraserve.store.keys import Account, Verified
 
 
 def presented_key(request: Request) -> str | None:
@@ -35,28 +40,59 @@ async def current_account(request: Request) -> Account:
             "Authorization: Bearer"
         )
     runtime: Runtime = request.app.state.runtime
-    account = await account_for_key(runtime, raw)
+    # Only reads may answer with a key's account while its lookup is renewed: a request that
+    # writes (submit, sync and OpenAI generation, cancel) spends credits, so it waits for a
+    # lookup unless the key was verified within AUTH_CACHE_TTL.
+    writes = request.method not in _READS
+    account = await account_for_key(runtime, raw, fresh_only=writes)
     if account is None:
         raise Unauthorized("Invalid or revoked API key")
     request.state.account = account
     return account
 
 
-async def account_for_key(runtime: Runtime, raw: str, *, wait: bool = True) -> Account | None:
-    """The account of a presented key. A key verified a moment ago is answered on the event
-    loop (on PostgreSQL that saves a thread-pool hand-off per poll); one verified a little
-    longer ago is too, while one lookup renews it (`store_calls.refreshed`). `wait=False`:
-    None rather than waiting for the store (a key this process has not seen lately)."""
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def account_for_key(
+    runtime: Runtime, raw: str, *, wait: bool = True, fresh_only: bool = False
+) -> Account | None:
+    """The account of a presented key, never from a lookup that began more than
+    `AUTH_CACHE_TTL + AUTH_CACHE_GRACE` (2 s) ago: that bounds how long a key revoked elsewhere
+    (the CLI, another API process) keeps working.
+
+    A key verified within `AUTH_CACHE_TTL` is answered on the event loop (on PostgreSQL that
+    saves a thread-pool hand-off per poll); one verified within the grace after it is too,
+    while one lookup renews it, unless `fresh_only` (requests that write). `wait=False`: None
+    rather than waiting for the store (a key this process has not seen lately)."""
     db = runtime.db
-    if not wait and keys.stale_account(db, raw) is None:
+    account = keys.cached_account(db, raw)
+    if account is not None:
+        return account
+    stale = None if fresh_only else keys.stale_account(db, raw)
+    if stale is None and not wait:
         return None
-    return await refreshed(
-        runtime,
-        ("key", raw),
-        fresh=lambda: keys.cached_account(db, raw),
-        stale=lambda: keys.stale_account(db, raw),
-        fetch=lambda: keys.authenticate(db, raw),
-    )
+    asked = time.monotonic()
+    verified = await _looked_up(runtime, raw, stale)
+    if isinstance(verified, Account):
+        return verified
+    if verified.account is not None and verified.started < asked - AUTH_CACHE_TTL:
+        # A lookup that began well before this request (a slow store) may predate a
+        # revocation: ask again, from now.
+        verified = await asyncio.shield(renewal(runtime, ("key", raw), _lookup(db, raw)))
+    return verified.account
+
+
+async def _looked_up(runtime: Runtime, raw: str, stale: Account | None) -> Account | Verified:
+    """`stale` when there is one (a lookup renews it behind this answer), else the lookup."""
+    pending = renewal(runtime, ("key", raw), _lookup(runtime.db, raw))
+    if stale is not None:
+        return stale
+    return await asyncio.shield(pending)
+
+
+def _lookup(db: Database, raw: str) -> Callable[[], Verified]:
+    return lambda: keys.lookup(db, raw)
 
 
 def require_admin(account: Account) -> None:

@@ -141,7 +141,25 @@ def read_numbers(data: Mapping[str, Any], dialect: Dialect) -> dict[str, Any]:
                 allowed=noun,
             )
         out[own] = int(value) if _INTEGER.fullmatch(value) else float(value)
+    if not strings:
+        _refuse_string_scales(data, dialect)
     return out
+
+
+def _refuse_string_scales(data: Mapping[str, Any], dialect: Dialect) -> None:
+    """`loras[].scale` is a number like the top-level ones: the same rule, one level down."""
+    for own, canonical in dialect.fields.items():
+        value = data.get(own)
+        if canonical != "loras" or not isinstance(value, list):
+            continue
+        for index, item in enumerate(value):
+            if isinstance(item, Mapping) and isinstance(item.get("scale"), str):
+                name = f"{own}[{index}].scale"
+                raise InvalidParameter(
+                    field=name,
+                    message=f"{name}: must be a number, not a string",
+                    allowed="a number",
+                )
 
 
 def _depth_exceeds(value: object, limit: int) -> bool:

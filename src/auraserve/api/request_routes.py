@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,14 +14,17 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from auraserve.api import results
+from auraserve.api.auth import account_for_key, presented_key
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
 from auraserve.api.openapi import REQUESTS_TAG, StatusBody, event_stream_schema
 from auraserve.api.store_calls import call_store
 from auraserve.core.jobs import Job, split_request_id
-from auraserve.errors import RequestConflict, RequestNotFound
+from auraserve.errors import RequestConflict, RequestNotFound, StoreUnavailable, Unauthorized
 from auraserve.runtime import Runtime
 from auraserve.store import jobs
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=[REQUESTS_TAG], dependencies=[use_dialect(QUEUE)])
 
@@ -35,8 +39,11 @@ def _status_responses() -> dict[int | str, dict[str, Any]]:
     description=(
         "A `text/event-stream` of status objects (`data: <json>`, the same object as "
         "`GET /v2/requests/status/{request_id}`), one per change, ending after a terminal "
-        "status, or when the server shuts down (reconnect, or poll). A `: keep-alive` "
-        "comment is sent when nothing changed for a while."
+        "status, or when the server shuts down (reconnect, or poll). When the database "
+        "becomes unavailable the last event is `event: error` with the error body and "
+        "`retry_after` (seconds): reconnect or poll after it; when its key is revoked, the "
+        "last event is `event: error` with the 401 body. A `: keep-alive` comment is "
+        "sent when nothing changed for a while."
     ),
     response_class=StreamingResponse,
     responses={
@@ -55,13 +62,13 @@ async def stream(
 ) -> Response:
     job = await call_store(runtime, results.load_job, runtime, account.id, request_id)
     return StreamingResponse(
-        _events(request, runtime, job),
+        _events(request, runtime, job, presented_key(request) or ""),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _events(request: Request, runtime: Runtime, job: Job) -> AsyncIterator[str]:
+async def _events(request: Request, runtime: Runtime, job: Job, key: str) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     keepalive = runtime.settings.sse_keepalive_seconds
     last_sent: str | None = None
@@ -69,8 +76,19 @@ async def _events(request: Request, runtime: Runtime, job: Job) -> AsyncIterator
     with runtime.db.bus.watch(job.id) as changed:
         while True:
             changed.clear()
-            job = await call_store(runtime, results.reload, runtime, job)
-            body = await call_store(runtime, results.render_status, runtime, job)
+            try:
+                # A key revoked while its stream is open stops it too (within the key cache's
+                # 2 s, like every new request): a cache hit on all but one wake-up a second.
+                if await account_for_key(runtime, key) is None:
+                    yield _error_event(Unauthorized("Invalid or revoked API key"))
+                    return
+                job = await call_store(runtime, results.reload, runtime, job)
+                body = await call_store(runtime, results.render_status, runtime, job)
+            except StoreUnavailable as exc:
+                # Headers are sent: no status code can say it now. A last event does, and the
+                # stream ends as a stream should (not cut mid-body).
+                yield _error_event(exc)
+                return
             text = json.dumps(body, separators=(",", ":"))
             if text != last_sent:
                 last_sent = text
@@ -89,6 +107,21 @@ async def _events(request: Request, runtime: Runtime, job: Job) -> AsyncIterator
             wait = min(results.FALLBACK_RECHECK_SECONDS, keepalive - (loop.time() - last_write))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), max(0.01, wait))
+
+
+def _error_event(exc: StoreUnavailable | Unauthorized) -> str:
+    """An SSE `error` event, the stream's last: the queue dialect's error body; for an outage
+    with when to come back."""
+    problem = QUEUE.problem(exc)
+    body = QUEUE.error_body(problem)
+    if isinstance(exc, StoreUnavailable):
+        body["retry_after"] = int(problem.headers.get("Retry-After", "1"))
+        body["message"] = (
+            f"{problem.message}; the stream ends here: reconnect, or poll the status, after "
+            f"{body['retry_after']} s"
+        )
+        log.warning("status stream ended: the database is unavailable")
+    return f"event: error\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
 async def _cancel(request_id: str, runtime: RuntimeDep, account: CurrentAccount) -> Response:

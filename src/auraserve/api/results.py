@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 from fastapi import Request
 
+from auraserve.api import outage
 from auraserve.api.store_calls import call_store, refreshed
 from auraserve.core.jobs import Job, JobStatus, split_request_id
 from auraserve.core.status import status_body
@@ -23,11 +25,14 @@ from auraserve.errors import (
     GenerationFailed,
     RequestCancelled,
     RequestNotFound,
+    StoreUnavailable,
     SyncTimeout,
 )
 from auraserve.runtime import Runtime
-from auraserve.store import jobs, workers
+from auraserve.store import jobs, ledger, workers
 from auraserve.webhooks import outbox
+
+log = logging.getLogger(__name__)
 
 FALLBACK_RECHECK_SECONDS = 1.0
 
@@ -115,20 +120,33 @@ async def wait_until_terminal(
     request: Request, runtime: Runtime, job: Job, timeout: float
 ) -> Job | None:
     """The job once it is terminal, or None after `timeout` seconds (or when the client
-    disconnected: nobody is left to answer; the job goes on and stays pollable)."""
+    disconnected: nobody is left to answer; the job goes on and stays pollable).
+
+    The job exists, so a database outage meanwhile is ridden out (the job may finish while
+    the store is away; a client told to resend would pay twice): the store is asked again
+    every `outage.RETRY_SECONDS` until the timeout, and if it is still away then, the 503
+    names the request (`outage.request_was_accepted`)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     with runtime.db.bus.watch(job.id) as changed:
         while True:
             changed.clear()  # before reading: a change after the read wakes us
-            job = await call_store(runtime, reload, runtime, job)
-            if job.is_terminal:
-                return job
+            try:
+                job = await call_store(runtime, reload, runtime, job)
+            except StoreUnavailable:
+                unavailable = True
+            else:
+                unavailable = False
+                if job.is_terminal:
+                    return job
             remaining = deadline - loop.time()
             if remaining <= 0 or await request.is_disconnected():
+                if unavailable:
+                    raise outage.request_was_accepted(runtime, job.request_id)
                 return None
+            recheck = outage.RETRY_SECONDS if unavailable else FALLBACK_RECHECK_SECONDS
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(FALLBACK_RECHECK_SECONDS, remaining))
+                await asyncio.wait_for(changed.wait(), min(recheck, remaining))
 
 
 async def finished_job(request: Request, runtime: Runtime, job: Job) -> Job:
@@ -161,6 +179,18 @@ async def finished_job(request: Request, runtime: Runtime, job: Job) -> Job:
         headers=headers,
         extra=ids,
     )
+
+
+async def balance_after(runtime: Runtime, account_id: str, job: Job) -> str | None:
+    """The x-remaining-credits value to send with a finished job's answer; None when the
+    store stays away for `outage.RETRY_SECONDS` × a few: the image is ready and paid for, so
+    it is answered without the header rather than with a 503 that would invite a resend."""
+    deadline = asyncio.get_running_loop().time() + 2 * outage.RETRY_SECONDS
+    try:
+        return str(await outage.ride_out(runtime, deadline, ledger.balance, runtime.db, account_id))
+    except StoreUnavailable:
+        log.warning("x-remaining-credits left out of %s: the database is away", job.request_id)
+        return None
 
 
 def read_images(runtime: Runtime, job: Job) -> list[bytes]:

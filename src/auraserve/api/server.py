@@ -36,7 +36,7 @@ from uvicorn.server import ServerState
 
 from auraserve.api.dialects.queue import QUEUE
 from auraserve.config import Settings
-from auraserve.errors import AuraserveError, HeadersTooLarge, ServerBusy
+from auraserve.errors import AuraserveError, HeadersTooLarge, InvalidParameter, ServerBusy
 
 log = logging.getLogger(__name__)
 
@@ -405,6 +405,16 @@ class GuardedH11Protocol(H11Protocol):
         self._hold_until = 0
         self._scanned = 0
         self._line = 0
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 could not parse the request: uvicorn's answer is plain text; ours is the JSON
+        error shape every other refusal has."""
+        self._refuse(
+            InvalidParameter(
+                field="request",
+                message="request: malformed HTTP (the request line or headers cannot be parsed)",
+            )
+        )
 
     def _refuse(self, error: AuraserveError) -> bool:
         self.transport.write(_raw_response(error))

@@ -55,17 +55,25 @@ async def refreshed(
     value = fresh()
     if value is not None:
         return value
-    loop = asyncio.get_running_loop()
-    pending = _renewing.setdefault(loop, {})
-    renewal = pending.get(key)
-    if renewal is None:
-        renewal = asyncio.ensure_future(call_store(runtime, fetch))
-        pending[key] = renewal
-        renewal.add_done_callback(functools.partial(_renewed, pending, key))
+    pending = renewal(runtime, key, fetch)
     value = stale()
     if value is not None:
         return value
-    return await asyncio.shield(renewal)
+    return await asyncio.shield(pending)
+
+
+def renewal(runtime: Runtime, key: Hashable, fetch: Callable[[], T]) -> asyncio.Future[T]:
+    """The store call in flight for `key` on this event loop, or a new one running `fetch`:
+    however many requests ask meanwhile, one call. Await it through `asyncio.shield` (a
+    cancelled request must not cancel the others' answer)."""
+    loop = asyncio.get_running_loop()
+    pending = _renewing.setdefault(loop, {})
+    running: asyncio.Future[T] | None = pending.get(key)
+    if running is None:
+        running = asyncio.ensure_future(call_store(runtime, fetch))
+        pending[key] = running
+        running.add_done_callback(functools.partial(_renewed, pending, key))
+    return running
 
 
 def _renewed(pending: dict[Hashable, asyncio.Future[Any]], key: Hashable, renewal: Any) -> None:

@@ -10,22 +10,23 @@ Dialects only decide how the resulting job is shown.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
-from auraserve.api import idempotency
+from auraserve.api import idempotency, outage
 from auraserve.api.dialect import Dialect
 from auraserve.api.ratelimit import concurrency_refusal
 from auraserve.api.store_calls import call_store
 from auraserve.api.submit_batching import SubmitBatcher
-from auraserve.core.jobs import Job
+from auraserve.core.jobs import Job, request_id
 from auraserve.core.request import GenerationRequest
-from auraserve.errors import QueueLimitReached
+from auraserve.errors import QueueLimitReached, StoreUnavailable
 from auraserve.runtime import Runtime
-from auraserve.store import ledger, submissions
+from auraserve.store import jobs, ledger, submissions
 from auraserve.store.jobs import NewJob
 from auraserve.store.keys import Account
 from auraserve.store.submissions import IdempotencyKey, ResponseBuilder
@@ -89,14 +90,12 @@ async def accept(
 
     price = gen.price(settings.presets[gen.model])
     webhook_url, webhook_mode = (webhook.url, webhook.mode) if webhook else (None, None)
+    new_job = NewJob(gen, price, webhook_url, webhook_mode)
     try:
         if idem is None:
             batcher: SubmitBatcher = request.app.state.submit_batcher
             submitted = await batcher.submit(
-                account.id,
-                NewJob(gen, price, webhook_url, webhook_mode),
-                max_queued=max_in_flight,
-                max_attempts=settings.max_attempts,
+                account.id, new_job, max_queued=max_in_flight, max_attempts=settings.max_attempts
             )
         else:
             submitted = await call_store(
@@ -119,9 +118,40 @@ async def accept(
         if 0 < concurrent <= (account.max_queued or settings.max_queued_per_account):
             raise concurrency_refusal(concurrent, exc.message, exc.retry_after) from None
         raise
+    except StoreUnavailable as exc:
+        if not exc.in_doubt:
+            raise  # the transaction never reached its COMMIT: nothing was written
+        if idem is not None:
+            raise outage.keyed_request_may_exist() from exc
+        submitted = await _settle_doubt(runtime, account, new_job, exc)
     if submitted.replayed:  # a concurrent submit with the same key committed first
         return _accepted(submitted, {"Idempotent-Replayed": "true"})
     return _accepted(submitted, headers)
+
+
+async def _settle_doubt(
+    runtime: Runtime, account: Account, new_job: NewJob, cut_off: StoreUnavailable
+) -> submissions.Submitted:
+    """An unkeyed submit whose COMMIT was cut off: whether its job exists, once the store
+    answers again (within `outage.IN_DOUBT_SECONDS`). It does: the submit was accepted. It
+    does not: the plain 503 (nothing was written). The store stays away: the 503 that names
+    the id the job would have, so the client looks before it resends."""
+    deadline = asyncio.get_running_loop().time() + outage.IN_DOUBT_SECONDS
+    db = runtime.db
+    try:
+        job = await outage.ride_out(
+            runtime, deadline, jobs.get, db, new_job.id, account_id=account.id
+        )
+    except StoreUnavailable:
+        rid = request_id(new_job.request.model, new_job.id)
+        raise outage.request_may_exist(runtime, rid) from cut_off
+    if job is None:
+        raise StoreUnavailable() from cut_off
+    try:
+        balance = await outage.ride_out(runtime, deadline, ledger.balance, db, account.id)
+    except StoreUnavailable:
+        raise outage.request_was_accepted(runtime, job.request_id) from cut_off
+    return submissions.Submitted(job, balance, False)
 
 
 def _accepted(submitted: submissions.Submitted, headers: dict[str, str]) -> Accepted:

@@ -31,7 +31,7 @@ from auraserve.api.store_calls import call_store
 from auraserve.runtime import Runtime
 from auraserve.store import submissions
 from auraserve.store.jobs import NewJob
-from auraserve.store.submissions import Refusal, Submitted
+from auraserve.store.submissions import Answer, Submitted
 
 __all__ = ["SubmitBatcher"]
 
@@ -46,7 +46,7 @@ _BatchKey = tuple[str, int, int]  # account id, queue limit, attempts per job
 @dataclass(frozen=True)
 class _Waiting:
     new_job: NewJob
-    answer: asyncio.Future[Submitted | Refusal]
+    answer: asyncio.Future[Answer]
 
 
 class SubmitBatcher:

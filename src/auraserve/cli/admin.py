@@ -63,7 +63,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     "webhook signing secret": created.webhook_secret,
                 }
                 if args.admin:
-                    fields["admin"] = "yes: its keys may also read GET /v2/workers"
+                    fields["admin"] = (
+                        "yes: its keys reach /v2/admin/... (Admin tab) and GET /v2/workers"
+                    )
                 print_fields(fields)
         elif args.keys_cmd == "list":
             _list_keys(args, runtime)

@@ -191,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--admin",
         action="store_true",
-        help="make the new account an operator's: its keys may also read GET /v2/workers",
+        help=(
+            "make the new account an operator's: its keys reach the admin API (/v2/admin/...,"
+            " the playground's Admin tab) and GET /v2/workers"
+        ),
     )
     may_create(
         create,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -89,12 +90,18 @@ class OutageLog:
         self.component = component
         self.down_since: float | None = None
         self.failures = 0
+        # Several threads of one component may meet the same outage (a worker's loop and
+        # its heartbeats): it is still one line.
+        self._lock = threading.Lock()
 
     def failed(self, exc: BaseException) -> None:
         STORE_UNAVAILABLE.labels(self.component).inc()
-        self.failures += 1
-        if self.down_since is None:
-            self.down_since = time.monotonic()
+        with self._lock:
+            self.failures += 1
+            first = self.down_since is None
+            if first:
+                self.down_since = time.monotonic()
+        if first:
             self._log.error(
                 "%s: database unavailable, retrying until it returns: %s",
                 self.component,
@@ -102,13 +109,15 @@ class OutageLog:
             )
 
     def recovered(self) -> None:
-        if self.down_since is None:
-            return
+        with self._lock:
+            if self.down_since is None:
+                return
+            down, failures = time.monotonic() - self.down_since, self.failures
+            self.down_since = None
+            self.failures = 0
         self._log.warning(
             "%s: database reachable again after %.1f s (%d failed attempts)",
             self.component,
-            time.monotonic() - self.down_since,
-            self.failures,
+            down,
+            failures,
         )
-        self.down_since = None
-        self.failures = 0

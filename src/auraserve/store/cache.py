@@ -2,7 +2,9 @@
 
 `cachetools.TTLCache` does the expiry and the bounding (least recently used entries go first
 when full); it is not thread-safe, and the API's thread pool and the worker threads share a
-`Database`, hence the lock. Entries are never handed out past their deadline.
+`Database`, hence the lock. Entries are never handed out past their deadline: `get` not past
+`ttl`, `get_stale` not past `ttl + grace`, both counted from when the value was read (`put`'s
+`at`), not from when it was stored.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class TtlCache(Generic[K, V]):
 
     def __init__(self, *, ttl: float, maxsize: int, grace: float = 0.0) -> None:
         self.ttl = ttl
+        self.grace = grace
         # Each value with the monotonic time it stops being fresh.
         self._entries: TTLCache[K, tuple[V, float]] = TTLCache(maxsize=maxsize, ttl=ttl + grace)
         self._lock = threading.Lock()
@@ -42,11 +45,17 @@ class TtlCache(Generic[K, V]):
         fresh one is fetched."""
         with self._lock:
             found = self._entries.get(key)
-        return None if found is None else found[0]
+        # TTLCache counts from the put; an entry put with an earlier `at` ends earlier.
+        if found is None or time.monotonic() >= found[1] + self.grace:
+            return None
+        return found[0]
 
-    def put(self, key: K, value: V) -> None:
+    def put(self, key: K, value: V, *, at: float | None = None) -> None:
+        """Remember `value`; `at`: when it was read (`time.monotonic()` before the read), so
+        a value whose read took a while is not kept longer than one read at once."""
+        start = time.monotonic() if at is None else at
         with self._lock:
-            self._entries[key] = (value, time.monotonic() + self.ttl)
+            self._entries[key] = (value, start + self.ttl)
 
     def discard(self, key: K) -> None:
         with self._lock:

@@ -64,11 +64,13 @@ _SQLITE_UNAVAILABLE = ("database is locked", "unable to open", "disk i/o", "disk
 
 # Every request authenticates; a verified key is remembered for a moment so hot polling does
 # not repeat the lookup. Revoking through a Database clears its cache at once; a revocation
-# made elsewhere (the CLI, another replica) takes effect within AUTH_CACHE_TTL seconds.
-AUTH_CACHE_TTL = 2.0
-# After that, async callers may still answer with a key's account while one lookup renews it
-# (api.store_calls.refreshed), so no request waits on the store each time it expires.
-AUTH_CACHE_GRACE = 30.0
+# made elsewhere (the CLI, another replica) takes effect within AUTH_CACHE_TTL +
+# AUTH_CACHE_GRACE = 2 seconds (the documented promise), counted from the lookup's start.
+AUTH_CACHE_TTL = 1.0
+# After the TTL, reads (GET) may still answer with a key's account while one lookup renews it
+# (api.auth), so no poll waits on the store each time it expires; never longer than this, and
+# never for a request that writes (a submit waits for a lookup instead: api.auth).
+AUTH_CACHE_GRACE = 1.0
 AUTH_CACHE_MAX = 10_000
 
 # Queue positions are advisory and only move when the queue head moves, so each process keeps
@@ -172,9 +174,11 @@ class Database:
         """A transaction that will write. On SQLite, writers take turns: this process's on a
         thread lock, other processes' on the lock file (see the module docstring).
 
-        A database that cannot be reached raises `StoreUnavailable` (see `is_unavailable`);
-        the transaction was not committed, so nothing of it happened."""
-        with _unavailable_as_error():
+        A database that cannot be reached raises `StoreUnavailable` (see `is_unavailable`):
+        before the COMMIT, nothing of the transaction happened; during it (`in_doubt`), the
+        server may have committed it, and only a later read can tell."""
+        stage = _Stage()
+        with _unavailable_as_error(stage):
             if self._write_lock is None:
                 with self.engine.begin() as conn:
                     _take_committed(conn)  # drop leftovers of a rolled-back transaction
@@ -182,6 +186,7 @@ class Database:
                     yield conn
                     events = take_events(conn)
                     changed = _take_committed(conn)
+                    stage.committing = True  # leaving `begin()` sends the COMMIT
             else:
                 # The thread lock first: flock excludes open files, not threads, and this
                 # process's writers share one.
@@ -192,6 +197,7 @@ class Database:
                     file_lock = self.writer_file_lock
                     with file_lock.held() if file_lock else nullcontext(), conn.begin():
                         yield conn
+                        stage.committing = True
                     events = take_events(conn)
                     changed = _take_committed(conn)
         self.committed(events, changed)
@@ -202,8 +208,11 @@ class Database:
         transaction. The server commits it before it answers, so a lock the statement takes is
         not held across a round trip to this process (and its GIL) until a COMMIT arrives.
         The caller reports what it changed to `committed`. An unreachable database raises
-        `StoreUnavailable`."""
-        with _unavailable_as_error(), self.engine.connect() as conn:
+        `StoreUnavailable`, `in_doubt` once the connection was handed out: a statement that
+        reached the server may have committed."""
+        stage = _Stage()
+        with _unavailable_as_error(stage), self.engine.connect() as conn:
+            stage.committing = True
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
     def committed(self, events: list[tuple[str, str]], changed: list[Job]) -> None:
@@ -403,14 +412,20 @@ def _is_sqlite_error(exc: DBAPIError) -> bool:
     return isinstance(exc.orig, sqlite3.Error)
 
 
+class _Stage:
+    """How far a write got: set once its COMMIT (or its one autocommit statement) is sent."""
+
+    committing = False
+
+
 @contextmanager
-def _unavailable_as_error() -> Iterator[None]:
+def _unavailable_as_error(stage: _Stage | None = None) -> Iterator[None]:
     try:
         yield
     except (DBAPIError, PoolTimeout) as exc:
         if not is_unavailable(exc):
             raise
-        raise StoreUnavailable() from exc
+        raise StoreUnavailable(in_doubt=stage is not None and stage.committing) from exc
 
 
 def _remember_transition(conn: Connection, job: Job) -> None:

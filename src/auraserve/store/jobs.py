@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -104,6 +104,9 @@ class NewJob:
     price: int
     webhook_url: str | None = None
     webhook_mode: str | None = None
+    # Chosen before the store is asked, so a submit whose COMMIT was cut off (in doubt) can
+    # still name the job it may have made, and look it up once the database is back.
+    id: str = field(default_factory=uuid7)
 
 
 def submit_many_in(
@@ -257,7 +260,7 @@ def _job_values(
 ) -> dict[str, Any]:
     """A new job's row: QUEUED, nothing tried yet."""
     return {
-        "id": uuid7(),
+        "id": new.id,
         "account_id": account_id,
         "model_id": new.request.model,
         "status": QUEUED,

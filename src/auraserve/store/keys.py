@@ -193,24 +193,41 @@ def cached_account(db: Database, raw_key: str) -> Account | None:
 
 def stale_account(db: Database, raw_key: str) -> Account | None:
     """`cached_account`, or the account of a key verified a little longer ago (within
-    `store.db.AUTH_CACHE_GRACE`): only to answer with while `authenticate` renews it."""
+    `store.db.AUTH_CACHE_GRACE` more): only to answer a read with while `lookup` renews it."""
     return db.auth_cache.get_stale(_hash(raw_key))
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A key's account as the database had it at `started` (monotonic, taken before the
+    read), None when the key is malformed, unknown or revoked."""
+
+    account: Account | None
+    started: float
+
+
+def lookup(db: Database, raw_key: str) -> Verified:
+    """Ask the database (never the cache) and remember the answer in `db.auth_cache`, aged from
+    the moment the read began: a lookup that waited for a pool thread or a connection is not
+    trusted for longer than one that ran at once."""
+    digest = _hash(raw_key)
+    started = time.monotonic()
+    account = _authenticate_uncached(db, raw_key, digest)
+    if account is not None:
+        db.auth_cache.put(digest, account, at=started)
+    else:
+        db.auth_cache.discard(digest)  # revoked elsewhere: no stale answer either
+    return Verified(account, started)
 
 
 def authenticate(db: Database, raw_key: str) -> Account | None:
     """The account a presented key belongs to, or None for malformed, unknown or revoked keys.
 
     A verified key is remembered for `store.db.AUTH_CACHE_TTL` seconds in `db.auth_cache`."""
-    digest = _hash(raw_key)
-    account = db.auth_cache.get(digest)
+    account = db.auth_cache.get(_hash(raw_key))
     if account is not None:
         return account
-    account = _authenticate_uncached(db, raw_key, digest)
-    if account is not None:
-        db.auth_cache.put(digest, account)
-    else:
-        db.auth_cache.discard(digest)  # revoked elsewhere: no stale answer either
-    return account
+    return lookup(db, raw_key).account
 
 
 def _authenticate_uncached(db: Database, raw_key: str, digest: str) -> Account | None:

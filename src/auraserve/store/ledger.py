@@ -1,11 +1,12 @@
 """Credits: integer units, an append-only ledger, and a cached available balance.
 
 `accounts.balance` is the spendable balance and the ledger is the history that explains it:
-grant (+), reserve (−, at submit), release (+, when a job ends unfinished) and capture (0: the
-reserved credits are spent). The `*_in` functions run inside a caller's transaction so that a
-reservation commits together with its job, and a settlement together with the job's final
-status. The balance is decremented with a guarded UPDATE, which the database serialises per
-row, so concurrent submits can never take it below zero.
+grant (+), deduct (−, an operator takes credits back), reserve (−, at submit), release (+, when
+a job ends unfinished) and capture (0: the reserved credits are spent). The `*_in` functions run
+inside a caller's transaction so that a reservation commits together with its job, and a
+settlement together with the job's final status. The balance is decremented with a guarded
+UPDATE, which the database serialises per row, so concurrent submits (and deducts) can never
+take it below zero.
 """
 
 from __future__ import annotations
@@ -15,12 +16,32 @@ from typing import NoReturn
 
 from sqlalchemy import Connection, Select, bindparam, insert, select, update
 
-from auraserve.errors import InsufficientBalance, QueueLimitReached
+from auraserve.errors import InsufficientBalance, QueueLimitReached, RequestConflict
 from auraserve.store.db import Database
 from auraserve.store.schema import accounts, ledger
 
 
-def grant_in(conn: Connection, account_id: str, amount: int, note: str | None = None) -> int:
+class DeductExceedsBalance(RequestConflict):
+    """A deduct larger than the balance: refused whole, so the balance never goes below zero."""
+
+    def __init__(self, amount: int, balance: int) -> None:
+        self.amount = amount
+        self.balance = balance
+        super().__init__(
+            f"Cannot deduct {amount} credits: the balance is {balance}. Deduct at most {balance}."
+        )
+
+
+def grant_in(
+    conn: Connection,
+    account_id: str,
+    amount: int,
+    note: str | None = None,
+    *,
+    actor_key_id: str | None = None,
+) -> int:
+    """Add `amount` (> 0) to the balance and record it; `actor_key_id`: the admin key that
+    granted it over the API. Returns the new balance. Raises LookupError for no account."""
     if amount <= 0:
         raise ValueError("a grant must be positive")
     row = conn.execute(
@@ -39,6 +60,43 @@ def grant_in(conn: Connection, account_id: str, amount: int, note: str | None = 
             balance_delta=amount,
             created_at=time.time(),
             note=note,
+            actor_key_id=actor_key_id,
+        )
+    )
+    return int(row.balance)
+
+
+def deduct_in(
+    conn: Connection,
+    account_id: str,
+    amount: int,
+    note: str | None = None,
+    *,
+    actor_key_id: str | None = None,
+) -> int:
+    """Take `amount` (> 0) from the balance and record it. The guarded UPDATE (balance >=
+    amount) is serialised per row by the database, so a deduct racing submits can never take
+    the balance below zero: it takes all of `amount` or nothing. Returns the new balance.
+    Raises LookupError (no account) or DeductExceedsBalance."""
+    if amount <= 0:
+        raise ValueError("a deduct must be positive")
+    row = conn.execute(
+        update(accounts)
+        .where(accounts.c.id == account_id, accounts.c.balance >= amount)
+        .values(balance=accounts.c.balance - amount)
+        .returning(accounts.c.balance)
+    ).first()
+    if row is None:
+        raise DeductExceedsBalance(amount, balance_in(conn, account_id))
+    conn.execute(
+        insert(ledger).values(
+            account_id=account_id,
+            kind="deduct",
+            amount=amount,
+            balance_delta=-amount,
+            created_at=time.time(),
+            note=note,
+            actor_key_id=actor_key_id,
         )
     )
     return int(row.balance)

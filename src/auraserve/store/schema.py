@@ -72,7 +72,7 @@ ledger = Table(
     Column("id", AutoId, primary_key=True, autoincrement=True),
     Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
     Column("job_id", String(36), nullable=True),
-    # grant | reserve | capture | release
+    # grant | deduct | reserve | capture | release
     Column("kind", String(16), nullable=False),
     # Effect on the available balance: grant +, reserve -, release +, capture 0 (the reserved
     # credits are spent). `amount` keeps the credits concerned, always >= 0.
@@ -80,6 +80,9 @@ ledger = Table(
     Column("balance_delta", BigInteger, nullable=False),
     Column("created_at", Double, nullable=False),
     Column("note", String(200), nullable=True),
+    # The admin key that wrote the entry over /v2/admin (grant, deduct); NULL for entries the
+    # system wrote and for grants made from the shell.
+    Column("actor_key_id", String(40), nullable=True),
     CheckConstraint("amount >= 0", name="ck_ledger_amount_nonnegative"),
     Index("ix_ledger_account", "account_id", "id"),
     # At most one reservation and at most one settlement (capture XOR release) per job: the

@@ -24,6 +24,7 @@ from auraserve.errors import (
     InsufficientBalance,
     QueueLimitReached,
     RequestNotFound,
+    StoreUnavailable,
 )
 from auraserve.store import idempotency, jobs, ledger
 from auraserve.store.db import Database
@@ -132,6 +133,8 @@ def submit(
 
 
 Refusal = QueueLimitReached | InsufficientBalance
+# One submit's answer in a batch: its job, its refusal, or the store's failure in its place.
+Answer = Submitted | Refusal | StoreUnavailable
 
 
 def submit_many(
@@ -141,14 +144,16 @@ def submit_many(
     new_jobs: list[jobs.NewJob],
     max_queued: int,
     max_attempts: int,
-) -> list[Submitted | Refusal]:
+) -> list[Answer]:
     """Submits of one account without idempotency keys, each answered as if it had run alone
     in this order: a refused one gets its error in its place in the list. When they all fit,
     one transaction takes them all (`jobs.submit_many`); when they do not, nothing is written
     and they go one by one, so each gets exactly the answer it would have had. A store that
-    cannot be reached raises for all of them (nothing of theirs was written)."""
+    cannot be reached raises for all of them (their one transaction did not commit, or is in
+    doubt); once they go one by one, a store lost midway answers StoreUnavailable in the
+    places of the submits it stopped, after the answers of those that committed."""
 
-    def together(batch: list[jobs.NewJob]) -> list[Submitted | Refusal]:
+    def together(batch: list[jobs.NewJob]) -> list[Answer]:
         made = jobs.submit_many(
             db,
             account_id=account_id,
@@ -164,10 +169,17 @@ def submit_many(
         if len(new_jobs) == 1:
             return [refusal]
     # Not all of them fit; some may.
-    answers: list[Submitted | Refusal] = []
+    answers: list[Answer] = []
     for new in new_jobs:
         try:
             answers.extend(together([new]))
         except (QueueLimitReached, InsufficientBalance) as refusal:
             answers.append(refusal)
+        except StoreUnavailable as lost:
+            # The ones before it committed and keep their answers (a 503 would tell them
+            # "nothing was written"); this one has the store's verdict (maybe in doubt), the
+            # rest were never sent.
+            answers.append(lost)
+            answers.extend(StoreUnavailable() for _ in new_jobs[len(answers) :])
+            break
     return answers

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import io
 import math
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from auraserve.webhooks.ssrf import AddressPolicy, validate_webhook_url
 
 FETCH_TIMEOUT_SECONDS = 15.0
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# A Python object's repr in a library's message (`<_io.BytesIO object at 0x7f…>`).
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,15 @@ def decode(data: bytes) -> Image.Image:
             image = ImageOps.exif_transpose(opened).convert("RGB")
     except UnsupportedRequest:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnsupportedRequest(f"image: could not be decoded ({exc})") from None
+    except UnidentifiedImageError:
+        # PIL's message names its in-memory file object, address included: nothing a client
+        # can use (and a process detail it should not see).
+        raise UnsupportedRequest(
+            "image: could not be decoded (not a readable PNG, JPEG or WebP image)"
+        ) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        reason = _OBJECT_REPR.sub("the image", str(exc))
+        raise UnsupportedRequest(f"image: could not be decoded ({reason})") from None
     return image
 
 

@@ -31,10 +31,11 @@ from auraserve.config import Settings
 from auraserve.core.ids import short_id
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.engine.base import Engine, JobResult
-from auraserve.errors import JobCancelled, UnsupportedRequest
+from auraserve.errors import JobCancelled, StoreUnavailable, UnsupportedRequest
 from auraserve.media.encode import encode_image, generation_metadata
 from auraserve.media.storage import MediaStore, new_media_name
 from auraserve.observability import metrics
+from auraserve.observability.logs import OutageLog
 from auraserve.store import jobs
 from auraserve.store import media as media_rows
 from auraserve.store import workers as registry
@@ -99,6 +100,9 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._batch: _Batch | None = None
+        # A database outage is logged once, whichever of the worker's threads meets it first
+        # (the loop, a batch's progress or heartbeat, the presence heartbeat).
+        self._outage = OutageLog(log, f"worker {self.worker_id}")
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -209,6 +213,7 @@ class Worker:
                     max_images=self.settings.max_batch,
                     lease_seconds=self.settings.lease_seconds,
                 )
+                self._outage.recovered()
                 if failing:
                     log.info("worker %s: the store answers again", self.worker_id)
                     failing = False
@@ -220,6 +225,9 @@ class Worker:
                     self.run_batch(batch)
                 finally:
                     self.state = self._idle_state()
+            except StoreUnavailable as exc:  # the jobs in hand are left to their leases
+                self._outage.failed(exc)
+                self._stop.wait(1.0)
             except Exception:  # the loop must survive a store hiccup; leases protect jobs
                 # Once per failing streak (a database outage would print a traceback a second).
                 if not failing:
@@ -252,6 +260,8 @@ class Worker:
         while not self._quiet.wait(self.settings.heartbeat_seconds):
             try:
                 self._beat()
+            except StoreUnavailable as exc:
+                self._outage.failed(exc)
             except Exception as exc:
                 if not failing:
                     log.error("worker %s: registry heartbeat failed: %r", self.worker_id, exc)
@@ -333,6 +343,12 @@ class Worker:
             # Only the engine's own verdict means "your request was bad"; a ValueError from deep
             # inside torch is a server fault like any other exception (ERROR below).
             self._finish_all(batch, JobStatus.FAILED, str(exc))
+            return
+        except StoreUnavailable as exc:
+            # The database, not the engine: nothing can be settled now, and the jobs are not
+            # at fault. Their leases lapse and the sweep queues them again (or another worker
+            # finishes them), so they are neither lost nor failed.
+            self._outage.failed(exc)
             return
         except Exception as exc:
             log.error("engine failure: %s", traceback.format_exc())
@@ -425,7 +441,7 @@ class Worker:
             try:
                 owned = media_rows.owned(self.db, names)
             except Exception as exc:
-                log.error(
+                log.warning(
                     "job %s: completion failed; %d image(s) left to the media sweep: %r",
                     job.id,
                     len(names),
@@ -470,12 +486,19 @@ class Worker:
         if not force and step < total and now - batch.last_progress < _PROGRESS_MIN_INTERVAL:
             return
         batch.last_progress = now
-        self._sync(batch, step=step, total=total, log_line=log_line)
+        try:
+            self._sync(batch, step=step, total=total, log_line=log_line)
+        except StoreUnavailable as exc:
+            # Progress is advisory: the batch runs on, and its completion (fenced on the
+            # lease) tells whether the store kept the jobs ours through the outage.
+            self._outage.failed(exc)
 
     def _heartbeat(self, batch: _Batch, stop: threading.Event) -> None:
         while not stop.wait(self.settings.heartbeat_seconds):
             try:
                 self._sync(batch, step=None, total=None)
+            except StoreUnavailable as exc:
+                self._outage.failed(exc)
             except Exception:
                 log.exception("heartbeat failed; will retry")
 

@@ -45,7 +45,6 @@ from auraserve.api.store_calls import call_store
 from auraserve.api.submit import accept
 from auraserve.core.request import bounds
 from auraserve.errors import AuraserveError, InsufficientBalance, InvalidParameter, ModelNotFound
-from auraserve.store import ledger
 
 PREFIX = "/v1/"  # everything below it answers in this dialect's shape
 PATH = "/v1/images/generations"
@@ -83,8 +82,14 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    503: "server_error",
     504: "timeout_error",
 }
+
+
+def error_type(status: int) -> str:
+    """OpenAI's `type` for a status; a server's failure is never the request's fault."""
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 class OpenAIDialect(Dialect):
@@ -124,9 +129,7 @@ class OpenAIDialect(Dialect):
         return {
             "error": {
                 "message": problem.message,
-                "type": "insufficient_quota"
-                if insufficient
-                else _TYPES.get(problem.status, "invalid_request_error"),
+                "type": "insufficient_quota" if insufficient else error_type(problem.status),
                 "param": "model" if code == "model_not_found" else problem.field,
                 "code": code,
             }
@@ -361,12 +364,8 @@ async def generations(
     }
     if data.get("quality") is not None:
         body["quality"] = data["quality"]
-    balance = await call_store(runtime, ledger.balance, runtime.db, account.id)
-    return JSONResponse(
-        body,
-        headers={
-            "x-request-id": job.request_id,
-            "x-remaining-credits": str(balance),
-            **accepted.headers,
-        },
-    )
+    balance = await results.balance_after(runtime, account.id, job)
+    headers = {"x-request-id": job.request_id, **accepted.headers}
+    if balance is not None:
+        headers["x-remaining-credits"] = balance
+    return JSONResponse(body, headers=headers)

@@ -15,6 +15,7 @@ stays pollable on `/v2/requests/status/{request_id}`.
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -38,9 +39,9 @@ from auraserve.errors import (
     AuraserveError,
     InsufficientBalance,
     InvalidParameter,
+    StoreUnavailable,
 )
 from auraserve.runtime import Runtime
-from auraserve.store import ledger
 from auraserve.store.keys import Account
 
 SEED_PATH = "/v1/aura-flow"
@@ -167,8 +168,11 @@ def _route(model_id: str, named_preset: bool) -> Any:
         try:
             return await _generate(request, runtime, account, model_id, named_preset)
         except AuraserveError as exc:
-            # The Sync API: every authenticated response says how many credits are left.
-            exc.headers.setdefault("x-remaining-credits", await remaining_credits(runtime, account))
+            # The Sync API: every authenticated response says how many credits are left, when
+            # the store can say (a failed read must not replace the error being answered).
+            with contextlib.suppress(StoreUnavailable):
+                if "x-remaining-credits" not in exc.headers:
+                    exc.headers["x-remaining-credits"] = await remaining_credits(runtime, account)
             raise
 
     return generate
@@ -202,14 +206,15 @@ async def image_response(
 ) -> Response:
     images = await call_store(runtime, results.read_images, runtime, job)
     seeds = list(job.output.get("seeds") or job.request.seeds) if job.output else job.request.seeds
-    balance = await call_store(runtime, ledger.balance, runtime.db, account.id)
+    balance = await results.balance_after(runtime, account.id, job)
     headers = {
-        "x-remaining-credits": str(balance),
         "x-request-id": job.request_id,
         "x-seed": str(seeds[0]),
         "x-generation-time": f"{job.engine_seconds or 0.0:.3f}",
         **extra_headers,
     }
+    if balance is not None:
+        headers["x-remaining-credits"] = balance
     if len(images) == 1 and not as_base64:
         return Response(images[0], media_type=job.request.media_type, headers=headers)
     body = {"images": [base64.b64encode(i).decode("ascii") for i in images], "seeds": seeds}

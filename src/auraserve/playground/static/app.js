@@ -1,10 +1,13 @@
-// The playground page. Everything the server or the user wrote is put on the page with
-// textContent or attributes, never as HTML, so a prompt like <img onerror=…> stays text.
+// The playground page: the form, the result stage, the history and the views. Everything the
+// server or the user wrote is put on the page with textContent or attributes (dom.js), never
+// as HTML, so a prompt like <img onerror=…> stays text.
 
+import { adminAvailable, showAdmin } from "./admin.js";
 import { api, keyStore, statusStream } from "./api.js";
 import { curlSnippet, openaiSnippet, pythonSnippet } from "./code.js";
+import { $, el, setStatus } from "./dom.js";
+import { refreshTimes, timeElement, withLabel } from "./format.js";
 
-const $ = (id) => document.getElementById(id);
 const TERMINAL = new Set(["COMPLETED", "FAILED", "ERROR", "CANCELLED"]);
 const NUMBER_FIELDS = [
   "width",
@@ -26,24 +29,8 @@ const state = {
   lastModel: null,
   codeLang: "curl",
   historyCursor: null,
+  detail: null, // the history item open in the detail dialog
 };
-
-function el(tag, props = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(props)) {
-    if (name === "text") node.textContent = value;
-    else if (name === "className") node.className = value;
-    else node.setAttribute(name, value);
-  }
-  for (const child of children) node.append(child);
-  return node;
-}
-
-function setStatus(node, text, kind = "") {
-  node.textContent = text;
-  node.classList.toggle("error", kind === "error");
-  node.classList.toggle("ok", kind === "ok");
-}
 
 function model() {
   return state.catalogue.models.find((m) => m.model_id === $("model").value);
@@ -137,6 +124,7 @@ async function loadCatalogue() {
 
 async function refreshAccount() {
   if (!keyStore.get()) {
+    setAdmin(false);
     $("balance-box").hidden = true;
     setStatus($("key-status"), "Enter your API key to start.");
     return false;
@@ -148,9 +136,11 @@ async function refreshAccount() {
     $("balance-box").hidden = false;
     const low = account.balance === 0 ? " No credits left: ask the operator for more." : "";
     setStatus($("key-status"), `Signed in as ${account.name}.${low}`, low ? "error" : "ok");
+    setAdmin(account.is_admin === true);
     return true;
   } catch (error) {
     $("balance-box").hidden = true;
+    setAdmin(false);
     const text =
       error.status === 401
         ? "This key is not valid (unknown or revoked). Check it and try again."
@@ -170,7 +160,7 @@ function clearFieldErrors() {
 function showFieldError(field, message) {
   const target = document.querySelector(`[data-error-for="${CSS.escape(field)}"]`);
   if (!target) return false;
-  target.textContent = message;
+  target.textContent = withLabel(field, message);
   target.id = `${field}-error`;
   const input = $(field);
   if (input) {
@@ -227,24 +217,76 @@ function showProgress(status) {
   $("job-status").dataset.state = status.status;
 }
 
+function stageRatio(width, height) {
+  if (width && height) $("stage").style.setProperty("--ar", String(width / height));
+}
+
+function showOnStage(url, alt) {
+  const img = el("img", { id: "result-image", src: url, alt });
+  const open = el("button", { type: "button", className: "stage-open", "aria-label": `${alt}: open full size` }, [img]);
+  open.addEventListener("click", () => openLightbox(url, alt));
+  $("stage").replaceChildren(open);
+}
+
+function clearStage(text = "Your image appears here.") {
+  $("stage").replaceChildren(el("p", { id: "stage-empty", className: "stage-empty", text }));
+  $("thumbs").replaceChildren();
+  $("thumbs").hidden = true;
+}
+
 function showImages(status) {
   const images = $("images");
   images.replaceChildren();
   if (status.seeds && status.seeds.length) {
     $("seed-used").textContent = `Seed used: ${status.seeds.join(", ")}`;
   }
-  if (!status.output) return;
-  status.output.media_url.forEach((url, i) => {
-    const img = el("img", { src: url, alt: `Image ${i + 1} of request ${status.request_id}` });
-    img.width = status.width || 512;
-    img.height = status.height || 512;
-    const ext = (status.output.media_type || "image/png").split("/")[1];
-    const link = el("a", {
-      href: url,
-      download: `${status.request_id}-${i + 1}.${ext}`,
-      text: `Download image ${i + 1}`,
-    });
-    images.append(el("figure", {}, [img, el("figcaption", {}, [link])]));
+  stageRatio(status.width, status.height);
+  if (!status.output) {
+    clearStage(status.status === "COMPLETED" ? "No image (deleted after the retention period)." : "No image: see the status above.");
+    return;
+  }
+  const urls = status.output.media_url;
+  const ext = (status.output.media_type || "image/png").split("/")[1];
+  const alt = (i) => `Image ${i + 1} of request ${status.request_id}`;
+  showOnStage(urls[0], alt(0));
+  $("thumbs").hidden = urls.length < 2;
+  $("thumbs").replaceChildren(
+    ...urls.map((url, i) => {
+      const button = el("button", { type: "button", className: "thumb-pick", "aria-label": `Show image ${i + 1}` }, [
+        el("img", { src: url, alt: "" }),
+      ]);
+      button.addEventListener("click", () => showOnStage(url, alt(i)));
+      return button;
+    }),
+  );
+  urls.forEach((url, i) => {
+    images.append(
+      el("a", {
+        href: url,
+        download: `${status.request_id}-${i + 1}.${ext}`,
+        className: "download",
+        text: urls.length > 1 ? `Download ${i + 1}` : "Download",
+      }),
+    );
+  });
+}
+
+// ---- lightbox and the history's detail view ---------------------------------------------------
+
+function openLightbox(url, alt) {
+  const img = $("lightbox-img");
+  img.onload = () => $("lightbox").style.setProperty("--ar", String(img.naturalWidth / img.naturalHeight));
+  img.src = url;
+  $("lightbox-img").alt = alt;
+  $("lightbox-original").href = url;
+  $("lightbox").showModal();
+  $("lightbox-close").focus();
+}
+
+function closeOnBackdrop(dialog) {
+  // A click on the dialog element itself (not its content) is a click on the backdrop.
+  dialog.addEventListener("click", (event) => {
+    if (event.target === dialog) dialog.close();
   });
 }
 
@@ -272,6 +314,18 @@ async function follow(requestId, controller) {
     }
   }
   await Promise.all([refreshAccount(), loadHistory(true)]);
+  // After the history has its new entry: the page is then long enough to scroll to the image.
+  if (last && last.output) revealStage();
+}
+
+// On a phone the form comes first: bring the finished image up, clear of the pinned bar.
+function revealStage() {
+  const box = $("stage").getBoundingClientRect();
+  const bar = $("actionbar").getBoundingClientRect();
+  const visibleBottom = bar.top > 0 && bar.top < window.innerHeight ? bar.top : window.innerHeight;
+  if (box.top < 0 || box.bottom > visibleBottom) {
+    $("stage").scrollIntoView({ block: "start", behavior: "smooth" });
+  }
 }
 
 async function submit(event) {
@@ -288,6 +342,8 @@ async function submit(event) {
   state.lastModel = preset;
   renderCode();
   $("images").replaceChildren();
+  stageRatio(body.width, body.height);
+  clearStage("Generating…");
   $("seed-used").textContent = "";
   $("progress").value = 0;
   $("submit").disabled = true;
@@ -309,7 +365,7 @@ async function submit(event) {
 
 function reportSubmitError(error) {
   if (error.field && showFieldError(error.field, error.message)) {
-    setStatus($("job-status"), `Not submitted: ${error.message}`, "error");
+    setStatus($("job-status"), `Not submitted: ${withLabel(error.field, error.message)}`, "error");
     return;
   }
   let text = error.message;
@@ -381,6 +437,7 @@ function tabKeys(event) {
 // ---- history -------------------------------------------------------------------------------
 
 function useSettings(item) {
+  if ($("detail").open) $("detail").close();
   const preset = state.catalogue.models.find((m) => m.model_id === item.model_id);
   if (preset) $("model").value = preset.model_id;
   const p = item.parameters;
@@ -401,15 +458,8 @@ function useSettings(item) {
   setStatus($("job-status"), `Settings of ${item.request_id} loaded into the form.`);
 }
 
-function historyEntry(item) {
+function paramRows(item) {
   const p = item.parameters;
-  const figure = el("div", { className: "thumb" });
-  if (item.output && item.output.media_url.length) {
-    figure.append(el("img", { src: item.output.media_url[0], alt: `Result of ${item.request_id}`, loading: "lazy" }));
-  } else {
-    figure.append(el("span", { className: "muted", text: item.status.toLowerCase() }));
-  }
-  const details = el("dl", { className: "params" });
   const rows = [
     ["Model", item.model_id],
     ["Size", `${p.width} × ${p.height}`],
@@ -422,19 +472,56 @@ function historyEntry(item) {
     ["Format", `${p.output_format} (${p.output_quality})`],
   ];
   if (p.negative_prompt) rows.splice(1, 0, ["Negative", p.negative_prompt]);
-  for (const [k, v] of rows) details.append(el("div", {}, [el("dt", { text: k }), el("dd", { text: String(v) })]));
-  const button = el("button", { type: "button", className: "secondary use", text: "Use these settings" });
-  button.addEventListener("click", () => useSettings(item));
-  return el("li", { className: "entry", "data-request-id": item.request_id, "data-status": item.status }, [
-    figure,
-    el("div", { className: "entry-body" }, [
-      el("p", { className: `badge ${item.status.toLowerCase()}`, text: item.status }),
-      el("p", { className: "prompt", text: p.prompt }),
-      el("p", { className: "muted", text: item.created_at || "" }),
-      details,
-      button,
+  return rows.map(([k, v]) => el("div", {}, [el("dt", { text: k }), el("dd", { text: String(v) })]));
+}
+
+function openDetail(item) {
+  const p = item.parameters;
+  const url = item.output && item.output.media_url.length ? item.output.media_url[0] : null;
+  const box = $("detail-image");
+  if (url) {
+    const alt = `Result of ${item.request_id}`;
+    const open = el("button", { type: "button", className: "stage-open", "aria-label": `${alt}: open full size` }, [
+      el("img", { src: url, alt }),
+    ]);
+    open.addEventListener("click", () => openLightbox(url, alt));
+    box.replaceChildren(open);
+    $("detail-download").href = url;
+    $("detail-download").download = `${item.request_id}-1.${(item.output.media_type || "image/png").split("/")[1]}`;
+    $("detail-download").hidden = false;
+  } else {
+    box.replaceChildren(el("p", { className: "stage-empty", text: item.error || item.status.toLowerCase() }));
+    $("detail-download").hidden = true;
+  }
+  $("detail-status").textContent = item.status;
+  $("detail-status").className = `badge ${item.status.toLowerCase()}`;
+  $("detail-prompt").textContent = p.prompt;
+  $("detail-time").replaceChildren(timeElement(item.created_at), ` · ${item.request_id}`);
+  $("detail-params").replaceChildren(...paramRows(item));
+  $("detail").dataset.requestId = item.request_id;
+  state.detail = item;
+  $("detail").showModal();
+  $("detail-close").focus();
+}
+
+function historyEntry(item) {
+  const p = item.parameters;
+  const thumb = el("span", { className: "thumb" });
+  if (item.output && item.output.media_url.length) {
+    thumb.append(el("img", { src: item.output.media_url[0], alt: "", loading: "lazy" }));
+  } else {
+    thumb.append(el("span", { className: "muted", text: item.status.toLowerCase() }));
+  }
+  const open = el("button", { type: "button", className: "open", "aria-label": `Open: ${p.prompt}` }, [
+    thumb,
+    el("span", { className: "prompt", text: p.prompt }),
+    el("span", { className: "meta" }, [
+      el("span", { className: `badge ${item.status.toLowerCase()}`, text: item.status }),
+      timeElement(item.created_at),
     ]),
   ]);
+  open.addEventListener("click", () => openDetail(item));
+  return el("li", { className: "entry", "data-request-id": item.request_id, "data-status": item.status }, [open]);
 }
 
 async function loadHistory(reset) {
@@ -492,6 +579,7 @@ function forgetKey() {
 async function start() {
   $("key-form").addEventListener("submit", useKey);
   $("forget-key").addEventListener("click", forgetKey);
+  $("admin-forget").addEventListener("click", forgetKey);
   $("gen-form").addEventListener("submit", submit);
   $("gen-form").addEventListener("input", () => {
     state.lastBody = null;
@@ -499,6 +587,21 @@ async function start() {
     renderCode();
   });
   $("cancel").addEventListener("click", cancel);
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
+    if ($("playground").hidden || document.querySelector("dialog[open]")) return;
+    event.preventDefault();
+    if (!$("submit").disabled) $("gen-form").requestSubmit();
+  });
+  $("lightbox-close").addEventListener("click", () => $("lightbox").close());
+  $("detail-close").addEventListener("click", () => $("detail").close());
+  $("detail-use").addEventListener("click", () => useSettings(state.detail));
+  closeOnBackdrop($("lightbox"));
+  closeOnBackdrop($("detail"));
+  $("view-playground").addEventListener("click", () => selectView("playground", true));
+  $("view-admin").addEventListener("click", () => selectView("admin", true));
+  window.addEventListener("hashchange", () => selectView(window.location.hash === "#admin" ? "admin" : "playground"));
+  setInterval(() => refreshTimes(), 30_000);
   $("size").addEventListener("change", () => {
     const custom = $("size").value === "custom";
     $("custom-size").hidden = !custom;
@@ -531,6 +634,29 @@ async function start() {
     await Promise.all([refreshAccount(), loadHistory(true)]);
   }
   document.body.dataset.ready = "true";
+}
+
+// ---- views: the playground, and the admin console for admin keys -------------------------
+
+// `chosen`: the user picked the view, so the URL follows (#admin); otherwise the URL stays as
+// it is, and an admin signing in later on /#admin still lands in the console.
+function selectView(view, chosen = false) {
+  const admin = view === "admin" && !$("view-admin").hidden;
+  $("playground").hidden = admin;
+  $("admin").hidden = !admin;
+  $("view-playground").setAttribute("aria-pressed", String(!admin));
+  $("view-admin").setAttribute("aria-pressed", String(admin));
+  const hash = admin ? "#admin" : "";
+  if (chosen && window.location.hash !== hash) {
+    history.replaceState(null, "", hash || window.location.pathname);
+  }
+  if (admin) showAdmin();
+}
+
+function setAdmin(isAdmin) {
+  $("view-admin").hidden = !isAdmin;
+  adminAvailable(isAdmin);
+  selectView(window.location.hash === "#admin" ? "admin" : "playground");
 }
 
 start();
