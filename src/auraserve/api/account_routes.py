@@ -12,7 +12,7 @@ parameters under the queue dialect's names, so a client can resubmit them as the
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -30,10 +30,11 @@ from auraserve.api.openapi import ErrorBody, StatusBody
 from auraserve.api.store_calls import call_store
 from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.lora import LoraSource
 from auraserve.core.request import PRESET_DEFAULTS, GenerationRequest
 from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
 from auraserve.core.status import iso
-from auraserve.errors import InvalidParameter, Unauthorized
+from auraserve.errors import InvalidParameter, StoreUnavailable, Unauthorized
 from auraserve.runtime import Runtime
 from auraserve.store import history
 from auraserve.store import workers as registry
@@ -81,7 +82,11 @@ def parameter_ranges() -> dict[str, dict[str, Any]]:
     }
 
 
-def model_catalogue(settings: Settings) -> dict[str, Any]:
+def model_catalogue(
+    settings: Settings, live_workers: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The catalogue of `GET /v2/models`. `live_workers`: per model, how many live workers
+    serve it (None when the store cannot say: the catalogue is still answered)."""
     ranges = parameter_ranges()
     models: list[dict[str, Any]] = []
     sizes: set[tuple[int, int]] = set()
@@ -98,6 +103,10 @@ def model_catalogue(settings: Settings) -> dict[str, Any]:
                 "price_per_image": preset.price_per_image,
                 "defaults": defaults,
                 "ranges": ranges,
+                "live_workers": None if live_workers is None else live_workers.get(model_id, 0),
+                # A model's own adapters: a preset with its own LoRA folder never offers
+                # another model's (a Pony adapter is not offered on AuraFlow v0.3).
+                "loras": _lora_bodies(settings.loras_for(model_id)),
             }
         )
     return {
@@ -107,8 +116,23 @@ def model_catalogue(settings: Settings) -> dict[str, Any]:
         "output_formats": list(OUTPUT_FORMATS),
         "sizes": [{"width": w, "height": h} for w, h in sorted(sizes)],
         # Names only: where the operator keeps the weights is not the client's business.
-        "loras": [{"name": name, "source": src.kind} for name, src in settings.loras().items()],
+        "loras": _lora_bodies(settings.loras()),
     }
+
+
+def _lora_bodies(adapters: Mapping[str, LoraSource]) -> list[dict[str, str]]:
+    return [{"name": name, "source": src.kind} for name, src in adapters.items()]
+
+
+def live_worker_counts(rows: list[registry.WorkerInfo], stale_seconds: float) -> dict[str, int]:
+    """How many live workers serve each model."""
+    now = time.time()
+    counts: dict[str, int] = {}
+    for worker in rows:
+        if worker.is_live(stale_seconds, now):
+            for model in worker.models:
+                counts[model] = counts.get(model, 0) + 1
+    return counts
 
 
 class HistoryItem(StatusBody):
@@ -156,6 +180,14 @@ class ModelBody(BaseModel):
     defaults: dict[str, Any]
     ranges: dict[str, dict[str, Any]] = Field(
         description="Each body field's JSON-schema type, minimum/maximum or enum"
+    )
+    live_workers: int | None = Field(
+        description="Live workers serving this model now (0: its jobs wait until one starts); "
+        "null while the store cannot be reached"
+    )
+    loras: list[LoraBody] = Field(
+        description="The LoRA adapters a request for this model may name (its own folder when "
+        "its preset names one, else the server's)"
     )
 
 
@@ -309,7 +341,15 @@ async def list_workers(runtime: RuntimeDep, account: CurrentAccount) -> Response
     response_model=ModelsBody,
 )
 async def models(runtime: RuntimeDep) -> Response:
-    return JSONResponse(model_catalogue(runtime.settings))
+    settings = runtime.settings
+    try:
+        rows = await call_store(runtime, registry.list_workers, runtime.db)
+    except StoreUnavailable:
+        # The playground builds its form from this; it must not fail with the database.
+        return JSONResponse(model_catalogue(settings))
+    return JSONResponse(
+        model_catalogue(settings, live_worker_counts(rows, settings.worker_stale_seconds))
+    )
 
 
 def install(app: FastAPI, settings: Settings, media_origins: list[str] | None = None) -> None:

@@ -106,7 +106,7 @@ class Dialect:
             preset=settings.presets[model_id],
             names=self.names,
             defaults=self.defaults if defaults is None else defaults,
-            loras=settings.loras() if "loras" in fields else None,
+            loras=settings.loras_for(model_id) if "loras" in fields else None,
         )
         check_image_url(request, settings, self.names)
         return request
