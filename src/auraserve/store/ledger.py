@@ -44,26 +44,10 @@ def grant_in(
     granted it over the API. Returns the new balance. Raises LookupError for no account."""
     if amount <= 0:
         raise ValueError("a grant must be positive")
-    row = conn.execute(
-        update(accounts)
-        .where(accounts.c.id == account_id)
-        .values(balance=accounts.c.balance + amount)
-        .returning(accounts.c.balance)
-    ).first()
-    if row is None:
+    balance = _adjust_in(conn, account_id, amount, "grant", note, actor_key_id)
+    if balance is None:
         raise LookupError(f"no account {account_id}")
-    conn.execute(
-        insert(ledger).values(
-            account_id=account_id,
-            kind="grant",
-            amount=amount,
-            balance_delta=amount,
-            created_at=time.time(),
-            note=note,
-            actor_key_id=actor_key_id,
-        )
-    )
-    return int(row.balance)
+    return balance
 
 
 def deduct_in(
@@ -80,20 +64,39 @@ def deduct_in(
     Raises LookupError (no account) or DeductExceedsBalance."""
     if amount <= 0:
         raise ValueError("a deduct must be positive")
+    balance = _adjust_in(conn, account_id, -amount, "deduct", note, actor_key_id)
+    if balance is None:
+        raise DeductExceedsBalance(amount, balance_in(conn, account_id))
+    return balance
+
+
+def _adjust_in(
+    conn: Connection,
+    account_id: str,
+    delta: int,
+    kind: str,
+    note: str | None,
+    actor_key_id: str | None,
+) -> int | None:
+    """Move the balance by `delta` and append its ledger entry; None (nothing written) when
+    there is no such account or a negative `delta` is more than the balance."""
+    guard = [accounts.c.id == account_id]
+    if delta < 0:
+        guard.append(accounts.c.balance >= -delta)
     row = conn.execute(
         update(accounts)
-        .where(accounts.c.id == account_id, accounts.c.balance >= amount)
-        .values(balance=accounts.c.balance - amount)
+        .where(*guard)
+        .values(balance=accounts.c.balance + delta)
         .returning(accounts.c.balance)
     ).first()
     if row is None:
-        raise DeductExceedsBalance(amount, balance_in(conn, account_id))
+        return None
     conn.execute(
         insert(ledger).values(
             account_id=account_id,
-            kind="deduct",
-            amount=amount,
-            balance_delta=-amount,
+            kind=kind,
+            amount=abs(delta),
+            balance_delta=delta,
             created_at=time.time(),
             note=note,
             actor_key_id=actor_key_id,
