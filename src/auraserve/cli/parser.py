@@ -168,16 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--num-images", type=int, default=1, help="images to make (default 1)")
     gen.set_defaults(func=engine.cmd_generate)
 
-    keys_p = sub.add_parser(
-        "keys",
-        help="manage API keys",
-        description="manage API keys",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_SUBCOMMAND_HINT.format(
-            prog="auraserve keys", metavar="ACTION", example="auraserve keys create --help"
-        ),
-    )
-    keys_sub = keys_p.add_subparsers(dest="keys_cmd", required=True, metavar="ACTION")
+    keys_p, keys_sub = _group(sub, "keys", "manage API keys", "auraserve keys create --help")
     create = command(
         keys_sub, "create", "new account and key (or another key for --account)", settings="keys"
     )
@@ -222,16 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys_p.set_defaults(func=admin.cmd_keys)
 
-    credits = sub.add_parser(
-        "credits",
-        help="grant or show credits",
-        description="grant or show credits",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_SUBCOMMAND_HINT.format(
-            prog="auraserve credits", metavar="ACTION", example="auraserve credits grant --help"
-        ),
+    credits, credits_sub = _group(
+        sub, "credits", "grant or show credits", "auraserve credits grant --help"
     )
-    credits_sub = credits.add_subparsers(dest="credits_cmd", required=True, metavar="ACTION")
     grant = command(credits_sub, "grant", "add credits to an account", settings="credits")
     grant.add_argument("account_id", help="the account (acct_…)")
     grant.add_argument("amount", type=_at_least(1), help="credits to add")
@@ -250,16 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     workers.set_defaults(func=admin.cmd_workers)
 
-    models = sub.add_parser(
-        "models",
-        help="look at weights files",
-        description="look at weights files",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_SUBCOMMAND_HINT.format(
-            prog="auraserve models", metavar="ACTION", example="auraserve models inspect --help"
-        ),
+    _models, models_sub = _group(
+        sub, "models", "look at weights files", "auraserve models inspect --help"
     )
-    models_sub = models.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
     inspect = command(
         models_sub,
         "inspect",
@@ -300,3 +277,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"auraserve: {exc.message}", file=sys.stderr)
         code = 1
     sys.exit(code)
+
+
+def _group(
+    sub: Any, name: str, help_text: str, example: str
+) -> tuple[argparse.ArgumentParser, Any]:
+    """A command with actions of its own (`keys create`, …): its parser and its actions'."""
+    group = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_SUBCOMMAND_HINT.format(prog=f"auraserve {name}", metavar="ACTION", example=example),
+    )
+    actions = group.add_subparsers(dest=f"{name}_cmd", required=True, metavar="ACTION")
+    return group, actions
