@@ -92,7 +92,7 @@ def gpu_worker_plans(
                 target=gpu_worker_main,
                 args=(child_settings, setup_logging, json_lines),
                 # Its own grace, then the hand-back, then the store closes: a margin on top.
-                grace=settings.stop_grace_seconds + 10.0,
+                grace=settings.stop_grace_seconds + 5.0,
                 env={VISIBLE_ENV: gpu},
             )
         )
