@@ -161,6 +161,9 @@ def test_serve_runs_one_worker_per_gpu_beside_the_api(
                     assert time.monotonic() < deadline and proc.poll() is None
                     time.sleep(0.2)
             (row,) = [w for w in listed.json()["workers"] if w["state"] in ("ready", "busy")]
+            # Ready once a GPU worker has warmed up (it has: it is registered as ready).
+            ready = client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["checks"]["workers"]["ok"], ready.text
             assert row["device"] == "tiny (cpu, float32), GPU 1" and row["pid"] == worker.pid
             body = {"prompt": "served", "steps": 2}
             sent = client.post(f"/{MODEL}/v1/auraflow-v0-3-request", json=body)

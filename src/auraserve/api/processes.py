@@ -118,7 +118,9 @@ def child_main(spec: ChildSpec, ready: MpEvent) -> None:
 
     sock = bind_listener(spec.settings)
     runtime = Runtime.open(spec.settings)
-    runtime.workers_in_supervisor = spec.settings.workers > 0
+    # Workers in the supervisor, or (`serve --gpus`) in its per-GPU children: readiness then
+    # waits for one of them to warm up (the registry says).
+    runtime.workers_in_supervisor = spec.settings.workers > 0 or bool(spec.settings.gpus)
     app = create_app(runtime, owns_runtime=True)
     config = server_config(app, spec.settings, **spec.uvicorn_options)
 
