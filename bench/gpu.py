@@ -32,6 +32,11 @@ offload modes (`--memory-modes none,model,sequential`) run on the base pipeline 
     python bench/gpu.py --modes diffusers,default,fast,fp8 --out bench/results/gpu-a.json
     python bench/gpu.py --render bench/results/gpu-*.json --write-docs   # merge, update docs
     python bench/gpu.py --tiny --device cpu               # the script itself, on the CPU (CI)
+    python bench/gpu.py --modes '' --memory-modes '' --multi-gpu   # per-GPU workers, 1 → N GPUs
+
+`--multi-gpu` (bench/multi_gpu.py) needs a machine with two GPUs or more: on one GPU it is
+skipped and says so. It measures one worker process per GPU (1 GPU against 2, 4 … all); the
+modes that split one image across GPUs are listed as not implemented yet.
 
 A device command is limited to 10 minutes on the project's lent GPU machines (and a session to
 30 minutes of device time), so split the work and merge the parts with `--render`; keep
@@ -103,6 +108,7 @@ def _sibling(name: str) -> ModuleType:
 
 _engine_bench = _sibling("engine")
 psnr: Callable[[Any, Any], float] = _sibling("quality").psnr
+_multi_gpu = _sibling("multi_gpu")
 PROMPT: str = _engine_bench.PROMPT
 NEGATIVE: str = _engine_bench.NEGATIVE
 
@@ -566,6 +572,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         else:
             results[name] = bench_engine(ctx, name, options)
     memory = bench_memory(ctx) if args.memory_modes else {"skipped": "--memory-modes empty"}
+    # Its processes build their own models, one per GPU (this process's stays idle on GPU 0:
+    # memory only, which an 80 GB card holds beside a second copy).
+    multi_gpu = _multi_gpu.bench_multi_gpu(args) if args.multi_gpu else None
     config = base.transformer.config
     return {
         "config": {
@@ -593,6 +602,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "modes": [results[name].as_dict() for name in order],
         "memory": memory,
+        **({"multi_gpu": multi_gpu} if multi_gpu is not None else {}),
     }
 
 
@@ -737,6 +747,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     else:
         lines += [f"Offload modes: {memory.get('skipped', 'not measured')}.", ""]
+    lines += _multi_gpu.render(report.get("multi_gpu"))
     if notes:
         lines += ["What each mode applied or skipped:", "", *notes]
     return "\n".join(lines).rstrip() + "\n"
@@ -767,6 +778,9 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
             by_name[mode["name"]] = mode
         if "rows" in report["memory"]:
             merged["memory"] = report["memory"]
+        section = report.get("multi_gpu")
+        if section is not None and ("workers" in section or not merged.get("multi_gpu")):
+            merged["multi_gpu"] = section
     merged["modes"] = [by_name[name] for name in order]
     return merged
 
@@ -825,6 +839,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="offload modes (none,model,sequential); '' skips",
     )
+    parser.add_argument(
+        "--multi-gpu",
+        action="store_true",
+        help="also the multi-GPU stage (bench/multi_gpu.py): one worker process per GPU, "
+        "1 GPU against 2, 4 … all; needs two GPUs or more, skipped with the reason otherwise",
+    )
+    parser.add_argument("--multi-size", type=int, default=None, help="its image size (1024)")
+    parser.add_argument("--multi-images", type=int, default=None, help="images per process (4)")
     parser.add_argument("--memory-size", type=int, default=1024)
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument(
@@ -870,6 +892,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args.steps = args.steps or (2 if args.tiny else 25)
     args.repeats = args.repeats or (2 if args.tiny else 3)
+    args.multi_size = args.multi_size or (64 if args.tiny else 1024)
+    args.multi_images = args.multi_images or (2 if args.tiny else 4)
     if args.memory_modes is None:
         args.memory_modes = ["none", "model", "sequential"]
     bad = [m for m in args.memory_modes if m not in ("none", "model", "sequential")]

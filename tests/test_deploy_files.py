@@ -292,6 +292,20 @@ def test_manifests_match_kubernetes_schemas(manifests: list[dict[str, Any]], ver
     except ImportError:
         pytest.skip("kubernetes-validate is not installed (it is in the test extra)")
     for manifest in manifests:
+        if manifest["apiVersion"].startswith("keda.sh/"):
+            # Not in Kubernetes' schemas (a CRD): test_keda_scaled_object checks it. Its HPA
+            # behaviour is Kubernetes' own type, checked here inside an HPA.
+            behavior = manifest["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+            manifest = {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": {"name": "keda-hpa"},
+                "spec": {
+                    "scaleTargetRef": manifest["spec"]["scaleTargetRef"],
+                    "maxReplicas": manifest["spec"]["maxReplicaCount"],
+                    "behavior": behavior,
+                },
+            }
         # strict: unknown fields (a misspelt probe, say) fail instead of being ignored.
         kubernetes_validate.validate(manifest, version, strict=True)
 
@@ -323,8 +337,10 @@ def test_api_deployment(manifests: list[dict[str, Any]]) -> None:
 def test_worker_deployment(manifests: list[dict[str, Any]]) -> None:
     pod = _pod(manifests, "Deployment", "auraserve-worker")
     (container,) = pod["containers"]
-    assert container["args"] == ["worker"]
-    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    # One worker process per GPU the pod gets, whatever the GPU count.
+    assert container["args"] == ["worker", "--gpus", "all"]
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert str(container["resources"]["requests"]["nvidia.com/gpu"]) == str(gpus)
     assert pod["securityContext"]["runAsNonRoot"] is True
     claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert claims and claims[0]["persistentVolumeClaim"]["readOnly"] is True
@@ -333,6 +349,46 @@ def test_worker_deployment(manifests: list[dict[str, Any]]) -> None:
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["AURASERVE_MODEL"].startswith(models["mountPath"] + "/")
     assert env["HF_HUB_OFFLINE"] == "1"
+
+
+KEDA_SCHEMA = ROOT / "tests" / "deploy_schemas" / "keda_scaledobject.json"
+
+
+def test_keda_scaled_object(manifests: list[dict[str, Any]]) -> None:
+    """KEDA's CRD is not in kubernetes-validate's bundle: the ScaledObject is checked against a
+    JSON schema of the fields we use, written from KEDA's documentation (closed objects, the
+    prometheus scaler's metadata keys), and for what it must do: scale the worker Deployment
+    on the queue, down to zero."""
+    import jsonschema
+
+    schema = json.loads(KEDA_SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    scaled = _one(manifests, "ScaledObject", "auraserve-worker")
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(scaled)]
+    assert not errors, errors
+    # The schema can fail: a misspelt field and an unknown scaler key are refused.
+    misspelt = json.loads(json.dumps(scaled))
+    misspelt["spec"]["minReplicas"] = misspelt["spec"].pop("minReplicaCount")
+    assert not validator.is_valid(misspelt)
+    unknown = json.loads(json.dumps(scaled))
+    unknown["spec"]["triggers"][0]["metadata"]["treshold"] = "4"
+    assert not validator.is_valid(unknown)
+
+    spec = scaled["spec"]
+    worker = _one(manifests, "Deployment", "auraserve-worker")
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": worker["apiVersion"],
+        "kind": "Deployment",
+        "name": worker["metadata"]["name"],
+    }
+    assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] >= 1
+    assert "replicas" not in worker["spec"], "the autoscaler owns the replica count"
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert float(trigger["metadata"]["activationThreshold"]) == 0  # one queued job wakes it
+    # No PodDisruptionBudget may forbid draining to zero.
+    pdb = _one(manifests, "PodDisruptionBudget", "auraserve-worker")
+    assert "minAvailable" not in pdb["spec"]
 
 
 def test_termination_grace_exceeds_stop_grace(manifests: list[dict[str, Any]]) -> None:
@@ -435,6 +491,17 @@ def _probe_paths() -> set[str]:
     return paths
 
 
+def test_the_autoscaling_query_names_exported_metrics(api_only_server: Any) -> None:
+    """The ScaledObject's PromQL names only metrics an API replica really exports."""
+    scaled = next(m for m in _manifests_from_files() if m["kind"] == "ScaledObject")
+    query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+    names = set(re.findall(r"\bauraserve_[a-z_]+", query))
+    assert names
+    exported = httpx.get(api_only_server.url + "/metrics", timeout=10).text
+    for name in names:
+        assert re.search(rf"^{name}\{{", exported, re.MULTILINE), (name, exported[:2000])
+
+
 def test_probe_paths_answer_on_an_api_only_server(api_only_server: Any) -> None:
     """Every path a probe or HEALTHCHECK asks is a route of the app, and an API-only process
     on a migrated store answers it 200, as a replica does once it is ready."""
@@ -445,3 +512,23 @@ def test_probe_paths_answer_on_an_api_only_server(api_only_server: Any) -> None:
     for path in sorted(paths):
         response = httpx.get(api_only_server.url + path, timeout=10)
         assert response.status_code == 200, (path, response.text)
+
+
+def test_the_documented_postgresql_scaler_query_counts_the_queue(runtime: Any) -> None:
+    """docs/deploy.md's KEDA `postgresql` alternative: its query runs on a real store and
+    counts QUEUED jobs."""
+    from sqlalchemy import text
+
+    from auraserve.store import keys
+    from tests.store_jobs import submit_job
+
+    match = re.search(r"`query: (SELECT [^`]+)`", DEPLOY_DOC.read_text())
+    assert match, "the postgresql scaler's query is in docs/deploy.md"
+    query = text(match.group(1))
+    with runtime.db.read() as conn:
+        assert conn.execute(query).scalar_one() == 0
+    account = keys.create_account(runtime.db, "q", credits=10_000)
+    for _ in range(2):
+        submit_job(runtime.db, account.account_id, {"prompt": "p"}, model="auraflow-v0-3-512")
+    with runtime.db.read() as conn:
+        assert conn.execute(query).scalar_one() == 2

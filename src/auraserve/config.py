@@ -197,8 +197,24 @@ class Settings(BaseSettings):
     stop_grace_seconds: float = Field(30.0, ge=0, le=3600)
     # API processes `serve` runs over the one store (the in-process worker stays single).
     api_processes: int = Field(1, ge=1, le=64)
+    # One worker process per GPU, each pinned to its device (worker/supervisor.py): "all",
+    # or GPU indices as CUDA numbers them ("0,1,3"). Empty: workers share the one `device`.
+    gpus: str = Field("", max_length=1000)
     # Log lines as text for people or as JSON objects (one per line) for collectors.
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("gpus")
+    @classmethod
+    def _check_gpus(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("", "all"):
+            return value
+        indices = [part.strip() for part in value.split(",")]
+        if not all(part.isdigit() for part in indices):
+            raise ValueError("must be 'all' or GPU indices separated by commas, e.g. 0,1,3")
+        if len(set(indices)) != len(indices):
+            raise ValueError("names a GPU twice")
+        return ",".join(indices)
 
     @field_validator("engine_mode", mode="before")
     @classmethod

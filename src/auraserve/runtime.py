@@ -235,7 +235,7 @@ class Runtime:
         it: API replicas, API-only `serve --workers 0`, and workers."""
         self.maintenance.start()
 
-    def start_worker(self, models: list[str] | None = None) -> Worker:
+    def start_worker(self, models: list[str] | None = None, gpu: str | None = None) -> Worker:
         # Imported here: the worker brings the HTTP client for image inputs, which admin
         # commands and API-only replicas never use.
         from auraserve.worker.loop import Worker
@@ -255,6 +255,7 @@ class Runtime:
             media=self.media,
             models=models,
             worker_id=worker_id,
+            gpu=gpu,
         )
         worker.start()
         self.workers.append(worker)

@@ -65,8 +65,9 @@ def test_a_completed_job_is_counted_timed_and_charged(
     assert grew("auraserve_credits_released_total") == 0
     for name in ("queued", "running", "total"):
         assert grew(f"auraserve_job_{name}_seconds_count", model=MODEL) == 1
-    assert grew("auraserve_worker_batch_size_count", model=MODEL) == 1
-    assert grew("auraserve_worker_steps_per_second_count", model=MODEL) == 1
+    # The tiny model runs on the CPU here: the worker metrics carry the device.
+    assert grew("auraserve_worker_batch_size_count", model=MODEL, device="cpu") == 1
+    assert grew("auraserve_worker_steps_per_second_count", model=MODEL, device="cpu") == 1
     # Requests are counted by route template, never by the raw path (one series per route).
     polls = "/v2/requests/status/{request_id}"
     assert grew("auraserve_http_requests_total", method="GET", route=polls, status="200") >= 1

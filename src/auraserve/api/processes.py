@@ -46,7 +46,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event as MpEvent
@@ -92,7 +92,7 @@ def bind_listener(settings: Settings, backlog: int = 4096, *, listen: bool = Tru
     return sock
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: get SIGTERM when the supervisor dies, even by SIGKILL, so no child outlives it
     and keeps the port."""
     if not sys.platform.startswith("linux"):
@@ -106,7 +106,7 @@ def _die_with_parent() -> None:
 
 def child_main(spec: ChildSpec, ready: MpEvent) -> None:
     """One API process: open the store (already migrated: a no-op check), serve on `sock`."""
-    _die_with_parent()
+    die_with_parent()
     if spec.setup_logging is not None:
         spec.setup_logging()
     # Imported here, in the child: the supervisor's own imports stay what `serve` needs.
@@ -118,7 +118,9 @@ def child_main(spec: ChildSpec, ready: MpEvent) -> None:
 
     sock = bind_listener(spec.settings)
     runtime = Runtime.open(spec.settings)
-    runtime.workers_in_supervisor = spec.settings.workers > 0
+    # Workers in the supervisor, or (`serve --gpus`) in its per-GPU children: readiness then
+    # waits for one of them to warm up (the registry says).
+    runtime.workers_in_supervisor = spec.settings.workers > 0 or bool(spec.settings.gpus)
     app = create_app(runtime, owns_runtime=True)
     config = server_config(app, spec.settings, **spec.uvicorn_options)
 
@@ -144,6 +146,25 @@ def child_main(spec: ChildSpec, ready: MpEvent) -> None:
         runtime.close()
 
 
+@dataclass(frozen=True)
+class ChildPlan:
+    """One supervised child: what it runs, how it is named in the log, and the environment
+    variables it is born with (the per-GPU workers' CUDA_VISIBLE_DEVICES: set at birth, so
+    no library in the child can see another device). `target(*args, ready)` must set `ready`
+    once it serves; `grace` is how long it may take to stop after SIGTERM."""
+
+    label: str
+    target: Callable[..., None]
+    args: tuple[Any, ...]
+    grace: float
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def api_plans(spec: ChildSpec, count: int) -> list[ChildPlan]:
+    grace = float(spec.uvicorn_options.get("timeout_graceful_shutdown") or 30)
+    return [ChildPlan(f"API process {i}", child_main, (spec,), grace) for i in range(count)]
+
+
 @dataclass
 class _Child:
     index: int
@@ -153,21 +174,18 @@ class _Child:
 
 
 class Supervisor:
-    """Keeps `count` API children alive on one socket until told to stop."""
+    """Keeps its children (API processes, per-GPU workers: `ChildPlan`) alive until told to
+    stop."""
 
     def __init__(
         self,
-        spec: ChildSpec,
-        sock: socket.socket,
-        count: int,
+        plans: list[ChildPlan],
         on_signal: Callable[[int], None] | None = None,
     ) -> None:
-        self.spec = spec
+        self.plans = plans
         # Told the signal count (1: stop gracefully, 2+: hurry): the in-process workers live
         # here, in the supervisor, and stop with the children.
         self.on_signal = on_signal
-        self.sock = sock
-        self.count = count
         self.children: dict[int, _Child] = {}
         self._signals = 0
         self._ever_ready = False
@@ -182,7 +200,7 @@ class Supervisor:
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
         try:
-            for index in range(self.count):
+            for index in range(len(self.plans)):
                 self._start(index)
             while not self._signals:
                 if not self._reap_and_restart():
@@ -203,21 +221,24 @@ class Supervisor:
         if self.on_signal is not None:
             self.on_signal(self._signals)
         if self._signals > 1:
-            # uvicorn treats SIGINT during a graceful shutdown as "exit now".
+            # uvicorn treats SIGINT during a graceful shutdown as "exit now"; a worker child
+            # takes a second signal as "hand the batch back now".
             for child in self.children.values():
                 self._send(child, signal.SIGINT)
 
     def _start(self, index: int) -> None:
+        plan = self.plans[index]
         ready = _SPAWN.Event()
         process = _SPAWN.Process(
-            target=child_main,
-            args=(self.spec, ready),
-            name=f"auraserve-api-{index}",
+            target=plan.target,
+            args=(*plan.args, ready),
+            name=f"auraserve-{plan.label.lower().replace(' ', '-')}",
             daemon=False,
         )
-        process.start()
+        with _environment(plan.env):
+            process.start()
         self.children[index] = _Child(index, process, ready, time.monotonic())
-        log.info("API process %d started (pid %s)", index, process.pid)
+        log.info("%s started (pid %s)", plan.label, process.pid)
 
     def _reap_and_restart(self) -> bool:
         """Restart children that exited; False when one failed before any child ever served
@@ -235,12 +256,13 @@ class Supervisor:
             if self._signals:
                 return True  # stopping: an exit now is expected
             child = sentinels[sentinel]  # type: ignore[index]
+            label = self.plans[child.index].label
             child.process.join()
             del self.children[child.index]
             if not self._ever_ready and not child.ready.is_set():
                 log.error(
-                    "API process %d failed to start (exit status %s); stopping",
-                    child.index,
+                    "%s failed to start (exit status %s); stopping",
+                    label,
                     child.process.exitcode,
                 )
                 return False
@@ -250,8 +272,8 @@ class Supervisor:
             self._young_deaths[child.index] = deaths
             pause = min(MAX_RESTART_PAUSE, 0.5 * 2 ** (deaths - 1)) if young else 0.0
             log.error(
-                "API process %d (pid %s) exited with status %s after %.1f s; restarting%s",
-                child.index,
+                "%s (pid %s) exited with status %s after %.1f s; restarting%s",
+                label,
                 child.process.pid,
                 child.process.exitcode,
                 lived,
@@ -268,12 +290,13 @@ class Supervisor:
     def _stop_all(self) -> int:
         for child in self.children.values():
             self._send(child, signal.SIGTERM)
-        grace = float(self.spec.uvicorn_options.get("timeout_graceful_shutdown") or 30)
-        deadline = time.monotonic() + grace + STOP_MARGIN_SECONDS
+        start = time.monotonic()
         for child in self.children.values():
+            plan = self.plans[child.index]
+            deadline = start + plan.grace + STOP_MARGIN_SECONDS
             child.process.join(max(0.0, deadline - time.monotonic()))
             if child.process.exitcode is None:
-                log.error("API process %d did not stop in time; killing it", child.index)
+                log.error("%s did not stop in time; killing it", plan.label)
                 child.process.kill()
                 child.process.join()
         return 0
@@ -285,12 +308,33 @@ class Supervisor:
                 os.kill(child.process.pid, signum)
 
 
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` set in os.environ while a child is spawned: the spawned interpreter inherits the
+    process environment at exec, so the child is born with it. Only the supervisor's main
+    thread spawns."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def serve_processes(
-    spec: ChildSpec, count: int, on_signal: Callable[[int], None] | None = None
+    spec: ChildSpec,
+    count: int,
+    on_signal: Callable[[int], None] | None = None,
+    others: Sequence[ChildPlan] = (),
 ) -> int:
-    """Hold the port, run `count` API children on it until a signal stops them."""
+    """Hold the port, run `count` API children on it (and `others`, e.g. the per-GPU
+    workers) until a signal stops them."""
     sock = bind_listener(spec.settings, listen=False)
     try:
-        return Supervisor(spec, sock, count, on_signal).run()
+        return Supervisor([*api_plans(spec, count), *others], on_signal).run()
     finally:
         sock.close()

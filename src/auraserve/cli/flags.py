@@ -74,6 +74,12 @@ SETTING_FLAGS: tuple[SettingFlag, ...] = (
     SettingFlag("max_rows", "images per transformer forward at most (bounds memory)", _ENGINE, int),
     SettingFlag("max_batch", "images a worker claims and runs together at most", _SERVICE, int),
     SettingFlag(
+        "gpus",
+        "one worker process per GPU, each pinned to its device: 'all' or indices such as "
+        "0,1,3 (serve: the workers run as child processes beside the API)",
+        _SERVICE,
+    ),
+    SettingFlag(
         "api_processes",
         "API processes on the one port (the in-process workers stay single, in the parent)",
         frozenset({"serve"}),

@@ -30,6 +30,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from auraserve.api.server import server_config
 
     settings = settings_from(args)
+    if settings.gpus:
+        # The workers run as one child process per GPU beside the API children; none here.
+        settings = settings.model_copy(update={"workers": 0})
     models = worker_models(settings, None) if settings.workers else []
     runtime = _open_before_the_model(args, settings)
     try:
@@ -44,8 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime.start_worker(models=models)
     app = create_app(runtime, owns_runtime=True)
     _print_start(args, settings, runtime, created, models or list(settings.presets))
-    if settings.api_processes > 1:
-        # N API processes on one socket; the worker(s) above stay here (api/processes.py).
+    if settings.api_processes > 1 or settings.gpus:
+        # N API processes on one socket; the worker(s) above stay here (api/processes.py);
+        # with --gpus, one worker child per GPU joins them (cli/gpu_workers.py).
         return _serve_processes(args, settings, runtime)
     # HTTP limits (header size and time, body stalls, keep-alive, connection cap): api/server.py.
     config = server_config(
@@ -86,7 +90,8 @@ def _serve_gracefully(config: Any, runtime: Runtime) -> None:
 def _serve_processes(args: argparse.Namespace, settings: Settings, runtime: Runtime) -> int:
     import functools
 
-    from auraserve.api.processes import ChildSpec, serve_processes
+    from auraserve.api.processes import ChildPlan, ChildSpec, serve_processes
+    from auraserve.cli.gpu_workers import gpu_worker_plans
 
     # On SQLite, the worker here and the API children hear each other's commits at once
     # (store.events.SqliteFanout, joined by every process that listens).
@@ -104,7 +109,13 @@ def _serve_processes(args: argparse.Namespace, settings: Settings, runtime: Runt
             configure_logging, settings.log_format, verbose=args.verbose
         ),
     )
-    if not os.environ.get(MULTIPROC_ENV):
+    gpu_plans: list[ChildPlan] = []
+    if settings.gpus:
+        assert spec.setup_logging is not None
+        gpu_plans = gpu_worker_plans(
+            settings, worker_models(settings, None), spec.setup_logging, json_lines=args.json
+        )
+    if not os.environ.get(MULTIPROC_ENV) and settings.api_processes > 1:
         log.warning(
             "%d API processes without %s: each process's /metrics shows its own counters "
             "(set it to an empty directory to have every scrape sum them)",
@@ -120,13 +131,15 @@ def _serve_processes(args: argparse.Namespace, settings: Settings, runtime: Runt
             else:
                 runtime.hurry.set()
 
-        return serve_processes(spec, settings.api_processes, on_signal)
+        return serve_processes(spec, settings.api_processes, on_signal, others=gpu_plans)
     finally:
         runtime.close()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    if settings.gpus:
+        return _gpu_workers(args, settings)
     models = worker_models(settings, args.models)
     runtime = _open_before_the_model(args, settings)
     try:
@@ -182,6 +195,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 1
     print(f"worker {worker.worker_id} stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _gpu_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """`worker --gpus`: this process supervises one pinned worker child per GPU."""
+    import functools
+
+    from auraserve.api.processes import Supervisor
+    from auraserve.cli.gpu_workers import gpu_worker_plans
+
+    plans = gpu_worker_plans(
+        settings,
+        worker_models(settings, args.models),
+        functools.partial(configure_logging, settings.log_format, verbose=args.verbose),
+        json_lines=args.json,
+    )
+    # Reached and migrated once, here, before any child starts (a wrong URL is one line).
+    _open_before_the_model(args, settings).close()
+    gpus = ", ".join(plan.env["CUDA_VISIBLE_DEVICES"] for plan in plans)
+    if args.json:
+        print(json.dumps({"event": "supervising", "gpus": gpus.split(", ")}), flush=True)
+    else:
+        print(f"starting one worker per GPU: {gpus}", flush=True)
+    status = Supervisor(plans).run()
+    print("workers stopped", file=sys.stderr, flush=True)
+    return status
 
 
 def _open_before_the_model(args: argparse.Namespace, settings: Settings) -> Runtime:

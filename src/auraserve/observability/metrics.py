@@ -67,13 +67,13 @@ CREDITS_RELEASED = Counter(
 BATCH_SIZE = Histogram(
     "auraserve_worker_batch_size",
     "Jobs per batch a worker ran",
-    ["model"],
+    ["model", "device"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
 )
 STEPS_PER_SECOND = Histogram(
     "auraserve_worker_steps_per_second",
     "Sampling steps per second of engine time, per batch",
-    ["model"],
+    ["model", "device"],
     buckets=(0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 WEBHOOK_ATTEMPTS = Counter(
@@ -118,11 +118,12 @@ def observe_transition(job: Job) -> None:
         JOB_RUNNING_SECONDS.labels(model).observe(max(0.0, end - job.started_at))
 
 
-def observe_batch(model: str, jobs: int, steps: int, engine_seconds: float) -> None:
-    """One batch a worker ran: its size, and its sampling speed."""
-    BATCH_SIZE.labels(model).observe(jobs)
+def observe_batch(model: str, jobs: int, steps: int, engine_seconds: float, *, device: str) -> None:
+    """One batch a worker ran: its size, and its sampling speed, per device ("cpu", "cuda",
+    or "gpu3" for a worker pinned to GPU 3 by `--gpus`)."""
+    BATCH_SIZE.labels(model, device).observe(jobs)
     if engine_seconds > 0 and steps > 0:
-        STEPS_PER_SECOND.labels(model).observe(steps / engine_seconds)
+        STEPS_PER_SECOND.labels(model, device).observe(steps / engine_seconds)
 
 
 def observe_webhook(outcome: str) -> None:

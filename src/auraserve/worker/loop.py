@@ -64,6 +64,14 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()[:80]}:{short_id('w', 4)}"
 
 
+def _device_type(engine: Engine) -> str:
+    """ "cpu", "cuda", "mps"; the engine's description says it, e.g. "tiny (cpu, float32)"."""
+    device = getattr(engine, "device", None)
+    if device is not None:
+        return str(getattr(device, "type", device))
+    return "unknown"
+
+
 @dataclass
 class _Batch:
     jobs: list[Job]
@@ -82,13 +90,20 @@ class Worker:
         media: MediaStore,
         models: Sequence[str] | None = None,
         worker_id: str | None = None,
+        gpu: str | None = None,
     ) -> None:
+        """`gpu`: the GPU this worker's process is pinned to (`--gpus`), as its
+        CUDA_VISIBLE_DEVICES names it; it joins the device in the registry and the metrics."""
         self.db = db
         self.settings = settings
         self.engine = engine
         self.media = media
         self.models = list(models if models is not None else settings.presets)
         self.worker_id = worker_id or default_worker_id()
+        self.gpu = gpu
+        self.device = engine.description + (f", GPU {gpu}" if gpu is not None else "")
+        # The metrics' device label: short and stable (one series per GPU, not per weights).
+        self.device_label = f"gpu{gpu}" if gpu is not None else _device_type(engine)
         self.state = WorkerState.STARTING
         self.jobs_done = 0
         self.warmup_seconds: float | None = None
@@ -248,7 +263,7 @@ class Worker:
                 host=socket.gethostname(),
                 pid=os.getpid(),
                 models=self.models,
-                device=self.engine.description,
+                device=self.device,
                 state=self.state.value,
             )
         except Exception as exc:  # the presence heartbeat registers it once the store answers
@@ -365,6 +380,7 @@ class Worker:
                 len(claimed),
                 claimed[0].request.steps,
                 results[0].engine_seconds,
+                device=self.device_label,
             )
         for job, result in zip(claimed, results, strict=True):
             self._settle(batch, job, result)
