@@ -13,6 +13,7 @@ from auraserve.config import Settings
 from auraserve.errors import ConfigError
 
 if TYPE_CHECKING:
+    from auraserve.core.request import GenerationRequest
     from auraserve.engine.base import Engine
 
 
@@ -170,18 +171,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "num_images": args.num_images,
     }
     request = build_request(fields, model=preset_id, preset=settings.presets[preset_id])
-    engine = load_engine(
-        settings,
-        settings.weights_for(preset_id),
-        settings.components_for(preset_id),
-        lora_model=preset_id,
-    )
-    with tqdm(total=request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
+    group = None
+    if args.parallel:
+        from auraserve.engine.parallel import parse_parallel, start_group
 
-        def on_step(step: int, total: int) -> None:
-            bar.update(step - bar.n)
+        world = parse_parallel(args.parallel).world_size
+        group = start_group(
+            _generate_follower, (world, settings, preset_id, request), world, settings.device
+        )
+    try:
+        engine = _preset_engine(settings, preset_id)
+        if group is not None:
+            engine.row_split = group.split  # type: ignore[attr-defined]
+        with tqdm(total=request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
 
-        (result,) = engine.generate([request], on_step=on_step)
+            def on_step(step: int, total: int) -> None:
+                bar.update(step - bar.n)
+
+            (result,) = engine.generate([request], on_step=on_step)
+    except BaseException:
+        if group is not None:
+            group.abort()
+        raise
+    if group is not None:
+        group.finish()
     paths = []
     for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         path = out if len(result.images) == 1 else out.with_stem(f"{out.stem}-{i}")
@@ -207,3 +220,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{result.engine_seconds:.1f} s)"
         )
     return 0
+
+
+def _preset_engine(settings: Settings, preset_id: str) -> Engine:
+    return load_engine(
+        settings,
+        settings.weights_for(preset_id),
+        settings.components_for(preset_id),
+        lora_model=preset_id,
+    )
+
+
+def _generate_follower(
+    index: int,
+    port: int,
+    world: int,
+    settings: Settings,
+    preset_id: str,
+    request: GenerationRequest,
+) -> None:
+    """Rank index+1 of `generate --parallel`: the same generation, its share of the rows;
+    rank 0 writes the files."""
+    from auraserve.engine.parallel import join_group, leave_group
+
+    split = join_group(index + 1, world, port, settings.device)
+    try:
+        engine = _preset_engine(settings, preset_id)
+        engine.row_split = split  # type: ignore[attr-defined]
+        engine.generate([request])
+    finally:
+        leave_group()

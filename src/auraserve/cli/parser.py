@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--quality", type=int, help="JPEG/WebP quality (default: the preset's)")
     gen.add_argument("-n", "--num-images", type=int, default=1, help="images to make (default 1)")
+    gen.add_argument(
+        "--parallel",
+        help="one image across several processes: cfg=2 runs the uncond and cond rows of "
+        "every transformer call on two ranks (gloo on the CPU, nccl on two GPUs), started "
+        "here; same image as one process",
+    )
     gen.set_defaults(func=engine.cmd_generate)
 
     keys_p, keys_sub = _group(sub, "keys", "manage API keys", "auraserve keys create --help")

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -54,6 +54,9 @@ from auraserve.engine.sampling import NoiseSampler, sample
 from auraserve.engine.schedules import sigmas as make_sigmas
 from auraserve.engine.text_cache import TextEmbeddingCache
 from auraserve.errors import JobCancelled, UnsupportedRequest
+
+if TYPE_CHECKING:
+    from auraserve.engine.parallel import RowSplit
 
 MAX_TOKENS = 256  # AuraFlow was trained with 256 T5 tokens; diffusers' default too
 # Stochastic samplers' noise for image i comes from a generator seeded with
@@ -114,6 +117,9 @@ class AuraFlowEngine:
         self.expander: PromptExpander = expander or OfflineExpander()
         self.max_rows = max_rows
         self._lock = threading.Lock()
+        # Set by a rank of a parallel group (`engine.parallel`): the transformer's rows are
+        # split across the group's processes, the rest of the engine runs whole on each.
+        self.row_split: RowSplit | None = None
         install_pos_embed_interpolation(pipe)
         self.options = options or EngineOptions()
         self.lora = LoraSlots(pipe, lora, self.options) if lora is not None else None
@@ -353,7 +359,11 @@ class AuraFlowEngine:
         index = torch.tensor(cfg_index, dtype=torch.long, device=device)
         scale = torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         n_uncond = len(cfg_index)
-        forward = self._chunked_forward(context)
+        forward = (
+            self._chunked_forward(context)
+            if self.row_split is None
+            else self.row_split.wrap(self._chunked_forward, context)
+        )
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             x_in = x.to(dtype)

@@ -1,0 +1,236 @@
+"""One image across several processes: CFG-parallel transformer rows over torch.distributed.
+
+No library does this for AuraFlow (xDiT has no AuraFlow pipeline; diffusers' context
+parallelism has no plan for AuraFlow's transformer), so the split is ours, and deliberately
+the simplest one that is exact: *row* (batch) parallelism of the one transformer call.
+
+Every rank runs the whole engine (text encoding, seeded noise, sampler, VAE) on the same
+requests, so every rank holds the same latents at every step. Only the transformer forward on
+the stacked [uncond rows, cond rows] batch (`AuraFlowEngine._chunked_forward`) is split: rank r
+computes rows [r·k, (r+1)·k) with k = ceil(rows / world), and an all_gather hands the full
+velocity back to every rank. With `cfg=2` and a CFG batch, rank 0 computes the uncond rows
+and rank 1 the cond rows. When the halves are uneven (requests with guidance_scale ≤ 1 have no
+uncond row, so a lone such request has one row) the last rank's slice is padded by repeating
+its last row; the padding is computed and dropped, never mixed in. LoRA adapters are set per
+batch (every row the same adapters, `engine.lora`), so a slice of rows needs no remapping.
+
+Batch independence (`engine.pipeline`) makes the result the single-process image: on fp32 CPU
+each row's velocity does not depend on which rows share its forward.
+
+Backends: gloo on the CPU, nccl on CUDA (rank r on cuda:r). Ranks rendezvous over TCP on
+127.0.0.1: the group lives on one machine and needs no external launcher.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from auraserve.errors import ConfigError
+
+Forward = Callable[[torch.Tensor, float], torch.Tensor]
+
+MODES = ("cfg",)  # ulysses (sequence parallel attention) is not implemented
+GROUP_TIMEOUT = timedelta(seconds=float(os.environ.get("AURASERVE_PARALLEL_TIMEOUT_S", "300")))
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    """How many ranks one image runs on, by mode (`cfg=2`)."""
+
+    cfg: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg
+
+    def __str__(self) -> str:
+        return f"cfg={self.cfg}"
+
+
+def parse_parallel(text: str) -> ParallelSpec:
+    """`cfg=2` → ParallelSpec(cfg=2); anything else is a ConfigError naming what is allowed."""
+    fields: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if name == "ulysses":
+            raise ConfigError(
+                f"--parallel {text}: ulysses (sequence-parallel attention) is not available "
+                "yet; use cfg=2"
+            )
+        if not sep or name not in MODES:
+            raise ConfigError(f"--parallel {text}: expected cfg=2")
+        try:
+            fields[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"--parallel {text}: {name} must be an integer") from None
+    if fields.get("cfg") != 2:
+        raise ConfigError(f"--parallel {text}: cfg must be 2 (uncond and cond halves)")
+    return ParallelSpec(**fields)
+
+
+class RowSplit:
+    """This rank's share of the transformer rows, and the all_gather that rejoins them."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a group of {world}")
+        self.rank = rank
+        self.world = world
+
+    def indices(self, total: int) -> list[int]:
+        """Rows this rank computes: its contiguous slice, padded to the common length by
+        repeating the last row (all_gather needs equal shapes)."""
+        size = math.ceil(total / self.world)
+        start = self.rank * size
+        return [min(start + j, total - 1) for j in range(size)]
+
+    def wrap(self, make_forward: Callable[[torch.Tensor], Forward], context: torch.Tensor) -> Forward:
+        """The full-batch forward, computed a slice per rank. `make_forward(context)` builds
+        the local forward (the engine's chunked transformer call) on this rank's rows."""
+        total = context.shape[0]
+        index = torch.tensor(self.indices(total), dtype=torch.long, device=context.device)
+        local = make_forward(context.index_select(0, index))
+
+        def forward(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            v = local(x.index_select(0, index), sigma).contiguous()
+            parts = [torch.empty_like(v) for _ in range(self.world)]
+            dist.all_gather(parts, v)
+            return torch.cat(parts)[:total]
+
+        return forward
+
+
+def free_port() -> int:
+    """A loopback port for the group's rendezvous (free now; taken by rank 0 at init)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def uses_cuda(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def check_devices(device: str, world: int) -> None:
+    """nccl needs one GPU per rank; say so before any process starts."""
+    if uses_cuda(device) and torch.cuda.device_count() < world:
+        raise ConfigError(
+            f"--parallel needs {world} GPUs (one per rank); {torch.cuda.device_count()} visible"
+        )
+
+
+def join_group(rank: int, world: int, port: int, device: str) -> RowSplit:
+    """Join the group (blocks until every rank has joined) and pin this rank's GPU."""
+    cuda = uses_cuda(device)
+    if cuda:
+        # Before the model loads: "cuda" then means this rank's own GPU.
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=GROUP_TIMEOUT,
+    )
+    return RowSplit(rank, world)
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class Group:
+    """Rank 0's handle on the followers it spawned."""
+
+    def __init__(self, split: RowSplit, context: Any) -> None:
+        self.split = split
+        self._context = context
+
+    def finish(self) -> None:
+        """Wait for the followers to end (they end after the last collective), then leave."""
+        try:
+            while not self._context.join(timeout=1.0):
+                pass
+        finally:
+            leave_group()
+
+    def abort(self) -> None:
+        """Rank 0 failed: the followers would wait in a collective until the timeout."""
+        _stop(self._context)
+        leave_group()
+
+
+def start_group(
+    follower: Callable[..., None], args: tuple[object, ...], world: int, device: str
+) -> Group:
+    """This process becomes rank 0; ranks 1..world-1 are spawned (`torch.multiprocessing`,
+    the spawn method: no external launcher) and run `follower(index, port, *args)`, where
+    rank = index + 1. Returns once every rank has joined. A follower that fails before
+    joining (say, its model does not load) stops the start at once with its error, not at
+    the rendezvous timeout."""
+    import torch.multiprocessing as mp
+
+    check_devices(device, world)
+    port = free_port()
+    context = mp.start_processes(
+        follower, args=(port, *args), nprocs=world - 1, join=False, start_method="spawn"
+    )
+    joined: list[RowSplit] = []
+    errors: list[BaseException] = []
+
+    def rendezvous() -> None:
+        try:
+            joined.append(join_group(0, world, port, device))
+        except BaseException as exc:  # handed to the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=rendezvous, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            context.join(timeout=0.2)  # raises if a follower failed
+            thread.join(timeout=0.2)
+    except BaseException:
+        _stop(context)
+        raise
+    if errors:
+        _stop(context)
+        raise errors[0]
+    return Group(joined[0], context)
+
+
+def _stop(context: Any) -> None:
+    for process in context.processes:
+        if process.is_alive():
+            process.terminate()
+    for process in context.processes:
+        process.join(timeout=10)
+
+
+__all__ = [
+    "GROUP_TIMEOUT",
+    "ParallelSpec",
+    "RowSplit",
+    "check_devices",
+    "free_port",
+    "join_group",
+    "Group",
+    "leave_group",
+    "parse_parallel",
+    "start_group",
+    "uses_cuda",
+]
