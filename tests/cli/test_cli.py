@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
@@ -186,6 +188,25 @@ def test_generate_writes_an_image_with_a_progress_bar(tmp_path: Path) -> None:
     # The parameters text names the CFG scale like the worker's images do.
     params = read_parameters(out.read_bytes())
     assert params is not None and params["guidance_scale"] == 4.5 and params["seed"] == 5
+
+
+def test_generate_parallel_cfg_matches_one_process(tmp_path: Path) -> None:
+    """`--parallel cfg=2` starts its second rank itself (gloo) and draws the same image."""
+    common = ["x", "--model", "tiny", "--device", "cpu", "--steps", "2", "--seed", "9"]
+    common += ["--cfg", "4", "--sampler", "euler_ancestral", "--json"]
+    env = {"AURASERVE_DATA_DIR": str(tmp_path / "d")}
+    one = run_cli("generate", "-o", str(tmp_path / "one.png"), *common, env=env)
+    assert one.returncode == 0, one.stderr
+    two = run_cli(
+        "generate", "-o", str(tmp_path / "two.png"), *common, "--parallel", "cfg=2", env=env
+    )
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("loading model tiny") == 2  # rank 1 ran: it loads its own model
+    assert json.loads(two.stdout.strip().splitlines()[-1])["files"] == [str(tmp_path / "two.png")]
+    a, b = (np.asarray(Image.open(tmp_path / n), np.int16) for n in ("one.png", "two.png"))
+    assert np.abs(a - b).max() <= 1
+    bad = run_cli("generate", "-o", str(tmp_path / "b.png"), *common, "--parallel", "cfg=4")
+    assert bad.returncode == 2 and "--parallel cfg=4" in bad.stderr
 
 
 def test_unloadable_model_ends_with_one_clear_line(tmp_path: Path) -> None:

@@ -97,7 +97,9 @@ class RowSplit:
         start = self.rank * size
         return [min(start + j, total - 1) for j in range(size)]
 
-    def wrap(self, make_forward: Callable[[torch.Tensor], Forward], context: torch.Tensor) -> Forward:
+    def wrap(
+        self, make_forward: Callable[[torch.Tensor], Forward], context: torch.Tensor
+    ) -> Forward:
         """The full-batch forward, computed a slice per rank. `make_forward(context)` builds
         the local forward (the engine's chunked transformer call) on this rank's rows."""
         total = context.shape[0]
@@ -223,12 +225,12 @@ def _stop(context: Any) -> None:
 
 __all__ = [
     "GROUP_TIMEOUT",
+    "Group",
     "ParallelSpec",
     "RowSplit",
     "check_devices",
     "free_port",
     "join_group",
-    "Group",
     "leave_group",
     "parse_parallel",
     "start_group",
