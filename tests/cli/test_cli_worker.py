@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.runtime import Runtime
@@ -27,7 +29,7 @@ MODEL = "auraflow-v0-3-512"
 
 @contextmanager
 def _worker(
-    tmp_path: Path, settings: Settings, worker_id: str, grace: float
+    tmp_path: Path, settings: Settings, worker_id: str, grace: float, *extra: str
 ) -> Iterator[subprocess.Popen[str]]:
     env = dict(
         os.environ,
@@ -40,7 +42,7 @@ def _worker(
         AURASERVE_POLL_INTERVAL_SECONDS="0.2",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "auraserve", "worker", "--model", "tiny"],
+        [sys.executable, "-m", "auraserve", "worker", "--model", "tiny", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -165,6 +167,40 @@ def test_a_second_sigterm_hands_back_at_once_and_exits(
     assert exited < 30.0  # the engine finishes the step it is in, then the process exits
     assert code == 0, out
     assert "handing the batch in hand back to the queue now" in out
+
+
+def test_parallel_worker_serves_jobs_and_a_dead_rank_hands_the_batch_back(
+    tmp_path: Path, settings: Settings, runtime: Runtime
+) -> None:
+    """`worker --parallel cfg=2`: rank 0 claims and settles, both ranks compute; when the
+    other rank dies mid-batch, the job goes back to the queue uncharged and the worker
+    exits 1 for its supervisor."""
+    done_acct = keys.create_account(runtime.db, "p1", credits=100_000)
+    lost_acct = keys.create_account(runtime.db, "p2", credits=100_000)
+    extra = ("--device", "cpu", "--parallel", "cfg=2")
+    with _worker(tmp_path, settings, "gpu-p", 300, *extra) as proc:
+        (follower,) = [
+            child
+            for child in psutil.Process(proc.pid).children()
+            if "resource_tracker" not in " ".join(child.cmdline())
+        ]
+        job_id = _submit(runtime, done_acct.account_id, steps=2, size=512)
+        job = _until(runtime, job_id, lambda j: j.status != JobStatus.PROCESSING and
+                     j.status != JobStatus.QUEUED, timeout=120)  # fmt: skip
+        assert job.status == JobStatus.COMPLETED, job
+        kinds = [e["kind"] for e in ledger.entries(runtime.db, done_acct.account_id)]
+        assert kinds.count("capture") == 1
+
+        lost_id = _submit(runtime, lost_acct.account_id, steps=60, size=512)
+        _in_hand(runtime, lost_id)
+        follower.kill()
+        job = _until(runtime, lost_id, lambda j: j.status != JobStatus.PROCESSING, timeout=60)
+        code, out = _exit(proc, 60)
+    assert job.status == JobStatus.QUEUED and job.attempts == 0 and job.lease_owner is None
+    assert code == 1, out
+    assert "a rank of the parallel group died" in out
+    kinds = [e["kind"] for e in ledger.entries(runtime.db, lost_acct.account_id)]
+    assert kinds == ["grant", "reserve"]
 
 
 def test_keys_create_admin_makes_an_operator_account(settings: Settings) -> None:

@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset ids to load and claim jobs for, comma separated (default: every preset "
         "this machine can hold; presets sharing weights share one load)",
     )
+    worker.add_argument(
+        "--parallel",
+        help="one image across several processes: cfg=2 (two ranks, started here; this "
+        "process claims and settles the jobs, every rank computes)",
+    )
     worker.set_defaults(func=service.cmd_worker)
 
     gen = command(

@@ -141,9 +141,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.gpus:
         return _gpu_workers(args, settings)
     models = worker_models(settings, args.models)
+    if args.parallel:
+        from auraserve.engine.parallel import parse_parallel
+
+        parse_parallel(args.parallel)  # a bad value stops the start before the store opens
     runtime = _open_before_the_model(args, settings)
+    group = None
     try:
-        runtime.engine = load_models(settings, models)
+        if args.parallel:
+            from auraserve.cli.parallel_worker import load_group
+
+            runtime.engine = group = load_group(settings, models, args.parallel)
+        else:
+            runtime.engine = load_models(settings, models)
     except BaseException:
         runtime.close()
         raise
@@ -171,6 +181,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # Registers in the store's worker registry, heartbeats, and runs the maintenance tasks
     # (lease rescue) like every serving process.
     worker = runtime.start_worker(models=models)
+    broken = False
+    if group is not None:
+
+        def on_broken() -> None:
+            # A rank died: its batch goes back to the queue (attempt not spent) and this
+            # process stops with 1, for the supervisor to start a whole new group.
+            nonlocal broken
+            broken = True
+            worker.hand_back_now()
+            runtime.begin_stop()
+
+        group.on_broken = on_broken
     if args.json:
         record = {
             "event": "ready",
@@ -188,8 +210,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     while not runtime.stopping.wait(0.5) and not worker.finished:
         pass
-    crashed = worker.finished and not runtime.stopping.is_set()
+    crashed = (worker.finished and not runtime.stopping.is_set()) or broken
     runtime.close()  # the grace, then the hand-back: Worker.stop
+    if group is not None:
+        group.close()
+    if broken:
+        print("auraserve: a rank of the parallel group died; stopping", file=sys.stderr)
     if crashed:
         print("auraserve: the worker stopped on its own (see the log above)", file=sys.stderr)
         return 1

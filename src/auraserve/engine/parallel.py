@@ -27,15 +27,19 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 
-from auraserve.errors import ConfigError
+from auraserve.core.request import GenerationRequest
+from auraserve.engine.base import CancelCheck, JobResult, StepCallback
+from auraserve.errors import ConfigError, JobCancelled, UnsupportedRequest
 
 Forward = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -170,6 +174,16 @@ class Group:
         finally:
             leave_group()
 
+    def alive(self, wait: float = 0.0) -> bool:
+        """Every follower still running (`wait`: give a dying one time to be reaped)."""
+        deadline = time.monotonic() + wait
+        while True:
+            if not all(p.is_alive() for p in self._context.processes):
+                return False
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.1)
+
     def abort(self) -> None:
         """Rank 0 failed: the followers would wait in a collective until the timeout."""
         _stop(self._context)
@@ -223,16 +237,129 @@ def _stop(context: Any) -> None:
         process.join(timeout=10)
 
 
+# --------------------------------------------------------------------------------------------
+# A served group: rank 0 is the worker, the followers compute what it hands them
+# --------------------------------------------------------------------------------------------
+
+
+def synced_cancel(cancelled: CancelCheck | None, size: int, device: torch.device) -> CancelCheck:
+    """The engine's cancel check, decided by rank 0 and broadcast, so that every rank drops
+    the same requests and stops at the same step (rank 0 passes the worker's check, the
+    followers None). Every rank's engine calls it equally often: once, then once a step."""
+
+    def check() -> set[int]:
+        mask = torch.zeros(size, dtype=torch.uint8, device=device)
+        if cancelled is not None:
+            for i in cancelled():
+                if 0 <= i < size:
+                    mask[i] = 1
+        dist.broadcast(mask, src=0)
+        return {int(i) for i in mask.nonzero().flatten().tolist()}
+
+    return check
+
+
+class GroupEngine:
+    """Rank 0's `Engine` for the worker: each batch goes to every follower (a queue per
+    follower; no collective waits while the worker is idle), then every rank computes its
+    share. The worker claims, settles and hands back exactly as with one process.
+
+    A rank that dies breaks the group: `on_broken` runs (the worker hands its batch back to
+    the queue, the attempt not spent, and stops), and the batch ends as cancelled-by-abort,
+    so nothing is settled or charged. The process then exits non-zero for its supervisor to
+    start a whole new group."""
+
+    def __init__(self, engine: Any, group: Group, commands: list[Any]) -> None:
+        self.engine = engine
+        self.group = group
+        self.commands = commands
+        self.description = f"{engine.description}, parallel x{group.split.world}"
+        self.is_test_model: bool = engine.is_test_model
+        self.broken = False
+        self.on_broken: Callable[[], None] = lambda: None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        on_step: StepCallback | None = None,
+        cancelled: CancelCheck | None = None,
+        init_images: Sequence[Image.Image | None] | None = None,
+    ) -> list[JobResult]:
+        if self.broken or not self.group.alive():
+            self._break()
+        images = list(init_images) if init_images is not None else None
+        for queue in self.commands:
+            queue.put((list(requests), images))
+        try:
+            results: list[JobResult] = self.engine.generate(
+                requests,
+                on_step=on_step,
+                cancelled=synced_cancel(cancelled, len(requests), self.engine.device),
+                init_images=images,
+            )
+        except Exception:
+            if not self.group.alive(wait=1.0):
+                self._break()
+            raise
+        return results
+
+    def _break(self) -> None:
+        self.broken = True
+        self.on_broken()
+        raise JobCancelled("the parallel group lost a rank; the batch went back to the queue")
+
+    def close(self) -> None:
+        for queue in self.commands:
+            queue.put(None)
+        if self.broken:
+            self.group.abort()
+        else:
+            self.group.finish()
+
+
+def follow(engine: Any, commands: Any, parent: int) -> None:
+    """A follower's loop: run each batch rank 0 sends, until None or rank 0's process is
+    gone. A request the engine refuses is refused on every rank alike; any other error ends
+    this process (rank 0 then finds the group broken)."""
+    import queue as queues
+
+    while True:
+        try:
+            command = commands.get(timeout=1.0)
+        except queues.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if command is None:
+            return
+        requests, images = command
+        try:
+            engine.generate(
+                requests,
+                cancelled=synced_cancel(None, len(requests), engine.device),
+                init_images=images,
+            )
+        except (JobCancelled, UnsupportedRequest, ValueError):
+            continue
+
+
 __all__ = [
     "GROUP_TIMEOUT",
     "Group",
+    "GroupEngine",
     "ParallelSpec",
     "RowSplit",
     "check_devices",
+    "follow",
     "free_port",
     "join_group",
     "leave_group",
     "parse_parallel",
     "start_group",
+    "synced_cancel",
     "uses_cuda",
 ]
