@@ -277,6 +277,9 @@ class GroupEngine:
         self.is_test_model: bool = engine.is_test_model
         self.broken = False
         self.on_broken: Callable[[], None] = lambda: None
+        # One batch at a time through the group: the followers run batches in queue order,
+        # so the put and rank 0's own run must not interleave with another thread's.
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -289,23 +292,24 @@ class GroupEngine:
         cancelled: CancelCheck | None = None,
         init_images: Sequence[Image.Image | None] | None = None,
     ) -> list[JobResult]:
-        if self.broken or not self.group.alive():
-            self._break()
-        images = list(init_images) if init_images is not None else None
-        for queue in self.commands:
-            queue.put((list(requests), images))
-        try:
-            results: list[JobResult] = self.engine.generate(
-                requests,
-                on_step=on_step,
-                cancelled=synced_cancel(cancelled, len(requests), self.engine.device),
-                init_images=images,
-            )
-        except Exception:
-            if not self.group.alive(wait=1.0):
+        with self._lock:
+            if self.broken or not self.group.alive():
                 self._break()
-            raise
-        return results
+            images = list(init_images) if init_images is not None else None
+            for queue in self.commands:
+                queue.put((list(requests), images))
+            try:
+                results: list[JobResult] = self.engine.generate(
+                    requests,
+                    on_step=on_step,
+                    cancelled=synced_cancel(cancelled, len(requests), self.engine.device),
+                    init_images=images,
+                )
+            except Exception:
+                if not self.group.alive(wait=1.0):
+                    self._break()
+                raise
+            return results
 
     def _break(self) -> None:
         self.broken = True
