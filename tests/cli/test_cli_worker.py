@@ -287,3 +287,60 @@ def test_serve_sigterm_ends_streams_hands_back_its_batch_and_exits_0(
     print(f"serve, grace 0.5 s: handed back after {handed_back:.2f} s")
     assert job.status == JobStatus.QUEUED and job.attempts == 0
     assert code == 0, out
+
+
+def test_serve_parallel_serves_jobs_and_a_dead_rank_stops_it_with_the_batch_handed_back(
+    tmp_path: Path, settings: Settings, runtime: Runtime
+) -> None:
+    from tests.conftest import free_port
+
+    done_acct = keys.create_account(runtime.db, "s1", credits=100_000)
+    lost_acct = keys.create_account(runtime.db, "s2", credits=100_000)
+    env = dict(
+        os.environ,
+        AURASERVE_DATA_DIR=str(tmp_path / "serve-p"),
+        AURASERVE_DATABASE_URL=settings.database_url or settings.resolved_database_url,
+        AURASERVE_STOP_GRACE_SECONDS="300",
+        AURASERVE_POLL_INTERVAL_SECONDS="0.2",
+    )
+    port = str(free_port())
+    argv = ["serve", "--model", "tiny", "--port", port, "--device", "cpu", "--parallel", "cfg=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "auraserve", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "listening on" in line:
+                break
+        (follower,) = [
+            child
+            for child in psutil.Process(proc.pid).children()
+            if "resource_tracker" not in " ".join(child.cmdline())
+        ]
+        job_id = _submit(runtime, done_acct.account_id, steps=2, size=512)
+        job = _until(runtime, job_id, lambda j: j.status in _ENDED, timeout=120)
+        assert job.status == JobStatus.COMPLETED, job
+        lost_id = _submit(runtime, lost_acct.account_id, steps=60, size=512)
+        _in_hand(runtime, lost_id)
+        follower.kill()
+        job = _until(runtime, lost_id, lambda j: j.status != JobStatus.PROCESSING, timeout=60)
+        code, out = _exit(proc, 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert job.status == JobStatus.QUEUED and job.attempts == 0 and job.lease_owner is None
+    assert code == 1, out
+    assert "a rank of the parallel group died" in out
+    assert [e["kind"] for e in ledger.entries(runtime.db, lost_acct.account_id)] == [
+        "grant",
+        "reserve",
+    ]
+
+
+_ENDED = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.ERROR, JobStatus.CANCELLED}

@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--access-log", action="store_true", help="log every request")
     may_create(serve, _FLAG_GIVEN)
+    serve.add_argument(
+        "--parallel",
+        help="one image across several processes for the in-process workers: cfg=2 (two "
+        "ranks, started here; this process claims and settles, every rank computes)",
+    )
     serve.set_defaults(func=service.cmd_serve)
 
     worker = command(

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from auraserve import __version__
@@ -34,9 +35,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The workers run as one child process per GPU beside the API children; none here.
         settings = settings.model_copy(update={"workers": 0})
     models = worker_models(settings, None) if settings.workers else []
+    parallel = args.parallel if settings.workers else None
+    if parallel:
+        from auraserve.engine.parallel import parse_parallel
+
+        parse_parallel(parallel)  # a bad value stops the start before the store opens
     runtime = _open_before_the_model(args, settings)
+    group = None
     try:
-        runtime.engine = load_models(settings, models) if settings.workers else None
+        if parallel:
+            from auraserve.cli.parallel_worker import load_group
+
+            runtime.engine = group = load_group(settings, models, parallel)
+        else:
+            runtime.engine = load_models(settings, models) if settings.workers else None
     except BaseException:
         runtime.close()
         raise
@@ -45,12 +57,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runtime.start_maintenance()
     for _ in range(settings.workers):
         runtime.start_worker(models=models)
+    broken = threading.Event()
+    if group is not None:
+
+        def on_broken() -> None:
+            # A rank died: every batch in hand goes back to the queue (attempt not spent),
+            # and the whole process stops as on SIGTERM, then exits 1.
+            broken.set()
+            for worker in list(runtime.workers):
+                worker.hand_back_now()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        group.on_broken = on_broken
     app = create_app(runtime, owns_runtime=True)
     _print_start(args, settings, runtime, created, models or list(settings.presets))
     if settings.api_processes > 1 or settings.gpus:
         # N API processes on one socket; the worker(s) above stay here (api/processes.py);
         # with --gpus, one worker child per GPU joins them (cli/gpu_workers.py).
-        return _serve_processes(args, settings, runtime)
+        code = _serve_processes(args, settings, runtime)
+        return _end_group(group, broken, code)
     # HTTP limits (header size and time, body stalls, keep-alive, connection cap): api/server.py.
     config = server_config(
         app,
@@ -63,7 +88,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     _serve_gracefully(config, runtime)
     runtime.close()  # normally done by the app's shutdown already; not after a forced exit
-    return 0
+    return _end_group(group, broken, 0)
+
+
+def _end_group(group: Any, broken: threading.Event, code: int) -> int:
+    """After the workers stopped: the parallel group's ranks end too; 1 if one had died."""
+    if group is None:
+        return code
+    group.close()
+    if broken.is_set():
+        print("auraserve: a rank of the parallel group died; stopping", file=sys.stderr)
+        return 1
+    return code
 
 
 def _serve_gracefully(config: Any, runtime: Runtime) -> None:
