@@ -207,6 +207,8 @@ def test_generate_parallel_cfg_matches_one_process(tmp_path: Path) -> None:
     assert np.abs(a - b).max() <= 1
     bad = run_cli("generate", "-o", str(tmp_path / "b.png"), *common, "--parallel", "cfg=4")
     assert bad.returncode == 2 and "--parallel cfg=4" in bad.stderr
+    gpus = run_cli("worker", "--parallel", "cfg=2", "--gpus", "0", env=env)
+    assert gpus.returncode == 2 and "--gpus" in gpus.stderr, gpus.stderr
 
 
 def test_unloadable_model_ends_with_one_clear_line(tmp_path: Path) -> None:

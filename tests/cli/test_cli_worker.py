@@ -190,6 +190,13 @@ def test_parallel_worker_serves_jobs_and_a_dead_rank_hands_the_batch_back(
         assert job.status == JobStatus.COMPLETED, job
         kinds = [e["kind"] for e in ledger.entries(runtime.db, done_acct.account_id)]
         assert kinds.count("capture") == 1
+        # A client's cancel stops every rank at the same step: the group serves on.
+        cancel_id = _submit(runtime, done_acct.account_id, steps=60, size=512)
+        _in_hand(runtime, cancel_id)
+        jobs.cancel(runtime.db, cancel_id, account_id=done_acct.account_id)
+        job = _until(runtime, cancel_id, lambda j: j.status == JobStatus.CANCELLED, timeout=60)
+        again = _submit(runtime, done_acct.account_id, steps=2, size=512)
+        job = _until(runtime, again, lambda j: j.status == JobStatus.COMPLETED, timeout=60)
 
         lost_id = _submit(runtime, lost_acct.account_id, steps=60, size=512)
         _in_hand(runtime, lost_id)

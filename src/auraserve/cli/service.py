@@ -16,6 +16,7 @@ from auraserve.cli.engine import load_models, worker_models
 from auraserve.cli.flags import settings_from
 from auraserve.cli.stores import FIRST_START, check_store, open_runtime, store_label
 from auraserve.config import Settings
+from auraserve.errors import ConfigError
 from auraserve.observability.logs import configure_logging
 from auraserve.observability.metrics import MULTIPROC_ENV
 
@@ -31,6 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from auraserve.api.server import server_config
 
     settings = settings_from(args)
+    _refuse_parallel_with_gpus(args, settings)
     if settings.gpus:
         # The workers run as one child process per GPU beside the API children; none here.
         settings = settings.model_copy(update={"workers": 0})
@@ -89,6 +91,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _serve_gracefully(config, runtime)
     runtime.close()  # normally done by the app's shutdown already; not after a forced exit
     return _end_group(group, broken, 0)
+
+
+def _refuse_parallel_with_gpus(args: argparse.Namespace, settings: Settings) -> None:
+    if args.parallel and settings.gpus:
+        raise ConfigError(
+            "--parallel runs one group of ranks; it does not combine with --gpus (yet)"
+        )
 
 
 def _end_group(group: Any, broken: threading.Event, code: int) -> int:
@@ -174,6 +183,7 @@ def _serve_processes(args: argparse.Namespace, settings: Settings, runtime: Runt
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    _refuse_parallel_with_gpus(args, settings)
     if settings.gpus:
         return _gpu_workers(args, settings)
     models = worker_models(settings, args.models)
