@@ -312,8 +312,9 @@ class GroupEngine:
             return results
 
     def _break(self) -> None:
-        self.broken = True
-        self.on_broken()
+        if not self.broken:  # once: another worker thread may find the group broken too
+            self.broken = True
+            self.on_broken()
         raise JobCancelled("the parallel group lost a rank; the batch went back to the queue")
 
     def close(self) -> None:
