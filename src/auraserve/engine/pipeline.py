@@ -156,6 +156,14 @@ class AuraFlowEngine:
         if not requests:
             return []
         _check_batch(requests)
+        fixed_lossy = [*self.weights_lossy, *self.options.exact().lossy()]
+        if fixed_lossy and any(request.exact for request in requests):
+            # fp8 and quantised weights are in the loaded model: no per-job way around them.
+            names = ", ".join(str(item["option"]) for item in fixed_lossy)
+            raise UnsupportedRequest(
+                f"exact: this server's model runs with {names}, which cannot be turned off "
+                "per request; send without exact=true to accept it"
+            )
         inits = list(init_images) if init_images is not None else [None] * len(requests)
         if len(inits) != len(requests):
             raise ValueError("init_images needs one entry per request")

@@ -119,3 +119,13 @@ def test_presets_and_parse() -> None:
         EngineOptions.parse("step_cache=magic")
     assert PRESETS["cache_fast"].exact().lossy() == []
     assert PRESETS["fp8_native"].exact() == PRESETS["fp8_native"]  # fp8 is in the weights
+
+
+def test_exact_request_on_fp8_weights_fails_clearly() -> None:
+    from auraserve.errors import UnsupportedRequest
+
+    engine = tiny_engine(EngineOptions(fp8=True, fp8_backend="native"))
+    [result] = engine.generate([small_request(steps=2)])
+    assert result.fidelity == {"exact": False, "lossy": [{"option": "fp8", "backend": "native"}]}
+    with pytest.raises(UnsupportedRequest, match="exact: .*fp8"):
+        engine.generate([small_request(steps=2).model_copy(update={"exact": True})])
