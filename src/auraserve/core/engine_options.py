@@ -18,6 +18,7 @@ CompileMode = Literal["none", "blocks"]
 VaeDtype = Literal["same", "bfloat16", "float16", "float32"]
 Fp8Backend = Literal["torchao", "native"]
 StepCacheMethod = Literal["none", "fbcache", "taylorseer"]
+AttentionChoice = Literal["diffusers", "auto", "sdpa", "cudnn", "flash3"]
 
 
 class EngineOptions(BaseModel):
@@ -47,6 +48,11 @@ class EngineOptions(BaseModel):
     text_cache_size: int = Field(0, ge=0)  # prompt-embedding LRU entries; 0: no cache
     fp8: bool = False
     fp8_backend: Fp8Backend = "torchao"
+    # Our AuraFlow attention processor (engine.optimize.attention): "auto" picks
+    # FlashAttention-3 on Hopper where flash_attn_interface is installed, cuDNN attention on
+    # other CUDA GPUs, torch's SDPA on the CPU (bit-identical there), once at load; a name
+    # forces that kernel. "diffusers": diffusers' own processor, untouched.
+    attention: AttentionChoice = "diffusers"
     # Step caching (engine.optimize.step_cache): "fbcache" skips the blocks after the first
     # where the first block's residual changed by less than cache_threshold (relative L1)
     # since that row's last full computation, reusing the residual; "taylorseer" forecasts
@@ -157,6 +163,8 @@ PRESETS: dict[str, EngineOptions] = {
     "fast_cudagraphs": _FAST.replace(cuda_graphs=True),
     "fp8": _FAST.replace(fp8=True, fp8_backend="torchao"),
     "fp8_native": _FAST.replace(fp8=True, fp8_backend="native"),
+    "attention": EngineOptions(attention="auto"),
+    "fast_attention": _FAST.replace(attention="auto"),
     # Step caching, lossy: every image they touch is labelled {"exact": false, ...}.
     "cache_light": EngineOptions(step_cache="fbcache", cache_threshold=0.05, cache_warmup=3),
     "cache_fast": EngineOptions(step_cache="fbcache", cache_threshold=0.12, cache_warmup=2),

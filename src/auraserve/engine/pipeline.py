@@ -119,6 +119,15 @@ class AuraFlowEngine:
         self.options = options or EngineOptions()
         self.lora = LoraSlots(pipe, lora, self.options) if lora is not None else None
         self.optimization_log: list[str] = apply_optimizations(pipe, self.options)
+        # /v2/workers shows the description: say what runs when it is not diffusers' default.
+        self.attention_kernel: str = getattr(pipe.transformer, "_auraserve_attention", "sdpa")
+        notes: list[str] = []
+        if self.options.attention != "diffusers":
+            notes.append(f"attention {self.attention_kernel}")
+        if self.options.step_cache != "none":
+            notes.append(f"step cache {self.options.step_cache}@{self.options.cache_threshold:g}")
+        if notes:
+            self.description = f"{description}; {', '.join(notes)}"
         self.cache_settings = step_cache.CacheSettings.from_options(self.options)
         self._cache: step_cache.StepCache | None = None
         self._cache_rows: list[list[int]] = []

@@ -127,5 +127,5 @@ def test_exact_request_on_fp8_weights_fails_clearly() -> None:
     engine = tiny_engine(EngineOptions(fp8=True, fp8_backend="native"))
     [result] = engine.generate([small_request(steps=2)])
     assert result.fidelity == {"exact": False, "lossy": [{"option": "fp8", "backend": "native"}]}
-    with pytest.raises(UnsupportedRequest, match="exact: .*fp8"):
+    with pytest.raises(UnsupportedRequest, match=r"exact: .*fp8"):
         engine.generate([small_request(steps=2).model_copy(update={"exact": True})])
