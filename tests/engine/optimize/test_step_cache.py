@@ -7,11 +7,14 @@ few percent per step and the presets use 0.05–0.12.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from auraserve.core.engine_options import EngineOptions
+from auraserve.core.request import GenerationRequest
 from auraserve.core.samplers import SAMPLERS
 from tests.engine.optimize.conftest import psnr, small_request, tiny_engine
 
@@ -129,3 +132,52 @@ def test_exact_request_on_fp8_weights_fails_clearly() -> None:
     assert result.fidelity == {"exact": False, "lossy": [{"option": "fp8", "backend": "native"}]}
     with pytest.raises(UnsupportedRequest, match=r"exact: .*fp8"):
         engine.generate([small_request(steps=2).model_copy(update={"exact": True})])
+
+
+def test_lora_hot_swap_composes(tmp_path: Path) -> None:
+    """Adapters swapped between batches: a cached image depends only on its own request (the
+    cache state lives per batch), and threshold 0 is the uncached adapter image."""
+    from auraserve.core.lora import LoraSpec, available_loras
+    from auraserve.engine.lora import LoraOptions
+    from auraserve.engine.pipeline import AuraFlowEngine
+    from auraserve.engine.tiny import build_tiny_pipeline
+    from tests.engine.test_lora import save_adapter
+
+    save_adapter(tmp_path / "style", rank=4, alpha=8, seed=1)
+    save_adapter(tmp_path / "other", rank=4, alpha=4, seed=2)
+
+    def engine(options: EngineOptions) -> AuraFlowEngine:
+        lora = LoraOptions(registry=lambda: available_loras(tmp_path), max_rank=8)
+        return AuraFlowEngine(build_tiny_pipeline(), description="t", options=options, lora=lora)
+
+    def request(name: str) -> GenerationRequest:
+        plain = small_request(size=64, steps=6)
+        return plain.model_copy(update={"loras": (LoraSpec(name=name, scale=1.0),)})
+
+    [reference] = engine(EngineOptions()).generate([request("style")])
+    zero = engine(EngineOptions(step_cache="fbcache", cache_threshold=0.0))
+    assert np.array_equal(
+        _pixels(zero.generate([request("style")])[0].images[0]), _pixels(reference.images[0])
+    )
+    cached = engine(EngineOptions(step_cache="fbcache", cache_threshold=SKIPPY, cache_warmup=1))
+    [first] = cached.generate([request("style")])
+    cached.generate([request("other")])
+    [again] = cached.generate([request("style")])
+    assert first.fidelity["exact"] is False and first.fidelity == again.fidelity
+    assert np.array_equal(_pixels(first.images[0]), _pixels(again.images[0]))
+
+
+def test_compiled_blocks_compose(fresh_dynamo: None) -> None:
+    """compile=blocks: the cache calls the same compiled block modules; threshold 0 gives
+    the compiled engine's own image, and skipped rows (smaller batches) still run."""
+    request = small_request(size=64, steps=5)
+    [compiled] = tiny_engine(EngineOptions(compile="blocks")).generate([request])
+    zero = EngineOptions(compile="blocks", step_cache="fbcache", cache_threshold=0.0)
+    [same] = tiny_engine(zero).generate([request])
+    assert np.array_equal(_pixels(same.images[0]), _pixels(compiled.images[0]))
+    skippy = EngineOptions(
+        compile="blocks", step_cache="taylorseer", cache_threshold=SKIPPY, cache_warmup=1
+    )
+    [cached] = tiny_engine(skippy).generate([request])
+    assert cached.fidelity["lossy"][0]["skipped_calls"] > 0
+    assert psnr(cached.images[0], compiled.images[0]) >= CACHE_BAR_DB - 4
