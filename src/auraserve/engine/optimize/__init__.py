@@ -50,6 +50,10 @@ fp8                 float8 e4m3 weights, dynamically quantised          torchao:
 One module per concern: `attention` (fused q/k/v, SDPA backends), `fp8`, `compile`
 (regional compile, CUDA graphs) and `vae`; this package orders them.
 
+step_cache (with cache_threshold, cache_warmup, cache_max_skip) is applied per batch by the
+engine, not here: `step_cache` hooks the block lists once and `AuraFlowEngine` opens a
+per-batch cache. It is lossy; every image's fidelity label names it.
+
 attention="auto" installs our AuraFlow attention processor (`attention`): FlashAttention-3 on
 Hopper with flash_attn_interface installed, cuDNN attention elsewhere on CUDA, torch SDPA on
 the CPU (bit-identical); the kernel is chosen once at load and shown in /v2/workers.

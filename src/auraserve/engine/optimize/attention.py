@@ -203,5 +203,5 @@ def apply_attention(
         if kernel == "flash3" and _flash3() is None:
             raise ValueError("attention=flash3: flash_attn_interface is not installed")
     processor = AuraFlowAttnProcessor(kernel)
-    transformer.set_attn_processor(processor)
+    transformer.set_attn_processor(cast(Any, processor))  # diffusers types a closed union
     return f"attention: {kernel} ({why})", kernel
