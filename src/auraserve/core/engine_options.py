@@ -171,5 +171,5 @@ PRESETS: dict[str, EngineOptions] = {
     "cache_taylor": EngineOptions(
         step_cache="taylorseer", cache_threshold=0.12, cache_warmup=2, cache_max_skip=4
     ),
-    "fast_cache": _FAST.replace(step_cache="fbcache", cache_threshold=0.08),
+    "cache_max": _FAST.replace(step_cache="fbcache", cache_threshold=0.08),  # with "fast"
 }

@@ -154,7 +154,7 @@ def test_presets_and_parse() -> None:
     from auraserve.core.engine_options import PRESETS
 
     cache = [name for name in PRESETS if name.startswith("cache_")]
-    assert {"cache_light", "cache_fast", "cache_taylor"} <= set(cache)
+    assert {"cache_light", "cache_fast", "cache_taylor", "cache_max"} <= set(cache)
     assert all(PRESETS[name].step_cache_lossy for name in cache)
     parsed = EngineOptions.parse("cache_fast,cache_threshold=0.2,cache_warmup=4")
     assert (parsed.step_cache, parsed.cache_threshold, parsed.cache_warmup) == ("fbcache", 0.2, 4)
