@@ -185,7 +185,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = []
     for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         path = out if len(result.images) == 1 else out.with_stem(f"{out.stem}-{i}")
-        metadata = generation_metadata(request, seed=seed, prompt_used=result.prompt_used)
+        metadata = generation_metadata(
+            request, seed=seed, prompt_used=result.prompt_used, fidelity=result.fidelity
+        )
         metadata.update(width=result.width, height=result.height)
         path.write_bytes(encode_image(image, fmt, request.output_quality, metadata=metadata))
         paths.append(str(path))
