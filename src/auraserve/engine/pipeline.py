@@ -131,8 +131,9 @@ class AuraFlowEngine:
         self.cache_settings = step_cache.CacheSettings.from_options(self.options)
         self._cache: step_cache.StepCache | None = None
         self._cache_rows: list[list[int]] = []
-        # Lossy properties of the checkpoint itself (quantised weights: {"option":
-        # "quantized_weights", "type": ...}); the loader fills it in. Every image's label.
+        # Lossy storage of the checkpoint itself ({"option": "fp8_weights", "storage": …} or
+        # {"option": "quantized_weights", "types": [...]}); `load_engine` fills it from the
+        # loader. It is on every image's fidelity label.
         self.weights_lossy: list[dict[str, Any]] = []
         if self.cache_settings is not None:
             self.optimization_log.append(step_cache.install(pipe.transformer))
@@ -617,7 +618,7 @@ def load_engine(
     loaded = load_pipeline(
         weights, components=components, device=device, dtype=dtype, offload=offload
     )
-    return AuraFlowEngine(
+    engine = AuraFlowEngine(
         loaded.pipe,
         description=loaded.description,
         is_test_model=loaded.is_test_model,
@@ -626,6 +627,8 @@ def load_engine(
         options=options,
         lora=lora,
     )
+    engine.weights_lossy = list(loaded.weights_lossy)
+    return engine
 
 
 __all__ = [
