@@ -189,6 +189,9 @@ class ModeResult:
     skipped: str | None = None
     warmup_s: float | None = None
     runs: list[Run] = field(default_factory=list)
+    # Step-cache modes: transformer calls skipped over calls made, in the timed runs.
+    skipped_calls: int = 0
+    transformer_calls: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -420,7 +423,12 @@ def bench_engine(ctx: Context, name: str, options: EngineOptions) -> ModeResult:
             def generate(width: int, height: int, batch: int) -> Any:
                 assert engine is not None
                 request = engine_request(ctx, width, height, batch)
-                return engine.generate([request])[0].images[0]
+                [out] = engine.generate([request])
+                for item in out.fidelity.get("lossy", []):
+                    if item["option"] == "step_cache":
+                        result.skipped_calls += item["skipped_calls"]
+                        result.transformer_calls += item["transformer_calls"]
+                return out.images[0]
 
             _time_configs(ctx, result, generate, held)
     except Exception as exc:
@@ -709,6 +717,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         quiet = (": off", "default backend", "vae: unchanged")
         applied = [line for line in mode["log"] if not any(q in line for q in quiet)]
+        if mode.get("transformer_calls"):
+            share = mode["skipped_calls"] / mode["transformer_calls"]
+            applied.append(f"step cache skipped {share:.0%} of transformer calls (row-calls)")
         if applied:
             notes.append(f"- {mode['name']}: " + "; ".join(applied))
         for i, run in enumerate(mode["runs"]):

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from auraserve.core.engine_options import EngineOptions
 from auraserve.core.lora import LoraSpec, available_loras
 from auraserve.core.request import GenerationRequest
 from auraserve.engine.lora import LoraOptions
-from auraserve.engine.parallel import RowSplit, parse_parallel, start_group
+from auraserve.engine.parallel import RowSplit, install, parse_parallel, start_group
 from auraserve.engine.pipeline import AuraFlowEngine
 from auraserve.engine.tiny import build_tiny_pipeline
 from auraserve.errors import ConfigError
@@ -65,7 +66,7 @@ def _follower(index: int, port: int, world: int, lora_dir: Path) -> None:
     split = join_group(index + 1, world, port, "cpu")
     try:
         engine = _engine(lora_dir)
-        engine.row_split = split
+        install(engine, split)
         _run_all(engine)
     finally:
         leave_group()
@@ -83,7 +84,7 @@ def test_two_ranks_draw_the_single_process_images(lora_dir: Path) -> None:
     group = start_group(_follower, (2, lora_dir), 2, "cpu")
     try:
         engine = _engine(lora_dir)
-        engine.row_split = group.split
+        install(engine, group.split)
         split = _run_all(engine)
     except BaseException:
         group.abort()
@@ -124,3 +125,11 @@ def test_parallel_spec_refuses_what_is_not_built(text: str, message: str) -> Non
     assert parse_parallel("cfg=2").world_size == 2
     with pytest.raises(ConfigError, match=message):
         parse_parallel(text)
+
+
+def test_a_step_cache_engine_is_refused() -> None:
+    pipe = build_tiny_pipeline()
+    engine = AuraFlowEngine(pipe, description="tiny", options=EngineOptions(step_cache="fbcache"))
+    with pytest.raises(ConfigError, match="step_cache"):
+        install(engine, RowSplit(0, 2))
+    assert engine.row_split is None

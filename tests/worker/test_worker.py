@@ -151,3 +151,39 @@ def test_stored_images_carry_every_parameter_including_the_cfg_scale(
             assert params["request_id"] == job.request_id
     finally:
         rt.close()
+
+
+def test_every_image_says_how_it_was_computed(settings: Settings) -> None:
+    """The fidelity label (issue 20): a lossy step cache that skipped calls is named, with its
+    settings, in the job's record, its status body (and so its webhook payload) and the
+    image's own metadata; a job asking for exact output runs without it and says so."""
+    from auraserve.core.engine_options import EngineOptions
+    from auraserve.core.status import status_body
+    from auraserve.engine.pipeline import AuraFlowEngine
+    from auraserve.engine.tiny import build_tiny_pipeline
+
+    # A threshold only random weights need (they change 40–130 % per call): skips for sure.
+    options = EngineOptions(step_cache="fbcache", cache_threshold=2.0, cache_warmup=0)
+    engine = AuraFlowEngine(build_tiny_pipeline(), description="tiny", options=options)
+    rt = Runtime.open(settings, engine=engine)
+    try:
+        acct = keys.create_account(rt.db, "w", credits=10_000)
+        rt.start_worker()
+        lossy = _wait(rt, _submit(rt, acct.account_id, steps=6, seed=3))
+        exact = _wait(rt, _submit(rt, acct.account_id, steps=6, seed=3, exact=True))
+        for job in (lossy, exact):
+            assert job.status == JobStatus.COMPLETED, job.error
+        label = lossy.output["fidelity"]
+        assert label["exact"] is False
+        [item] = label["lossy"]
+        assert item["option"] == "step_cache" and item["method"] == "fbcache"
+        assert item["threshold"] == 2.0 and item["skipped_calls"] > 0
+        assert exact.output["fidelity"] == {"exact": True}
+        for job in (lossy, exact):
+            assert status_body(job, lambda name: name)["fidelity"] == job.output["fidelity"]
+            path = rt.media.path(job.output["media"][0])
+            assert path is not None
+            params = read_parameters(path.read_bytes())
+            assert params is not None and params["fidelity"] == job.output["fidelity"]
+    finally:
+        rt.close()

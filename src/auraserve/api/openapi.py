@@ -100,6 +100,22 @@ class WebhookSection(BaseModel):
     deliveries: list[WebhookDelivery]
 
 
+class Fidelity(BaseModel):
+    """How a job's images were computed. Present on every job completed by this version."""
+
+    exact: bool = Field(
+        description="true: nothing lossy ran (the exact model, bit for bit as without speed "
+        "modes on the same hardware); false: `lossy` names what did"
+    )
+    lossy: list[dict[str, Any]] | None = Field(
+        None,
+        description='One object per lossy option in force, with its settings: {"option": '
+        '"step_cache", "method": "fbcache" | "taylorseer", "threshold", "warmup_steps", '
+        '"max_skip", "skipped_calls", "transformer_calls"}, {"option": "fp8", "backend"}, '
+        '{"option": "quantized_weights", "type"}. Absent when exact.',
+    )
+
+
 class StatusBody(BaseModel):
     """`GET /v2/requests/status/{request_id}`; webhooks POST the same object."""
 
@@ -121,6 +137,11 @@ class StatusBody(BaseModel):
     height: int | None = None
     prompt: str | None = None
     warnings: list[str] | None = None
+    fidelity: Fidelity | None = Field(
+        None,
+        description="How the images were computed (with the outputs); the same object is in "
+        "each image's embedded metadata. Ask for exact output with `exact: true`.",
+    )
     metrics: dict[str, Any] | None = None
     webhook: WebhookSection | None = Field(
         None, description="Callback attempts, when a webhook is set"

@@ -173,7 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = build_request(fields, model=preset_id, preset=settings.presets[preset_id])
     group = None
     if args.parallel:
-        from auraserve.engine.parallel import parse_parallel, start_group
+        from auraserve.engine.parallel import install, parse_parallel, start_group
 
         world = parse_parallel(args.parallel).world_size
         group = start_group(
@@ -182,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         engine = _preset_engine(settings, preset_id)
         if group is not None:
-            engine.row_split = group.split  # type: ignore[attr-defined]
+            install(engine, group.split)
         with tqdm(total=request.steps, desc="denoising", unit="step", file=sys.stderr) as bar:
 
             def on_step(step: int, total: int) -> None:
@@ -198,7 +198,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = []
     for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         path = out if len(result.images) == 1 else out.with_stem(f"{out.stem}-{i}")
-        metadata = generation_metadata(request, seed=seed, prompt_used=result.prompt_used)
+        metadata = generation_metadata(
+            request, seed=seed, prompt_used=result.prompt_used, fidelity=result.fidelity
+        )
         metadata.update(width=result.width, height=result.height)
         path.write_bytes(encode_image(image, fmt, request.output_quality, metadata=metadata))
         paths.append(str(path))
@@ -241,12 +243,12 @@ def _generate_follower(
 ) -> None:
     """Rank index+1 of `generate --parallel`: the same generation, its share of the rows;
     rank 0 writes the files."""
-    from auraserve.engine.parallel import join_group, leave_group
+    from auraserve.engine.parallel import install, join_group, leave_group
 
     split = join_group(index + 1, world, port, settings.device)
     try:
         engine = _preset_engine(settings, preset_id)
-        engine.row_split = split  # type: ignore[attr-defined]
+        install(engine, split)
         engine.generate([request])
     finally:
         leave_group()

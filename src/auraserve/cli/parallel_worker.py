@@ -24,7 +24,7 @@ def load_group(settings: Settings, models: list[str], spec: str) -> GroupEngine:
     """Start the followers, join them and load rank 0's engine; the group's engine."""
     import torch.multiprocessing as mp
 
-    from auraserve.engine.parallel import GroupEngine, parse_parallel, start_group
+    from auraserve.engine.parallel import GroupEngine, install, parse_parallel, start_group
 
     world = parse_parallel(spec).world_size
     if settings.gpus:
@@ -36,7 +36,7 @@ def load_group(settings: Settings, models: list[str], spec: str) -> GroupEngine:
     )
     try:
         engine = _single_engine(settings, models)
-        engine.row_split = group.split
+        install(engine, group.split)
     except BaseException:
         group.abort()
         raise
@@ -64,7 +64,7 @@ def _follower(
     commands: list[Any],
     parent: int,
 ) -> None:
-    from auraserve.engine.parallel import follow, join_group, leave_group
+    from auraserve.engine.parallel import follow, install, join_group, leave_group
 
     # Rank 0 owns the signals: it stops the group (a terminal's Ctrl-C reaches every rank).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -72,7 +72,7 @@ def _follower(
     split = join_group(index + 1, world, port, settings.device)
     try:
         engine = _single_engine(settings, models)
-        engine.row_split = split
+        install(engine, split)
         follow(engine, commands[index], parent)
     finally:
         leave_group()

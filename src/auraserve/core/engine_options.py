@@ -17,6 +17,8 @@ SdpaBackend = Literal["default", "auto", "cudnn", "flash", "efficient", "math"]
 CompileMode = Literal["none", "blocks"]
 VaeDtype = Literal["same", "bfloat16", "float16", "float32"]
 Fp8Backend = Literal["torchao", "native"]
+StepCacheMethod = Literal["none", "fbcache", "taylorseer"]
+AttentionChoice = Literal["diffusers", "auto", "sdpa", "cudnn", "flash3"]
 
 
 class EngineOptions(BaseModel):
@@ -46,6 +48,21 @@ class EngineOptions(BaseModel):
     text_cache_size: int = Field(0, ge=0)  # prompt-embedding LRU entries; 0: no cache
     fp8: bool = False
     fp8_backend: Fp8Backend = "torchao"
+    # Our AuraFlow attention processor (engine.optimize.attention): "auto" picks
+    # FlashAttention-3 on Hopper where flash_attn_interface is installed, cuDNN attention on
+    # other CUDA GPUs, torch's SDPA on the CPU (bit-identical there), once at load; a name
+    # forces that kernel. "diffusers": diffusers' own processor, untouched.
+    attention: AttentionChoice = "diffusers"
+    # Step caching (engine.optimize.step_cache): "fbcache" skips the blocks after the first
+    # where the first block's residual changed by less than cache_threshold (relative L1)
+    # since that row's last full computation, reusing the residual; "taylorseer" forecasts
+    # it to first order in σ instead. Lossy when the threshold is above 0 (0: never skips,
+    # bit-identical). No skip before cache_warmup steps are done; at most cache_max_skip
+    # consecutive skips per row (0: no limit).
+    step_cache: StepCacheMethod = "none"
+    cache_threshold: float = Field(0.08, ge=0.0, le=10.0)
+    cache_warmup: int = Field(2, ge=0, le=1000)
+    cache_max_skip: int = Field(3, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _consistent(self) -> EngineOptions:
@@ -54,6 +71,33 @@ class EngineOptions(BaseModel):
         if self.autotune and self.compile == "none":
             raise ValueError("autotune needs compile=blocks")
         return self
+
+    @property
+    def step_cache_lossy(self) -> bool:
+        return self.step_cache != "none" and self.cache_threshold > 0
+
+    def lossy(self) -> list[dict[str, Any]]:
+        """The lossy options in force, for the fidelity label of every image they touch.
+        Quantised weights of the checkpoint itself are the loader's to add."""
+        items: list[dict[str, Any]] = []
+        if self.step_cache_lossy:
+            items.append(
+                {
+                    "option": "step_cache",
+                    "method": self.step_cache,
+                    "threshold": self.cache_threshold,
+                    "warmup_steps": self.cache_warmup,
+                    "max_skip": self.cache_max_skip,
+                }
+            )
+        if self.fp8:
+            items.append({"option": "fp8", "backend": self.fp8_backend})
+        return items
+
+    def exact(self) -> EngineOptions:
+        """These options without the lossy step cache, for a job that asks for exact output.
+        (fp8 is in the weights and cannot be dropped per job.)"""
+        return self.replace(step_cache="none") if self.step_cache_lossy else self
 
     @property
     def is_default(self) -> bool:
@@ -119,4 +163,13 @@ PRESETS: dict[str, EngineOptions] = {
     "fast_cudagraphs": _FAST.replace(cuda_graphs=True),
     "fp8": _FAST.replace(fp8=True, fp8_backend="torchao"),
     "fp8_native": _FAST.replace(fp8=True, fp8_backend="native"),
+    "attention": EngineOptions(attention="auto"),
+    "fast_attention": _FAST.replace(attention="auto"),
+    # Step caching, lossy: every image they touch is labelled {"exact": false, ...}.
+    "cache_light": EngineOptions(step_cache="fbcache", cache_threshold=0.05, cache_warmup=3),
+    "cache_fast": EngineOptions(step_cache="fbcache", cache_threshold=0.12, cache_warmup=2),
+    "cache_taylor": EngineOptions(
+        step_cache="taylorseer", cache_threshold=0.12, cache_warmup=2, cache_max_skip=4
+    ),
+    "cache_max": _FAST.replace(step_cache="fbcache", cache_threshold=0.08),  # with "fast"
 }

@@ -93,6 +93,13 @@ class GenerationRequest(BaseModel):
         int, Field(ge=0, le=100, description="Quality for lossy formats (webp, jpeg).")
     ]
     expand_prompt: bool = False
+    exact: Annotated[
+        bool,
+        Field(
+            description="Exact output only: no lossy speed mode (step cache) runs for this "
+            "request. Same price. Images say how they were computed in `fidelity`."
+        ),
+    ] = False
     # Image-to-image (core/image_input.py): the API checks the form, the worker decodes.
     image: Annotated[
         str | None,
@@ -179,6 +186,9 @@ class GenerationRequest(BaseModel):
             key += f"|img{self.strength:g}"
             if self.size_from_image:
                 key += f":{image_digest(self.image)}"
+        if self.exact:
+            # A lossy step cache runs per batch: exact jobs never share one with others.
+            key += "|exact"
         if self.loras:
             # The adapter set is loaded per batch: only requests with the same adapters, in the
             # same order (the order of float additions) and scales may share one.
@@ -317,7 +327,7 @@ def build_request(
     data["model"] = model
     for key, value in data.items():
         # pydantic's lax mode would read true as 1; a boolean is never a valid number here.
-        if isinstance(value, bool) and key not in ("expand_prompt",):
+        if isinstance(value, bool) and key not in ("expand_prompt", "exact"):
             field = GenerationRequest.model_fields.get(key)
             if field is not None and field.annotation is not bool:
                 raise _invalid(key, "wrong type", names)

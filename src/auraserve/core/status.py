@@ -101,6 +101,9 @@ def status_body(job: Job, media_url: MediaUrl) -> dict[str, Any]:
         body["prompt"] = job.output.get("prompt_used")
         if job.output.get("warnings"):
             body["warnings"] = job.output["warnings"]
+        if "fidelity" in job.output:
+            # How the images were computed: {"exact": true} or {"exact": false, "lossy": [...]}.
+            body["fidelity"] = job.output["fidelity"]
     if job.engine_seconds is not None:
         body["metrics"] = {"inference_time": round(job.engine_seconds, 4)}
     return body

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -34,6 +34,10 @@ class JobResult:
     warnings: list[str] = field(default_factory=list)
     # Wall time the engine spent on the whole batch (encode → sample → decode), in seconds.
     engine_seconds: float = 0.0
+    # How the images were computed: {"exact": True}, or {"exact": False, "lossy": [...]}
+    # with one item per lossy option in force (step cache and its settings and skip counts,
+    # fp8, quantised weights). The worker records it; status, webhooks and metadata show it.
+    fidelity: dict[str, Any] = field(default_factory=lambda: {"exact": True})
 
 
 @runtime_checkable

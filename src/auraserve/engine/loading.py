@@ -12,8 +12,9 @@ import os
 import platform
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -47,6 +48,8 @@ class LoadedPipeline:
     description: str
     #: The tiny random-weight model (also when saved and loaded back from a directory).
     is_test_model: bool
+    #: Lossy storage of the weights themselves (fp8, GGUF quants): fidelity-label items.
+    weights_lossy: list[dict[str, Any]] = field(default_factory=list)
 
 
 def device_name(device: torch.device) -> str:
@@ -167,14 +170,15 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> AuraFlowPipeline:
 
 def _load_pipeline(
     weights: str, components: str, dtype: torch.dtype
-) -> tuple[AuraFlowPipeline, str]:
-    """The pipeline and a few words on the weights' format for the engine's description."""
+) -> tuple[AuraFlowPipeline, str, list[dict[str, Any]]]:
+    """The pipeline, a few words on the weights' format for the engine's description, and
+    the weights' lossy storage (fp8, GGUF quants) for the fidelity label."""
     if weights == TINY_MODEL:
         pipe = build_tiny_pipeline()  # built in float32
-        return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), ""
+        return (pipe if dtype == torch.float32 else pipe.to(dtype=dtype)), "", []
     path = Path(weights).expanduser()
     if path.is_dir():
-        return _load_local(path, dtype), ""
+        return _load_local(path, dtype), "", []
     if path.is_file():
         return load_file(path, components, dtype)
     looks_like_path = (
@@ -190,7 +194,7 @@ def _load_pipeline(
             f"model {weights!r} is neither a local directory, a Hugging Face id (owner/name) "
             f"nor '{TINY_MODEL}'; e.g. --model {DEFAULT_WEIGHTS}"
         )
-    return _load_hub(weights, dtype), ""
+    return _load_hub(weights, dtype), "", []
 
 
 def _is_toy(pipe: AuraFlowPipeline) -> bool:
@@ -258,7 +262,7 @@ def load_pipeline(
         raise ModelLoadError(f"unknown offload mode {offload!r}; use none, model or sequential")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    pipe, weights_format = _load_pipeline(weights, components, torch_dtype)
+    pipe, weights_format, weights_lossy = _load_pipeline(weights, components, torch_dtype)
     if torch_dtype == torch.float16:
         pipe.vae.to(torch.float32)
     install_pos_embed_interpolation(pipe)  # before offload hooks capture forward()
@@ -279,6 +283,7 @@ def load_pipeline(
         pipe=pipe,
         description=f"{weights} ({weights_format}{torch_device.type}, {dtype_name}{suffix})",
         is_test_model=weights == TINY_MODEL or _is_toy(pipe),
+        weights_lossy=weights_lossy,
     )
 
 

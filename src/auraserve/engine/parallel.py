@@ -119,6 +119,17 @@ class RowSplit:
         return forward
 
 
+def install(engine: Any, split: RowSplit) -> None:
+    """Make `engine` (an AuraFlowEngine) compute only this rank's rows of each forward. The
+    step cache keeps per-row state and per-job skip counts over the whole batch, which one
+    rank does not see: the two do not combine (yet)."""
+    if getattr(engine, "cache_settings", None) is not None:
+        raise ConfigError(
+            "--parallel does not combine with a step_cache engine mode yet; drop one of them"
+        )
+    engine.row_split = split
+
+
 def free_port() -> int:
     """A loopback port for the group's rendezvous (free now; taken by rank 0 at init)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -361,6 +372,7 @@ __all__ = [
     "check_devices",
     "follow",
     "free_port",
+    "install",
     "join_group",
     "leave_group",
     "parse_parallel",

@@ -28,6 +28,7 @@ different kernels for different batch sizes, so there equality is to rounding, n
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -48,7 +49,7 @@ from auraserve.engine.expand import OfflineExpander, PromptExpander, TokenBudget
 from auraserve.engine.img2img import encode_image, noised, start_sigmas
 from auraserve.engine.loading import load_pipeline
 from auraserve.engine.lora import LoraOptions, LoraSlots, check_same_loras
-from auraserve.engine.optimize import apply_optimizations
+from auraserve.engine.optimize import apply_optimizations, step_cache
 from auraserve.engine.pos_embed import install_pos_embed_interpolation
 from auraserve.engine.sampling import NoiseSampler, sample
 from auraserve.engine.schedules import sigmas as make_sigmas
@@ -124,6 +125,24 @@ class AuraFlowEngine:
         self.options = options or EngineOptions()
         self.lora = LoraSlots(pipe, lora, self.options) if lora is not None else None
         self.optimization_log: list[str] = apply_optimizations(pipe, self.options)
+        # /v2/workers shows the description: say what runs when it is not diffusers' default.
+        self.attention_kernel: str = getattr(pipe.transformer, "_auraserve_attention", "sdpa")
+        notes: list[str] = []
+        if self.options.attention != "diffusers":
+            notes.append(f"attention {self.attention_kernel}")
+        if self.options.step_cache != "none":
+            notes.append(f"step cache {self.options.step_cache}@{self.options.cache_threshold:g}")
+        if notes:
+            self.description = f"{description}; {', '.join(notes)}"
+        self.cache_settings = step_cache.CacheSettings.from_options(self.options)
+        self._cache: step_cache.StepCache | None = None
+        self._cache_rows: list[list[int]] = []
+        # Lossy storage of the checkpoint itself ({"option": "fp8_weights", "storage": …} or
+        # {"option": "quantized_weights", "types": [...]}); `load_engine` fills it from the
+        # loader. It is on every image's fidelity label.
+        self.weights_lossy: list[dict[str, Any]] = []
+        if self.cache_settings is not None:
+            self.optimization_log.append(step_cache.install(pipe.transformer))
         if self.lora is not None:
             self.optimization_log.append(self.lora.log_line)
         self.text_cache: TextEmbeddingCache | None = (
@@ -153,6 +172,14 @@ class AuraFlowEngine:
         if not requests:
             return []
         _check_batch(requests)
+        fixed_lossy = [*self.weights_lossy, *self.options.exact().lossy()]
+        if fixed_lossy and any(request.exact for request in requests):
+            # fp8 and quantised weights are in the loaded model: no per-job way around them.
+            names = ", ".join(str(item["option"]) for item in fixed_lossy)
+            raise UnsupportedRequest(
+                f"exact: this server's model runs with {names}, which cannot be turned off "
+                "per request; send without exact=true to accept it"
+            )
         inits = list(init_images) if init_images is not None else [None] * len(requests)
         if len(inits) != len(requests):
             raise ValueError("init_images needs one entry per request")
@@ -199,6 +226,7 @@ class AuraFlowEngine:
         inits: Sequence[Image.Image | None],
     ) -> list[JobResult]:
         rows = [self._prepare(request) for request in requests]
+        self._cache = None
         for row, init in zip(rows, inits, strict=True):
             row.init_image = init if row.request.image is not None else None
         dropped: set[int] = set()
@@ -323,8 +351,11 @@ class AuraFlowEngine:
             # Flow matching's x_σ = σ·noise + (1-σ)·x0: an empty latent starts at σ_max·noise.
             x = noise * sigmas[0].to(noise.device)
         denoise = self._denoiser(rows)
+        cache = self._cache
 
         def step_done(step: int, steps: int) -> None:
+            if cache is not None:
+                cache.completed_steps = step
             if on_step is not None:
                 on_step(step, steps)
             check_cancel()
@@ -359,9 +390,10 @@ class AuraFlowEngine:
         index = torch.tensor(cfg_index, dtype=torch.long, device=device)
         scale = torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         n_uncond = len(cfg_index)
+        self._cache = self._new_cache(rows, context.shape[0], n_uncond)
         forward = (
-            self._chunked_forward(context)
-            if self.row_split is None
+            self._chunked_forward(context, self._cache)
+            if self.row_split is None  # a parallel rank never has a step cache (install)
             else self.row_split.wrap(self._chunked_forward, context)
         )
 
@@ -378,25 +410,46 @@ class AuraFlowEngine:
 
         return denoise
 
+    def _new_cache(self, rows: list[_Row], size: int, n_uncond: int) -> step_cache.StepCache | None:
+        """The batch's step cache (None without one, or when every job asked for exact
+        output: the worker never batches exact jobs with others)."""
+        if self.cache_settings is None or any(row.request.exact for row in rows):
+            return None
+        # Which transformer rows are each request's (its uncond rows, then its cond rows).
+        self._cache_rows = []
+        uncond = 0
+        offset = n_uncond
+        for row in rows:
+            n = row.request.num_images
+            mine = list(range(offset, offset + n))
+            if row.negative_embeds is not None:
+                mine += range(uncond, uncond + n)
+                uncond += n
+            offset += n
+            self._cache_rows.append(mine)
+        return step_cache.StepCache(self.cache_settings, size)
+
     def _chunked_forward(
-        self, context: torch.Tensor
+        self, context: torch.Tensor, cache: step_cache.StepCache | None = None
     ) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """The transformer's velocity for every row, at most `max_rows` rows per call."""
         transformer = self.pipe.transformer
         limit = self.max_rows or context.shape[0]
 
-        def forward(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            # One timestep row for all: same σ everywhere, and batch-size-independent matmuls.
-            timestep = torch.full((1,), sigma, device=x.device, dtype=x.dtype)
-            parts = [
-                transformer(
+        def call(x: torch.Tensor, i: int, timestep: torch.Tensor, sigma: float) -> torch.Tensor:
+            with cache.session(transformer, i, sigma) if cache else contextlib.nullcontext():
+                out: torch.Tensor = transformer(
                     x[i : i + limit],
                     encoder_hidden_states=context[i : i + limit],
                     timestep=timestep,
                     return_dict=False,
                 )[0]
-                for i in range(0, x.shape[0], limit)
-            ]
+            return out
+
+        def forward(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            # One timestep row for all: same σ everywhere, and batch-size-independent matmuls.
+            timestep = torch.full((1,), sigma, device=x.device, dtype=x.dtype)
+            parts = [call(x, i, timestep, sigma) for i in range(0, x.shape[0], limit)]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         return forward
@@ -422,9 +475,25 @@ class AuraFlowEngine:
                     prompt_used=row.prompt_used,
                     cancelled=index in dropped,
                     warnings=row.warnings,
+                    fidelity=self._fidelity(index),
                 )
             )
         return results
+
+    def _fidelity(self, index: int) -> dict[str, Any]:
+        """How request `index` of the batch was computed (see `JobResult.fidelity`)."""
+        lossy = list(self.weights_lossy)
+        cache = self._cache
+        for item in self.options.lossy():
+            if item["option"] == "step_cache":
+                if cache is None:
+                    continue  # an exact job: the cache did not run for its batch
+                computed, skipped = cache.row_stats(self._cache_rows[index])
+                if not skipped:
+                    continue  # every call of this job ran in full: its images are exact
+                item = {**item, "skipped_calls": skipped, "transformer_calls": computed + skipped}
+            lossy.append(item)
+        return {"exact": True} if not lossy else {"exact": False, "lossy": lossy}
 
     def _decode_one(self, latent: torch.Tensor) -> Image.Image:
         vae = self.pipe.vae
@@ -559,7 +628,7 @@ def load_engine(
     loaded = load_pipeline(
         weights, components=components, device=device, dtype=dtype, offload=offload
     )
-    return AuraFlowEngine(
+    engine = AuraFlowEngine(
         loaded.pipe,
         description=loaded.description,
         is_test_model=loaded.is_test_model,
@@ -568,6 +637,8 @@ def load_engine(
         options=options,
         lora=lora,
     )
+    engine.weights_lossy = list(loaded.weights_lossy)
+    return engine
 
 
 __all__ = [

@@ -264,7 +264,11 @@ def read_parameters(data: bytes) -> dict[str, Any] | None:
 
 
 def generation_metadata(
-    request: GenerationRequest, *, seed: int, prompt_used: str | None = None
+    request: GenerationRequest,
+    *,
+    seed: int,
+    prompt_used: str | None = None,
+    fidelity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The parameters that reproduce one image of `request` (its seed is `seed`).
 
@@ -287,4 +291,6 @@ def generation_metadata(
     }
     if prompt != request.prompt:
         meta["original_prompt"] = request.prompt
+    if fidelity is not None:
+        meta["fidelity"] = dict(fidelity)  # in the JSON copies (PNG text, XMP), not A1111's
     return meta

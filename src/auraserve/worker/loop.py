@@ -441,6 +441,7 @@ class Worker:
             "prompt_used": result.prompt_used,
             # The request's own notes (a size rounded at submit) come first.
             "warnings": [*req.warnings, *result.warnings],
+            "fidelity": result.fidelity,
         }
         try:
             done = jobs.complete(
@@ -558,6 +559,8 @@ class Worker:
 def _image_metadata(job: Job, seed: int, result: JobResult) -> dict[str, object]:
     # The one metadata builder (media.encode) writes the names its reader parses back, so the
     # parameters text carries the CFG scale like every other field.
-    meta = generation_metadata(job.request, seed=seed, prompt_used=result.prompt_used)
+    meta = generation_metadata(
+        job.request, seed=seed, prompt_used=result.prompt_used, fidelity=result.fidelity
+    )
     meta.update(width=result.width, height=result.height, request_id=job.request_id)
     return meta

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from auraserve.core.engine_options import EngineOptions
 from auraserve.engine.optimize.attention import sdpa_context_factory, sdpa_order
-from tests.engine.optimize.conftest import tiny_engine
+from tests.engine.optimize.conftest import first_image, tiny_engine
 
 
 def test_fuse_qkv_fuses_and_drops_the_unfused_layers() -> None:
@@ -31,3 +33,29 @@ def test_cuda_backend_order_runs_on_the_cpu() -> None:
     with sdpa_context_factory(sdpa_order("auto"))():
         actual = torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert torch.allclose(actual, expected, atol=1e-6)
+
+
+# --- our attention processor (issue 20) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_attention_processor_is_bit_identical_on_the_cpu(fuse: bool) -> None:
+    from auraserve.engine.optimize.attention import AuraFlowAttnProcessor
+
+    reference = first_image(tiny_engine(EngineOptions(fuse_qkv=fuse)))
+    engine = tiny_engine(EngineOptions(fuse_qkv=fuse, attention="auto"))
+    processors = engine.pipe.transformer.attn_processors.values()
+    assert all(isinstance(p, AuraFlowAttnProcessor) for p in processors)
+    assert {p.kernel for p in processors} == {"sdpa"}  # type: ignore[attr-defined]
+    assert engine.attention_kernel == "sdpa"
+    assert "attention sdpa" in engine.description
+    assert any(line.startswith("attention: sdpa") for line in engine.optimization_log)
+    assert np.array_equal(np.asarray(first_image(engine)), np.asarray(reference))
+
+
+def test_kernel_choice() -> None:
+    from auraserve.engine.optimize.attention import choose_kernel
+
+    assert choose_kernel(torch.device("cpu"))[0] == "sdpa"
+    with pytest.raises(ValueError, match="flash_attn_interface"):
+        tiny_engine(EngineOptions(attention="flash3"))

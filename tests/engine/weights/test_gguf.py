@@ -86,6 +86,9 @@ def test_gguf_types(
     comfy = write_gguf(tmp_path / "comfy.gguf", wide, quant, prefix=COMFY)
     engine = load_engine(str(comfy), components=str(wide_folder), device="cpu", dtype="float32")
     assert quant in engine.description
+    # Every image says it was drawn from quantized weights (F16 is the weights as trained).
+    expected_lossy = [] if quant == "F16" else [{"option": "quantized_weights", "types": [quant]}]
+    assert engine.weights_lossy == expected_lossy
     # Quantized weights stay quantized in memory (F16 tensors are upcast to the compute dtype,
     # as diffusers does): far below the float32 model.
     fp32_bytes = 4 * sum(p.numel() for p in wide.transformer.parameters())

@@ -43,6 +43,7 @@ def test_lossless_layouts_draw_the_folder_image(
     path = write(tmp_path / "weights.bin", tiny_built)  # content decides, not the name
     engine = load_engine(str(path), components=str(tiny_folder), device="cpu", dtype="float32")
     assert engine.is_test_model
+    assert engine.weights_lossy == []  # the weights as trained: images stay exact
     assert np.array_equal(draw(engine), reference), layout
 
 
@@ -96,6 +97,8 @@ def test_fp8_files_stay_fp8_and_match_diffusers(
 
     path = write_original(tmp_path / "fp8.safetensors", tiny_built, dtype=fp8)
     engine = load_engine(str(path), components=str(tiny_folder), device="cpu", dtype="float32")
+    storage = "float8_e4m3fn" if fp8 == torch.float8_e4m3fn else "float8_e5m2"
+    assert engine.weights_lossy == [{"option": "fp8_weights", "storage": storage}]
     dtypes = [p.dtype for p in engine.pipe.transformer.parameters()]
     # Every linear layer keeps fp8 storage; the positional grid and register tokens are upcast.
     assert dtypes.count(fp8) >= len(dtypes) - 3, dtypes

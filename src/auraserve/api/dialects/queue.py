@@ -36,6 +36,7 @@ class QueueDialect(Dialect):
         "guidance_scale": "guidance_scale",
         "num_inference_steps": "steps",
         "expand_prompt": "expand_prompt",
+        "exact": "exact",
         "seed": "seed",
         "width": "width",
         "height": "height",

@@ -68,6 +68,7 @@ class SyncDialect(Dialect):
         "number_of_images": "num_images",
         # Extensions beyond the hosted Sync API (same names as in the Queue API):
         "expand_prompt": "expand_prompt",
+        "exact": "exact",
         "loras": "loras",
         "image": "image",
         "strength": "strength",

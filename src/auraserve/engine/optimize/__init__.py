@@ -50,7 +50,16 @@ fp8                 float8 e4m3 weights, dynamically quantised          torchao:
 One module per concern: `attention` (fused q/k/v, SDPA backends), `fp8`, `compile`
 (regional compile, CUDA graphs) and `vae`; this package orders them.
 
-Order of application: fuse → fp8 (so the fused projection is what gets quantised) → SDPA
+step_cache (with cache_threshold, cache_warmup, cache_max_skip) is applied per batch by the
+engine, not here: `step_cache` hooks the block lists once and `AuraFlowEngine` opens a
+per-batch cache. It is lossy; every image's fidelity label names it.
+
+attention="auto" installs our AuraFlow attention processor (`attention`): FlashAttention-3 on
+Hopper with flash_attn_interface installed, cuDNN attention elsewhere on CUDA, torch SDPA on
+the CPU (bit-identical); the kernel is chosen once at load and shown in /v2/workers.
+
+Order of application: fuse → fp8 (so the fused projection is what gets quantised) →
+attention processor (after fusing, which installs diffusers' fused one) → SDPA
 wrapper → compile (last: it must see the final modules) → VAE. Offload: with "sequential" the
 weights live behind per-layer hooks, so only SDPA, VAE tiling and the text cache apply; with
 "model" everything but fp8 and CUDA graphs does (graphs need weights at fixed addresses).
@@ -60,7 +69,7 @@ from __future__ import annotations
 
 from auraserve.core.engine_options import EngineOptions
 from auraserve.engine.components import AuraFlowPipeline
-from auraserve.engine.optimize.attention import apply_sdpa, fuse_qkv
+from auraserve.engine.optimize.attention import apply_attention, apply_sdpa, fuse_qkv
 from auraserve.engine.optimize.compile import apply_compile
 from auraserve.engine.optimize.fp8 import Fp8Linear, apply_fp8
 from auraserve.engine.optimize.vae import apply_vae
@@ -99,6 +108,10 @@ def apply_optimizations(pipe: AuraFlowPipeline, options: EngineOptions) -> list[
     log: list[str] = []
     log.append(fuse_qkv(transformer, options, offload))
     log.append(apply_fp8(transformer, options, device, offload))
+    line, kernel = apply_attention(transformer, options, device)
+    if options.attention != "diffusers":  # a line only when asked for (log lines keep their places)
+        log.append(line)
+    transformer._auraserve_attention = kernel
     log.append(apply_sdpa(transformer, options, device))
     log.append(apply_compile(transformer, options, device, offload))
     log += apply_vae(pipe, options, offload)

@@ -31,9 +31,12 @@ def _check_text_dim(
         )
 
 
-def load_file(path: Path, source: str, dtype: torch.dtype) -> tuple[AuraFlowPipeline, str]:
-    """The pipeline from one file plus the components source, and a format label such as
-    "safetensors, AuraFlow original, float8_e4m3fn storage; "."""
+def load_file(
+    path: Path, source: str, dtype: torch.dtype
+) -> tuple[AuraFlowPipeline, str, list[dict[str, Any]]]:
+    """The pipeline from one file plus the components source, a format label such as
+    "safetensors, AuraFlow original, float8_e4m3fn storage; ", and the file's lossy storage
+    for every image's fidelity label (`lossy_storage`)."""
     info = probe(path)
     inside = info.components_inside
     folder = components.resolve(source, [p for p in ("text_encoder", "vae") if p not in inside])
@@ -61,12 +64,29 @@ def load_file(path: Path, source: str, dtype: torch.dtype) -> tuple[AuraFlowPipe
         raise BadWeights(f"{path}: cannot load it: {_first_line(exc)}") from exc
     label = f"{info.format}, {info.layout_name}"
     if info.fp8_dtype is not None:
-        label += f", {'float8_e4m3fn' if info.fp8_dtype == 'F8_E4M3' else 'float8_e5m2'} storage"
+        label += f", {_FP8_NAMES[info.fp8_dtype]} storage"
     if info.format == "gguf":
         label += f", {info.transformer_dtypes.most_common(1)[0][0]}"
     if len(inside) > 1:
         label += ", all-in-one"
-    return pipe, label + "; "
+    return pipe, label + "; ", lossy_storage(info)
+
+
+_FP8_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+# Storage that holds the weights as trained (or as a plain float cast of them).
+_FLOAT_STORAGE = frozenset({"F32", "F16", "BF16"})
+
+
+def lossy_storage(info: WeightsFile) -> list[dict[str, Any]]:
+    """The file's transformer storage that is not the trained weights' own: fp8 and GGUF
+    quant types, as fidelity-label items (an image drawn from them is never exact)."""
+    if info.fp8_dtype is not None:
+        return [{"option": "fp8_weights", "storage": _FP8_NAMES[info.fp8_dtype]}]
+    if info.format == "gguf":
+        quants = sorted(set(info.transformer_dtypes) - _FLOAT_STORAGE)
+        if quants:
+            return [{"option": "quantized_weights", "types": quants}]
+    return []
 
 
 __all__ = ["load_file"]
