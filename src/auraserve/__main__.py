@@ -1,3 +1,4 @@
 from auraserve.cli import main
 
-main()
+if __name__ == "__main__":  # spawned ranks and workers import this module; only `python -m` runs it
+    main()
