@@ -62,6 +62,22 @@ def _worker(
         proc.wait(30)
 
 
+def _serve(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """`auraserve serve ARGV` in a process of its own, returned once it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "auraserve", "serve", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "listening on" in line:
+            return proc
+    raise AssertionError(f"serve exited with {proc.wait()} before it listened")
+
+
 def _submit(rt: Runtime, account_id: str, *, steps: int, size: int) -> str:
     fields = {"prompt": "stop me", "steps": steps, "width": size, "height": size}
     return submit_job(rt.db, account_id, fields, model=MODEL, max_queued=10)
@@ -254,18 +270,8 @@ def test_serve_sigterm_ends_streams_hands_back_its_batch_and_exits_0(
         AURASERVE_STOP_GRACE_SECONDS="0.5",
         AURASERVE_POLL_INTERVAL_SECONDS="0.2",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "auraserve", "serve", "--model", "tiny", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    proc = _serve(["--model", "tiny", "--port", str(port)], env)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "listening on" in line:
-                break
         job_id = _submit(runtime, acct.account_id, steps=60, size=512)
         _in_hand(runtime, job_id)
         request_id = f"{MODEL}_{job_id}"
@@ -311,19 +317,9 @@ def test_serve_parallel_serves_jobs_and_a_dead_rank_stops_it_with_the_batch_hand
         AURASERVE_POLL_INTERVAL_SECONDS="0.2",
     )
     port = str(free_port())
-    argv = ["serve", "--model", "tiny", "--port", port, "--device", "cpu", "--parallel", "cfg=2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "auraserve", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    argv = ["--model", "tiny", "--port", port, "--device", "cpu", "--parallel", "cfg=2"]
+    proc = _serve(argv, env)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "listening on" in line:
-                break
         (follower,) = [
             child
             for child in psutil.Process(proc.pid).children()
