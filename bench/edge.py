@@ -100,7 +100,8 @@ class Server:
         self.proc = subprocess.Popen(
             [
                 *(sys.executable, "-m", "auraserve", "serve", "--model", "tiny"),
-                *("--workers", "0", "--data-dir", str(data_dir), "--port", str(self.port)),
+                *("--workers", "0", "--data-dir", str(data_dir), "--create"),
+                *("--port", str(self.port)),
             ],
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,

@@ -81,7 +81,7 @@ class Server:
         )
         self.log = data_dir / "server.log"
         command = [sys.executable, "-m", "auraserve", "serve", "--model", "tiny"]
-        command += ["--data-dir", str(data_dir), "--port", str(self.port)]
+        command += ["--data-dir", str(data_dir), "--create", "--port", str(self.port)]
         command += ["--workers", str(workers), "--api-processes", str(processes)]
         self.proc = subprocess.Popen(
             command, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env

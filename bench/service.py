@@ -65,6 +65,7 @@ class Server:
                 "tiny",
                 "--data-dir",
                 str(data_dir),
+                "--create",
                 "--port",
                 str(self.port),
                 "--workers",
