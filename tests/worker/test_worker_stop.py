@@ -138,17 +138,19 @@ def test_stop_lets_the_batch_in_hand_finish_within_the_grace(settings: Settings)
 def test_past_the_grace_the_batch_goes_back_to_the_queue_without_an_attempt(
     settings: Settings,
 ) -> None:
-    rt = Runtime.open(settings, engine=_Stepped(0.05))
+    rt = Runtime.open(settings, engine=_Stepped(0.1))
     try:
         acct = keys.create_account(rt.db, "w", credits=10_000)
-        job_id = _submit(rt, acct.account_id, steps=100)  # about 5 s
+        job_id = _submit(rt, acct.account_id, steps=100)  # about 10 s
         queued_behind = _submit(rt, acct.account_id, steps=50)  # another batch key: not claimed
         worker = rt.start_worker(models=[MODEL])
         _wait_for(rt, job_id, JobStatus.PROCESSING)
         started = time.monotonic()
         assert worker.stop(grace=0.3)
         took = time.monotonic() - started
-        assert 0.3 <= took < 2.0, took
+        # The grace and the step in flight (~0.4 s), far from the job's 10 s; the margin is for
+        # a loaded CI machine (2.3 s was seen there once in a full run).
+        assert 0.3 <= took < 4.0, took
         job = jobs.get(rt.db, job_id)
         assert job is not None
         assert job.status == JobStatus.QUEUED and job.attempts == 0 and job.lease_owner is None
