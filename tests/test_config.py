@@ -120,3 +120,11 @@ def test_models_file_replaces_the_presets(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("AURASERVE_MODELS_FILE", str(tmp_path / "missing.toml"))
     with pytest.raises(ConfigError, match=r"AURASERVE_MODELS_FILE.*cannot read"):
         load_settings()
+
+
+def test_the_parallel_timeout_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AURASERVE_PARALLEL_TIMEOUT_S", "60")
+    assert load_settings().parallel_timeout_s == 60.0
+    monkeypatch.setenv("AURASERVE_PARALLEL_TIMEOUT_S", "0")
+    with pytest.raises(ConfigError, match="AURASERVE_PARALLEL_TIMEOUT_S"):
+        load_settings()

@@ -200,6 +200,9 @@ class Settings(BaseSettings):
     # One worker process per GPU, each pinned to its device (worker/supervisor.py): "all",
     # or GPU indices as CUDA numbers them ("0,1,3"). Empty: workers share the one `device`.
     gpus: str = Field("", max_length=1000)
+    # `--parallel`: how long a rank waits in a collective (or at the start) for a hung peer
+    # before the group fails (engine/parallel.py).
+    parallel_timeout_s: float = Field(300.0, gt=0, le=86400)
     # Log lines as text for people or as JSON objects (one per line) for collectors.
     log_format: Literal["text", "json"] = "text"
 

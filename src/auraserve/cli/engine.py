@@ -177,7 +177,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         world = parse_parallel(args.parallel).world_size
         group = start_group(
-            _generate_follower, (world, settings, preset_id, request), world, settings.device
+            _generate_follower,
+            (world, settings, preset_id, request),
+            world,
+            settings.device,
+            settings.parallel_timeout_s,
         )
     try:
         engine = _preset_engine(settings, preset_id)
@@ -245,7 +249,7 @@ def _generate_follower(
     rank 0 writes the files."""
     from auraserve.engine.parallel import install, join_group, leave_group
 
-    split = join_group(index + 1, world, port, settings.device)
+    split = join_group(index + 1, world, port, settings.device, settings.parallel_timeout_s)
     try:
         engine = _preset_engine(settings, preset_id)
         install(engine, split)

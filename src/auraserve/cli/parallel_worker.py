@@ -32,7 +32,11 @@ def load_group(settings: Settings, models: list[str], spec: str) -> GroupEngine:
     context = mp.get_context("spawn")
     commands = [context.Queue() for _ in range(world - 1)]
     group = start_group(
-        _follower, (world, settings, models, commands, os.getpid()), world, settings.device
+        _follower,
+        (world, settings, models, commands, os.getpid()),
+        world,
+        settings.device,
+        settings.parallel_timeout_s,
     )
     try:
         engine = _single_engine(settings, models)
@@ -69,7 +73,7 @@ def _follower(
     # Rank 0 owns the signals: it stops the group (a terminal's Ctrl-C reaches every rank).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    split = join_group(index + 1, world, port, settings.device)
+    split = join_group(index + 1, world, port, settings.device, settings.parallel_timeout_s)
     try:
         engine = _single_engine(settings, models)
         install(engine, split)

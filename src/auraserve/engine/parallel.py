@@ -44,7 +44,8 @@ from auraserve.errors import ConfigError, JobCancelled, UnsupportedRequest
 Forward = Callable[[torch.Tensor, float], torch.Tensor]
 
 MODES = ("cfg",)  # ulysses (sequence parallel attention) is not implemented
-GROUP_TIMEOUT = timedelta(seconds=float(os.environ.get("AURASERVE_PARALLEL_TIMEOUT_S", "300")))
+# How long a rank waits in a collective for a hung peer (AURASERVE_PARALLEL_TIMEOUT_S).
+DEFAULT_GROUP_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,11 @@ def check_devices(device: str, world: int) -> None:
         )
 
 
-def join_group(rank: int, world: int, port: int, device: str) -> RowSplit:
-    """Join the group (blocks until every rank has joined) and pin this rank's GPU."""
+def join_group(
+    rank: int, world: int, port: int, device: str, timeout_s: float = DEFAULT_GROUP_TIMEOUT_S
+) -> RowSplit:
+    """Join the group (blocks until every rank has joined) and pin this rank's GPU.
+    `timeout_s`: how long a collective waits for a hung peer before it fails."""
     cuda = uses_cuda(device)
     if cuda:
         # Before the model loads: "cuda" then means this rank's own GPU.
@@ -160,7 +164,7 @@ def join_group(rank: int, world: int, port: int, device: str) -> RowSplit:
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=GROUP_TIMEOUT,
+        timeout=timedelta(seconds=timeout_s),
     )
     return RowSplit(rank, world)
 
@@ -202,7 +206,11 @@ class Group:
 
 
 def start_group(
-    follower: Callable[..., None], args: tuple[object, ...], world: int, device: str
+    follower: Callable[..., None],
+    args: tuple[object, ...],
+    world: int,
+    device: str,
+    timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
 ) -> Group:
     """This process becomes rank 0; ranks 1..world-1 are spawned (`torch.multiprocessing`,
     the spawn method: no external launcher) and run `follower(index, port, *args)`, where
@@ -221,7 +229,7 @@ def start_group(
 
     def rendezvous() -> None:
         try:
-            joined.append(join_group(0, world, port, device))
+            joined.append(join_group(0, world, port, device, timeout_s))
         except BaseException as exc:  # handed to the main thread
             errors.append(exc)
 
@@ -364,7 +372,7 @@ def follow(engine: Any, commands: Any, parent: int) -> None:
 
 
 __all__ = [
-    "GROUP_TIMEOUT",
+    "DEFAULT_GROUP_TIMEOUT_S",
     "Group",
     "GroupEngine",
     "ParallelSpec",
