@@ -4,6 +4,10 @@ command takes --json."""
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +70,23 @@ def test_every_command_takes_json() -> None:
 def test_help_says_how_to_get_a_commands_help(args: list[str], hint: str) -> None:
     result = run_cli(*args, "--help")
     assert result.returncode == 0 and hint in result.stdout
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`auraserve keys list | head -1`: the pipe's reader is gone before the output is written.
+    The command stops with SIGPIPE's shell status (141) and no traceback, not with a
+    BrokenPipeError at the write or at the flush on exit."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the first write gets EPIPE
+    env = {**os.environ, "AURASERVE_DATA_DIR": str(tmp_path)}
+    with os.fdopen(write_end, "w") as stdout:
+        result = subprocess.run(
+            [sys.executable, "-m", "auraserve", "keys", "create", "--name", "a", "--create"],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr

@@ -271,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`auraserve keys list | head -1`): stop quietly, as `cat` does,
+        # with the status a shell gives a process killed by SIGPIPE. Python ignores SIGPIPE, so
+        # without this the write raises, and so would the flush at exit: stdout goes to
+        # /dev/null first so that last flush has somewhere to go.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(128 + 13)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:
