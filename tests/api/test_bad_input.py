@@ -294,3 +294,35 @@ def test_lax_parsing_over_http(
         SEED_PATH, headers=tenant.headers, json={"prompt": "a", "num_inference_steps": 3.0}
     )
     assert accepted.status_code == 202, accepted.text
+
+
+def test_nul_bytes_in_paths_and_query_strings_are_4xx_on_every_get_route(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
+    """PostgreSQL refuses NUL in text with an error of its own; a NUL in an id or a query
+    parameter must get a 4xx before it reaches a query, on every route the OpenAPI document
+    lists (so a new route is covered the day it is added)."""
+    spec = client.get("/openapi.json").json()
+    tried = []
+    for path, operations in spec["paths"].items():
+        operation = operations.get("get")
+        if operation is None:
+            continue
+        params = operation.get("parameters", [])
+        path_params = [p["name"] for p in params if p["in"] == "path"]
+        query_params = [
+            p["name"]
+            for p in params
+            if p["in"] == "query" and p.get("schema", {}).get("type") in ("string", None)
+        ]
+        url = path
+        for name in path_params:
+            url = url.replace("{" + name + "}", "req%00x")
+        queries = [f"{name}=a%00b" for name in query_params]
+        for query in [None, *queries] if path_params else queries:
+            target = url if query is None else f"{url}?{query}"
+            resp = client.get(target, headers=tenant.headers)
+            tried.append(target)
+            assert 400 <= resp.status_code < 500, (target, resp.status_code, resp.text)
+    assert any("{" not in t and "%00x" in t for t in tried), tried  # path ids were tried
+    assert any("cursor=" in t for t in tried), tried  # and query strings
