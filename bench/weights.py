@@ -80,24 +80,11 @@ def host_table(width: int, single: int) -> list[dict[str, Any]]:
     import torch
     from tests.engine.weights.writers import COMFY, write_gguf, write_original
 
-    from auraserve.engine.components import AuraFlowTransformer2DModel
-    from auraserve.engine.tiny import TEXT_DIM, build_tiny_pipeline
+    from auraserve.engine.tiny import build_tiny_pipeline, wide_transformer
 
     pipe = build_tiny_pipeline()
     torch.manual_seed(0)
-    pipe.transformer = AuraFlowTransformer2DModel(
-        sample_size=32,
-        patch_size=2,
-        in_channels=4,
-        num_mmdit_layers=2,
-        num_single_dit_layers=single,
-        attention_head_dim=64,
-        num_attention_heads=width // 64,
-        joint_attention_dim=TEXT_DIM,
-        caption_projection_dim=width,
-        out_channels=4,
-        pos_embed_max_size=48 * 48,
-    ).eval()
+    pipe.transformer = wide_transformer(width, mmdit_layers=2, single_layers=single)
     params = sum(p.numel() for p in pipe.transformer.parameters())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -145,6 +145,28 @@ def _tiny_transformer() -> AuraFlowTransformer2DModel:
     ).eval()
 
 
+def wide_transformer(
+    width: int, *, mmdit_layers: int = 1, single_layers: int = 1
+) -> AuraFlowTransformer2DModel:
+    """The tiny transformer at a real head width (64, as AuraFlow's) and `width` channels: for
+    quantisation and file-size measurements, where 8-channel heads are too small for the block
+    formats (GGUF's K-quants pack 256 values) and for the sizes to mean anything. Its weights
+    come from the caller's random state."""
+    return AuraFlowTransformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        num_mmdit_layers=mmdit_layers,
+        num_single_dit_layers=single_layers,
+        attention_head_dim=64,
+        num_attention_heads=width // 64,
+        joint_attention_dim=TEXT_DIM,
+        caption_projection_dim=width,
+        out_channels=4,
+        pos_embed_max_size=48 * 48,
+    ).eval()
+
+
 def _tiny_vae() -> AutoencoderKL:
     vae = AutoencoderKL(
         in_channels=3,

@@ -18,7 +18,7 @@ from diffusers import AuraFlowPipeline
 
 from auraserve.engine.components import AuraFlowTransformer2DModel
 from auraserve.engine.pipeline import AuraFlowEngine, load_engine
-from auraserve.engine.tiny import TEXT_DIM, build_tiny_pipeline
+from auraserve.engine.tiny import build_tiny_pipeline, wide_transformer
 from auraserve.engine.weights.probe import BadWeights
 from tests.engine.weights.conftest import draw, psnr
 from tests.engine.weights.writers import COMFY, write_gguf
@@ -32,19 +32,7 @@ def wide() -> AuraFlowPipeline:
     pipe = build_tiny_pipeline()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(19)
-        pipe.transformer = AuraFlowTransformer2DModel(
-            sample_size=32,
-            patch_size=2,
-            in_channels=4,
-            num_mmdit_layers=1,
-            num_single_dit_layers=1,
-            attention_head_dim=64,
-            num_attention_heads=4,
-            joint_attention_dim=TEXT_DIM,
-            caption_projection_dim=256,
-            out_channels=4,
-            pos_embed_max_size=48 * 48,
-        ).eval()
+        pipe.transformer = wide_transformer(256)
     return pipe
 
 
