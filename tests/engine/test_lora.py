@@ -202,7 +202,7 @@ def test_lycoris_and_dora_are_refused_when_listed(lora_dir: Path) -> None:
 
 def test_adapters_that_do_not_fit_stop_the_start(lora_dir: Path, tmp_path: Path) -> None:
     from auraserve.engine.lora import check_registry_fits
-    from auraserve.engine.weights.probe import BadWeights
+    from auraserve.errors import BadWeights
 
     transformer = build_tiny_pipeline().transformer
     registry = available_loras(lora_dir)

@@ -476,7 +476,8 @@ def check_registry_fits(
     """Check, from headers alone, that every local adapter fits the model: known layout,
     targets it has, shapes of its layers, rank within `max_rank`. Raises `BadWeights` naming
     the first file that does not; returns how many were checked. Run at worker start."""
-    from auraserve.engine.weights.probe import BadWeights, read_header
+    from auraserve.engine.weights.probe import read_header
+    from auraserve.errors import BadWeights
 
     aliases = module_aliases(transformer)
     checked = 0

@@ -19,7 +19,7 @@ from diffusers import AuraFlowPipeline
 from auraserve.engine.components import AuraFlowTransformer2DModel
 from auraserve.engine.pipeline import AuraFlowEngine, load_engine
 from auraserve.engine.tiny import TEXT_DIM, build_tiny_pipeline
-from auraserve.engine.weights.probe import BadWeights
+from auraserve.errors import BadWeights
 from tests.engine.weights.conftest import draw, psnr
 from tests.engine.weights.writers import COMFY, write_gguf
 
