@@ -262,7 +262,7 @@ def test_bad_adapters_fail_the_request_not_the_worker(engine: AuraFlowEngine) ->
         engine.generate([_request(("wide", 1.0))])
     with pytest.raises(UnsupportedRequest, match="unknown LoRA"):
         engine.generate([_request(("missing", 1.0))])
-    with pytest.raises(ValueError, match="share its LoRA"):
+    with pytest.raises(ValueError, match=r"share its batch key: .*lora:style"):
         engine.generate([_request(("style", 1.0)), _request()])
 
 
