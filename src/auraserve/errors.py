@@ -4,13 +4,15 @@
 AuraserveError                      status 500, title, message, headers, extra
 ├── RequestError                    the client can fix it; rendered 4xx by every dialect
 │   ├── InvalidParameter            400  a field is wrong: names the field and its allowed range
-│   │   └── IdempotencyKeyReused    422  an Idempotency-Key sent again with another request
+│   │   ├── IdempotencyKeyReused    422  an Idempotency-Key sent again with another request
+│   │   └── BadCursor               400  a history cursor this server did not hand out
 │   ├── ModelNotFound               400  the URL names no configured preset
 │   ├── Unauthorized                401  missing, unknown or revoked key
 │   ├── Forbidden                   403  a valid key, but an operator route needs an admin account
 │   ├── InsufficientBalance         402  (406 in the sync dialect, 429 insufficient_quota in OpenAI)
 │   ├── RequestNotFound             404  unknown id, or another account's (never 403)
 │   ├── RequestConflict             409  cancel of a finished request
+│   │   └── DeductExceedsBalance         an operator's deduct larger than the balance
 │   ├── PayloadTooLarge             413  body over AURASERVE_MAX_BODY_BYTES
 │   ├── UnsupportedMediaType        415  a body type the route does not read
 │   ├── HeadersTooLarge             431  a header line over AURASERVE_MAX_HEADER_LINE_BYTES
@@ -23,10 +25,12 @@ AuraserveError                      status 500, title, message, headers, extra
 │   ├── GenerationFailed            400  FAILED: the engine refused the request, not charged
 │   └── GenerationError             500  ERROR: the server failed, not charged
 ├── SyncTimeout                     504  the image is not ready yet; the job goes on
-├── ServerBusy                      503  every connection slot is in use (with Retry-After)
-│   └── StoreUnavailable                 the database cannot be reached right now
+├── ServiceUnavailable              503  with Retry-After: try again later
+│   ├── ServerBusy                       back-pressure: every connection slot is in use
+│   └── StoreUnavailable                 an outage: the database cannot be reached right now
 ├── ConfigError                     a setting is invalid; the process does not start
 ├── ModelLoadError                  the weights cannot be loaded; the process does not start
+│   └── BadWeights                       the weights are wrong (not unreachable): exit 2
 ├── UnsupportedRequest              the engine cannot run this request: the job ends FAILED
 ├── JobCancelled                    inside the engine: every job of the batch was cancelled
 ├── ExpansionError                  prompt expansion produced nothing usable
@@ -38,6 +42,9 @@ AuraserveError                      status 500, title, message, headers, extra
 (`api/dialects/*`); nothing outside the API knows about HTTP bodies. In the worker, only
 `UnsupportedRequest` marks a job FAILED ("your request was bad"); any other exception is a
 server fault and the job ends in ERROR. Neither is charged.
+
+Every exception class of auraserve is defined here (tests/test_errors.py scans the source), so
+this tree is the whole list of what can go wrong.
 """
 
 from __future__ import annotations
@@ -109,6 +116,13 @@ class IdempotencyKeyReused(InvalidParameter):
         )
 
 
+class BadCursor(InvalidParameter):
+    """A history `cursor` that is not one the server made (store.history decodes them)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(field="cursor", message=f"cursor: {reason}")
+
+
 class ModelNotFound(RequestError):
     status = 400
     title = "Model not found"
@@ -148,6 +162,17 @@ class RequestNotFound(RequestError):
 class RequestConflict(RequestError):
     status = 409
     title = "Conflict"
+
+
+class DeductExceedsBalance(RequestConflict):
+    """A deduct larger than the balance: refused whole, so the balance never goes below zero."""
+
+    def __init__(self, amount: int, balance: int) -> None:
+        self.amount = amount
+        self.balance = balance
+        super().__init__(
+            f"Cannot deduct {amount} credits: the balance is {balance}. Deduct at most {balance}."
+        )
 
 
 class PayloadTooLarge(RequestError):
@@ -224,17 +249,36 @@ class SyncTimeout(AuraserveError):
     title = "Gateway Timeout"
 
 
-class ServerBusy(AuraserveError):
-    """Every connection slot of the process holds a request in progress: try again shortly."""
+class ServiceUnavailable(AuraserveError):
+    """A 503 with `Retry-After`: the request was fine, the server cannot take it now. Two
+    different causes, caught apart: back-pressure (`ServerBusy`) and an outage
+    (`StoreUnavailable`)."""
 
     status = 503
     title = "Service Unavailable"
 
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after: int = 1,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            message, headers={"Retry-After": str(retry_after), **(headers or {})}, extra=extra
+        )
+
+
+class ServerBusy(ServiceUnavailable):
+    """Every connection slot of the process holds a request in progress: try again shortly."""
+
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        super().__init__(message, retry_after=retry_after)
 
 
-class StoreUnavailable(ServerBusy):
+class StoreUnavailable(ServiceUnavailable):
     """The database cannot be reached (restart, failover, network).
 
     As raised by the store, `in_doubt` tells whether a write may have happened anyway: False,
@@ -260,10 +304,8 @@ class StoreUnavailable(ServerBusy):
                 if in_doubt
                 else "The service's database is unavailable; retry shortly"
             )
-        super().__init__(message, retry_after=retry_after)
+        super().__init__(message, retry_after=retry_after, headers=headers, extra=extra)
         self.in_doubt = in_doubt
-        self.headers.update(headers or {})
-        self.extra.update(extra or {})
 
 
 # --- process start ----------------------------------------------------------------------------
@@ -275,6 +317,13 @@ class ConfigError(AuraserveError):
 
 class ModelLoadError(AuraserveError):
     """The weights could not be loaded; the message says why and what to do."""
+
+
+class BadWeights(ModelLoadError):
+    """The weights given are wrong, not unreachable: a truncated file, another architecture,
+    a shape that does not fit the components, an unknown quant type, an adapter that does not
+    fit. One line naming the file and the problem; the command exits 2 (the same weights will
+    never load, unlike a hub that is down)."""
 
 
 # --- inside the worker and the engine ---------------------------------------------------------

@@ -6,8 +6,15 @@ import pytest
 
 from auraserve.core.jobs import split_request_id
 from auraserve.core.presets import default_presets
-from auraserve.core.request import bounds, build_request, map_fields
+from auraserve.core.request import (
+    GenerationRequest,
+    bounds,
+    build_request,
+    check_one_batch,
+    map_fields,
+)
 from auraserve.errors import InvalidParameter
+from tests.batch_cases import IMAGE_URL, PER_BATCH, PER_BATCH_WITH_IMAGE, PER_ROW, changed
 
 PRESET = default_presets()["auraflow-v0-3"]
 
@@ -110,3 +117,38 @@ def test_dialect_fields_map_once_and_dialect_defaults_come_before_the_preset() -
 def test_bounds_are_the_declared_constraints() -> None:
     assert bounds("steps") == (1, 100)
     assert bounds("width") == (512, 2048)
+
+
+# --- batch compatibility: one definition (GenerationRequest.batch_key) ---------------------
+
+
+def test_every_field_is_either_per_row_or_per_batch() -> None:
+    tables = [PER_ROW, PER_BATCH, PER_BATCH_WITH_IMAGE]
+    assert sorted(name for table in tables for name in table) == sorted(
+        GenerationRequest.model_fields
+    )
+
+
+@pytest.mark.parametrize(("field", "value"), PER_ROW.items())
+def test_a_per_row_field_keeps_the_batch_key(field: str, value: object) -> None:
+    base = _build(seed=1)
+    assert changed(base, **{field: value}).batch_key == base.batch_key
+    check_one_batch([base, changed(base, **{field: value})])
+
+
+@pytest.mark.parametrize(("field", "value"), PER_BATCH.items())
+def test_a_per_batch_field_changes_the_batch_key(field: str, value: object) -> None:
+    base = _build(seed=1)
+    other = changed(base, **{field: value})
+    assert other.batch_key != base.batch_key
+    with pytest.raises(ValueError, match="share its batch key"):
+        check_one_batch([base, other])
+
+
+@pytest.mark.parametrize(("field", "value"), PER_BATCH_WITH_IMAGE.items())
+def test_with_an_image_strength_and_its_size_change_the_key(field: str, value: object) -> None:
+    base = _build(image=IMAGE_URL, strength=0.8, width=1024, height=1024)  # size given
+    assert changed(base, **{field: value}).batch_key != base.batch_key
+    assert changed(base, image="https://example.com/b.png").batch_key == base.batch_key
+    plain = _build()
+    assert changed(plain, **{field: value}).batch_key == plain.batch_key  # no image: unused

@@ -128,7 +128,7 @@ def test_a_request_without_its_decoded_image_is_unsupported(engine: AuraFlowEngi
 
 
 def test_text_and_image_requests_never_share_a_batch(engine: AuraFlowEngine) -> None:
-    with pytest.raises(ValueError, match="strength"):
+    with pytest.raises(ValueError, match="share its batch key"):
         engine.generate(
             [_request(), _request(image=_data_uri(_input_image()), strength=0.5)],
             init_images=[None, _input_image()],

@@ -202,7 +202,7 @@ def test_lycoris_and_dora_are_refused_when_listed(lora_dir: Path) -> None:
 
 def test_adapters_that_do_not_fit_stop_the_start(lora_dir: Path, tmp_path: Path) -> None:
     from auraserve.engine.lora import check_registry_fits
-    from auraserve.engine.weights.probe import BadWeights
+    from auraserve.errors import BadWeights
 
     transformer = build_tiny_pipeline().transformer
     registry = available_loras(lora_dir)
@@ -262,7 +262,7 @@ def test_bad_adapters_fail_the_request_not_the_worker(engine: AuraFlowEngine) ->
         engine.generate([_request(("wide", 1.0))])
     with pytest.raises(UnsupportedRequest, match="unknown LoRA"):
         engine.generate([_request(("missing", 1.0))])
-    with pytest.raises(ValueError, match="share its LoRA"):
+    with pytest.raises(ValueError, match=r"share its batch key: .*lora:style"):
         engine.generate([_request(("style", 1.0)), _request()])
 
 

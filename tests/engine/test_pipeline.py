@@ -17,6 +17,7 @@ from auraserve.engine.base import Engine
 from auraserve.engine.pipeline import AuraFlowEngine
 from auraserve.engine.pos_embed import max_grid_pixels
 from auraserve.errors import JobCancelled, UnsupportedRequest
+from tests.batch_cases import PER_BATCH, PER_ROW, changed
 from tests.engine.conftest import make_request, make_small_request
 
 
@@ -159,11 +160,33 @@ def test_image_i_uses_seed_plus_i(engine: AuraFlowEngine) -> None:
     assert not np.array_equal(_pixels(pair.images[0]), _pixels(pair.images[1]))
 
 
-def test_batch_must_share_its_key(engine: AuraFlowEngine) -> None:
+@pytest.mark.parametrize(("field", "value"), PER_ROW.items())
+def test_requests_with_one_batch_key_share_a_batch_unchanged(
+    engine: AuraFlowEngine, field: str, value: object
+) -> None:
+    base = make_small_request(size=64, steps=2, seed=5)
+    other = changed(base, **{field: value})
+    assert other.batch_key == base.batch_key
+    together = engine.generate([base, other])
+    for request, result in zip([base, other], together, strict=True):
+        [alone] = engine.generate([request])
+        assert len(result.images) == len(alone.images) == request.num_images
+        for image, single in zip(result.images, alone.images, strict=True):
+            assert np.array_equal(_pixels(image), _pixels(single)), field
+
+
+@pytest.mark.parametrize(("field", "value"), PER_BATCH.items())
+def test_requests_with_different_batch_keys_never_share_one(
+    engine: AuraFlowEngine, field: str, value: object
+) -> None:
+    base = make_small_request(size=64, steps=2)
+    other = changed(base, **{field: value})
+    calls: list[int] = []
     # The worker's bug, not the client's: a plain ValueError (the jobs ERROR, not FAIL).
-    with pytest.raises(ValueError, match="share") as info:
-        engine.generate([make_request(steps=2), make_request(steps=3)])
+    with pytest.raises(ValueError, match="share its batch key") as info:
+        engine.generate([base, other], on_step=lambda i, n: calls.append(i))
     assert not isinstance(info.value, UnsupportedRequest)
+    assert calls == []  # refused before any work
     assert engine.generate([]) == []
 
 

@@ -28,7 +28,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from auraserve.core.samplers import SAMPLERS
+from auraserve.core.samplers import SAMPLER_SPECS, SAMPLERS, SamplerSpec
+from auraserve.engine import sampling
 from auraserve.engine.sampling import (
     SAMPLER_NAMES,
     STOCHASTIC_SAMPLERS,
@@ -334,6 +335,44 @@ def test_sampler_needs_noise() -> None:
     }
     with pytest.raises(ValueError, match="unknown sampler"):
         sampler_needs_noise("euler_a")
+
+
+# --- the records in core.samplers say what the implementations do ---------------------------
+
+
+def test_every_record_has_an_implementation_and_every_implementation_a_record() -> None:
+    assert sorted(sampling._SAMPLERS) == sorted(spec.name for spec in SAMPLER_SPECS)
+
+
+class CountingNoise(NoiseSampler):
+    draws = 0
+
+    def draw(self) -> torch.Tensor:
+        self.draws += 1
+        return super().draw()
+
+
+@pytest.mark.parametrize("spec", SAMPLER_SPECS, ids=lambda spec: spec.name)
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_the_record_matches_what_the_sampler_does(spec: SamplerSpec, steps: int) -> None:
+    calls = 0
+
+    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return gaussian_denoiser(x, sigma)
+
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    noise = CountingNoise([torch.Generator().manual_seed(i) for i in (1, 2)], x.shape)
+    s = make_sigmas("normal", steps, 1.73, sampler=spec.name)
+    sample(spec.name, denoise, x, s, noise=noise)
+    # A step makes model_calls_per_step calls; the last one, down to σ = 0, may save some.
+    most = steps * spec.model_calls_per_step
+    assert most - (spec.model_calls_per_step - 1) <= calls <= most, calls
+    if steps > 1:  # a single step lands on σ = 0, where no sampler adds noise
+        assert (noise.draws > 0) == spec.stochastic, noise.draws
+    else:
+        assert noise.draws == 0 or spec.stochastic
 
 
 # --- the calling contract -------------------------------------------------------------------

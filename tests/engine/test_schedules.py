@@ -16,7 +16,7 @@ import scipy.stats
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from auraserve.core.samplers import SAMPLERS, SCHEDULERS
+from auraserve.core.samplers import SAMPLERS, SCHEDULERS, sampler_spec
 from auraserve.engine import schedules
 from auraserve.engine.schedules import MIN_SHIFT, SCHEDULER_NAMES, sigmas, time_shift
 
@@ -81,7 +81,7 @@ def test_contract(scheduler: str, shift: float) -> None:
 def test_comfyui_discard_penultimate_rule(sampler: str) -> None:
     plain_next = sigmas("karras", 11, 1.73)
     with_rule = sigmas("karras", 10, 1.73, sampler=sampler)
-    if sampler in ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"):
+    if sampler_spec(sampler).discard_penultimate_sigma:
         expected = torch.cat([plain_next[:-2], plain_next[-1:]])
     else:
         expected = sigmas("karras", 10, 1.73)

@@ -8,10 +8,9 @@ import threading
 
 import pytest
 
-from auraserve.errors import InsufficientBalance
+from auraserve.errors import DeductExceedsBalance, InsufficientBalance
 from auraserve.store import admin, keys, ledger
 from auraserve.store.db import Database
-from auraserve.store.ledger import DeductExceedsBalance
 
 
 def test_concurrent_deducts_take_all_or_nothing(db: Database) -> None:

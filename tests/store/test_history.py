@@ -7,6 +7,7 @@ import pytest
 from auraserve.core.jobs import JobStatus
 from auraserve.core.presets import default_presets
 from auraserve.core.request import GenerationRequest, build_request
+from auraserve.errors import BadCursor
 from auraserve.store import history, jobs, keys, ledger
 from auraserve.store.db import Database
 
@@ -76,7 +77,7 @@ def test_filters_by_status_and_reports_queue_positions(db: Database) -> None:
 def test_a_cursor_from_elsewhere_is_refused(db: Database) -> None:
     acct = keys.create_account(db, "c", credits=0).account_id
     for bad in ("nope", "", "W10", history.encode_cursor(1.0, "short")):
-        with pytest.raises(history.BadCursor):
+        with pytest.raises(BadCursor):
             history.list_jobs(db, acct, cursor=bad)
     with pytest.raises(ValueError, match="limit must be"):
         history.list_jobs(db, acct, limit=0)

@@ -34,7 +34,7 @@ from auraserve.core.lora import LoraSource
 from auraserve.core.request import PRESET_DEFAULTS, GenerationRequest
 from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
 from auraserve.core.status import iso
-from auraserve.errors import InvalidParameter, StoreUnavailable, Unauthorized
+from auraserve.errors import StoreUnavailable, Unauthorized
 from auraserve.runtime import Runtime
 from auraserve.store import history
 from auraserve.store import workers as registry
@@ -251,18 +251,16 @@ async def list_requests(
     ] = None,
     status: Annotated[JobStatus | None, Query(description="Only requests in this status")] = None,
 ) -> Response:
-    try:
-        page = await call_store(
-            runtime,
-            history.list_jobs,
-            runtime.db,
-            account.id,
-            limit=limit,
-            cursor=cursor,
-            status=status,
-        )
-    except history.BadCursor as exc:
-        raise InvalidParameter(field="cursor", message=f"cursor: {exc}") from None
+    # A cursor the server did not make raises errors.BadCursor, a 400 naming `cursor`.
+    page = await call_store(
+        runtime,
+        history.list_jobs,
+        runtime.db,
+        account.id,
+        limit=limit,
+        cursor=cursor,
+        status=status,
+    )
     return JSONResponse(
         {
             "items": [history_item(runtime, job) for job in page.jobs],

@@ -13,8 +13,13 @@ from typing import Any, NoReturn
 from auraserve import __version__
 from auraserve.cli import admin, engine, service
 from auraserve.cli.flags import add_setting_flags, other_settings_epilog
-from auraserve.engine.weights.probe import BadWeights
-from auraserve.errors import AuraserveError, ConfigError, ModelLoadError, RequestError
+from auraserve.errors import (
+    AuraserveError,
+    BadWeights,
+    ConfigError,
+    ModelLoadError,
+    RequestError,
+)
 from auraserve.observability.logs import configure_logging
 
 DESCRIPTION = """\

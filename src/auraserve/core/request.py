@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 import annotated_types
@@ -175,7 +175,12 @@ class GenerationRequest(BaseModel):
 
     @property
     def batch_key(self) -> str:
-        """Jobs with equal keys can share one batched forward pass without changing any image."""
+        """Jobs with equal keys can share one batched forward pass without changing any image.
+
+        The one definition of batch compatibility: the store writes it into each job's row and
+        claims a batch by it, and the engine refuses a batch that mixes keys
+        (`check_one_batch`). Everything else of a request (prompts, seed, guidance, images,
+        output format) the engine reads per row."""
         key = (
             f"{self.model}|{self.width}x{self.height}|{self.steps}|{self.sampler}|"
             f"{self.scheduler}|{self.shift:g}"
@@ -220,6 +225,19 @@ class GenerationRequest(BaseModel):
         # Each adapter adds LORA_PRICE_FRACTION of the base price, rounded up per image.
         per_image += math.ceil(per_image * LORA_PRICE_FRACTION * len(self.loras))
         return per_image * self.num_images
+
+
+def check_one_batch(requests: Sequence[GenerationRequest]) -> None:
+    """Raise ValueError unless every request has the first's `batch_key`: a mixed batch is
+    the caller's bug (the store claims batches by key), so its jobs ERROR rather than FAIL."""
+    if not requests:
+        return
+    key = requests[0].batch_key
+    for request in requests[1:]:
+        if request.batch_key != key:
+            raise ValueError(
+                f"a batch must share its batch key: {key!r} and {request.batch_key!r} differ"
+            )
 
 
 # Defaults that come from the preset when a dialect leaves a field out (the fields a client

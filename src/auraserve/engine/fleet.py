@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from auraserve.core.request import GenerationRequest
+from auraserve.core.request import GenerationRequest, check_one_batch
 from auraserve.engine.base import CancelCheck, Engine, JobResult, StepCallback
 from auraserve.errors import UnsupportedRequest
 
@@ -47,10 +47,8 @@ class FleetEngine:
         cancelled: CancelCheck | None = None,
         init_images: Sequence[Image.Image | None] | None = None,
     ) -> list[JobResult]:
-        models = {request.model for request in requests}
-        if len(models) > 1:
-            raise ValueError("a batch must share its model")  # the batch key keeps them apart
-        model = next(iter(models), "")
+        check_one_batch(requests)  # the key holds the model: one engine runs the batch
+        model = requests[0].model if requests else ""
         engine = self.engines.get(model)
         if engine is None:
             raise UnsupportedRequest(

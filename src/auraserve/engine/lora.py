@@ -67,7 +67,7 @@ from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
 from auraserve.core.engine_options import EngineOptions
 from auraserve.core.lora import DIFFUSERS_WEIGHT_NAME, MAX_LORAS, LoraSource, LoraSpec
-from auraserve.core.request import GenerationRequest
+from auraserve.core.request import GenerationRequest, check_one_batch
 from auraserve.engine.components import AuraFlowPipeline, AuraFlowTransformer2DModel
 from auraserve.engine.optimize import offload_mode
 from auraserve.errors import UnsupportedRequest
@@ -461,13 +461,10 @@ def _slot_weights(layer: LoraLayer, slot: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def check_same_loras(requests: Sequence[GenerationRequest]) -> tuple[LoraSpec, ...]:
-    """The batch's adapter set; a batch mixing sets is the caller's bug (the batch key keeps
-    them apart), so a ValueError: the jobs ERROR."""
-    first = requests[0].loras if requests else ()
-    for request in requests[1:]:
-        if request.loras != first:
-            raise ValueError("a batch must share its LoRA adapters and scales")
-    return first
+    """The batch's adapter set. The batch key holds it, so a batch mixing sets is a mixed
+    batch: `check_one_batch`'s ValueError (the jobs ERROR)."""
+    check_one_batch(requests)
+    return requests[0].loras if requests else ()
 
 
 def check_registry_fits(
@@ -476,7 +473,8 @@ def check_registry_fits(
     """Check, from headers alone, that every local adapter fits the model: known layout,
     targets it has, shapes of its layers, rank within `max_rank`. Raises `BadWeights` naming
     the first file that does not; returns how many were checked. Run at worker start."""
-    from auraserve.engine.weights.probe import BadWeights, read_header
+    from auraserve.engine.weights.probe import read_header
+    from auraserve.errors import BadWeights
 
     aliases = module_aliases(transformer)
     checked = 0

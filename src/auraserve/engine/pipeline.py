@@ -41,7 +41,7 @@ from PIL import Image
 
 from auraserve.core.engine_options import EngineOptions
 from auraserve.core.presets import DEFAULT_WEIGHTS
-from auraserve.core.request import SIZE_MULTIPLE, GenerationRequest
+from auraserve.core.request import SIZE_MULTIPLE, GenerationRequest, check_one_batch
 from auraserve.core.samplers import SAMPLERS, SCHEDULERS
 from auraserve.engine.base import CancelCheck, JobResult, StepCallback
 from auraserve.engine.components import AuraFlowPipeline
@@ -539,24 +539,10 @@ def _warmup_request(width: int, height: int, steps: int, guidance: float) -> Gen
 def _check_batch(requests: Sequence[GenerationRequest]) -> None:
     """A mixed batch is the caller's bug (ValueError: the jobs ERROR); a request the model
     cannot run is the client's (`UnsupportedRequest`: the job FAILS). The API validates
-    requests already; this is the engine's own word, checked before any work starts."""
+    requests already; this is the engine's own word, checked before any work starts. What
+    the batch shares (size, steps, sampler, ...) is read from its first request."""
+    check_one_batch(requests)
     first = requests[0]
-    key = (first.width, first.height, first.steps, first.sampler, first.scheduler, first.shift)
-    for request in requests[1:]:
-        other = (
-            request.width,
-            request.height,
-            request.steps,
-            request.sampler,
-            request.scheduler,
-            request.shift,
-        )
-        if other != key:
-            raise ValueError(
-                "a batch must share width, height, steps, sampler, scheduler and shift"
-            )
-        if (request.image is None, request.strength) != (first.image is None, first.strength):
-            raise ValueError("a batch must share image-to-image and strength")
     if first.width % SIZE_MULTIPLE or first.height % SIZE_MULTIPLE:
         raise UnsupportedRequest(f"width and height must be multiples of {SIZE_MULTIPLE}")
     if first.sampler not in SAMPLERS:

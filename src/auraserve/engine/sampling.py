@@ -73,24 +73,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from auraserve.core.samplers import SAMPLERS
+from auraserve.core.samplers import SAMPLER_SPECS, SAMPLERS, sampler_spec
 from auraserve.engine.base import StepCallback
 
+# Derived from the records in core.samplers (one per sampler); `_SAMPLERS` below is the
+# engine's half, and tests/engine/test_sampling.py holds it complete against them.
 SAMPLER_NAMES: tuple[str, ...] = SAMPLERS
+STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(s.name for s in SAMPLER_SPECS if s.stochastic)
 
 #: (x, sigma) -> x0 estimate, same shape as x.
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
-
-STOCHASTIC_SAMPLERS: frozenset[str] = frozenset(
-    {
-        "euler_ancestral",
-        "dpm_2_ancestral",
-        "dpmpp_2s_ancestral",
-        "dpmpp_sde",
-        "dpmpp_2m_sde",
-        "dpmpp_3m_sde",
-    }
-)
 
 _ETA = 1.0  # ComfyUI's default for every ancestral / SDE sampler
 _S_NOISE = 1.0
@@ -102,9 +94,7 @@ _SIGMA_SLACK = 1e-6  # float32 schedules may start an ulp or two above 1
 
 def sampler_needs_noise(name: str) -> bool:
     """Whether ``name`` draws fresh noise while sampling (ancestral and SDE samplers)."""
-    if name not in SAMPLER_NAMES:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLER_NAMES}")
-    return name in STOCHASTIC_SAMPLERS
+    return sampler_spec(name).stochastic
 
 
 class NoiseSampler:

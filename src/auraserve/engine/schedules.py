@@ -78,14 +78,17 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from auraserve.core.samplers import SCHEDULERS
+from auraserve.core.samplers import SAMPLER_SPECS, SCHEDULERS
 
 SCHEDULER_NAMES: tuple[str, ...] = SCHEDULERS
 
 #: Shifts below this are raised to it (see the module docstring).
 MIN_SHIFT = 1e-3
-#: ComfyUI's KSampler computes one extra sigma for these samplers and drops the penultimate.
-DISCARD_PENULTIMATE_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
+#: ComfyUI's KSampler computes one extra sigma for these samplers and drops the penultimate
+#: (`SamplerSpec.discard_penultimate_sigma`).
+DISCARD_PENULTIMATE_SAMPLERS = frozenset(
+    spec.name for spec in SAMPLER_SPECS if spec.discard_penultimate_sigma
+)
 
 _TRAIN_STEPS = 1000  # ModelSamplingDiscreteFlow's table size and timestep multiplier
 _KARRAS_RHO = 7.0

@@ -220,7 +220,7 @@ def adjust_credits(
     actor_key_id: str,
 ) -> Adjustment:
     """Grant or deduct `amount` credits, recorded as one ledger entry with the admin key's id
-    and the reason. Raises LookupError (no account) or ledger.DeductExceedsBalance."""
+    and the reason. Raises LookupError (no account) or DeductExceedsBalance."""
     with db.write() as conn:
         if kind == "grant":
             balance = ledger.grant_in(conn, account_id, amount, reason, actor_key_id=actor_key_id)

@@ -18,16 +18,13 @@ from typing import Any
 from sqlalchemy import Connection, Select, and_, func, or_, select
 
 from auraserve.core.jobs import Job, JobStatus, request_id
+from auraserve.errors import BadCursor
 from auraserve.store.db import Database
 from auraserve.store.jobs import ACTIVE, QUEUED, queue_position_in
 from auraserve.store.schema import accounts, jobs, ledger
 
 MAX_PAGE = 100
 MAX_LEDGER_ENTRIES = 100
-
-
-class BadCursor(ValueError):
-    """The cursor was not one this module made (the API turns it into a 400)."""
 
 
 @dataclass(frozen=True)

@@ -16,20 +16,9 @@ from typing import NoReturn
 
 from sqlalchemy import Connection, Select, bindparam, insert, select, update
 
-from auraserve.errors import InsufficientBalance, QueueLimitReached, RequestConflict
+from auraserve.errors import DeductExceedsBalance, InsufficientBalance, QueueLimitReached
 from auraserve.store.db import Database
 from auraserve.store.schema import accounts, ledger
-
-
-class DeductExceedsBalance(RequestConflict):
-    """A deduct larger than the balance: refused whole, so the balance never goes below zero."""
-
-    def __init__(self, amount: int, balance: int) -> None:
-        self.amount = amount
-        self.balance = balance
-        super().__init__(
-            f"Cannot deduct {amount} credits: the balance is {balance}. Deduct at most {balance}."
-        )
 
 
 def grant_in(

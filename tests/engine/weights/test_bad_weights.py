@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from auraserve.engine.pipeline import load_engine
-from auraserve.engine.weights.probe import BadWeights
+from auraserve.errors import BadWeights
 from tests.engine.weights.writers import COMFY, write_original
 
 

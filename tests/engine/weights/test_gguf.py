@@ -19,7 +19,7 @@ from diffusers import AuraFlowPipeline
 from auraserve.engine.components import AuraFlowTransformer2DModel
 from auraserve.engine.pipeline import AuraFlowEngine, load_engine
 from auraserve.engine.tiny import build_tiny_pipeline, wide_transformer
-from auraserve.engine.weights.probe import BadWeights
+from auraserve.errors import BadWeights
 from tests.engine.weights.conftest import draw, psnr
 from tests.engine.weights.writers import COMFY, write_gguf
 

@@ -11,7 +11,8 @@ import pytest
 
 from auraserve.engine.weights.footprint import shapes
 from auraserve.engine.weights.keymap import diffusers_to_original
-from auraserve.engine.weights.probe import BadWeights, probe, render
+from auraserve.engine.weights.probe import probe, render
+from auraserve.errors import BadWeights
 from tests.engine.weights.writers import COMFY, write_all_in_one, write_sparse_safetensors
 
 

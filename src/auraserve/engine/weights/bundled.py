@@ -20,8 +20,9 @@ from safetensors import safe_open
 from transformers import PreTrainedModel, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from auraserve.engine.components import AutoencoderKL
-from auraserve.engine.weights.probe import BadWeights, WeightsFile
+from auraserve.engine.weights.probe import WeightsFile
 from auraserve.engine.weights.single_file import stream_into
+from auraserve.errors import BadWeights
 
 _TIED = "encoder.embed_tokens.weight"
 

@@ -19,7 +19,8 @@ import torch
 from diffusers.quantizers.quantization_config import GGUFQuantizationConfig
 
 from auraserve.engine.components import AuraFlowTransformer2DModel
-from auraserve.engine.weights.probe import BadWeights, WeightsFile
+from auraserve.engine.weights.probe import WeightsFile
+from auraserve.errors import BadWeights
 
 # Config values the file's shapes decide; they override the components' config.
 _FROM_SHAPES = (

@@ -10,8 +10,8 @@ import torch
 
 from auraserve.engine.components import AuraFlowPipeline
 from auraserve.engine.weights import bundled, components, single_file
-from auraserve.engine.weights.probe import BadWeights, WeightsFile, probe
-from auraserve.errors import ModelLoadError
+from auraserve.engine.weights.probe import WeightsFile, probe
+from auraserve.errors import BadWeights, ModelLoadError
 
 
 def _first_line(exc: BaseException) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from auraserve.errors import ModelLoadError
+from auraserve.errors import BadWeights
 
 Format = Literal["safetensors", "gguf"]
 Layout = Literal["original", "diffusers"]
@@ -66,13 +66,6 @@ _OTHERS: tuple[tuple[str, str], ...] = (
     ("transformer_blocks.0.attn.to_q.weight", "a DiT checkpoint of another family"),
 )
 _LORA = re.compile(r"(lora_(up|down|A|B)|\.hada_w|\.lokr_w|\.alpha$|lora_te_|lora_unet_)")
-
-
-class BadWeights(ModelLoadError):
-    """The weights given are wrong, not unreachable: a truncated file, another architecture,
-    a shape that does not fit the components, an unknown quant type, an adapter that does not
-    fit. One line naming the file and the problem; the command exits 2 (the same weights will
-    never load, unlike a hub that is down)."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from torch import nn
 
 from auraserve.engine.components import AuraFlowTransformer2DModel
 from auraserve.engine.weights.keymap import convert_tensor, original_to_diffusers
-from auraserve.engine.weights.probe import BadWeights, WeightsFile
+from auraserve.engine.weights.probe import WeightsFile
+from auraserve.errors import BadWeights
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
