@@ -412,6 +412,7 @@ class Settings(BaseSettings):
     def model_post_init(self, context: Any, /) -> None:
         # Built here, once, rather than on first use: the worker's thread and the API's loop
         # would otherwise race to build it.
+        super().model_post_init(context)
         self.outbound  # noqa: B018
 
     @property
