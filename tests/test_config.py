@@ -128,3 +128,15 @@ def test_the_parallel_timeout_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("AURASERVE_PARALLEL_TIMEOUT_S", "0")
     with pytest.raises(ConfigError, match="AURASERVE_PARALLEL_TIMEOUT_S"):
         load_settings()
+
+
+def test_the_outbound_policy_is_built_once_from_the_webhook_settings() -> None:
+    settings = load_settings(webhook_allow_hosts=["127.0.0.1", "localhost"])
+    policy = settings.outbound
+    assert policy is settings.outbound is settings.webhooks.outbound
+    assert policy.addresses.host_allowed("localhost") and not policy.allow_http
+    assert settings.model_copy().outbound is policy
+    # A copy with other values builds its own; the original keeps its policy.
+    opened = settings.model_copy(update={"webhook_allow_hosts": [], "webhook_allow_http": True})
+    assert opened.outbound.allow_http and not opened.outbound.addresses.host_allowed("localhost")
+    assert settings.outbound is policy

@@ -57,7 +57,8 @@ def test_service_modules_and_the_whole_app_load_no_model_stack(settings: Setting
 
         # Every module of the service side, not only what the app happens to import.
         # Alembic's env.py runs migrations when imported, so migrations are left to the app.
-        for package in ("config", "core", "store", "webhooks", "media", "api", "worker"):
+        service = ("config", "core", "store", "outbound", "webhooks", "media", "api", "worker")
+        for package in service:
             module = importlib.import_module(f"auraserve.{package}")
             for info in pkgutil.walk_packages(
                 getattr(module, "__path__", []), prefix=f"auraserve.{package}."

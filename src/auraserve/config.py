@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -35,9 +36,9 @@ from auraserve.core.engine_options import EngineOptions
 from auraserve.core.lora import LoraSource, available_loras, is_hub_id
 from auraserve.core.presets import ModelPreset, default_presets
 from auraserve.errors import ConfigError
+from auraserve.outbound import OutboundPolicy, parse_allow_list
 from auraserve.store.urls import normalise_database_url
 from auraserve.webhooks.settings import DEFAULT_SCHEDULE, WebhookSettings
-from auraserve.webhooks.ssrf import AddressPolicy
 
 
 class Settings(BaseSettings):
@@ -152,6 +153,8 @@ class Settings(BaseSettings):
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Accept plain http:// webhook URLs (development only; the hosted Queue API requires https).
     webhook_allow_http: bool = False
+    # The policy built from the two above (`outbound`), with the values it was built from.
+    _outbound: tuple[tuple[tuple[str, ...], bool], OutboundPolicy] | None = PrivateAttr(None)
     # Delay before attempt n, in seconds (Standard Webhooks schedule); jittered by ±10 %.
     webhook_schedule: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [float(d) for d in DEFAULT_SCHEDULE]
@@ -275,7 +278,7 @@ class Settings(BaseSettings):
     @field_validator("webhook_allow_hosts")
     @classmethod
     def _valid_allow_hosts(cls, value: list[str]) -> list[str]:
-        AddressPolicy(value)  # raises ValueError naming a bad entry
+        parse_allow_list(value)  # raises ValueError naming a bad entry
         return value
 
     @field_validator("webhook_schedule")
@@ -406,11 +409,31 @@ class Settings(BaseSettings):
             return self.public_url.rstrip("/")
         return f"http://{self.host}:{self.port}"
 
+    def model_post_init(self, context: Any, /) -> None:
+        # Built here, once, rather than on first use: the worker's thread and the API's loop
+        # would otherwise race to build it.
+        super().model_post_init(context)
+        self.outbound  # noqa: B018
+
+    @property
+    def outbound(self) -> OutboundPolicy:
+        """Where this process may send HTTP requests (webhook deliveries, image fetches).
+
+        Built once, from webhook_allow_hosts and webhook_allow_http (one operator decision for
+        every outbound request), and the same object every time after; only a copy with other
+        values (`model_copy(update=...)`, a test's assignment) builds its own.
+        """
+        key = (tuple(self.webhook_allow_hosts), self.webhook_allow_http)
+        built = self._outbound
+        if built is None or built[0] != key:
+            policy = OutboundPolicy.from_allow_list(key[0], allow_http=key[1])
+            built = self._outbound = (key, policy)
+        return built[1]
+
     @property
     def webhooks(self) -> WebhookSettings:
         return WebhookSettings(
-            allow_hosts=tuple(self.webhook_allow_hosts),
-            allow_http=self.webhook_allow_http,
+            outbound=self.outbound,
             schedule=tuple(self.webhook_schedule),
             timeout=self.webhook_timeout_seconds,
             sync_interval=self.webhook_sync_interval_seconds,

@@ -345,7 +345,8 @@ class ExpansionError(AuraserveError):
 
 
 class BlockedAddress(AuraserveError):
-    """A webhook host resolves (at least partly) to an address we refuse to connect to.
+    """An outbound request's host (a webhook's, an image URL's) resolves, at least partly, to
+    an address we refuse to connect to.
 
     `host` is the name as given in the URL, `address` the offending address (None when the
     name resolved to nothing) and `reason` a short classification ("loopback", ...).
@@ -359,7 +360,7 @@ class BlockedAddress(AuraserveError):
         self.address = address
         self.reason = reason
         if address is None or str(address) == host:
-            text = f"webhook host {host!r} is not allowed: {reason}"
+            text = f"host {host!r} is not allowed: {reason}"
         else:
-            text = f"webhook host {host!r} resolves to {address}, which is not allowed: {reason}"
+            text = f"host {host!r} resolves to {address}, which is not allowed: {reason}"
         super().__init__(text)

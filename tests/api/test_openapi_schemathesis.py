@@ -53,7 +53,7 @@ DEVIATIONS = {
     # bounded size is an image.
     "image",
     # A webhook URL: the document says https://; literal loopback, private and link-local
-    # addresses (and credentials in the URL) are refused as well (webhooks.ssrf).
+    # addresses (and credentials in the URL) are refused as well (outbound.policy).
     "X-Webhook-URL",
     # Image-to-image strength: without an image, any value but 1 (text-to-image) is refused.
     "strength",

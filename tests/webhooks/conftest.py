@@ -26,6 +26,9 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from auraserve.webhooks.signing import new_secret
 
+# DNS for made-up names is the outbound guard's fixture; the delivery tests use it too.
+from tests.outbound.conftest import fake_dns  # noqa: F401
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -236,48 +239,3 @@ def named_receiver(_named_receiver: Receiver) -> Receiver:
     """HTTPS receiver whose certificate is valid only for ``hooks.example.test``."""
     _named_receiver.requests.clear()
     return _named_receiver
-
-
-class FakeDNS:
-    """Stands in for DNS for chosen made-up names only; every other name resolves normally.
-
-    DNS is not available in the test environment, and the point of several tests is to control
-    exactly what a name resolves to — including making the answer change between lookups, as a
-    DNS-rebinding attacker would. Only `socket.getaddrinfo` is replaced; connections are real.
-    """
-
-    def __init__(self) -> None:
-        self.answers: dict[str, Callable[[], list[str]]] = {}
-        self.calls: list[str] = []
-        self._real = socket.getaddrinfo
-
-    def set(self, name: str, *ips: str) -> None:
-        """Make ``name`` resolve to ``ips`` (none: NXDOMAIN)."""
-        self.answers[name.lower()] = lambda: list(ips)
-
-    def set_dynamic(self, name: str, answer: Callable[[], list[str]]) -> None:
-        """Make ``name`` resolve to whatever ``answer()`` returns at each lookup."""
-        self.answers[name.lower()] = answer
-
-    def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
-        name = host.decode() if isinstance(host, bytes) else host
-        key = name.lower().rstrip(".") if isinstance(name, str) else None
-        if key is None or key not in self.answers:
-            return self._real(host, port, *args, **kwargs)
-        self.calls.append(key)
-        result: list[Any] = []
-        for ip in self.answers[key]():
-            if ":" in ip:
-                result.append((socket.AF_INET6, socket.SOCK_STREAM, 6, "", (ip, port, 0, 0)))
-            else:
-                result.append((socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)))
-        if not result:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return result
-
-
-@pytest.fixture
-def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
-    dns = FakeDNS()
-    monkeypatch.setattr(socket, "getaddrinfo", dns.getaddrinfo)
-    return dns

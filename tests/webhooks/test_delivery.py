@@ -16,21 +16,23 @@ from pathlib import Path
 
 import pytest
 
+from auraserve.outbound import OutboundLimits, OutboundPolicy
 from auraserve.webhooks.delivery import (
     DEFAULT_SCHEDULE,
     MAX_ATTEMPTS,
+    MAX_RESPONSE_BYTES,
     MAX_RETRY_AFTER,
     DeliveryResult,
-    PinnedNetworkBackend,
     deliver,
     next_delay,
     parse_retry_after,
+    webhook_limits,
 )
 from auraserve.webhooks.signing import signed_headers
-from auraserve.webhooks.ssrf import AddressPolicy
-from tests.webhooks.conftest import NAMED_HOST, FakeDNS, Receiver
+from tests.outbound.conftest import FakeDNS
+from tests.webhooks.conftest import NAMED_HOST, Receiver
 
-DEV_POLICY = AddressPolicy(["127.0.0.1", "::1", "localhost"])
+DEV_POLICY = OutboundPolicy.from_allow_list(["127.0.0.1", "::1", "localhost"])
 BODY = json.dumps({"id": "job_1", "status": "succeeded"}).encode()
 
 
@@ -43,11 +45,11 @@ async def _send(
     secret: str,
     context: ssl.SSLContext | bool | None,
     *,
-    policy: AddressPolicy = DEV_POLICY,
+    policy: OutboundPolicy = DEV_POLICY,
     timeout: float = 5.0,
 ) -> DeliveryResult:
     return await deliver(
-        url, BODY, _headers(secret), policy=policy, timeout=timeout, verify=context
+        url, BODY, _headers(secret), policy=policy, limits=webhook_limits(timeout), verify=context
     )
 
 
@@ -239,7 +241,7 @@ async def test_loopback_blocked_before_any_connection(
                 f"https://{host}:{port}/hook",
                 webhook_secret,
                 trusting_context,
-                policy=AddressPolicy(),
+                policy=OutboundPolicy(),
             )
             assert result.outcome == "retry"
             assert (result.error or "").startswith("blocked address")
@@ -253,7 +255,7 @@ async def test_loopback_blocked_before_any_connection(
 async def test_allowed_when_in_allow_list(
     receiver: Receiver, webhook_secret: str, trusting_context: ssl.SSLContext
 ) -> None:
-    by_address = AddressPolicy(["127.0.0.1"])
+    by_address = OutboundPolicy.from_allow_list(["127.0.0.1"])
     result = await _send(
         f"https://127.0.0.1:{receiver.port}/hook",
         webhook_secret,
@@ -261,7 +263,7 @@ async def test_allowed_when_in_allow_list(
         policy=by_address,
     )
     assert result.outcome == "delivered", result.error
-    by_name = AddressPolicy(["localhost"])
+    by_name = OutboundPolicy.from_allow_list(["localhost"])
     result = await _send(
         f"https://localhost:{receiver.port}/hook", webhook_secret, trusting_context, policy=by_name
     )
@@ -300,7 +302,9 @@ async def test_pinned_connection_uses_checked_ip_and_verifies_name(
     answers = iter([["127.0.0.1"]])
     fake_dns.set_dynamic(NAMED_HOST, lambda: next(answers, ["169.254.169.254"]))
     url = f"https://{NAMED_HOST}:{named_receiver.port}/hook"
-    result = await _send(url, webhook_secret, trusting_context, policy=AddressPolicy(["127.0.0.1"]))
+    result = await _send(
+        url, webhook_secret, trusting_context, policy=OutboundPolicy.from_allow_list(["127.0.0.1"])
+    )
     assert result.outcome == "delivered", result.error
     assert result.remote_address == "127.0.0.1"
     assert fake_dns.calls == [NAMED_HOST], "the name must be resolved exactly once"
@@ -310,7 +314,9 @@ async def test_pinned_connection_uses_checked_ip_and_verifies_name(
     assert seen.headers["host"] == f"{NAMED_HOST}:{named_receiver.port}"
 
     # Had the check seen the rebinding answer, nothing would have been sent at all.
-    result = await _send(url, webhook_secret, trusting_context, policy=AddressPolicy(["127.0.0.1"]))
+    result = await _send(
+        url, webhook_secret, trusting_context, policy=OutboundPolicy.from_allow_list(["127.0.0.1"])
+    )
     assert result.outcome == "retry" and "metadata" in (result.error or "")
     assert len(named_receiver.requests) == 1
 
@@ -327,7 +333,7 @@ async def test_pinning_falls_back_across_checked_addresses(
         f"https://{NAMED_HOST}:{named_receiver.port}/hook",
         webhook_secret,
         trusting_context,
-        policy=AddressPolicy(["127.0.0.0/8"]),
+        policy=OutboundPolicy.from_allow_list(["127.0.0.0/8"]),
     )
     assert result.outcome == "delivered", result.error
     assert result.remote_address == "127.0.0.1"
@@ -338,23 +344,11 @@ async def test_mixed_public_private_answer_never_connects(
 ) -> None:
     fake_dns.set("mixed.example.test", "93.184.215.14", "10.0.0.5")
     result = await _send(
-        "https://mixed.example.test/hook", webhook_secret, trusting_context, policy=AddressPolicy()
+        "https://mixed.example.test/hook", webhook_secret, trusting_context, policy=OutboundPolicy()
     )
     assert result.outcome == "retry"
     assert "10.0.0.5" in (result.error or "")
     assert result.remote_address is None
-
-
-async def test_backend_refuses_other_hosts() -> None:
-    import ipaddress
-
-    import httpcore
-
-    backend = PinnedNetworkBackend("hooks.example.test", [ipaddress.ip_address("127.0.0.1")])
-    with pytest.raises(httpcore.ConnectError, match="pinned"):
-        await backend.connect_tcp("evil.example.test", 443)
-    with pytest.raises(httpcore.ConnectError):
-        await backend.connect_unix_socket("/var/run/docker.sock")
 
 
 # -- schedule ----------------------------------------------------------------------------------
@@ -423,10 +417,17 @@ async def test_plain_http_only_with_allow_http(webhook_secret: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/hook"
-    refused = await deliver(url, BODY, _headers(webhook_secret), policy=DEV_POLICY)
+    limits = webhook_limits(2)
+    refused = await deliver(url, BODY, _headers(webhook_secret), policy=DEV_POLICY, limits=limits)
     assert refused.outcome == "gone" and "https" in (refused.error or "")
-    attempted = await deliver(
-        url, BODY, _headers(webhook_secret), policy=DEV_POLICY, allow_http=True, timeout=2
-    )
+    dev_http = OutboundPolicy(addresses=DEV_POLICY.addresses, allow_http=True)
+    attempted = await deliver(url, BODY, _headers(webhook_secret), policy=dev_http, limits=limits)
     assert attempted.outcome == "retry"
     assert (attempted.error or "").startswith("connection failed")
+
+
+def test_webhook_limits() -> None:
+    assert webhook_limits(10) == OutboundLimits(
+        total=10, connect=5, max_body_bytes=MAX_RESPONSE_BYTES
+    )
+    assert webhook_limits(2).connect == 2  # the connect bound never outlasts the attempt

@@ -1,4 +1,4 @@
-"""The worker's side of image-to-image: fetching through the SSRF guard, limits, decoding,
+"""The worker's side of image-to-image: fetching through the outbound guard, limits, decoding,
 sizes taken from the image, and a bad image failing only its own job, uncharged."""
 
 from __future__ import annotations
@@ -14,13 +14,21 @@ import pytest
 from PIL import Image
 
 from auraserve.config import Settings
+from auraserve.core.image_input import MAX_FETCH_BYTES
 from auraserve.core.jobs import JobStatus
 from auraserve.core.request import GenerationRequest, build_request
 from auraserve.errors import UnsupportedRequest
+from auraserve.outbound import OutboundLimits, OutboundPolicy
 from auraserve.runtime import Runtime
 from auraserve.store import jobs, keys, ledger
-from auraserve.webhooks.ssrf import AddressPolicy
-from auraserve.worker.inputs import FetchPolicy, decode, fetch, load_image, resolve_size
+from auraserve.worker.inputs import (
+    FETCH_TIMEOUT_SECONDS,
+    IMAGE_FETCH_LIMITS,
+    decode,
+    fetch,
+    load_image,
+    resolve_size,
+)
 from tests.worker.test_worker import MODEL, _wait
 
 
@@ -72,11 +80,17 @@ def origin() -> Iterator[str]:
     server.server_close()
 
 
-LOCAL = FetchPolicy(addresses=AddressPolicy(["127.0.0.1"]), allow_http=True, max_bytes=4096)
+LOCAL = OutboundPolicy.from_allow_list(["127.0.0.1"], allow_http=True)
+SMALL = OutboundLimits(total=15.0, connect=15.0, max_body_bytes=4096)
+
+
+def test_image_fetch_limits_keep_their_values() -> None:
+    assert IMAGE_FETCH_LIMITS.total == IMAGE_FETCH_LIMITS.connect == FETCH_TIMEOUT_SECONDS == 15
+    assert IMAGE_FETCH_LIMITS.max_body_bytes == MAX_FETCH_BYTES
 
 
 def test_a_url_is_fetched_and_decoded(origin: str) -> None:
-    image = load_image(f"{origin}/cat.png", LOCAL)
+    image = load_image(f"{origin}/cat.png", LOCAL, SMALL)
     assert image.size == (40, 24) and image.mode == "RGB"
 
 
@@ -92,15 +106,15 @@ def test_a_url_is_fetched_and_decoded(origin: str) -> None:
 )
 def test_fetch_limits_fail_with_a_message_naming_image(origin: str, path: str, reason: str) -> None:
     with pytest.raises(UnsupportedRequest, match=r"^image: ") as caught:
-        load_image(f"{origin}{path}", LOCAL)
+        load_image(f"{origin}{path}", LOCAL, SMALL)
     assert reason in caught.value.message
 
 
 def test_the_ssrf_guard_refuses_loopback_unless_allowed(origin: str) -> None:
     with pytest.raises(UnsupportedRequest, match=r"image: .*disallowed address"):
-        fetch(f"{origin}/cat.png", FetchPolicy(allow_http=True))
+        fetch(f"{origin}/cat.png", OutboundPolicy(allow_http=True))
     with pytest.raises(UnsupportedRequest, match=r"image: .*https"):
-        fetch(f"{origin}/cat.png", FetchPolicy(addresses=AddressPolicy(["127.0.0.1"])))
+        fetch(f"{origin}/cat.png", OutboundPolicy.from_allow_list(["127.0.0.1"]))
 
 
 def test_a_name_resolving_to_a_private_address_is_refused_at_connect_time(
@@ -113,7 +127,7 @@ def test_a_name_resolving_to_a_private_address_is_refused_at_connect_time(
 
     monkeypatch.setattr(socket, "getaddrinfo", private)
     with pytest.raises(UnsupportedRequest, match="image: unreachable \\(blocked address"):
-        fetch("https://images.example.com/cat.png", FetchPolicy())
+        fetch("https://images.example.com/cat.png", OutboundPolicy())
 
 
 def test_an_unreachable_host_fails_the_job_not_the_worker() -> None:
@@ -123,7 +137,7 @@ def test_an_unreachable_host_fails_the_job_not_the_worker() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
     with pytest.raises(UnsupportedRequest, match="image: unreachable"):
-        fetch(f"http://127.0.0.1:{port}/x.png", LOCAL)
+        fetch(f"http://127.0.0.1:{port}/x.png", LOCAL, SMALL)
 
 
 def test_decompression_bombs_are_refused_before_decoding() -> None:
@@ -132,7 +146,7 @@ def test_decompression_bombs_are_refused_before_decoding() -> None:
 
 
 def test_inline_images_decode_without_any_fetch() -> None:
-    assert load_image(_data_uri(_png(17, 9)), FetchPolicy()).size == (17, 9)
+    assert load_image(_data_uri(_png(17, 9)), OutboundPolicy()).size == (17, 9)
 
 
 def _request(**fields: Any) -> GenerationRequest:

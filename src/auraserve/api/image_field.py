@@ -1,10 +1,10 @@
 """The `image` field at submit: what the API can judge without decoding anything.
 
 `core.request.build_request` has already checked the field's form (and, for inline images,
-the base64, the size and the format signature). A URL also gets the webhooks' submit-time SSRF
-check here, with the operator's webhook allow list: https only (http only where
-AURASERVE_WEBHOOK_ALLOW_HTTP allows it for webhooks), no credentials, no disguised numeric
-hosts, no literal private or loopback address. Names are resolved only by the worker, right
+the base64, the size and the format signature). A URL also gets the outbound guard's
+submit-time check here (`Settings.outbound`, the policy webhooks use too): https only (http only
+where AURASERVE_WEBHOOK_ALLOW_HTTP allows it), no credentials, no disguised numeric hosts, no
+literal private or loopback address. Names are resolved only by the worker, right
 before it connects to the addresses it checked (`worker.inputs`).
 """
 
@@ -19,7 +19,6 @@ from auraserve.config import Settings
 from auraserve.core.image_input import ALLOWED, MAX_INLINE_BYTES, parse_image
 from auraserve.core.request import GenerationRequest
 from auraserve.errors import InvalidParameter
-from auraserve.webhooks.ssrf import AddressPolicy, validate_webhook_url
 
 
 def check_image_url(
@@ -33,13 +32,9 @@ def check_image_url(
         return
     public = names.get("image", "image")
     try:
-        validate_webhook_url(
-            source.url,
-            allow_http=settings.webhook_allow_http,
-            policy=AddressPolicy(settings.webhook_allow_hosts),
-        )
+        settings.outbound.check_url(source.url, field=public, noun="the URL")
     except InvalidParameter as exc:
-        reason = exc.message.replace("The webhook URL", "the URL").rstrip(".")
+        reason = exc.message.rstrip(".")
         raise InvalidParameter(
             field=public, message=f"{public}: {reason}", allowed=ALLOWED
         ) from None

@@ -1,20 +1,10 @@
-"""One webhook delivery attempt, connected to the address that passed the SSRF check.
+"""One webhook delivery attempt, through the outbound guard.
 
-Why not simply ``httpx.AsyncClient().post(url)``? Because httpx (like every client) resolves the
-host name itself when it connects. Checking the name with `AddressPolicy` first and letting the
-client resolve it again afterwards leaves a window in which the DNS answer can change ("DNS
-rebinding"): the check sees a public address, the connection goes to 169.254.169.254. So we
-resolve once, check every address, and then make the connection to exactly those addresses while
-TLS still uses the *name* for SNI and certificate verification, so a pinned connection is as well
-authenticated as a normal one.
-
-How the pinning is done: httpcore (the transport layer under httpx, and one of its hard
-dependencies) accepts a pluggable ``network_backend`` on its public `httpcore.AsyncConnectionPool`
-API. `PinnedNetworkBackend.connect_tcp` ignores the resolver entirely and opens the TCP connection
-to the checked IPs; httpcore then calls ``start_tls(server_hostname=<URL host>)`` on that stream as
-usual. httpx's own transport offers no public hook for a network backend, so we talk to httpcore
-directly; for a single POST whose response we barely read that is also the smaller surface: no
-redirects (httpcore never follows them), no proxies from the environment, no cookies, no retries.
+The URL is checked again (a stored URL may predate a rule change), then POSTed once through
+`outbound.transport.OutboundCall`: the host is resolved once, every address must pass the
+process's `OutboundPolicy` (the one the image fetches use too), and the connection is pinned to
+the checked addresses with TLS verifying the name. No redirects are followed, the whole attempt
+is bounded by `webhook_limits`, and at most `MAX_RESPONSE_BYTES` of the answer are read.
 
 The result is a plain `DeliveryResult` the outbox stores; `next_delay` turns it into the time of
 the next attempt following the Standard Webhooks retry schedule.
@@ -22,34 +12,25 @@ the next attempt following the Standard Webhooks retry schedule.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import random
 import re
 import socket
 import ssl
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
-import anyio
-import anyio.to_thread
-import httpcore
 import httpx
 
-from auraserve.errors import InvalidParameter
+from auraserve.errors import BlockedAddress, InvalidParameter
 from auraserve.observability import metrics
-from auraserve.webhooks.settings import DEFAULT_SCHEDULE
-from auraserve.webhooks.ssrf import (
-    AddressPolicy,
-    BlockedAddress,
-    IPAddress,
-    validate_webhook_url,
-)
+from auraserve.outbound import OutboundLimits, OutboundPolicy
+from auraserve.outbound.transport import OutboundCall, read_capped
+from auraserve.webhooks.settings import DEFAULT_SCHEDULE, check_webhook_url
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +42,10 @@ __all__ = [
     "USER_AGENT",
     "DeliveryResult",
     "Outcome",
-    "PinnedNetworkBackend",
-    "default_ssl_context",
     "deliver",
     "next_delay",
     "parse_retry_after",
+    "webhook_limits",
 ]
 
 Outcome = Literal["delivered", "retry", "gone"]
@@ -80,15 +60,17 @@ MAX_RESPONSE_BYTES = 64 * 1024
 """We read at most this much of a response: we only need the status, and a hostile receiver must
 not be able to make us buffer an endless body."""
 
-DEFAULT_CONNECT_TIMEOUT = 5.0
-MAX_ADDRESSES_TRIED = 4
-"""Addresses of one name tried in turn when connecting fails (bounded: each may take a timeout)."""
-
 USER_AGENT = "auraserve-webhooks/1"
 _ERROR_EXCERPT = 200
 
 # Headers we set ourselves; a caller's value for them would desynchronise framing or pinning.
 _RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+
+def webhook_limits(timeout: float) -> OutboundLimits:
+    """A delivery attempt's limits: ``timeout`` for the whole attempt (DNS included) and each
+    read or write, the default connect bound within it, `MAX_RESPONSE_BYTES` of answer."""
+    return OutboundLimits.within(timeout, max_body_bytes=MAX_RESPONSE_BYTES)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,131 +97,6 @@ class DeliveryResult:
     @property
     def delivered(self) -> bool:
         return self.outcome == "delivered"
-
-
-# ---------------------------------------------------------------------------------------------
-# Pinned connections
-# ---------------------------------------------------------------------------------------------
-
-
-class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):
-    """An httpcore network backend that connects only to pre-checked IP addresses.
-
-    httpcore asks it to ``connect_tcp(host, port)`` with the URL's host name; we ignore the name's
-    DNS and connect to the addresses `AddressPolicy.resolve_and_check` returned, in order. TLS is
-    layered on afterwards by httpcore with ``server_hostname`` = the URL host, so SNI and hostname
-    verification are unaffected. A request for any *other* host (which cannot happen with our
-    single-origin pool, but would with a proxy or a future refactor) is refused rather than
-    silently pinned to the wrong place.
-    """
-
-    def __init__(
-        self,
-        host: str,
-        addresses: Sequence[IPAddress],
-        inner: httpcore.AsyncNetworkBackend | None = None,
-    ) -> None:
-        if not addresses:
-            raise ValueError("at least one pinned address is required")
-        self.host = host.lower()
-        self.addresses: tuple[IPAddress, ...] = tuple(addresses)
-        self._inner = inner if inner is not None else httpcore.AnyIOBackend()
-        self.connected_address: str | None = None
-
-    @staticmethod
-    def _connect_target(addr: IPAddress) -> str:
-        # Dial IPv4-mapped addresses as plain IPv4: same destination, works without dual-stack.
-        mapped = getattr(addr, "ipv4_mapped", None)
-        return str(mapped if mapped is not None else addr)
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        if host.lower() != self.host:
-            raise httpcore.ConnectError(
-                f"refusing to connect to {host!r}: this connection is pinned to {self.host!r}"
-            )
-        last_exc: Exception | None = None
-        for addr in self.addresses[:MAX_ADDRESSES_TRIED]:
-            target = self._connect_target(addr)
-            try:
-                stream = await self._inner.connect_tcp(
-                    target,
-                    port,
-                    timeout=timeout,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last_exc = exc
-                continue
-            self.connected_address = target
-            return stream
-        assert last_exc is not None
-        raise last_exc
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("webhook deliveries never use Unix sockets")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-# ---------------------------------------------------------------------------------------------
-# TLS trust
-# ---------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_default_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
-    if cafile or capath:
-        return ssl.create_default_context(cafile=cafile or None, capath=capath or None)
-    context = ssl.create_default_context()
-    if context.cert_store_stats().get("x509_ca", 0) == 0:
-        # Slim containers often ship no system CA bundle; fall back to Mozilla's via certifi
-        # (installed with httpx) rather than failing every delivery.
-        try:
-            import certifi
-
-            context.load_verify_locations(cafile=certifi.where())
-        except (ImportError, OSError):  # pragma: no cover - depends on the image
-            pass
-    return context
-
-
-def default_ssl_context() -> ssl.SSLContext:
-    """The verifying TLS context used when ``deliver`` is not given one.
-
-    Honours the standard ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` variables (as OpenSSL, requests and
-    httpx do: when set they *replace* the trust store, which is how operators add a private CA),
-    otherwise uses the system store, falling back to certifi when the system store is empty.
-    Contexts are cached per variable values because loading a bundle costs milliseconds.
-    """
-    return _cached_default_context(
-        os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None
-    )
-
-
-def _ssl_context(verify: ssl.SSLContext | bool | None) -> ssl.SSLContext:
-    if isinstance(verify, ssl.SSLContext):
-        return verify
-    if verify is False:
-        # Development only: encrypts, but accepts any certificate for any name.
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    return default_ssl_context()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,13 +174,6 @@ def _excerpt(data: bytes) -> str:
     return text[:_ERROR_EXCERPT] + ("…" if len(text) > _ERROR_EXCERPT else "")
 
 
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())[:300]
@@ -334,28 +184,25 @@ async def deliver(
     body: bytes,
     headers: Mapping[str, str],
     *,
-    policy: AddressPolicy,
-    timeout: float = 10.0,
+    policy: OutboundPolicy,
+    limits: OutboundLimits,
     verify: ssl.SSLContext | bool | None = None,
-    connect_timeout: float | None = None,
-    max_response_bytes: int = MAX_RESPONSE_BYTES,
-    allow_http: bool = False,
 ) -> DeliveryResult:
     """POST ``body`` to ``url`` once and classify the outcome. Never raises for network trouble.
 
     Steps: re-validate the URL (a stored URL may predate a rule change); resolve and check the host
     with ``policy`` (all addresses must pass); connect to a checked address with SNI/certificate
-    verification for the URL's host name; send; read at most ``max_response_bytes`` of the reply.
+    verification for the URL's host name; send; read at most ``limits.max_body_bytes`` of the
+    reply.
 
     Args:
         headers: typically `signing.signed_headers(...)`; Host, Content-Length and Connection are
             set here and cannot be overridden.
-        timeout: bound on the whole attempt, DNS included, and on each read/write.
-        verify: an SSLContext to trust, ``True``/``None`` for `default_ssl_context()`, or
+        policy: the process's outbound policy (`Settings.outbound`), also deciding whether plain
+            ``http://`` URLs are delivered to (development only).
+        limits: typically `webhook_limits(settings.timeout)`.
+        verify: an SSLContext to trust, ``True``/``None`` for the default trust store, or
             ``False`` to skip verification (development only).
-        connect_timeout: bound on each TCP+TLS connect; defaults to min(5 s, timeout).
-        allow_http: deliver to ``http://`` URLs too (development only; mirrors
-            `validate_webhook_url`).
 
     Outcome: 2xx → ``delivered``; 410 → ``gone``; a URL that fails validation → ``gone`` (it can
     never succeed); redirects are *not* followed (following one would bypass the address check)
@@ -373,97 +220,53 @@ async def deliver(
         )
 
     try:
-        normalised = validate_webhook_url(url, allow_http=allow_http)
+        # Literal addresses are judged when resolving below, as a retry like any blocked one.
+        normalised = check_webhook_url(url, policy, literal_addresses=False)
     except InvalidParameter as exc:
         return result("gone", error=f"invalid webhook URL: {exc.message}")
 
-    parsed = httpx.URL(normalised)
-    host = parsed.raw_host.decode("ascii")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    host_header = f"[{host}]" if ":" in host else host
-    if parsed.port is not None:
-        host_header += f":{parsed.port}"
-
-    request_headers: list[tuple[bytes, bytes]] = [
-        (b"Host", host_header.encode("ascii")),
-        (b"User-Agent", USER_AGENT.encode("ascii")),
-        (b"Content-Length", str(len(body)).encode("ascii")),
-        (b"Connection", b"close"),
-    ]
+    request_headers = {"User-Agent": USER_AGENT}
     if not any(k.lower() == "content-type" for k in headers):
-        request_headers.append((b"Content-Type", b"application/json"))
+        request_headers["Content-Type"] = "application/json"
     for key, value in headers.items():
         if key.lower() not in _RESERVED_HEADERS:
-            request_headers.append((key.encode("latin-1"), value.encode("latin-1")))
+            request_headers[key] = value
 
-    connect_limit = (
-        min(DEFAULT_CONNECT_TIMEOUT, timeout) if connect_timeout is None else connect_timeout
-    )
-    extensions = {
-        "timeout": {"connect": connect_limit, "read": timeout, "write": timeout, "pool": timeout}
-    }
-    target = httpcore.URL(
-        scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port, target=parsed.raw_path
-    )
-
-    backend: PinnedNetworkBackend | None = None
+    call = OutboundCall(policy, limits, verify=verify)
+    host = httpx.URL(normalised).raw_host.decode("ascii")
     try:
-        with anyio.fail_after(timeout):
-            addresses = await anyio.to_thread.run_sync(
-                policy.resolve_and_check, host, port, abandon_on_cancel=True
-            )
-            backend = PinnedNetworkBackend(host, addresses)
-            async with (
-                httpcore.AsyncConnectionPool(
-                    ssl_context=_ssl_context(verify) if parsed.scheme == "https" else None,
-                    max_connections=1,
-                    keepalive_expiry=0,
-                    http1=True,
-                    http2=False,
-                    retries=0,
-                    network_backend=backend,
-                ) as pool,
-                pool.stream(
-                    "POST",
-                    target,
-                    headers=request_headers,
-                    content=bytes(body),
-                    extensions=extensions,
-                ) as response,
-            ):
-                received = bytearray()
-                async for chunk in response.aiter_stream():
-                    received += chunk[: max_response_bytes - len(received)]
-                    if len(received) >= max_response_bytes:
-                        break
+        async with call.stream(
+            "POST", normalised, headers=request_headers, content=bytes(body)
+        ) as response:
+            received, _ = await read_capped(response, limits.max_body_bytes)
     except BlockedAddress as exc:
         logger.warning("webhook delivery blocked: %s", exc)
         return result("retry", error=f"blocked address: {exc}")
     except TimeoutError:
         return result(
             "retry",
-            error=f"timed out after {timeout:g} s",
-            remote_address=backend.connected_address if backend else None,
+            error=f"timed out after {limits.total:g} s",
+            remote_address=call.remote_address,
         )
-    except httpcore.ConnectTimeout:
-        return result("retry", error=f"connect timeout after {connect_limit:g} s")
-    except httpcore.TimeoutException as exc:
+    except httpx.ConnectTimeout:
+        return result("retry", error=f"connect timeout after {limits.connect:g} s")
+    except httpx.TimeoutException as exc:
         kind = {
-            httpcore.ReadTimeout: "read timeout",
-            httpcore.WriteTimeout: "write timeout",
+            httpx.ReadTimeout: "read timeout",
+            httpx.WriteTimeout: "write timeout",
         }.get(type(exc), "timeout")
         return result(
             "retry",
-            error=f"{kind} after {timeout:g} s",
-            remote_address=backend.connected_address if backend else None,
+            error=f"{kind} after {limits.total:g} s",
+            remote_address=call.remote_address,
         )
-    except httpcore.ConnectError as exc:
+    except httpx.ConnectError as exc:
         return result("retry", error=f"connection failed: {_describe(exc)}")
-    except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
+    except httpx.TransportError as exc:
         return result(
             "retry",
             error=f"{type(exc).__name__}: {_describe(exc)}",
-            remote_address=backend.connected_address if backend else None,
+            remote_address=call.remote_address,
         )
     except socket.gaierror as exc:
         return result("retry", error=f"DNS resolution failed for {host!r}: {_describe(exc)}")
@@ -473,15 +276,15 @@ async def deliver(
         logger.exception("unexpected error delivering webhook to %s", host)
         return result("retry", error=f"unexpected error: {type(exc).__name__}: {_describe(exc)}")
 
-    status = response.status
-    remote = backend.connected_address
+    status = response.status_code
+    remote = call.remote_address
     if 200 <= status < 300:
         return result("delivered", status_code=status, remote_address=remote)
-    retry_after = parse_retry_after(_header(response.headers, b"retry-after"))
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
     if status == 410:
         return result("gone", status_code=status, error="HTTP 410 Gone", remote_address=remote)
     if 300 <= status < 400:
-        location = _header(response.headers, b"location")
+        location = response.headers.get("location")
         detail = (
             f" (HTTP {status}" + (f" to {_excerpt(location.encode())}" if location else "") + ")"
         )
@@ -492,7 +295,7 @@ async def deliver(
             retry_after=retry_after,
             remote_address=remote,
         )
-    excerpt = _excerpt(bytes(received))
+    excerpt = _excerpt(received)
     return result(
         "retry",
         status_code=status,

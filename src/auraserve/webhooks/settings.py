@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from auraserve.webhooks.ssrf import AddressPolicy
+from auraserve.outbound import OutboundPolicy
 
-__all__ = ["DEFAULT_SCHEDULE", "WebhookSettings"]
+__all__ = ["DEFAULT_SCHEDULE", "URL_FIELD", "WebhookSettings", "check_webhook_url"]
 
 #: Delay before attempt n (0-based), in seconds, defined here once: immediately, 5 s, 5 min,
 #: 30 min, 2 h, 5 h, 10 h, 10 h — the Standard Webhooks / Svix schedule, about 27.6 h in all.
 DEFAULT_SCHEDULE: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+
+URL_FIELD = "X-Webhook-URL"
+"""The request header a webhook URL comes from; errors name it so clients know what to fix."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -23,9 +26,8 @@ class WebhookSettings:
     """The webhook settings of one process.
 
     Attributes:
-        allow_hosts: hosts or networks deliveries may reach although they are loopback or
-            private (development and tests); see `AddressPolicy`.
-        allow_http: accept plain ``http://`` webhook URLs (development only).
+        outbound: the process's outbound policy (`Settings.outbound`, built once): which
+            addresses deliveries may reach and whether plain ``http://`` is accepted.
         schedule: delay before attempt *n*, in seconds; `DEFAULT_SCHEDULE` unless configured.
         timeout: bound on one delivery attempt, in seconds.
         sync_interval: sync mode sends progress at most this often, in seconds.
@@ -33,14 +35,17 @@ class WebhookSettings:
         public_url: base of the absolute URLs in the status bodies the callbacks carry.
     """
 
-    allow_hosts: tuple[str, ...]
-    allow_http: bool
+    outbound: OutboundPolicy
     schedule: tuple[float, ...]
     timeout: float
     sync_interval: float
     concurrency: int
     public_url: str
 
-    def policy(self) -> AddressPolicy:
-        """The address policy deliveries and submitted URLs are checked against."""
-        return AddressPolicy(self.allow_hosts)
+
+def check_webhook_url(url: str, policy: OutboundPolicy, *, literal_addresses: bool = True) -> str:
+    """A webhook URL checked under ``policy`` (`OutboundPolicy.check_url`), its errors naming
+    the X-Webhook-URL header; the normalised URL to store and deliver to."""
+    return policy.check_url(
+        url, field=URL_FIELD, noun="The webhook URL", literal_addresses=literal_addresses
+    )

@@ -3,11 +3,11 @@
 The API only checked the field's form (`core.image_input`); everything that needs the bytes
 happens here, where a slow fetch or a hostile file costs one job and never the API:
 
-* a URL is fetched through the webhooks' SSRF guard: the host is resolved once, *every* address
-  must pass the same `AddressPolicy` as webhook deliveries (same operator allow list), and the
-  connection is pinned to the checked addresses (`webhooks.delivery.PinnedNetworkBackend`), so
-  DNS rebinding cannot move it; redirects are not followed; at most `MAX_FETCH_BYTES`, within
-  `FETCH_TIMEOUT_SECONDS`, and only a PNG, JPEG or WebP content type;
+* a URL is fetched through the outbound guard (`auraserve.outbound`), the one webhook deliveries
+  use: the host is resolved once, *every* address must pass the process's `OutboundPolicy` (same
+  operator allow list), and the connection is pinned to the checked addresses, so DNS rebinding
+  cannot move it; redirects are not followed; at most `MAX_FETCH_BYTES`, within
+  `FETCH_TIMEOUT_SECONDS` (`IMAGE_FETCH_LIMITS`), and only a PNG, JPEG or WebP content type;
 * the bytes must be a PNG, JPEG or WebP whose canvas is at most `MAX_INPUT_PIXELS`, checked from
   the header before the pixels are allocated (decompression bombs);
 * any failure ends that job FAILED with a message naming `image` (`UnsupportedRequest`: the
@@ -26,9 +26,8 @@ import math
 import re
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import httpcore
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -42,23 +41,20 @@ from auraserve.core.image_input import (
 from auraserve.core.jobs import Job
 from auraserve.core.request import SIZE_MULTIPLE, GenerationRequest, bounds
 from auraserve.errors import BlockedAddress, InvalidParameter, UnsupportedRequest
-from auraserve.webhooks.delivery import PinnedNetworkBackend, default_ssl_context
-from auraserve.webhooks.ssrf import AddressPolicy, validate_webhook_url
+from auraserve.outbound import OutboundLimits, OutboundPolicy
+from auraserve.outbound.transport import OutboundCall, read_capped
 
 FETCH_TIMEOUT_SECONDS = 15.0
+IMAGE_FETCH_LIMITS = OutboundLimits(
+    # The whole fetch is bounded; a connect may take all of it (the fetch has no other step).
+    total=FETCH_TIMEOUT_SECONDS,
+    connect=FETCH_TIMEOUT_SECONDS,
+    max_body_bytes=MAX_FETCH_BYTES,
+)
+USER_AGENT = "auraserve-image-fetch"
 _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 # A Python object's repr in a library's message (`<_io.BytesIO object at 0x7f…>`).
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
-
-
-@dataclass(frozen=True)
-class FetchPolicy:
-    """Where and how much the worker may fetch; built from the webhook settings."""
-
-    addresses: AddressPolicy = field(default_factory=AddressPolicy)
-    allow_http: bool = False
-    max_bytes: int = MAX_FETCH_BYTES
-    timeout: float = FETCH_TIMEOUT_SECONDS
 
 
 @dataclass
@@ -75,8 +71,11 @@ class Inputs:
         return any(image is not None for image in self.images)
 
 
-def load_inputs(jobs: Sequence[Job], policy: FetchPolicy) -> Inputs:
-    """Load every job's input image once per distinct value (batch mates often share one)."""
+def load_inputs(
+    jobs: Sequence[Job], policy: OutboundPolicy, limits: OutboundLimits = IMAGE_FETCH_LIMITS
+) -> Inputs:
+    """Load every job's input image once per distinct value (batch mates often share one);
+    URLs are fetched under ``policy``, the process's outbound policy (`Settings.outbound`)."""
     loaded: dict[str, Image.Image | str] = {}
     inputs = Inputs(jobs=[], images=[], failed=[])
     for job in jobs:
@@ -87,7 +86,7 @@ def load_inputs(jobs: Sequence[Job], policy: FetchPolicy) -> Inputs:
             continue
         if value not in loaded:
             try:
-                loaded[value] = load_image(value, policy)
+                loaded[value] = load_image(value, policy, limits)
             except UnsupportedRequest as exc:
                 loaded[value] = exc.message
         outcome = loaded[value]
@@ -100,13 +99,15 @@ def load_inputs(jobs: Sequence[Job], policy: FetchPolicy) -> Inputs:
     return inputs
 
 
-def load_image(value: str, policy: FetchPolicy) -> Image.Image:
+def load_image(
+    value: str, policy: OutboundPolicy, limits: OutboundLimits = IMAGE_FETCH_LIMITS
+) -> Image.Image:
     """The field's image, decoded to RGB; `UnsupportedRequest` naming `image` otherwise."""
     try:
         source = parse_image(value)
     except ValueError as exc:
         raise UnsupportedRequest(f"image: {exc}") from None
-    data = fetch(source.url, policy) if source.kind == "url" else source.data
+    data = fetch(source.url, policy, limits) if source.kind == "url" else source.data
     return decode(data)
 
 
@@ -139,86 +140,50 @@ def decode(data: bytes) -> Image.Image:
     return image
 
 
-def fetch(url: str, policy: FetchPolicy) -> bytes:
-    """GET `url` through the SSRF guard (see the module docstring); the body's bytes."""
+def fetch(url: str, policy: OutboundPolicy, limits: OutboundLimits = IMAGE_FETCH_LIMITS) -> bytes:
+    """GET `url` through the outbound guard (see the module docstring); the body's bytes."""
     try:
-        normalised = validate_webhook_url(
-            url, allow_http=policy.allow_http, policy=policy.addresses
-        )
+        normalised = policy.check_url(url, field="image", noun="the URL")
     except InvalidParameter as exc:
-        reason = exc.message.replace("The webhook URL", "the URL")
-        raise UnsupportedRequest(f"image: {reason}") from None
+        raise UnsupportedRequest(f"image: {exc.message}") from None
     try:
-        return asyncio.run(asyncio.wait_for(_get(normalised, policy), policy.timeout))
+        return asyncio.run(_get(normalised, policy, limits))
     except UnsupportedRequest:
         raise
     except BlockedAddress as exc:
         raise UnsupportedRequest(f"image: unreachable (blocked address: {exc.reason})") from None
     except TimeoutError:
         raise UnsupportedRequest(
-            f"image: unreachable (no answer within {policy.timeout:g} s)"
+            f"image: unreachable (no answer within {limits.total:g} s)"
         ) from None
     except socket.gaierror as exc:
         raise UnsupportedRequest(f"image: unreachable (DNS: {exc.strerror or exc})") from None
-    except (httpcore.ConnectError, httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
+    except (httpx.TransportError, OSError) as exc:
         raise UnsupportedRequest(f"image: unreachable ({type(exc).__name__}: {exc})") from None
 
 
-async def _get(url: str, policy: FetchPolicy) -> bytes:
-    parsed = httpx.URL(url)
-    host = parsed.raw_host.decode("ascii")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    # Resolved off the event loop; the connection goes only to these checked addresses.
-    addresses = await asyncio.to_thread(policy.addresses.resolve_and_check, host, port)
-    host_header = f"[{host}]" if ":" in host else host
-    if parsed.port is not None:
-        host_header += f":{parsed.port}"
-    target = httpcore.URL(
-        scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port, target=parsed.raw_path
-    )
-    headers = [
-        (b"Host", host_header.encode("ascii")),
-        (b"User-Agent", b"auraserve-image-fetch"),
-        (b"Accept", ", ".join(IMAGE_MEDIA_TYPES).encode("ascii")),
-        (b"Connection", b"close"),
-    ]
-    async with (
-        httpcore.AsyncConnectionPool(
-            ssl_context=default_ssl_context() if parsed.scheme == "https" else None,
-            max_connections=1,
-            keepalive_expiry=0,
-            retries=0,
-            network_backend=PinnedNetworkBackend(host, addresses),
-        ) as pool,
-        pool.stream("GET", target, headers=headers) as response,
-    ):
-        status = response.status
+async def _get(url: str, policy: OutboundPolicy, limits: OutboundLimits) -> bytes:
+    headers = {"User-Agent": USER_AGENT, "Accept": ", ".join(IMAGE_MEDIA_TYPES)}
+    call = OutboundCall(policy, limits)
+    async with call.stream("GET", url, headers=headers) as response:
+        status = response.status_code
         if 300 <= status < 400:
             raise UnsupportedRequest(f"image: unreachable (HTTP {status}; redirects are refused)")
         if status != 200:
             raise UnsupportedRequest(f"image: unreachable (HTTP {status})")
-        media_type = (_header(response.headers, b"content-type") or "").split(";")[0]
+        media_type = response.headers.get("content-type", "").split(";")[0]
         if media_type.strip().lower() not in IMAGE_MEDIA_TYPES:
             raise UnsupportedRequest(
                 f"image: content type {media_type or 'missing'!r} is not one of "
                 + ", ".join(IMAGE_MEDIA_TYPES)
             )
-        length = _header(response.headers, b"content-length")
-        if length is not None and length.isdigit() and int(length) > policy.max_bytes:
-            raise UnsupportedRequest(f"image: larger than {policy.max_bytes} bytes")
-        body = bytearray()
-        async for chunk in response.aiter_stream():
-            body += chunk
-            if len(body) > policy.max_bytes:
-                raise UnsupportedRequest(f"image: larger than {policy.max_bytes} bytes")
-    return bytes(body)
-
-
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
+        length = response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            raise UnsupportedRequest(f"image: larger than {limits.max_body_bytes} bytes")
+        body, more = await read_capped(response, limits.max_body_bytes)
+        if more:
+            raise UnsupportedRequest(f"image: larger than {limits.max_body_bytes} bytes")
+    return body
 
 
 def resolve_size(request: GenerationRequest, image: Image.Image) -> GenerationRequest:

@@ -40,8 +40,7 @@ from auraserve.store import jobs
 from auraserve.store import media as media_rows
 from auraserve.store import workers as registry
 from auraserve.store.db import Database
-from auraserve.webhooks.ssrf import AddressPolicy
-from auraserve.worker.inputs import FetchPolicy, load_inputs
+from auraserve.worker.inputs import load_inputs
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +332,8 @@ class Worker:
                 log_line=f"started on {self.worker_id} (attempt {claimed[0].attempts})",
             )
             # Image-to-image inputs are fetched and decoded here; a bad one fails its own job.
-            inputs = load_inputs(claimed, self._fetch_policy())
+            # Through the process's one outbound policy, the webhooks' guard and allow list.
+            inputs = load_inputs(claimed, self.settings.outbound)
             for failed, error in inputs.failed:
                 self._finish(batch, failed, JobStatus.FAILED, error)
             claimed = batch.jobs = inputs.jobs
@@ -384,13 +384,6 @@ class Worker:
             )
         for job, result in zip(claimed, results, strict=True):
             self._settle(batch, job, result)
-
-    def _fetch_policy(self) -> FetchPolicy:
-        # The webhooks' guard and allow list: one operator decision for every outbound fetch.
-        return FetchPolicy(
-            addresses=AddressPolicy(self.settings.webhook_allow_hosts),
-            allow_http=self.settings.webhook_allow_http,
-        )
 
     def _settle(self, batch: _Batch, job: Job, result: JobResult) -> None:
         if job.id not in batch.owned:

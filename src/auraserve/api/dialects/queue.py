@@ -24,7 +24,7 @@ from auraserve.core.jobs import Job
 from auraserve.errors import InvalidParameter
 from auraserve.runtime import Runtime
 from auraserve.webhooks import outbox
-from auraserve.webhooks.ssrf import AddressPolicy, validate_webhook_url
+from auraserve.webhooks.settings import check_webhook_url
 
 
 class QueueDialect(Dialect):
@@ -84,12 +84,7 @@ def webhook_of(request: Request, runtime: Runtime) -> Webhook | None:
         if mode is not None and mode.strip().lower() not in outbox.MODES:
             raise _bad_mode()
         return None
-    settings = runtime.settings
-    normalised = validate_webhook_url(
-        url.strip(),
-        allow_http=settings.webhook_allow_http,
-        policy=AddressPolicy(settings.webhook_allow_hosts),
-    )
+    normalised = check_webhook_url(url.strip(), runtime.settings.outbound)
     chosen = (mode or outbox.TERMINAL_MODE).strip().lower()
     if chosen not in outbox.MODES:
         raise _bad_mode()

@@ -34,7 +34,7 @@ from auraserve.store import keys
 from auraserve.store.db import Database
 from auraserve.store.schema import accounts, webhook_deliveries
 from auraserve.store.schema import jobs as jobs_table
-from auraserve.webhooks.delivery import DeliveryResult, deliver, next_delay
+from auraserve.webhooks.delivery import DeliveryResult, deliver, next_delay, webhook_limits
 from auraserve.webhooks.outbox.transaction import (
     DELIVERED,
     FAILED,
@@ -79,7 +79,9 @@ class Dispatcher:
         self.settings = settings
         # Renders image URLs in the progress bodies it records (the process's media store).
         self.media_url = media_url
-        self.policy = settings.policy()
+        # The process's one outbound policy (shared with the image fetches), built by Settings.
+        self.policy = settings.outbound
+        self.limits = webhook_limits(settings.timeout)
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         # The latest send of each job in flight here: a job's next send waits for it, so one
@@ -240,8 +242,7 @@ class Dispatcher:
                 item.payload,
                 headers,
                 policy=self.policy,
-                timeout=self.settings.timeout,
-                allow_http=self.settings.allow_http,
+                limits=self.limits,
             )
         except Exception as exc:  # deliver() does not raise for network trouble; a bug might
             log.exception("webhook delivery %s crashed", item.event_id)

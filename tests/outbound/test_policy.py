@@ -1,4 +1,5 @@
-"""The SSRF rules as tables: what is refused (and why), what passes, and URL syntax."""
+"""The outbound guard's rules as tables: what is refused (and why), what passes, URL syntax,
+and the policy object the process builds once."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ import socket
 import pytest
 
 from auraserve.errors import InvalidParameter
-from auraserve.webhooks.ssrf import AddressPolicy, BlockedAddress, validate_webhook_url
-from tests.webhooks.conftest import FakeDNS
+from auraserve.outbound import (
+    AddressPolicy,
+    BlockedAddress,
+    OutboundPolicy,
+    parse_allow_list,
+    validate_url,
+)
+from tests.outbound.conftest import FakeDNS
 
 DEV_ALLOW = ["127.0.0.1", "::1", "localhost", "10.0.0.0/8"]
 
@@ -140,6 +147,20 @@ def test_allow_list_never_opens_metadata_or_multicast_by_range() -> None:
 def test_bad_allow_entry_rejected() -> None:
     with pytest.raises(ValueError, match="neither a host nor a network"):
         AddressPolicy(["https://example.com"])
+    with pytest.raises(ValueError, match=r"'https://example\.com'"):
+        parse_allow_list(["localhost", "https://example.com"])
+
+
+def test_allow_list_parsing() -> None:
+    hosts, networks = parse_allow_list([" Localhost. ", "", "10.0.0.0/8", "::1", "127.0.0.1"])
+    assert hosts == frozenset({"localhost"})
+    assert [str(n) for n in networks] == ["10.0.0.0/8", "::1/128", "127.0.0.1/32"]
+
+
+def test_policies_compare_by_their_allow_list() -> None:
+    assert AddressPolicy(["127.0.0.1", "localhost"]) == AddressPolicy(["LOCALHOST", "127.0.0.1"])
+    assert AddressPolicy(["127.0.0.1"]) != AddressPolicy()
+    assert len({AddressPolicy(["::1"]), AddressPolicy(["::1"])}) == 1
 
 
 # -- resolution --------------------------------------------------------------------------------
@@ -237,7 +258,7 @@ def test_resolution_failure_is_an_oserror(fake_dns: FakeDNS) -> None:
     ],
 )
 def test_valid_urls(url: str, expected: str) -> None:
-    assert validate_webhook_url(url) == expected
+    assert validate_url(url) == expected
 
 
 @pytest.mark.parametrize(
@@ -277,27 +298,27 @@ def test_valid_urls(url: str, expected: str) -> None:
 )
 def test_invalid_urls(url: str, message: str) -> None:
     with pytest.raises(InvalidParameter) as info:
-        validate_webhook_url(url)
-    assert info.value.field == "X-Webhook-URL"
+        validate_url(url)
+    assert info.value.field == "url"
     assert info.value.status == 400
     assert message.lower() in info.value.message.lower()
 
 
 def test_http_allowed_only_when_asked() -> None:
     with pytest.raises(InvalidParameter, match="plain http"):
-        validate_webhook_url("http://localhost:8000/hook")
-    assert validate_webhook_url("http://localhost:8000/hook", allow_http=True) == (
+        validate_url("http://localhost:8000/hook")
+    assert validate_url("http://localhost:8000/hook", allow_http=True) == (
         "http://localhost:8000/hook"
     )
     with pytest.raises(InvalidParameter):
-        validate_webhook_url("ftp://localhost/", allow_http=True)
+        validate_url("ftp://localhost/", allow_http=True)
 
 
 def test_length_limit_is_inclusive() -> None:
     base = "https://hooks.example.com/"
     url = base + "a" * (2048 - len(base))
     assert len(url) == 2048
-    assert validate_webhook_url(url) == url
+    assert validate_url(url) == url
 
 
 def test_policy_checks_literal_hosts_at_submit_time() -> None:
@@ -311,10 +332,38 @@ def test_policy_checks_literal_hosts_at_submit_time() -> None:
         "https://app.localhost/hook",
     ):
         with pytest.raises(InvalidParameter, match="disallowed address"):
-            validate_webhook_url(url, policy=policy)
+            validate_url(url, policy=policy)
     # Names are not resolved at submit time; literals that pass, pass.
-    assert validate_webhook_url("https://hooks.example.com/", policy=policy)
-    assert validate_webhook_url("https://93.184.215.14/", policy=policy)
+    assert validate_url("https://hooks.example.com/", policy=policy)
+    assert validate_url("https://93.184.215.14/", policy=policy)
     dev = AddressPolicy(DEV_ALLOW)
-    assert validate_webhook_url("https://127.0.0.1:8443/hook", policy=dev)
-    assert validate_webhook_url("https://localhost:8443/hook", policy=dev)
+    assert validate_url("https://127.0.0.1:8443/hook", policy=dev)
+    assert validate_url("https://localhost:8443/hook", policy=dev)
+
+
+def test_errors_name_the_callers_field_and_noun() -> None:
+    with pytest.raises(InvalidParameter) as info:
+        validate_url("http://hooks.example.com/", field="X-Webhook-URL", noun="The webhook URL")
+    assert info.value.field == "X-Webhook-URL"
+    assert info.value.message.startswith("The webhook URL must use https://")
+    with pytest.raises(InvalidParameter) as info:
+        validate_url("https://127.1/", field="image", noun="the URL")
+    assert info.value.field == "image"
+    assert info.value.message == "the URL's host looks like a non-canonical IP address."
+
+
+# -- the policy of one process -----------------------------------------------------------------
+
+
+def test_outbound_policy_checks_urls_with_its_allow_list_and_http_switch() -> None:
+    strict = OutboundPolicy()
+    dev = OutboundPolicy.from_allow_list(DEV_ALLOW, allow_http=True)
+    url = "http://127.0.0.1:8000/x"
+    with pytest.raises(InvalidParameter, match="plain http"):
+        strict.check_url(url, field="url")
+    assert dev.check_url(url, field="url") == url
+    with pytest.raises(InvalidParameter, match="disallowed address: loopback"):
+        strict.check_url("https://127.0.0.1/x", field="url")
+    # Skipping the literal check leaves it to resolve_and_check (a caller that resolves anyway).
+    assert strict.check_url("https://127.0.0.1/x", field="url", literal_addresses=False)
+    assert dev == OutboundPolicy.from_allow_list(list(reversed(DEV_ALLOW)), allow_http=True)

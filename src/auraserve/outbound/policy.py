@@ -1,16 +1,17 @@
-"""Keep webhook deliveries from being turned against our own network (SSRF).
+"""Where this process may send HTTP requests: the address policy and the URL rules (SSRF guard).
 
-A webhook URL is chosen by the client, and the server POSTs to it from inside our network. Without
-care that is a way to reach cloud metadata services (credentials!), admin ports on loopback, or
-anything on the private network. Defence happens in two places:
+Webhook URLs and image-to-image `image` URLs are chosen by clients, and the server fetches or
+POSTs to them from inside our network. Without care that is a way to reach cloud metadata
+services (credentials!), admin ports on loopback, or anything on the private network. Defence
+happens in two places, the same for every outbound request:
 
-1. `validate_webhook_url` — at submit time, a cheap *syntax* check so that obviously bad URLs are
-   refused with a 400 before a job is queued. It performs no DNS lookup: a name that is fine now may
-   be repointed later (and vice versa), so resolution-time checks cannot be done here.
-2. `AddressPolicy.resolve_and_check` — at delivery time, resolve the host and refuse unless *every*
-   address is globally routable unicast. The delivery code then connects to exactly the addresses
-   that were checked (see `delivery.py`), which closes the DNS-rebinding gap between "check" and
-   "connect".
+1. `validate_url` — when the URL is submitted, a cheap *syntax* check so that obviously bad URLs
+   are refused with a 400 before a job is queued. It performs no DNS lookup: a name that is fine
+   now may be repointed later (and vice versa), so resolution-time checks cannot be done here.
+2. `AddressPolicy.resolve_and_check` — when the request is made, resolve the host and refuse
+   unless *every* address is globally routable unicast. The transport then connects to exactly
+   the addresses that were checked (`outbound.transport`), which closes the DNS-rebinding gap
+   between "check" and "connect".
 
 Addresses are judged by explicit tables rather than only by `ipaddress`'s ``is_global``/
 ``is_private`` flags, because those tables changed between Python patch releases and do not treat
@@ -20,7 +21,9 @@ that is where the packets end up.
 
 Development and tests need to reach ``localhost`` or a private network, so `AddressPolicy` takes
 an allow list of host names and networks. It is an escape hatch for operators, never fed from
-client input.
+client input. `OutboundPolicy` bundles it with the plain-http switch; the process builds one from
+its settings (`Settings.outbound`) and hands it to both the webhook deliveries and the image
+fetches, so one operator decision governs every outbound request.
 """
 
 from __future__ import annotations
@@ -29,15 +32,13 @@ import ipaddress
 import re
 import socket
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
 from auraserve.errors import BlockedAddress, InvalidParameter, IPAddress
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-FIELD = "X-Webhook-URL"
-"""The request header the URL comes from; errors name it so clients know what to fix."""
 
 MAX_URL_LENGTH = 2048
 
@@ -46,7 +47,9 @@ __all__ = [
     "AddressPolicy",
     "BlockedAddress",
     "IPAddress",
-    "validate_webhook_url",
+    "OutboundPolicy",
+    "parse_allow_list",
+    "validate_url",
 ]
 
 
@@ -171,8 +174,36 @@ def _normalise_host(host: str) -> str:
     return host.rstrip(".")
 
 
+def parse_allow_list(allow: Iterable[str]) -> tuple[frozenset[str], tuple[IPNetwork, ...]]:
+    """The host names and the networks of an operator allow list (blank entries skipped).
+
+    Raises:
+        ValueError: naming an entry that is neither a host name, an address nor a network.
+    """
+    hosts: set[str] = set()
+    networks: list[IPNetwork] = []
+    for raw in allow:
+        entry = raw.strip()
+        if not entry:
+            continue
+        ip = _parse_ip(entry)
+        if ip is not None:
+            networks.append(ipaddress.ip_network(ip))
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+            continue
+        except ValueError:
+            pass
+        name = _normalise_host(entry)
+        if not _HOSTNAME_RE.fullmatch(name):
+            raise ValueError(f"allow-list entry {raw!r} is neither a host nor a network")
+        hosts.add(name)
+    return frozenset(hosts), tuple(networks)
+
+
 class AddressPolicy:
-    """Which destinations a webhook delivery may connect to.
+    """Which destinations an outbound request (webhook, image fetch) may connect to.
 
     By default only globally routable unicast addresses pass. ``allow`` is the operator's escape
     hatch for development and tests, e.g. ``["127.0.0.1", "::1", "localhost", "10.0.0.0/8"]``:
@@ -188,33 +219,24 @@ class AddressPolicy:
     """
 
     def __init__(self, allow: Iterable[str] = ()) -> None:
-        hosts: set[str] = set()
-        networks: list[IPNetwork] = []
-        for raw in allow:
-            entry = raw.strip()
-            if not entry:
-                continue
-            ip = _parse_ip(entry)
-            if ip is not None:
-                networks.append(ipaddress.ip_network(ip))
-                continue
-            try:
-                networks.append(ipaddress.ip_network(entry, strict=False))
-                continue
-            except ValueError:
-                pass
-            name = _normalise_host(entry)
-            if not _HOSTNAME_RE.fullmatch(name):
-                raise ValueError(
-                    f"webhook allow-list entry {raw!r} is neither a host nor a network"
-                )
-            hosts.add(name)
-        self.allowed_hosts: frozenset[str] = frozenset(hosts)
-        self.allowed_networks: tuple[IPNetwork, ...] = tuple(networks)
+        hosts, networks = parse_allow_list(allow)
+        self.allowed_hosts: frozenset[str] = hosts
+        self.allowed_networks: tuple[IPNetwork, ...] = networks
 
     def __repr__(self) -> str:
         entries = sorted(self.allowed_hosts) + [str(n) for n in self.allowed_networks]
         return f"AddressPolicy(allow={entries!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AddressPolicy):
+            return NotImplemented
+        return (self.allowed_hosts, set(self.allowed_networks)) == (
+            other.allowed_hosts,
+            set(other.allowed_networks),
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.allowed_hosts, frozenset(self.allowed_networks)))
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -321,24 +343,27 @@ _HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _NUMERIC_LABEL_RE = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)")
 
 
-def _invalid(message: str) -> InvalidParameter:
-    return InvalidParameter(field=FIELD, message=message)
-
-
-def validate_webhook_url(
+def validate_url(
     url: str,
     *,
     allow_http: bool = False,
     policy: AddressPolicy | None = None,
+    field: str = "url",
+    noun: str = "The URL",
 ) -> str:
-    """Check a client-supplied webhook URL's syntax and return its normalised form.
+    """Check a client-supplied URL's syntax and return its normalised form.
 
-    This runs when the job is submitted so the client gets a 400 now rather than a silently
-    undeliverable callback later. Rules: ``https`` only (plain ``http`` only with ``allow_http``,
-    for development); a host is required; no ``user:password@`` (credentials would be logged and
-    stored, and ``@`` is a classic trick to disguise the real host); port 1–65535; at most 2048
-    characters; no whitespace, control characters or backslashes (parsers disagree about them,
-    and disagreement between checker and connector is how SSRF filters get bypassed).
+    ``field`` is what errors name (the header or body field the URL came from) and ``noun`` how
+    their messages start (``"The webhook URL"`` gives "The webhook URL must use https://..."),
+    so each caller's clients read about their own field.
+
+    This runs when the job is submitted so the client gets a 400 now rather than an
+    undeliverable callback or unfetchable image later. Rules: ``https`` only (plain ``http`` only
+    with ``allow_http``, for development); a host is required; no ``user:password@`` (credentials
+    would be logged and stored, and ``@`` is a classic trick to disguise the real host); port
+    1–65535; at most 2048 characters; no whitespace, control characters or backslashes (parsers
+    disagree about them, and disagreement between checker and connector is how SSRF filters get
+    bypassed).
 
     Hosts that look numeric but are not a canonical dotted quad (``2130706433``, ``0x7f.1``,
     ``127.1``) are refused: resolvers turn them into IPs, no real DNS name looks like that, and
@@ -348,69 +373,71 @@ def validate_webhook_url(
     are additionally checked against it, since their address cannot change later.
 
     The returned URL is the ``httpx``-normalised form (lower-case scheme and host, IDNA host,
-    default port dropped); it is the one to store, so that what we checked is what we deliver to.
+    default port dropped); it is the one to store, so that what we checked is what we connect to.
 
     Raises:
-        InvalidParameter: with ``field="X-Webhook-URL"`` and a message saying what is wrong.
+        InvalidParameter: naming ``field``, with a message saying what is wrong.
     """
-    if not isinstance(url, str) or not url:
-        raise _invalid("The webhook URL is empty.")
-    if len(url) > MAX_URL_LENGTH:
-        raise _invalid(f"The webhook URL is longer than {MAX_URL_LENGTH} characters.")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F or ch.isspace() for ch in url):
-        raise _invalid("The webhook URL must not contain whitespace or control characters.")
-    if "\\" in url:
-        raise _invalid("The webhook URL must not contain backslashes.")
 
-    # httpx parses URLs exactly as the delivery will; imported here so that settings
+    def _invalid(message: str) -> InvalidParameter:
+        return InvalidParameter(field=field, message=message.replace("The URL", noun, 1))
+
+    if not isinstance(url, str) or not url:
+        raise _invalid("The URL is empty.")
+    if len(url) > MAX_URL_LENGTH:
+        raise _invalid(f"The URL is longer than {MAX_URL_LENGTH} characters.")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F or ch.isspace() for ch in url):
+        raise _invalid("The URL must not contain whitespace or control characters.")
+    if "\\" in url:
+        raise _invalid("The URL must not contain backslashes.")
+
+    # httpx parses URLs exactly as the transport will; imported here so that settings
     # validation (every CLI command) does not pay for the HTTP stack.
     import httpx
 
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise _invalid(f"The webhook URL is not a valid URL ({exc}).") from exc
+        raise _invalid(f"The URL is not a valid URL ({exc}).") from exc
 
     scheme = parsed.scheme
     if scheme == "http":
         if not allow_http:
-            raise _invalid("The webhook URL must use https://; plain http:// is not accepted.")
+            raise _invalid("The URL must use https://; plain http:// is not accepted.")
     elif scheme != "https":
-        raise _invalid("The webhook URL must be an absolute https:// URL.")
+        raise _invalid("The URL must be an absolute https:// URL.")
     # Also ask the stdlib parser: an '@' anywhere in the authority (even an empty userinfo) means
     # two parsers could disagree about which part is the host.
     try:
         netloc = urlsplit(url).netloc
     except ValueError as exc:
-        raise _invalid(f"The webhook URL is not a valid URL ({exc}).") from exc
+        raise _invalid(f"The URL is not a valid URL ({exc}).") from exc
     if parsed.userinfo or "@" in netloc:
-        raise _invalid("The webhook URL must not contain a user name or password.")
+        raise _invalid("The URL must not contain a user name or password.")
 
     raw_host = parsed.raw_host.decode("ascii", "replace")
     if not raw_host:
-        raise _invalid("The webhook URL has no host.")
+        raise _invalid("The URL has no host.")
     port = parsed.port
     if port is not None and not 1 <= port <= 65535:
-        raise _invalid("The webhook URL's port must be between 1 and 65535.")
+        raise _invalid("The URL's port must be between 1 and 65535.")
 
     ip = None
     if ":" in raw_host:  # bracketed IPv6 literal
         if "%" in raw_host:
-            raise _invalid("The webhook URL must not use an IPv6 zone id.")
+            raise _invalid("The URL must not use an IPv6 zone id.")
         ip = _parse_ip(raw_host)
         if ip is None:
-            raise _invalid("The webhook URL's host is not a valid IPv6 address.")
+            raise _invalid("The URL's host is not a valid IPv6 address.")
     else:
         name = raw_host.lower().removesuffix(".")
         if len(name) > 253 or not _HOSTNAME_RE.fullmatch(name):
-            raise _invalid("The webhook URL's host is not a valid host name.")
+            raise _invalid("The URL's host is not a valid host name.")
         if _NUMERIC_LABEL_RE.fullmatch(name.rsplit(".", 1)[-1]):
             try:
                 ip = ipaddress.IPv4Address(name)
             except ValueError:
-                raise _invalid(
-                    "The webhook URL's host looks like a non-canonical IP address."
-                ) from None
+                raise _invalid("The URL's host looks like a non-canonical IP address.") from None
 
     if policy is not None:
         try:
@@ -423,10 +450,53 @@ def validate_webhook_url(
                 ):
                     raise BlockedAddress(name, None, "loopback (localhost)")
         except BlockedAddress as exc:
-            raise _invalid(
-                f"The webhook URL points to a disallowed address: {exc.reason}."
-            ) from exc
+            raise _invalid(f"The URL points to a disallowed address: {exc.reason}.") from exc
 
     if parsed.port is not None and parsed.port == {"https": 443, "http": 80}[scheme]:
         parsed = parsed.copy_with(port=None)
     return str(parsed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy of one process
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundPolicy:
+    """Where this process may send HTTP requests: webhooks and image fetches alike.
+
+    Built once per process from the settings (`Settings.outbound`) and handed to the webhook
+    deliveries and the worker's image fetches, so the operator's allow list and the plain-http
+    switch mean the same for both.
+
+    Attributes:
+        addresses: which addresses may be contacted (`AddressPolicy`).
+        allow_http: accept plain ``http://`` URLs too (development only).
+    """
+
+    addresses: AddressPolicy = field(default_factory=AddressPolicy)
+    allow_http: bool = False
+
+    @classmethod
+    def from_allow_list(
+        cls, allow: Iterable[str] = (), *, allow_http: bool = False
+    ) -> OutboundPolicy:
+        return cls(addresses=AddressPolicy(allow), allow_http=allow_http)
+
+    def check_url(
+        self, url: str, *, field: str, noun: str = "The URL", literal_addresses: bool = True
+    ) -> str:
+        """`validate_url` under this policy: the normalised URL, or `InvalidParameter`.
+
+        ``literal_addresses`` also refuses hosts that are a disallowed IP literal or a
+        ``localhost`` name (their address cannot change later); a caller that resolves and
+        checks right away anyway may skip it to report those like any blocked address.
+        """
+        return validate_url(
+            url,
+            allow_http=self.allow_http,
+            policy=self.addresses if literal_addresses else None,
+            field=field,
+            noun=noun,
+        )
