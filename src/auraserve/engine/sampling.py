@@ -259,20 +259,25 @@ class _Done:
         """(i, σ_i, σ_{i+1}) for the steps still to run."""
         return [(i, sigmas[i], sigmas[i + 1]) for i in range(self.start, len(sigmas) - 1)]
 
+    def _get(self, name: str) -> Buffer:
+        if self.start and name not in self._restored:
+            raise CheckpointMismatch(f"checkpoint lacks {self._sampler}'s buffer {name!r}")
+        return self._restored.get(name)
+
     def tensor(self, name: str) -> torch.Tensor | None:
-        value = self._restored.get(name)
+        value = self._get(name)
         if value is None or isinstance(value, torch.Tensor):
             return None if value is None else value.to(self._device)
         raise CheckpointMismatch(f"checkpoint buffer {name!r} is not one tensor")
 
     def tensors(self, name: str) -> list[torch.Tensor]:
-        value = self._restored.get(name) or []
+        value = self._get(name) or []
         if isinstance(value, torch.Tensor) or not all(isinstance(v, torch.Tensor) for v in value):
             raise CheckpointMismatch(f"checkpoint buffer {name!r} is not a list of tensors")
         return [v.to(self._device) for v in value if isinstance(v, torch.Tensor)]
 
     def floats(self, name: str) -> list[float]:
-        value = self._restored.get(name) or []
+        value = self._get(name) or []
         if isinstance(value, torch.Tensor) or not all(isinstance(v, float) for v in value):
             raise CheckpointMismatch(f"checkpoint buffer {name!r} is not a list of floats")
         return [float(v) for v in value if isinstance(v, float)]
