@@ -25,7 +25,9 @@ from auraserve.core.engine_options import EngineOptions
 from auraserve.core.lora import LoraSpec, available_loras
 from auraserve.core.request import GenerationRequest
 from auraserve.engine.checkpoint import CheckpointMismatch, SamplerState
+from auraserve.engine.fleet import FleetEngine
 from auraserve.engine.lora import LoraOptions
+from auraserve.engine.parallel import GroupEngine
 from auraserve.engine.pipeline import PREVIEW_SIZE, AuraFlowEngine
 from auraserve.engine.tiny import build_tiny_pipeline
 from tests.engine.conftest import make_small_request
@@ -219,3 +221,14 @@ def test_previews_come_per_image_at_the_asked_steps(plain_engine: AuraFlowEngine
         image = Image.open(io.BytesIO(previews[0][0]))
         assert image.format == "JPEG"
         assert max(image.size) == min(PREVIEW_SIZE, SIZE)
+
+
+def test_a_fleet_passes_checkpoints_through_and_a_parallel_group_says_it_cannot(
+    plain_engine: AuraFlowEngine,
+) -> None:
+    fleet = FleetEngine({"auraflow-v0-3": plain_engine})
+    assert fleet.supports_checkpoints
+    written: list[bytes] = []
+    fleet.generate([_t2i()], checkpoint_every_steps=2, on_checkpoint=written.append)
+    assert [SamplerState.from_bytes(data).step for data in written] == [2]
+    assert GroupEngine.supports_checkpoints is False

@@ -94,6 +94,9 @@ class _Row:
 class AuraFlowEngine:
     """The `Engine` implementation for AuraFlow (see module docstring)."""
 
+    #: generate takes checkpoint_every_steps/on_checkpoint/resume_from and previews.
+    supports_checkpoints = True
+
     def __init__(
         self,
         pipe: AuraFlowPipeline,
