@@ -98,9 +98,11 @@ def test_history_is_what_makes_the_resume_exact(sampler: str) -> None:
 def test_noise_position_is_what_makes_a_stochastic_resume_exact(sampler: str) -> None:
     sigmas = make_sigmas("normal", STEPS, 1.73)
     reference, states = run(sampler, sigmas)
-    state = SamplerState.from_bytes(states[1])
-    resumed, _ = run(sampler, sigmas, resume=replace(state, noise_state=None))
+    state, earlier = SamplerState.from_bytes(states[1]), SamplerState.from_bytes(states[0])
+    resumed, _ = run(sampler, sigmas, resume=replace(state, noise_state=earlier.noise_state))
     assert not torch.equal(resumed, reference)
+    with pytest.raises(CheckpointMismatch, match="noise position"):
+        run(sampler, sigmas, resume=replace(state, noise_state=None))
 
 
 def test_header_says_what_the_checkpoint_is() -> None:
