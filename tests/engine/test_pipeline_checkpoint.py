@@ -2,7 +2,8 @@
 
 The main test interrupts a batch — two requests, CFG on one, a LoRA, image-to-image, three
 images — and resumes it in a new Python process from the bytes alone: the images and every
-later checkpoint must equal the uninterrupted run's, so no state hides in memory.
+later checkpoint must equal the uninterrupted run's, so no state hides in memory. Checkpoints
+are per request, so a request also resumes alone from what its batch wrote.
 """
 
 from __future__ import annotations
@@ -107,12 +108,13 @@ results = engine.generate(
     batch(),
     init_images=[input_image(), input_image()],
     checkpoint_every_steps=1,
-    on_checkpoint=later.append,
+    on_checkpoint=lambda r, data: later.append((r, data)),
     on_step=lambda step, total: steps.append(step),
-    resume_from=(work / "checkpoint").read_bytes(),
+    resume_from=[(work / f"checkpoint-{r}").read_bytes() for r in range(2)],
 )
-for k, data in enumerate(later):
-    (work / f"later-{k}").write_bytes(data)
+for r in range(2):
+    for i, data in enumerate(d for rr, d in later if rr == r):
+        (work / f"later-{r}-{i}").write_bytes(data)
 for r, result in enumerate(results):
     for i, image in enumerate(result.images):
         image.save(work / f"image-{r}-{i}.png")
@@ -122,15 +124,20 @@ for r, result in enumerate(results):
 
 def test_a_batch_resumes_in_a_new_process_bit_for_bit(lora_root: Path, tmp_path: Path) -> None:
     engine = build_engine(lora_root)
-    checkpoints: list[bytes] = []
+    checkpoints: dict[tuple[int, int], bytes] = {}  # (step, request) → bytes
+
+    def keep(r: int, data: bytes) -> None:
+        checkpoints[SamplerState.from_bytes(data).step, r] = data
+
     results = engine.generate(
         batch(),
         init_images=[input_image(), input_image()],
         checkpoint_every_steps=1,
-        on_checkpoint=checkpoints.append,
+        on_checkpoint=keep,
     )
-    assert [SamplerState.from_bytes(c).step for c in checkpoints] == [1, 2, 3]
-    (tmp_path / "checkpoint").write_bytes(checkpoints[1])
+    assert sorted(checkpoints) == [(s, r) for s in (1, 2, 3) for r in (0, 1)]
+    for r in (0, 1):
+        (tmp_path / f"checkpoint-{r}").write_bytes(checkpoints[2, r])
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
     done = subprocess.run(
@@ -144,8 +151,9 @@ def test_a_batch_resumes_in_a_new_process_bit_for_bit(lora_root: Path, tmp_path:
     assert done.returncode == 0, done.stderr[-3000:]
 
     assert json.loads((tmp_path / "steps.json").read_text()) == [3, 4]
-    assert (tmp_path / "later-0").read_bytes() == checkpoints[2]  # latents, history, noise
-    assert not (tmp_path / "later-1").exists()  # none after the last step
+    for r in (0, 1):  # latents, history, noise: byte for byte
+        assert (tmp_path / f"later-{r}-0").read_bytes() == checkpoints[3, r]
+        assert not (tmp_path / f"later-{r}-1").exists()  # none after the last step
     for r, result in enumerate(results):
         assert len(result.images) == batch()[r].num_images
         for i, image in enumerate(result.images):
@@ -168,26 +176,58 @@ def test_resume_from_any_checkpoint_gives_the_same_images(plain_engine: AuraFlow
     request = _t2i(num_images=2)
     checkpoints: list[bytes] = []
     [reference] = plain_engine.generate(
-        [request], checkpoint_every_steps=1, on_checkpoint=checkpoints.append
+        [request], checkpoint_every_steps=1, on_checkpoint=lambda r, data: checkpoints.append(data)
     )
     assert len(checkpoints) == 3
     for data in checkpoints:
-        [resumed] = plain_engine.generate([request], resume_from=data)
+        [resumed] = plain_engine.generate([request], resume_from=[data])
         pairs = zip(_pixels(resumed.images), _pixels(reference.images), strict=True)
         assert all(np.array_equal(a, b) for a, b in pairs)
     every_other: list[bytes] = []
-    plain_engine.generate([request], checkpoint_every_steps=2, on_checkpoint=every_other.append)
+    plain_engine.generate(
+        [request], checkpoint_every_steps=2, on_checkpoint=lambda r, d: every_other.append(d)
+    )
     assert every_other == [checkpoints[1]]
+
+
+def test_a_request_resumes_alone_from_what_its_batch_wrote(plain_engine: AuraFlowEngine) -> None:
+    """A takeover need not rebuild the batch: each request's checkpoint is its own rows."""
+    first, second = _t2i(seed=3), _t2i(seed=8, guidance_scale=2.0, prompt="a boat")
+    written: dict[int, list[bytes]] = {0: [], 1: []}
+    batch_results = plain_engine.generate(
+        [first, second],
+        checkpoint_every_steps=1,
+        on_checkpoint=lambda r, data: written[r].append(data),
+    )
+    [alone] = plain_engine.generate([second], resume_from=[written[1][1]])
+    assert np.array_equal(_pixels(alone.images)[0], _pixels(batch_results[1].images)[0])
+    with pytest.raises(CheckpointMismatch, match="same step"):
+        plain_engine.generate([first, second], resume_from=[written[0][0], written[1][1]])
+    with pytest.raises(CheckpointMismatch, match="other request"):
+        plain_engine.generate([second, first], resume_from=[written[0][1], written[1][1]])
+    with pytest.raises(ValueError, match="one checkpoint per request"):
+        plain_engine.generate([first, second], resume_from=[written[0][1]])
+    # A cancelled request gets no more checkpoints.
+    late: list[int] = []
+    plain_engine.generate(
+        [first, second],
+        checkpoint_every_steps=1,
+        on_checkpoint=lambda r, data: late.append(r),
+        cancelled=lambda: {0},
+    )
+    assert late == [1, 1, 1]
 
 
 def test_a_checkpoint_of_another_request_is_refused(plain_engine: AuraFlowEngine) -> None:
     checkpoints: list[bytes] = []
-    plain_engine.generate([_t2i()], checkpoint_every_steps=1, on_checkpoint=checkpoints.append)
+    plain_engine.generate(
+        [_t2i()], checkpoint_every_steps=1, on_checkpoint=lambda r, d: checkpoints.append(d)
+    )
     for other in (_t2i(seed=4), _t2i(prompt="something else"), _t2i(guidance_scale=2.0)):
         with pytest.raises(CheckpointMismatch, match="other request"):
-            plain_engine.generate([other], resume_from=checkpoints[0])
+            plain_engine.generate([other], resume_from=checkpoints[:1])
     # Output encoding is not part of the latents: such a change still resumes.
-    plain_engine.generate([_t2i(output_format="jpeg")], resume_from=checkpoints[0])
+    plain_engine.generate([_t2i(output_format="jpeg")], resume_from=checkpoints[:1])
 
 
 def test_step_cache_batches_write_no_checkpoint_and_refuse_resume(
@@ -195,17 +235,21 @@ def test_step_cache_batches_write_no_checkpoint_and_refuse_resume(
 ) -> None:
     cached = build_engine(step_cache="fbcache", cache_threshold=0.5, cache_warmup=0)
     written: list[bytes] = []
-    cached.generate([_t2i()], checkpoint_every_steps=1, on_checkpoint=written.append)
+    cached.generate(
+        [_t2i()], checkpoint_every_steps=1, on_checkpoint=lambda r, d: written.append(d)
+    )
     assert written == []
     plain: list[bytes] = []
-    plain_engine.generate([_t2i()], checkpoint_every_steps=1, on_checkpoint=plain.append)
+    plain_engine.generate(
+        [_t2i()], checkpoint_every_steps=1, on_checkpoint=lambda r, d: plain.append(d)
+    )
     with pytest.raises(CheckpointMismatch, match="step cache"):
-        cached.generate([_t2i()], resume_from=plain[0])
+        cached.generate([_t2i()], resume_from=plain[:1])
     # An exact job runs without the cache, so it checkpoints and resumes as usual.
     exact = _t2i(exact=True)
-    cached.generate([exact], checkpoint_every_steps=1, on_checkpoint=written.append)
+    cached.generate([exact], checkpoint_every_steps=1, on_checkpoint=lambda r, d: written.append(d))
     assert len(written) == 3
-    cached.generate([exact], resume_from=written[0])
+    cached.generate([exact], resume_from=written[:1])
 
 
 def test_previews_come_per_image_at_the_asked_steps(plain_engine: AuraFlowEngine) -> None:
@@ -229,6 +273,6 @@ def test_a_fleet_passes_checkpoints_through_and_a_parallel_group_says_it_cannot(
     fleet = FleetEngine({"auraflow-v0-3": plain_engine})
     assert fleet.supports_checkpoints
     written: list[bytes] = []
-    fleet.generate([_t2i()], checkpoint_every_steps=2, on_checkpoint=written.append)
+    fleet.generate([_t2i()], checkpoint_every_steps=2, on_checkpoint=lambda r, d: written.append(d))
     assert [SamplerState.from_bytes(data).step for data in written] == [2]
     assert GroupEngine.supports_checkpoints is False

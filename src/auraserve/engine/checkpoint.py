@@ -63,6 +63,83 @@ class SamplerState:
     def labelled(self, *, scheduler: str, request_digest: str) -> SamplerState:
         return replace(self, scheduler=scheduler, request_digest=request_digest)
 
+    # -- rows ----------------------------------------------------------------------------
+
+    def split(self, counts: Sequence[int]) -> list[SamplerState]:
+        """One state per request of a batch, ``counts[r]`` rows each (its images).
+
+        Every tensor here has one row per image (latents, per-image history, one generator
+        per image); float lists (step sizes, σ) belong to the schedule, which a batch shares.
+        A request's rows never depend on the others' (per-image generators, per-row
+        guidance), so a request can resume alone or in another batch (`join`).
+        """
+        if sum(counts) != self.x.shape[0] or any(n < 1 for n in counts):
+            raise ValueError(f"counts {list(counts)} do not cover {self.x.shape[0]} rows")
+        parts: list[SamplerState] = []
+        start = 0
+        for n in counts:
+            rows = slice(start, start + n)
+            parts.append(
+                replace(
+                    self,
+                    x=self.x[rows],
+                    buffers={k: _rows(v, rows) for k, v in self.buffers.items()},
+                    noise_state=None if self.noise_state is None else self.noise_state[rows],
+                )
+            )
+            start += n
+        return parts
+
+    @classmethod
+    def join(cls, parts: Sequence[SamplerState]) -> SamplerState:
+        """The batch state of per-request states that stand at the same point of the same
+        run (sampler, schedule, step, shared floats); `CheckpointMismatch` otherwise."""
+        if not parts:
+            raise ValueError("nothing to join")
+        first = parts[0]
+        for part in parts[1:]:
+            same = (part.sampler, part.sigmas, part.step) == (
+                first.sampler,
+                first.sigmas,
+                first.step,
+            )
+            if not same or part.buffers.keys() != first.buffers.keys():
+                raise CheckpointMismatch("checkpoints of one batch must stand at the same step")
+        if len(parts) == 1:
+            return first
+        buffers: dict[str, Buffer] = {}
+        for name, value in first.buffers.items():
+            values = [part.buffers[name] for part in parts]
+            if value is None or isinstance(value, torch.Tensor):
+                if any(v is None for v in values):
+                    if any(v is not None for v in values):
+                        raise CheckpointMismatch(f"buffer {name!r} is set in only some parts")
+                    buffers[name] = None
+                else:
+                    buffers[name] = torch.cat([_tensor(v) for v in values])
+            elif all(isinstance(v, float) for v in value):
+                if any(v != value for v in values):  # NaN never equals: refuse, never mix
+                    raise CheckpointMismatch(f"buffer {name!r} differs between parts")
+                buffers[name] = value
+            else:
+                lists = [_tensor_list(v) for v in values]
+                if len({len(items) for items in lists}) != 1:
+                    raise CheckpointMismatch(f"buffer {name!r} has different lengths")
+                buffers[name] = [torch.cat(items) for items in zip(*lists, strict=True)]
+        states = [part.noise_state for part in parts]
+        noise = None
+        if all(state is not None for state in states):
+            noise = torch.cat([_tensor(state) for state in states])
+        elif any(state is not None for state in states):
+            raise CheckpointMismatch("noise positions are set in only some parts")
+        return replace(
+            first,
+            x=torch.cat([part.x for part in parts]),
+            buffers=buffers,
+            noise_state=noise,
+            request_digest="",
+        )
+
     # -- bytes ---------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
@@ -152,6 +229,28 @@ class SamplerState:
                 f"checkpoint latents are {tuple(self.x.shape)} {self.x.dtype}, "
                 f"this run's {tuple(x.shape)} {x.dtype}"
             )
+
+
+def _rows(value: Buffer, rows: slice) -> Buffer:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value[rows]
+    if all(isinstance(v, torch.Tensor) for v in value):
+        return [_tensor(v)[rows] for v in value]
+    return [v for v in value if isinstance(v, float)]  # the schedule's: shared by every row
+
+
+def _tensor(value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointMismatch("checkpoint buffers of different kinds")
+    return value
+
+
+def _tensor_list(value: Buffer) -> list[torch.Tensor]:
+    if not isinstance(value, list):
+        raise CheckpointMismatch("checkpoint buffers of different kinds")
+    return [_tensor(v) for v in value]
 
 
 __all__ = ["FORMAT_VERSION", "Buffer", "CheckpointMismatch", "SamplerState", "read_header"]

@@ -2,9 +2,9 @@
 
 A checkpoint (`engine.checkpoint.SamplerState.to_bytes`) is a safetensors file whose metadata
 holds one JSON header; this module reads that header (step, total, sampler, scheduler, the
-request digest) and computes the digest of a batch's request parameters, so the worker can
-label progress ("resumed from step k") and drop a checkpoint that is not its batch's before
-handing anything to the engine. It imports nothing of the model stack (import-linter).
+request digest) and computes the digest of a request's parameters, so the worker can label
+progress ("resumed from step k") and drop a checkpoint that is not its job's before handing
+anything to the engine. It imports nothing of the model stack (import-linter).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
@@ -44,24 +43,19 @@ def read_header(data: bytes) -> dict[str, Any]:
     return header
 
 
-def request_digest(
-    requests: Sequence[GenerationRequest],
-    init_images: Sequence[Image.Image | None] | None = None,
-) -> str:
-    """sha256 over the batch's requests, in order, and the pixels of their input images.
+def request_digest(request: GenerationRequest, init_image: Image.Image | None = None) -> str:
+    """sha256 over a request's parameters and the pixels of its input image.
 
     Every request field that can change the latents is in (model, prompts, seed, size, steps,
     sampler, scheduler, shift, CFG, LoRAs, strength, exact…); output encoding is not. A
-    checkpoint resumes only the batch whose digest it carries.
+    checkpoint resumes only the request whose digest it carries.
     """
-    inits = list(init_images) if init_images is not None else [None] * len(requests)
     digest = hashlib.sha256(f"auraserve-checkpoint-v{FORMAT_VERSION}".encode())
-    for request, image in zip(requests, inits, strict=True):
-        fields = request.model_dump(mode="json", exclude=set(_OUTPUT_ONLY))
-        digest.update(json.dumps(fields, sort_keys=True).encode())
-        if image is None:
-            digest.update(b"\0no-image")
-        else:
-            digest.update(f"\0{image.mode}:{image.width}x{image.height}\0".encode())
-            digest.update(hashlib.sha256(image.tobytes()).digest())
+    fields = request.model_dump(mode="json", exclude=set(_OUTPUT_ONLY))
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    if init_image is None:
+        digest.update(b"\0no-image")
+    else:
+        digest.update(f"\0{init_image.mode}:{init_image.width}x{init_image.height}\0".encode())
+        digest.update(hashlib.sha256(init_image.tobytes()).digest())
     return digest.hexdigest()

@@ -68,6 +68,8 @@ MAX_TOKENS = 256  # AuraFlow was trained with 256 T5 tokens; diffusers' default 
 SAMPLER_NOISE_SEED_OFFSET = 0x5EED_0F_A0_F10
 PREVIEW_SIZE = 256  # px, the longer side of a live preview
 # on_preview(step, previews): previews[r][i] is request r's image i as a small JPEG.
+# on_checkpoint(r, data): request r's sampler checkpoint (engine.checkpoint) as bytes.
+CheckpointCallback = Callable[[int, bytes], None]
 PreviewCallback = Callable[[int, list[list[bytes]]], None]
 
 # --------------------------------------------------------------------------------------------
@@ -178,21 +180,23 @@ class AuraFlowEngine:
         cancelled: CancelCheck | None = None,
         init_images: Sequence[Image.Image | None] | None = None,
         checkpoint_every_steps: int = 0,
-        on_checkpoint: Callable[[bytes], None] | None = None,
-        resume_from: bytes | None = None,
+        on_checkpoint: CheckpointCallback | None = None,
+        resume_from: Sequence[bytes] | None = None,
         preview_every_steps: int = 0,
         on_preview: PreviewCallback | None = None,
     ) -> list[JobResult]:
         """Run a batch (see `engine.base.Engine.generate`), optionally resumable and previewed.
 
-        ``on_checkpoint(bytes)`` gets the batch's sampler state (`engine.checkpoint`) after
-        every ``checkpoint_every_steps``-th step but the last; ``resume_from`` (such bytes)
-        continues that batch from there and gives the same images, bit for bit on fp32 CPU,
-        as the run that was never interrupted; ``on_step`` then reports only the steps run
-        now. A checkpoint of other request parameters (`checkpoint_format.request_digest`),
-        sampler, schedule or size raises `CheckpointMismatch`, and so does any resume while a
-        step cache runs for the batch: its per-row residuals (tens of MB per image) are not
-        in checkpoints, so such batches never write one either. ``on_preview(step, previews)``
+        ``on_checkpoint(r, bytes)`` gets request r's sampler state (`engine.checkpoint`: its
+        images' rows) after every ``checkpoint_every_steps``-th step but the last, for every
+        request not cancelled. ``resume_from`` holds one such checkpoint per request, all of
+        the same step (taken in this batch or in any other: rows are independent), and gives
+        the same images, bit for bit on fp32 CPU, as the run that was never interrupted;
+        ``on_step`` then reports only the steps run now. A checkpoint of other request
+        parameters (`checkpoint_format.request_digest`), sampler, schedule, size or step
+        raises `CheckpointMismatch`, and so does any resume while a step cache runs for the
+        batch: its per-row residuals (tens of MB per image) are not in checkpoints, so such
+        batches never write one either. ``on_preview(step, previews)``
         gets, after every ``preview_every_steps``-th step but the last, one JPEG per image per
         request: the step's x0 estimate through `engine.preview`'s latent → RGB projection.
         Exceptions from either callback abort the batch, as ``on_step``'s do.
@@ -218,20 +222,26 @@ class AuraFlowEngine:
                 raise UnsupportedRequest("image: the input image was not loaded")
         hooks = _Hooks(preview_every=preview_every_steps, on_preview=on_preview)
         if (on_checkpoint is not None and checkpoint_every_steps) or resume_from is not None:
-            pairs = zip(requests, inits, strict=True)
-            used = [init if r.image is not None else None for r, init in pairs]
-            digest = request_digest(requests, used)
-            resume = (
-                SamplerState.from_bytes(resume_from, request_digest=digest)
-                if resume_from is not None
-                else None
+            digests = tuple(
+                request_digest(r, init if r.image is not None else None)
+                for r, init in zip(requests, inits, strict=True)
             )
+            resume = None
+            if resume_from is not None:
+                if len(resume_from) != len(requests):
+                    raise ValueError("resume_from needs one checkpoint per request")
+                resume = SamplerState.join(
+                    [
+                        SamplerState.from_bytes(data, request_digest=digest)
+                        for data, digest in zip(resume_from, digests, strict=True)
+                    ]
+                )
             hooks = replace(
                 hooks,
                 checkpoint_every=checkpoint_every_steps,
                 on_checkpoint=on_checkpoint,
                 resume=resume,
-                digest=digest,
+                digests=digests,
             )
         with self._lock, torch.inference_mode():
             if self.lora is not None:
@@ -280,7 +290,7 @@ class AuraFlowEngine:
         dropped: set[int] = set()
         check = _cancel_checker(cancelled, len(rows), dropped)
         check()
-        latents = self._sample(rows, on_step, check, hooks)
+        latents = self._sample(rows, on_step, check, hooks, dropped)
         return self._decode(rows, latents, dropped)
 
     def _prepare(self, request: GenerationRequest) -> _Row:
@@ -386,6 +396,7 @@ class AuraFlowEngine:
         on_step: StepCallback | None,
         check_cancel: Callable[[], None],
         hooks: _Hooks,
+        dropped: set[int],
     ) -> torch.Tensor:
         first = rows[0].request
         # sampler= applies ComfyUI's KSampler rule (dpm_2, uni_pc: penultimate sigma dropped).
@@ -422,11 +433,20 @@ class AuraFlowEngine:
         on_state: Callable[[SamplerState], None] | None = None
         if hooks.on_checkpoint is not None and hooks.checkpoint_every and cache is None:
             write = hooks.on_checkpoint
+            counts = [row.request.num_images for row in rows]
 
             def on_state(state: SamplerState) -> None:
-                if state.step % hooks.checkpoint_every == 0:
-                    label = state.labelled(scheduler=first.scheduler, request_digest=hooks.digest)
-                    write(label.to_bytes())
+                if state.step % hooks.checkpoint_every:
+                    return
+                for r, part in enumerate(state.split(counts)):
+                    if r not in dropped:
+                        digest = hooks.digests[r]
+                        write(
+                            r,
+                            part.labelled(
+                                scheduler=first.scheduler, request_digest=digest
+                            ).to_bytes(),
+                        )
 
         return sample(
             first.sampler,
@@ -600,9 +620,9 @@ class _Hooks:
     """generate's checkpoint and preview arguments, checked and parsed."""
 
     checkpoint_every: int = 0
-    on_checkpoint: Callable[[bytes], None] | None = None
+    on_checkpoint: CheckpointCallback | None = None
     resume: SamplerState | None = None
-    digest: str = ""  # checkpoint_format.request_digest of the batch
+    digests: tuple[str, ...] = ()  # checkpoint_format.request_digest of each request
     preview_every: int = 0
     on_preview: PreviewCallback | None = None
 
