@@ -8,9 +8,10 @@ are: ``comfy/latent_formats.py``, class ``SDXL``, ``latent_rgb_factors`` (4×3) 
 ``latent_rgb_factors_bias``, which map one latent pixel to an RGB value in [−1, 1] for the
 8×8 image patch above it (ComfyUI's ``Latent2RGBPreviewer``).
 
-Such factors are a least-squares fit of the decoded image, averaged down to the latent grid,
-on the latents: `fit_projection` is that fit, for any VAE (it is how a projection for another
-VAE, or the tiny test VAE, is obtained). The preview of a 1024² image (128×128 latents) costs
+A projection like this is a least-squares fit of the decoded image, averaged down to the
+latent grid, on the latents: `fit_projection` is that fit, for any VAE (it is how a
+projection for another VAE, or the tiny test VAE, is obtained, and how the published factors
+can be checked against the real SDXL VAE). The preview of a 1024² image (128×128 latents) costs
 a (16384×4)·(4×3) product and a small PNG encode: milliseconds on a CPU (bench/preview.py).
 """
 
