@@ -219,7 +219,7 @@ def sample(
         resume_from.check_resumes(sampler, sigma_list, x)
         if resume_from.noise_state is not None:
             noise.set_state(resume_from.noise_state)
-        elif sampler in STOCHASTIC_SAMPLERS:
+        elif sampler_needs_noise(sampler):
             raise CheckpointMismatch(f"checkpoint lacks {sampler}'s noise position")
         x = resume_from.x.to(device=x.device)
     if len(sigma_list) < 2:
