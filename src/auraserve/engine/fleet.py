@@ -46,7 +46,10 @@ class FleetEngine:
         on_step: StepCallback | None = None,
         cancelled: CancelCheck | None = None,
         init_images: Sequence[Image.Image | None] | None = None,
+        **checkpoints: Any,
     ) -> list[JobResult]:
+        """Runs the batch on its model's engine. ``checkpoints``: `AuraFlowEngine.generate`'s
+        checkpoint and preview arguments, passed through as given."""
         check_one_batch(requests)  # the key holds the model: one engine runs the batch
         model = requests[0].model if requests else ""
         engine = self.engines.get(model)
@@ -58,7 +61,13 @@ class FleetEngine:
         kwargs: dict[str, Any] = {"on_step": on_step, "cancelled": cancelled}
         if init_images is not None:
             kwargs["init_images"] = init_images
+        kwargs.update(checkpoints)  # only when asked for: an engine without them refuses
         return engine.generate(requests, **kwargs)
+
+    @property
+    def supports_checkpoints(self) -> bool:
+        """Whether every model's engine takes generate's checkpoint and preview arguments."""
+        return all(getattr(e, "supports_checkpoints", False) for e in self.engines.values())
 
     def warmup(self, sizes: Sequence[tuple[int, int]], steps: int = 2) -> float:
         seconds = 0.0

@@ -288,6 +288,10 @@ class GroupEngine:
     so nothing is settled or charged. The process then exits non-zero for its supervisor to
     start a whole new group."""
 
+    # Followers are sent (requests, images) only: a resumed rank 0 would run other steps than
+    # they do. Set here because __getattr__ would otherwise answer for the wrapped engine.
+    supports_checkpoints = False
+
     def __init__(self, engine: Any, group: Group, commands: list[Any]) -> None:
         self.engine = engine
         self.group = group

@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +44,8 @@ from auraserve.core.presets import DEFAULT_WEIGHTS
 from auraserve.core.request import SIZE_MULTIPLE, GenerationRequest, check_one_batch
 from auraserve.core.samplers import SAMPLERS, SCHEDULERS
 from auraserve.engine.base import CancelCheck, JobResult, StepCallback
+from auraserve.engine.checkpoint import CheckpointMismatch, SamplerState
+from auraserve.engine.checkpoint_format import request_digest
 from auraserve.engine.components import AuraFlowPipeline
 from auraserve.engine.expand import OfflineExpander, PromptExpander, TokenBudget, expand_prompt
 from auraserve.engine.img2img import encode_image, noised, start_sigmas
@@ -51,6 +53,7 @@ from auraserve.engine.loading import load_pipeline
 from auraserve.engine.lora import LoraOptions, LoraSlots, check_same_loras
 from auraserve.engine.optimize import apply_optimizations, step_cache
 from auraserve.engine.pos_embed import install_pos_embed_interpolation
+from auraserve.engine.preview import preview_png
 from auraserve.engine.sampling import NoiseSampler, sample
 from auraserve.engine.schedules import sigmas as make_sigmas
 from auraserve.engine.text_cache import TextEmbeddingCache
@@ -63,6 +66,11 @@ MAX_TOKENS = 256  # AuraFlow was trained with 256 T5 tokens; diffusers' default 
 # Stochastic samplers' noise for image i comes from a generator seeded with
 # seed + i + this offset, so it never replays the initial-noise stream (seeded seed + i).
 SAMPLER_NOISE_SEED_OFFSET = 0x5EED_0F_A0_F10
+PREVIEW_SIZE = 256  # px, the longer side of a live preview
+# on_preview(step, previews): previews[r][i] is request r's image i as a small JPEG.
+# on_checkpoint(r, data): request r's sampler checkpoint (engine.checkpoint) as bytes.
+CheckpointCallback = Callable[[int, bytes], None]
+PreviewCallback = Callable[[int, list[list[bytes]]], None]
 
 # --------------------------------------------------------------------------------------------
 # The engine
@@ -87,6 +95,9 @@ class _Row:
 
 class AuraFlowEngine:
     """The `Engine` implementation for AuraFlow (see module docstring)."""
+
+    #: generate takes checkpoint_every_steps/on_checkpoint/resume_from and previews.
+    supports_checkpoints = True
 
     def __init__(
         self,
@@ -168,10 +179,33 @@ class AuraFlowEngine:
         on_step: StepCallback | None = None,
         cancelled: CancelCheck | None = None,
         init_images: Sequence[Image.Image | None] | None = None,
+        checkpoint_every_steps: int = 0,
+        on_checkpoint: CheckpointCallback | None = None,
+        resume_from: Sequence[bytes] | None = None,
+        preview_every_steps: int = 0,
+        on_preview: PreviewCallback | None = None,
     ) -> list[JobResult]:
+        """Run a batch (see `engine.base.Engine.generate`), optionally resumable and previewed.
+
+        ``on_checkpoint(r, bytes)`` gets request r's sampler state (`engine.checkpoint`: its
+        images' rows) after every ``checkpoint_every_steps``-th step but the last, for every
+        request not cancelled. ``resume_from`` holds one such checkpoint per request, all of
+        the same step (taken in this batch or in any other: rows are independent), and gives
+        the same images, bit for bit on fp32 CPU, as the run that was never interrupted;
+        ``on_step`` then reports only the steps run now. A checkpoint of other request
+        parameters (`checkpoint_format.request_digest`), sampler, schedule, size or step
+        raises `CheckpointMismatch`, and so does any resume while a step cache runs for the
+        batch: its per-row residuals (tens of MB per image) are not in checkpoints, so such
+        batches never write one either. ``on_preview(step, previews)``
+        gets, after every ``preview_every_steps``-th step but the last, one JPEG per image per
+        request: the step's x0 estimate through `engine.preview`'s latent → RGB projection.
+        Exceptions from either callback abort the batch, as ``on_step``'s do.
+        """
         if not requests:
             return []
         _check_batch(requests)
+        if checkpoint_every_steps < 0 or preview_every_steps < 0:
+            raise ValueError("checkpoint_every_steps and preview_every_steps must be ≥ 0")
         fixed_lossy = [*self.weights_lossy, *self.options.exact().lossy()]
         if fixed_lossy and any(request.exact for request in requests):
             # fp8 and quantised weights are in the loaded model: no per-job way around them.
@@ -186,6 +220,29 @@ class AuraFlowEngine:
         for request, init in zip(requests, inits, strict=True):
             if request.image is not None and init is None:
                 raise UnsupportedRequest("image: the input image was not loaded")
+        hooks = _Hooks(preview_every=preview_every_steps, on_preview=on_preview)
+        if (on_checkpoint is not None and checkpoint_every_steps) or resume_from is not None:
+            digests = tuple(
+                request_digest(r, init if r.image is not None else None)
+                for r, init in zip(requests, inits, strict=True)
+            )
+            resume = None
+            if resume_from is not None:
+                if len(resume_from) != len(requests):
+                    raise ValueError("resume_from needs one checkpoint per request")
+                resume = SamplerState.join(
+                    [
+                        SamplerState.from_bytes(data, request_digest=digest)
+                        for data, digest in zip(resume_from, digests, strict=True)
+                    ]
+                )
+            hooks = replace(
+                hooks,
+                checkpoint_every=checkpoint_every_steps,
+                on_checkpoint=on_checkpoint,
+                resume=resume,
+                digests=digests,
+            )
         with self._lock, torch.inference_mode():
             if self.lora is not None:
                 self.lora.activate(requests)
@@ -193,7 +250,7 @@ class AuraFlowEngine:
                 raise UnsupportedRequest("LoRA adapters are not enabled on this server")
             started = time.perf_counter()
             try:
-                results = self._generate(list(requests), on_step, cancelled, inits)
+                results = self._generate(list(requests), on_step, cancelled, inits, hooks)
             finally:
                 self.pipe.maybe_free_model_hooks()  # offload modes: park weights back on CPU
             elapsed = time.perf_counter() - started
@@ -224,6 +281,7 @@ class AuraFlowEngine:
         on_step: StepCallback | None,
         cancelled: CancelCheck | None,
         inits: Sequence[Image.Image | None],
+        hooks: _Hooks,
     ) -> list[JobResult]:
         rows = [self._prepare(request) for request in requests]
         self._cache = None
@@ -232,7 +290,7 @@ class AuraFlowEngine:
         dropped: set[int] = set()
         check = _cancel_checker(cancelled, len(rows), dropped)
         check()
-        latents = self._sample(rows, on_step, check)
+        latents = self._sample(rows, on_step, check, hooks, dropped)
         return self._decode(rows, latents, dropped)
 
     def _prepare(self, request: GenerationRequest) -> _Row:
@@ -337,6 +395,8 @@ class AuraFlowEngine:
         rows: list[_Row],
         on_step: StepCallback | None,
         check_cancel: Callable[[], None],
+        hooks: _Hooks,
+        dropped: set[int],
     ) -> torch.Tensor:
         first = rows[0].request
         # sampler= applies ComfyUI's KSampler rule (dpm_2, uni_pc: penultimate sigma dropped).
@@ -344,21 +404,49 @@ class AuraFlowEngine:
         noise = self._initial_noise(rows)
         if first.image is not None:  # image-to-image (engine.img2img): the batch key fixes it
             sigmas = start_sigmas(sigmas, first.strength)
-            x = noised(self._init_latents(rows), noise, sigmas[0])
-            if len(sigmas) == 1:  # strength 0: no step, the VAE round trip
-                return x
+            if hooks.resume is not None:  # the checkpoint holds the latents: no VAE encode
+                x = noise
+            else:
+                x = noised(self._init_latents(rows), noise, sigmas[0])
+                if len(sigmas) == 1:  # strength 0: no step, the VAE round trip
+                    return x
         else:
             # Flow matching's x_σ = σ·noise + (1-σ)·x0: an empty latent starts at σ_max·noise.
             x = noise * sigmas[0].to(noise.device)
         denoise = self._denoiser(rows)
         cache = self._cache
+        if cache is not None and hooks.resume is not None:
+            raise CheckpointMismatch("cannot resume a batch that runs with a step cache")
+        latest: list[torch.Tensor] = []  # the last x0 estimate, for previews
+        if hooks.on_preview is not None and hooks.preview_every:
+            denoise = _recording(denoise, latest)
 
         def step_done(step: int, steps: int) -> None:
             if cache is not None:
                 cache.completed_steps = step
             if on_step is not None:
                 on_step(step, steps)
+            if latest and hooks.on_preview and step % hooks.preview_every == 0 and step < steps:
+                hooks.on_preview(step, self._previews(rows, latest[0]))
             check_cancel()
+
+        on_state: Callable[[SamplerState], None] | None = None
+        if hooks.on_checkpoint is not None and hooks.checkpoint_every and cache is None:
+            write = hooks.on_checkpoint
+            counts = [row.request.num_images for row in rows]
+
+            def on_state(state: SamplerState) -> None:
+                if state.step % hooks.checkpoint_every:
+                    return
+                for r, part in enumerate(state.split(counts)):
+                    if r not in dropped:
+                        digest = hooks.digests[r]
+                        write(
+                            r,
+                            part.labelled(
+                                scheduler=first.scheduler, request_digest=digest
+                            ).to_bytes(),
+                        )
 
         return sample(
             first.sampler,
@@ -367,7 +455,23 @@ class AuraFlowEngine:
             sigmas,
             noise=self._sampler_noise(rows, x),
             on_step=step_done,
+            on_state=on_state,
+            resume_from=hooks.resume,
         )
+
+    def _previews(self, rows: list[_Row], denoised: torch.Tensor) -> list[list[bytes]]:
+        previews: list[list[bytes]] = []
+        offset = 0
+        for row in rows:
+            n = row.request.num_images
+            previews.append(
+                [
+                    preview_png(denoised[i], size=PREVIEW_SIZE, image_format="jpeg")
+                    for i in range(offset, offset + n)
+                ]
+            )
+            offset += n
+        return previews
 
     def _denoiser(self, rows: list[_Row]) -> Callable[[torch.Tensor, float], torch.Tensor]:
         """x0 estimate for the whole batch: one transformer pass over [uncond rows, cond rows]."""
@@ -509,6 +613,31 @@ class AuraFlowEngine:
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Hooks:
+    """generate's checkpoint and preview arguments, checked and parsed."""
+
+    checkpoint_every: int = 0
+    on_checkpoint: CheckpointCallback | None = None
+    resume: SamplerState | None = None
+    digests: tuple[str, ...] = ()  # checkpoint_format.request_digest of each request
+    preview_every: int = 0
+    on_preview: PreviewCallback | None = None
+
+
+def _recording(
+    denoise: Callable[[torch.Tensor, float], torch.Tensor], latest: list[torch.Tensor]
+) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """``denoise`` that also keeps its last output in ``latest`` (previews show it)."""
+
+    def run(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        out = denoise(x, sigma)
+        latest[:] = [out]
+        return out
+
+    return run
 
 
 def _cpu_generator(seed: int) -> torch.Generator:

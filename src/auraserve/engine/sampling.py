@@ -61,6 +61,12 @@ Deviations from ComfyUI:
 Every sampler calls the denoiser with σ as a Python float, works in float32 (or the latents'
 own dtype if wider) and calls ``on_step(i, total)`` after step i = 1…total, total =
 len(sigmas) − 1. An exception from ``on_step`` propagates and aborts sampling.
+
+Step checkpoints (`engine.checkpoint`): at the end of each step a sampler hands its latents
+and the history its next steps read to ``done(i, x, **buffers)``, which can snapshot them
+(``on_state``); a run started with ``resume_from`` reads them back through ``done`` and
+starts at the saved step. Every sampler keeps all its state in those names, never in-place
+updates of saved tensors, so a snapshot stays valid after the step that made it.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ import torch
 
 from auraserve.core.samplers import SAMPLER_SPECS, SAMPLERS, sampler_spec
 from auraserve.engine.base import StepCallback
+from auraserve.engine.checkpoint import Buffer, CheckpointMismatch, SamplerState
 
 # Derived from the records in core.samplers (one per sampler); `_SAMPLERS` below is the
 # engine's half, and tests/engine/test_sampling.py holds it complete against them.
@@ -145,6 +152,21 @@ class NoiseSampler:
         """Noise for the step σ → σ'. The interval is ignored: draws are independent."""
         return self.draw()
 
+    def get_state(self) -> torch.Tensor:
+        """Where every row's stream stands: (rows, n) uint8, one generator state per row."""
+        return torch.stack([generator.get_state() for generator in self._generators])
+
+    def set_state(self, state: torch.Tensor) -> None:
+        """Move every row's generator to a position read by `get_state` (same row count)."""
+        if state.ndim != 2 or state.shape[0] != len(self._generators):
+            raise ValueError(
+                f"noise state for {state.shape[0] if state.ndim else 0} rows, "
+                f"this sampler has {len(self._generators)}"
+            )
+        for generator, row in zip(self._generators, state, strict=True):
+            # A copy of its own: set_state reads a view's storage from its start (crashes).
+            generator.set_state(row.to(dtype=torch.uint8, device="cpu").clone())
+
     def select(self, rows: Sequence[int]) -> NoiseSampler:
         """The same generators (not copies) for a subset of rows, e.g. after dropping some."""
         generators = [self._generators[i] for i in rows]
@@ -161,34 +183,112 @@ def sample(
     *,
     noise: NoiseSampler,
     on_step: StepCallback | None = None,
+    on_state: Callable[[SamplerState], None] | None = None,
+    resume_from: SamplerState | None = None,
 ) -> torch.Tensor:
     """Run ``sampler`` from latents ``x`` (at ``sigmas[0]``) down the schedule ``sigmas``.
 
     Returns the latents at ``sigmas[-1]`` — the final x0 for a schedule ending at 0 (as every
     ``schedules.sigmas`` schedule does) — in float32, or in ``x``'s dtype if that is wider.
     ``noise`` is only drawn from by the samplers where ``sampler_needs_noise`` is true.
+
+    ``on_state`` gets a `SamplerState` at the end of every step but the last (after
+    ``on_step``), holding references to the live tensors: serialize it in the callback.
+    ``resume_from`` continues from such a state instead of from ``x`` (which then only gives
+    the shape and dtype to check against): the state's step is skipped, its latents, history
+    and noise positions restored (``noise``'s generators are set to the saved states), and
+    the result equals the uninterrupted run's bit for bit. `CheckpointMismatch` if the state
+    belongs to another sampler, schedule or latent shape.
     """
     run = _SAMPLERS.get(sampler)
     if run is None:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_NAMES}")
     sigma_list = _validated_sigmas(sigmas)
     x = x.to(dtype=_working_dtype(x.dtype))
+    if resume_from is not None:
+        resume_from.check_resumes(sampler, sigma_list, x)
+        if resume_from.noise_state is not None:
+            noise.set_state(resume_from.noise_state)
+        elif sampler_needs_noise(sampler):
+            raise CheckpointMismatch(f"checkpoint lacks {sampler}'s noise position")
+        x = resume_from.x.to(device=x.device)
     if len(sigma_list) < 2:
         return x
-    total = len(sigma_list) - 1
-
-    def done(index: int) -> None:
-        if on_step is not None:
-            on_step(index + 1, total)
-
+    progress = _Done(sampler, sigma_list, x.device, noise, on_step, on_state, resume_from)
     with torch.no_grad():
-        return run(_Model(denoise, x), x, sigma_list, noise, done)
+        return run(_Model(denoise, x), x, sigma_list, noise, progress)
 
 
 # --- plumbing ----------------------------------------------------------------------------
 
 
-_Done = Callable[[int], None]  # called with the 0-based index of each finished step
+class _Done:
+    """A sampler run's step bookkeeping: the step it starts at (0, or a resumed state's),
+    the history it restores, and what happens when step i (0-based) ends — ``on_step`` and,
+    when asked for, a `SamplerState` of the latents and the history buffers a sampler names.
+    """
+
+    def __init__(
+        self,
+        sampler: str,
+        sigmas: list[float],
+        device: torch.device,
+        noise: NoiseSampler,
+        on_step: StepCallback | None,
+        on_state: Callable[[SamplerState], None] | None,
+        resume: SamplerState | None,
+    ) -> None:
+        self._sampler = sampler
+        self._sigmas = tuple(sigmas)
+        self._device = device
+        self._noise = noise
+        self._on_step = on_step
+        self._on_state = on_state
+        self._restored: dict[str, Buffer] = dict(resume.buffers) if resume is not None else {}
+        self.start = resume.step if resume is not None else 0
+
+    def steps(self, sigmas: list[float]) -> list[tuple[int, float, float]]:
+        """(i, σ_i, σ_{i+1}) for the steps still to run."""
+        return [(i, sigmas[i], sigmas[i + 1]) for i in range(self.start, len(sigmas) - 1)]
+
+    def _get(self, name: str) -> Buffer:
+        if self.start and name not in self._restored:
+            raise CheckpointMismatch(f"checkpoint lacks {self._sampler}'s buffer {name!r}")
+        return self._restored.get(name)
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        value = self._get(name)
+        if value is None or isinstance(value, torch.Tensor):
+            return None if value is None else value.to(self._device)
+        raise CheckpointMismatch(f"checkpoint buffer {name!r} is not one tensor")
+
+    def tensors(self, name: str) -> list[torch.Tensor]:
+        value = self._get(name) or []
+        if isinstance(value, torch.Tensor) or not all(isinstance(v, torch.Tensor) for v in value):
+            raise CheckpointMismatch(f"checkpoint buffer {name!r} is not a list of tensors")
+        return [v.to(self._device) for v in value if isinstance(v, torch.Tensor)]
+
+    def floats(self, name: str) -> list[float]:
+        value = self._get(name) or []
+        if isinstance(value, torch.Tensor) or not all(isinstance(v, float) for v in value):
+            raise CheckpointMismatch(f"checkpoint buffer {name!r} is not a list of floats")
+        return [float(v) for v in value if isinstance(v, float)]
+
+    def __call__(self, index: int, x: torch.Tensor, **buffers: Buffer) -> None:
+        finished, total = index + 1, len(self._sigmas) - 1
+        if self._on_step is not None:
+            self._on_step(finished, total)
+        if self._on_state is not None and finished < total:
+            self._on_state(
+                SamplerState(
+                    sampler=self._sampler,
+                    step=finished,
+                    sigmas=self._sigmas,
+                    x=x,
+                    buffers=buffers,
+                    noise_state=self._noise.get_state(),
+                )
+            )
 
 
 class _Run(Protocol):
@@ -243,27 +343,23 @@ def _to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor
     return (x - denoised) / sigma
 
 
-def _steps(sigmas: list[float]) -> list[tuple[int, float, float]]:
-    return [(i, sigmas[i], sigmas[i + 1]) for i in range(len(sigmas) - 1)]
-
-
 # --- first-order and Heun-type samplers --------------------------------------------------
 
 
 def _euler(
     model: _Model, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler, done: _Done
 ) -> torch.Tensor:
-    for i, sigma, sigma_next in _steps(sigmas):
+    for i, sigma, sigma_next in done.steps(sigmas):
         d = _to_d(x, sigma, model(x, sigma))
         x = x + d * (sigma_next - sigma)
-        done(i)
+        done(i, x)
     return x
 
 
 def _heun(
     model: _Model, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler, done: _Done
 ) -> torch.Tensor:
-    for i, sigma, sigma_next in _steps(sigmas):
+    for i, sigma, sigma_next in done.steps(sigmas):
         d = _to_d(x, sigma, model(x, sigma))
         dt = sigma_next - sigma
         if sigma_next == 0:  # the corrector would divide by σ' = 0: plain Euler
@@ -272,7 +368,7 @@ def _heun(
             x_2 = x + d * dt
             d_2 = _to_d(x_2, sigma_next, model(x_2, sigma_next))
             x = x + (d + d_2) / 2 * dt
-        done(i)
+        done(i, x)
     return x
 
 
@@ -285,7 +381,7 @@ def _log_midpoint(a: float, b: float) -> float:
 def _dpm_2(
     model: _Model, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler, done: _Done
 ) -> torch.Tensor:
-    for i, sigma, sigma_next in _steps(sigmas):
+    for i, sigma, sigma_next in done.steps(sigmas):
         d = _to_d(x, sigma, model(x, sigma))
         if sigma_next == 0:
             x = x + d * (sigma_next - sigma)
@@ -294,15 +390,15 @@ def _dpm_2(
             x_2 = x + d * (sigma_mid - sigma)
             d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid))
             x = x + d_2 * (sigma_next - sigma)
-        done(i)
+        done(i, x)
     return x
 
 
 def _lms(
     model: _Model, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler, done: _Done
 ) -> torch.Tensor:
-    history: list[torch.Tensor] = []  # latest derivative last
-    for i, sigma, sigma_next in _steps(sigmas):
+    history = done.tensors("history")  # latest derivative last
+    for i, sigma, sigma_next in done.steps(sigmas):
         denoised = model(x, sigma)
         history = [*history, _to_d(x, sigma, denoised)][-_LMS_ORDER:]
         if sigma_next == 0:
@@ -311,7 +407,7 @@ def _lms(
             order = min(i + 1, _LMS_ORDER)
             for j in range(order):
                 x = x + _lms_coefficient(sigmas, i, j, order) * history[-1 - j]
-        done(i)
+        done(i, x, history=history)
     return x
 
 
@@ -368,7 +464,7 @@ def _renoise(
 def _euler_ancestral(
     model: _Model, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler, done: _Done
 ) -> torch.Tensor:
-    for i, sigma, sigma_next in _steps(sigmas):
+    for i, sigma, sigma_next in done.steps(sigmas):
         denoised = model(x, sigma)
         if sigma_next == 0:
             x = denoised
@@ -377,14 +473,14 @@ def _euler_ancestral(
             ratio = sigma_down / sigma
             x = ratio * x + (1 - ratio) * denoised  # Euler step to σ_down
             x = _renoise(x, rescale, renoise, noise, sigma, sigma_next)
-        done(i)
+        done(i, x)
     return x
 
 
 def _dpm_2_ancestral(
     model: _Model, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler, done: _Done
 ) -> torch.Tensor:
-    for i, sigma, sigma_next in _steps(sigmas):
+    for i, sigma, sigma_next in done.steps(sigmas):
         d = _to_d(x, sigma, model(x, sigma))
         sigma_down, rescale, renoise = _rf_ancestral_step(sigma, sigma_next)
         if sigma_down == 0:
@@ -395,14 +491,14 @@ def _dpm_2_ancestral(
             d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid))
             x = x + d_2 * (sigma_down - sigma)
             x = _renoise(x, rescale, renoise, noise, sigma, sigma_next)
-        done(i)
+        done(i, x)
     return x
 
 
 def _dpmpp_2s_ancestral(
     model: _Model, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler, done: _Done
 ) -> torch.Tensor:
-    for i, sigma, sigma_next in _steps(sigmas):
+    for i, sigma, sigma_next in done.steps(sigmas):
         denoised = model(x, sigma)
         sigma_down, rescale, renoise = _rf_ancestral_step(sigma, sigma_next)
         if sigma_next == 0:
@@ -419,7 +515,7 @@ def _dpmpp_2s_ancestral(
             ratio_down = sigma_down / sigma
             x = ratio_down * x + (1 - ratio_down) * denoised_2
             x = _renoise(x, rescale, renoise, noise, sigma, sigma_next)
-        done(i)
+        done(i, x)
     return x
 
 
@@ -452,8 +548,8 @@ def _ancestral_step(sigma_from: float, sigma_to: float) -> tuple[float, float]:
 def _dpmpp_2m(
     model: _Model, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler, done: _Done
 ) -> torch.Tensor:
-    old_denoised: torch.Tensor | None = None
-    for i, sigma, sigma_next in _steps(sigmas):
+    old_denoised = done.tensor("old_denoised")
+    for i, sigma, sigma_next in done.steps(sigmas):
         denoised = model(x, sigma)
         if sigma_next == 0:  # h = ∞: the exponential integrator lands on the denoised value
             x = denoised
@@ -467,7 +563,7 @@ def _dpmpp_2m(
                 denoised_d = denoised
             x = ratio * x + (1 - ratio) * denoised_d
         old_denoised = denoised
-        done(i)
+        done(i, x, old_denoised=old_denoised)
     return x
 
 
@@ -475,13 +571,13 @@ def _dpmpp_sde(
     model: _Model, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler, done: _Done
 ) -> torch.Tensor:
     sigmas = _offset_first_sigma(sigmas)
-    for i, sigma, sigma_next in _steps(sigmas):
+    for i, sigma, sigma_next in done.steps(sigmas):
         denoised = model(x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
             x = _dpmpp_sde_step(model, x, denoised, sigma, sigma_next, noise)
-        done(i)
+        done(i, x)
     return x
 
 
@@ -541,8 +637,9 @@ def _dpmpp_multistep_sde(order: int) -> _Run:
         model: _Model, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler, done: _Done
     ) -> torch.Tensor:
         sigmas = _offset_first_sigma(sigmas)
-        previous: list[tuple[torch.Tensor, float]] = []  # (denoised, h), latest first
-        for i, sigma, sigma_next in _steps(sigmas):
+        # (denoised, h), latest first
+        previous = list(zip(done.tensors("denoised"), done.floats("h"), strict=True))
+        for i, sigma, sigma_next in done.steps(sigmas):
             denoised = model(x, sigma)
             if sigma_next == 0:
                 x = denoised
@@ -554,7 +651,7 @@ def _dpmpp_multistep_sde(order: int) -> _Run:
                     sigma_next * math.sqrt(-math.expm1(-2 * h * _ETA)) * _S_NOISE
                 )
             previous = [(denoised, h), *previous][: order - 1]
-            done(i)
+            done(i, x, denoised=[d for d, _ in previous], h=[step_h for _, step_h in previous])
         return x
 
     return run
@@ -609,8 +706,12 @@ def _uni_pc(variant: str) -> _Run:
             ts[-1] = _UNIPC_FINAL_SIGMA
         steps = len(ts) - 1
         order = max(1, min(3, steps - 1))
-        history = [(ts[0], model(x, ts[0]))]  # (σ, denoised), latest last
-        for i in range(1, steps + 1):
+        # (σ, denoised), latest last
+        if done.start == 0:
+            history = [(ts[0], model(x, ts[0]))]
+        else:
+            history = list(zip(done.floats("sigma"), done.tensors("denoised"), strict=True))
+        for i in range(done.start + 1, steps + 1):
             if i < order:  # warm-up: step i runs at order i
                 step_order, correct = i, True
             else:  # lower order for the final steps, and no corrector on the last one
@@ -620,7 +721,7 @@ def _uni_pc(variant: str) -> _Run:
                 if denoised is None:
                     denoised = model(x, ts[i])
                 history = [*history, (ts[i], denoised)][-order:]
-            done(i - 1)
+            done(i - 1, x, sigma=[s for s, _ in history], denoised=[d for _, d in history])
         return x
 
     return run
