@@ -198,6 +198,9 @@ class Settings(BaseSettings):
     # SIGTERM: stop claiming, finish the batch in hand for up to this long, then hand
     # unfinished jobs back to the queue without spending an attempt (a second signal: at once).
     stop_grace_seconds: float = Field(30.0, ge=0, le=3600)
+    # A running job's sampler state is saved into the media store at most this often (at step
+    # boundaries), so a worker that takes it over resumes there instead of at step 0. 0: off.
+    checkpoint_seconds: float = Field(10.0, ge=0, le=86400)
     # API processes `serve` runs over the one store (the in-process worker stays single).
     api_processes: int = Field(1, ge=1, le=64)
     # One worker process per GPU, each pinned to its device (worker/supervisor.py): "all",

@@ -336,6 +336,12 @@ class UnsupportedRequest(AuraserveError):
     title = "Generation failed"
 
 
+class CheckpointMismatch(AuraserveError, ValueError):
+    """A step checkpoint cannot resume this run: another request, sampler, schedule or shape,
+    an unknown format version, or bytes that are no checkpoint at all. The worker then runs the
+    job from step 0; nothing is guessed."""
+
+
 class JobCancelled(AuraserveError):
     """Raised inside the engine when every job of a batch was cancelled."""
 

@@ -74,6 +74,11 @@ class Progress(BaseModel):
     total_steps: int
     total: int
     percent: float
+    resumed_from: int | None = Field(
+        None,
+        description="Present when this attempt continued from a step checkpoint (the step it "
+        "resumed at) after its previous worker stopped, instead of starting over",
+    )
 
 
 class LogLine(BaseModel):

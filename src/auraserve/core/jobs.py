@@ -50,6 +50,8 @@ class Job:
     started_at: float | None
     completed_at: float | None
     queue_position: int | None = field(default=None, compare=False)
+    # The step this attempt resumed from (a step checkpoint); None when it began at step 0.
+    progress_resumed_from: int | None = None
 
     @property
     def request_id(self) -> str:
@@ -86,6 +88,7 @@ class Job:
             started_at=row.started_at,
             completed_at=row.completed_at,
             queue_position=queue_position,
+            progress_resumed_from=getattr(row, "progress_resumed_from", None),
         )
 
 

@@ -92,6 +92,9 @@ def status_body(job: Job, media_url: MediaUrl) -> dict[str, Any]:
             "total": total,
             "percent": round(100.0 * step / total, 1) if total else 0.0,
         }
+        if job.progress_resumed_from is not None:
+            # This attempt continued from a step checkpoint instead of starting over.
+            body["progress"]["resumed_from"] = job.progress_resumed_from
     if job.logs:
         body["logs"] = [{"timestamp": iso(t), "message": m} for t, m in job.logs]
     if job.output is not None:

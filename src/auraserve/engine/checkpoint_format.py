@@ -17,17 +17,15 @@ from typing import Any
 from PIL import Image
 
 from auraserve.core.request import GenerationRequest
+from auraserve.errors import CheckpointMismatch
+
+__all__ = ["CheckpointMismatch", "read_header", "request_digest"]
 
 FORMAT_VERSION = 1
 HEADER_KEY = "auraserve.checkpoint"
 
 # Fields that change only how finished images are encoded, never the latents.
 _OUTPUT_ONLY = frozenset({"output_format", "output_quality", "warnings"})
-
-
-class CheckpointMismatch(ValueError):
-    """The checkpoint cannot resume this run: other request, sampler, schedule or shape, an
-    unknown format version, or bytes that are no checkpoint at all."""
 
 
 def read_header(data: bytes) -> dict[str, Any]:

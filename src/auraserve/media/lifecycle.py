@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from auraserve.media.storage import MediaStore
+from auraserve.store import checkpoints
 from auraserve.store import media as media_rows
 from auraserve.store.db import Database
 
@@ -64,6 +65,17 @@ def apply_retention(db: Database, media: MediaStore, *, retention: float, now: f
     return deleted
 
 
+def forget_finished_checkpoints(db: Database, media: MediaStore) -> int:
+    """Delete the checkpoints of jobs that ended without their worker dropping them (a job the
+    lease rescue failed for good, a worker that died at the end); returns how many."""
+    deleted = 0
+    while names := checkpoints.forget_finished(db):
+        for name in names:  # rows first, objects second: a crash leaves orphans for the sweep
+            media.delete(name)
+        deleted += len(names)
+    return deleted
+
+
 @dataclass(frozen=True)
 class MediaMaintenance:
     """One maintenance round's parameters (from the settings), callable by a timer."""
@@ -76,4 +88,5 @@ class MediaMaintenance:
     def run(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         apply_retention(self.db, self.media, retention=self.retention, now=now)
+        forget_finished_checkpoints(self.db, self.media)
         sweep_orphans(self.db, self.media, grace=self.grace, now=now)

@@ -15,7 +15,9 @@ from typing import Protocol
 
 from auraserve.core.samplers import MEDIA_TYPES
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{43}\.(png|webp|jpeg)$")
+# Images, and running jobs' step checkpoints (`.ckpt`, never served: no image row owns one).
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{43}\.(png|webp|jpeg|ckpt)$")
+CHECKPOINT_SUFFIX = "ckpt"
 
 
 def new_media_name(output_format: str) -> str:
@@ -23,7 +25,7 @@ def new_media_name(output_format: str) -> str:
 
 
 def media_type_of(name: str) -> str:
-    return MEDIA_TYPES[name.rsplit(".", 1)[1]]
+    return MEDIA_TYPES.get(name.rsplit(".", 1)[1], "application/octet-stream")
 
 
 def is_media_name(name: str) -> bool:

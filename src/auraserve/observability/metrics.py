@@ -76,6 +76,20 @@ STEPS_PER_SECOND = Histogram(
     ["model", "device"],
     buckets=(0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+CHECKPOINTS_WRITTEN = Counter(
+    "auraserve_worker_checkpoints",
+    "Step checkpoints a worker saved, by outcome: saved, refused (the job was no longer its "
+    "own), failed (the media store or database could not take it)",
+    ["outcome"],
+)
+CHECKPOINT_BYTES_WRITTEN = Counter(
+    "auraserve_worker_checkpoint_bytes", "Bytes of step checkpoints a worker saved"
+)
+CHECKPOINT_SECONDS = Histogram(
+    "auraserve_worker_checkpoint_seconds",
+    "Time to save one step checkpoint (media store write and fenced row), per checkpoint",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 WEBHOOK_ATTEMPTS = Counter(
     "auraserve_webhook_attempts",
     "Webhook delivery attempts by outcome (delivered, retry, gone)",
@@ -126,6 +140,13 @@ def observe_batch(model: str, jobs: int, steps: int, engine_seconds: float, *, d
         STEPS_PER_SECOND.labels(model, device).observe(steps / engine_seconds)
 
 
+def observe_checkpoint(outcome: str, size: int = 0, seconds: float = 0.0) -> None:
+    CHECKPOINTS_WRITTEN.labels(outcome).inc()
+    if outcome == "saved":
+        CHECKPOINT_BYTES_WRITTEN.inc(size)
+        CHECKPOINT_SECONDS.observe(seconds)
+
+
 def observe_webhook(outcome: str) -> None:
     WEBHOOK_ATTEMPTS.labels(outcome).inc()
 
@@ -169,6 +190,8 @@ class StoreSample:
 
     models: Mapping[str, ModelQueue] = field(default_factory=dict)
     live_workers: int = 0
+    # Bytes of running jobs' step checkpoints in the media store (one per job at most).
+    checkpoint_bytes: int = 0
     taken_at: float = field(default_factory=time.time)
 
 
@@ -246,6 +269,11 @@ class StoreCollector(Collector):
             "auraserve_workers_live",
             "Workers heard from within AURASERVE_WORKER_STALE_SECONDS",
             value=sample.live_workers,
+        )
+        yield GaugeMetricFamily(
+            "auraserve_checkpoint_bytes_stored",
+            "Bytes of running jobs' step checkpoints held in the media store",
+            value=sample.checkpoint_bytes,
         )
 
 

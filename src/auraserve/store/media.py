@@ -18,7 +18,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 
 from auraserve.store.db import Database
 from auraserve.store.events import JOB, emit_each_in
-from auraserve.store.schema import jobs, media_objects
+from auraserve.store.schema import job_checkpoints, jobs, media_objects
 
 _M = media_objects.c
 
@@ -31,11 +31,17 @@ def record_in(conn: Connection, job_id: str, names: Iterable[str], now: float) -
 
 
 def owned(db: Database, names: Collection[str]) -> set[str]:
-    """Those of `names` that some job owns."""
+    """Those of `names` that some job owns: its images, or a running job's checkpoint."""
     if not names:
         return set()
+    listed = list(names)
     with db.read() as conn:
-        return set(conn.scalars(select(_M.name).where(_M.name.in_(list(names)))))
+        images = conn.scalars(select(_M.name).where(_M.name.in_(listed)))
+        # A running job's step checkpoint (store.checkpoints) is owned by its row.
+        checkpoints = conn.scalars(
+            select(job_checkpoints.c.name).where(job_checkpoints.c.name.in_(listed))
+        )
+        return {*images, *checkpoints}
 
 
 def is_owned(db: Database, name: str) -> bool:

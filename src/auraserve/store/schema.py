@@ -124,6 +124,8 @@ jobs = Table(
     Column("lease_expires_at", Double, nullable=True),
     Column("progress_step", Integer, nullable=False, server_default="0"),
     Column("progress_total", Integer, nullable=False, server_default="0"),
+    # The step this attempt resumed from (a step checkpoint); NULL when it started at step 0.
+    Column("progress_resumed_from", Integer, nullable=True),
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
     Column("error", Text, nullable=True),
     # {"media": [names], "media_type": ..., "seeds": [...], "prompt_used": ..., "warnings": [...]}
@@ -142,6 +144,21 @@ jobs = Table(
     # An account's history, newest first, a page at a time (store/history.py).
     Index("ix_jobs_account_created", "account_id", "created_at", "id"),
     Index("ix_jobs_lease", "status", "lease_expires_at"),
+)
+
+# A running job's newest step checkpoint (store.checkpoints): one row per job, replaced as the
+# job moves on, so the bytes held are bounded by the running jobs. The object lives in the
+# media store under `name`; the row is what keeps the orphan sweep away from it.
+job_checkpoints = Table(
+    "job_checkpoints",
+    metadata,
+    Column("job_id", String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(100), nullable=False, unique=True),
+    Column("step", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("worker_id", String(100), nullable=False),
+    Column("created_at", Double, nullable=False),
 )
 
 webhook_deliveries = Table(

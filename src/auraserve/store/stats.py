@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from auraserve.core.jobs import JobStatus
 from auraserve.observability.metrics import ModelQueue, StoreSample
 from auraserve.store.db import Database
-from auraserve.store.schema import jobs, workers
+from auraserve.store.schema import job_checkpoints, jobs, workers
 
 _QUEUED = JobStatus.QUEUED.value
 _PROCESSING = JobStatus.PROCESSING.value
@@ -38,6 +38,9 @@ def sample(db: Database, *, stale_seconds: float) -> StoreSample:
             .select_from(workers)
             .where(workers.c.last_seen_at >= now - stale_seconds, workers.c.stopped_at.is_(None))
         ).scalar_one()
+        checkpoint_bytes = conn.execute(
+            select(func.coalesce(func.sum(job_checkpoints.c.size), 0))
+        ).scalar_one()
     models = {
         model: ModelQueue(
             queued=queued.get(model, (0, None))[0],
@@ -46,4 +49,9 @@ def sample(db: Database, *, stale_seconds: float) -> StoreSample:
         )
         for model in {*queued, *processing}
     }
-    return StoreSample(models=models, live_workers=int(live), taken_at=now)
+    return StoreSample(
+        models=models,
+        live_workers=int(live),
+        checkpoint_bytes=int(checkpoint_bytes),
+        taken_at=now,
+    )

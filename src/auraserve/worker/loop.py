@@ -26,12 +26,18 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from auraserve.config import Settings
 from auraserve.core.ids import short_id
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.engine.base import Engine, JobResult
-from auraserve.errors import JobCancelled, StoreUnavailable, UnsupportedRequest
+from auraserve.errors import (
+    CheckpointMismatch,
+    JobCancelled,
+    StoreUnavailable,
+    UnsupportedRequest,
+)
 from auraserve.media.encode import encode_image, generation_metadata
 from auraserve.media.storage import MediaStore, new_media_name
 from auraserve.observability import metrics
@@ -40,7 +46,8 @@ from auraserve.store import jobs
 from auraserve.store import media as media_rows
 from auraserve.store import workers as registry
 from auraserve.store.db import Database
-from auraserve.worker.inputs import load_inputs
+from auraserve.worker.checkpoints import Checkpointer
+from auraserve.worker.inputs import Inputs, load_inputs
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +124,16 @@ class Worker:
         # A database outage is logged once, whichever of the worker's threads meets it first
         # (the loop, a batch's progress or heartbeat, the presence heartbeat).
         self._outage = OutageLog(log, f"worker {self.worker_id}")
+        # Step checkpoints, where the engine can resume (`--parallel` groups cannot yet).
+        self._checkpointer: Checkpointer | None = None
+        if settings.checkpoint_seconds > 0 and getattr(engine, "supports_checkpoints", False):
+            self._checkpointer = Checkpointer(
+                db=db,
+                media=media,
+                worker_id=self.worker_id,
+                interval=settings.checkpoint_seconds,
+                outage=self._outage,
+            )
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -337,21 +354,7 @@ class Worker:
             for failed, error in inputs.failed:
                 self._finish(batch, failed, JobStatus.FAILED, error)
             claimed = batch.jobs = inputs.jobs
-            if not claimed:
-                results = []
-            elif inputs.any_image:
-                results = self.engine.generate(
-                    [j.request for j in claimed],
-                    on_step=lambda step, total: self._progress(batch, step, total),
-                    cancelled=lambda: self._cancelled_indexes(batch),
-                    init_images=inputs.images,
-                )
-            else:
-                results = self.engine.generate(
-                    [j.request for j in claimed],
-                    on_step=lambda step, total: self._progress(batch, step, total),
-                    cancelled=lambda: self._cancelled_indexes(batch),
-                )
+            results = self._run_engine(batch, inputs) if claimed else []
         except JobCancelled:
             results = None
         except UnsupportedRequest as exc:
@@ -384,6 +387,60 @@ class Worker:
             )
         for job, result in zip(claimed, results, strict=True):
             self._settle(batch, job, result)
+
+    def _run_engine(self, batch: _Batch, inputs: Inputs) -> list[JobResult]:
+        """Run the claimed batch: in one engine call, or, with step checkpoints, one call per
+        group of jobs that resume at the same step (`worker.checkpoints`)."""
+        everything = list(range(len(batch.jobs)))
+        checkpointer = self._checkpointer
+        if checkpointer is None:
+            return self._engine_call(batch, everything, inputs, {})
+        groups = checkpointer.groups(batch.jobs, inputs.images)
+        results: dict[int, JobResult] = {}
+        for group in groups:
+            members = [batch.jobs[i] for i in group.indexes]
+            checkpointer.mark_resumed(members, group.resume_step)
+            extra: dict[str, Any] = {
+                # The engine hands over every step's state; the saver keeps one per interval.
+                "checkpoint_every_steps": 1,
+                "on_checkpoint": checkpointer.saver(members),
+            }
+            if group.resume_from is not None:
+                extra["resume_from"] = group.resume_from
+                log.info("jobs %s resume at step %d", [j.id for j in members], group.resume_step)
+            try:
+                try:
+                    outcome = self._engine_call(batch, group.indexes, inputs, extra)
+                except CheckpointMismatch as exc:  # e.g. a step cache runs: start over
+                    if group.resume_from is None:
+                        raise
+                    log.warning("jobs %s start over: %s", [j.id for j in members], exc)
+                    checkpointer.mark_resumed(members, None)
+                    del extra["resume_from"]
+                    outcome = self._engine_call(batch, group.indexes, inputs, extra)
+            except JobCancelled:
+                if len(groups) == 1 or self._abort.is_set():
+                    raise
+                outcome = [_cancelled_result() for _ in group.indexes]
+            results.update(zip(group.indexes, outcome, strict=True))
+        return [results[i] for i in everything]
+
+    def _engine_call(
+        self, batch: _Batch, indexes: list[int], inputs: Inputs, extra: dict[str, Any]
+    ) -> list[JobResult]:
+        def cancelled() -> set[int]:
+            dropped = self._cancelled_indexes(batch)
+            return {k for k, i in enumerate(indexes) if i in dropped}
+
+        images = [inputs.images[i] for i in indexes]
+        if any(image is not None for image in images):
+            extra = {**extra, "init_images": images}
+        return self.engine.generate(
+            [batch.jobs[i].request for i in indexes],
+            on_step=lambda step, total: self._progress(batch, step, total),
+            cancelled=cancelled,
+            **extra,
+        )
 
     def _settle(self, batch: _Batch, job: Job, result: JobResult) -> None:
         if job.id not in batch.owned:
@@ -466,6 +523,7 @@ class Worker:
             discard(names, "after a refused completion")
         else:
             self.jobs_done += 1
+            self._drop_checkpoint(job)
 
     def _finish(self, batch: _Batch, job: Job, status: JobStatus, error: str | None) -> None:
         if job.id in batch.owned:
@@ -473,6 +531,11 @@ class Worker:
                 self.db, worker_id=self.worker_id, job_id=job.id, status=status, error=error
             )
             batch.owned.discard(job.id)
+            self._drop_checkpoint(job)
+
+    def _drop_checkpoint(self, job: Job) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.drop(job)
 
     def _finish_all(self, batch: _Batch, status: JobStatus, error: str) -> None:
         for job in batch.jobs:
@@ -547,6 +610,10 @@ class Worker:
             for i, job in enumerate(batch.jobs)
             if job.id in batch.cancelled or job.id not in batch.owned
         }
+
+
+def _cancelled_result() -> JobResult:
+    return JobResult(images=[], seeds=[], width=0, height=0, prompt_used="", cancelled=True)
 
 
 def _image_metadata(job: Job, seed: int, result: JobResult) -> dict[str, object]:

@@ -2,4 +2,4 @@
 
 # The newest revision, so a process can tell a current store from one that needs migrating
 # without importing Alembic (tests/store/test_migrations.py checks it equals Alembic's head).
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
