@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from auraserve.config import Settings
@@ -34,10 +35,11 @@ REQUEST = {
     "sampler": "dpmpp_2m_sde",
     "scheduler": "karras",
     "num_images": 1,
+    "guidance_scale": 3.5,
 }
 
 
-def _worker(settings: Settings, worker_id: str) -> subprocess.Popen[str]:
+def _worker(settings: Settings, worker_id: str) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ,
         # The test's own data dir: the store and the media directory both workers share.
@@ -50,18 +52,27 @@ def _worker(settings: Settings, worker_id: str) -> subprocess.Popen[str]:
         AURASERVE_SWEEP_INTERVAL_SECONDS="0.5",
         AURASERVE_POLL_INTERVAL_SECONDS="0.2",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "auraserve", "worker", "--model", "tiny", "--device", "cpu"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
+    log_path = Path(settings.data_dir) / f"{worker_id}.log"  # read by the failure message
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "auraserve", "worker", "--model", "tiny", "--device", "cpu"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    deadline = time.monotonic() + 120
+    while f"worker {worker_id} ready" not in log_path.read_text(errors="replace"):
+        assert proc.poll() is None, log_path.read_text(errors="replace")
+        assert time.monotonic() < deadline, log_path.read_text(errors="replace")
+        time.sleep(0.1)
+    return proc
+
+
+def _logs(settings: Settings) -> str:
+    return "\n".join(
+        f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}"
+        for path in sorted(Path(settings.data_dir).glob("*.log"))
     )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if f"worker {worker_id} ready" in line:
-            return proc
-    raise AssertionError(f"worker exited with {proc.wait()} before it was ready")
 
 
 def _until(runtime: Runtime, job_id: str, done: Any, timeout: float = 240) -> Job:
@@ -71,7 +82,7 @@ def _until(runtime: Runtime, job_id: str, done: Any, timeout: float = 240) -> Jo
         assert job is not None
         if done(job):
             return job
-        assert time.monotonic() < deadline, job
+        assert time.monotonic() < deadline, (job, _logs(runtime.settings))
         time.sleep(0.02)
 
 
@@ -85,46 +96,63 @@ def _pixels(runtime: Runtime, job: Job) -> list[bytes]:
     return images
 
 
-def test_a_killed_workers_job_resumes_from_its_checkpoint_with_the_same_image(
-    settings: Settings, runtime: Runtime
+@pytest.mark.parametrize(
+    ("sampler", "scheduler"), [("dpmpp_2m_sde", "karras"), ("lms", "exponential")]
+)
+def test_a_killed_workers_batch_resumes_from_its_checkpoints_with_the_same_images(
+    settings: Settings, runtime: Runtime, sampler: str, scheduler: str
 ) -> None:
+    """Two jobs that share a batch (one with two images) die together at a step and resume
+    together; each image equals the one an uninterrupted run of its request gives."""
     account = keys.create_account(runtime.db, "resume", credits=1_000_000)
+    requests = [
+        {**REQUEST, "sampler": sampler, "scheduler": scheduler, "seed": 7, "num_images": 2},
+        {**REQUEST, "sampler": sampler, "scheduler": scheduler, "seed": 8, "guidance_scale": 1.0},
+    ]
     first = _worker(settings, "gpu-a")
-    second: subprocess.Popen[str] | None = None
+    second: subprocess.Popen[bytes] | None = None
     try:
-        job_id = submit_job(runtime.db, account.account_id, REQUEST, model=MODEL)
+        # Queued before the worker looks: claimed as one batch.
+        ids = [submit_job(runtime.db, account.account_id, r, model=MODEL) for r in requests]
 
-        def far_enough(job: Job) -> bool:
-            found = checkpoints.of_jobs(runtime.db, [job.id]).get(job.id)
-            return found is not None and 4 <= found.step <= 20
+        def far_enough(_: Job) -> bool:
+            found = checkpoints.of_jobs(runtime.db, ids)
+            steps = {c.step for c in found.values()}
+            return len(found) == 2 and len(steps) == 1 and 4 <= min(steps) <= 20
 
-        _until(runtime, job_id, far_enough)
+        _until(runtime, ids[0], far_enough)
         first.send_signal(signal.SIGKILL)
         first.wait(30)
-        killed_at = checkpoints.of_jobs(runtime.db, [job_id])[job_id].step
-        assert jobs.get(runtime.db, job_id).status == JobStatus.PROCESSING  # type: ignore[union-attr]
+        found = checkpoints.of_jobs(runtime.db, ids)
+        killed_at = {job_id: found[job_id].step for job_id in ids}
 
-        second = _worker(settings, "gpu-b")  # its sweep requeues the job when the lease lapses
-        resumed = _until(runtime, job_id, lambda j: j.progress_resumed_from is not None)
-        assert resumed.lease_owner == "gpu-b" and resumed.attempts == 2
-        # The checkpoint it resumed from is the dead worker's newest (written before the kill).
-        assert resumed.progress_resumed_from == killed_at
-        progress = status_body(resumed, lambda name: name)["progress"]
-        assert progress["resumed_from"] == killed_at and progress["step"] >= killed_at
-        done = _until(runtime, job_id, lambda j: j.is_terminal)
-        assert done.status == JobStatus.COMPLETED, done.error
+        second = _worker(settings, "gpu-b")  # its sweep requeues the jobs when the lease lapses
+        for job_id in ids:
+            resumed = _until(runtime, job_id, lambda j: j.progress_resumed_from is not None)
+            assert resumed.lease_owner == "gpu-b" and resumed.attempts == 2
+            # Each resumed from the dead worker's newest checkpoint (written before the kill).
+            assert resumed.progress_resumed_from == killed_at[job_id]
+            progress = status_body(resumed, lambda name: name)["progress"]
+            assert progress["resumed_from"] == killed_at[job_id]
+            assert progress["step"] >= killed_at[job_id]
+        done = [_until(runtime, job_id, lambda j: j.is_terminal) for job_id in ids]
+        assert [j.status for j in done] == [JobStatus.COMPLETED] * 2, [j.error for j in done]
 
-        # The same request run start to finish by the same worker: the same pixels.
-        reference_id = submit_job(runtime.db, account.account_id, REQUEST, model=MODEL)
-        reference = _until(runtime, reference_id, lambda j: j.is_terminal)
-        assert reference.status == JobStatus.COMPLETED and reference.progress_resumed_from is None
-        assert _pixels(runtime, done) == _pixels(runtime, reference)
+        # The same requests run start to finish by the same worker: the same pixels.
+        reference_ids = [
+            submit_job(runtime.db, account.account_id, r, model=MODEL) for r in requests
+        ]
+        references = [_until(runtime, job_id, lambda j: j.is_terminal) for job_id in reference_ids]
+        for job, reference in zip(done, references, strict=True):
+            assert reference.status == JobStatus.COMPLETED
+            assert reference.progress_resumed_from is None
+            assert _pixels(runtime, job) == _pixels(runtime, reference)
 
         # Ended jobs hold no checkpoint: rows dropped, their objects deleted (what a killed
         # worker wrote but never recorded is an orphan for the sweep).
-        assert checkpoints.of_jobs(runtime.db, [job_id, reference_id]) == {}
+        assert checkpoints.of_jobs(runtime.db, [*ids, *reference_ids]) == {}
         left = list(Path(settings.media_dir).rglob("*.ckpt"))
-        assert len(left) <= 1, left
+        assert len(left) <= 2, left
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
