@@ -28,7 +28,7 @@ from tests.store_jobs import MODEL, submit_job
 
 REQUEST = {
     "prompt": "a lighthouse at dusk",
-    "steps": 30,
+    "steps": 60,
     "width": 512,
     "height": 512,
     "seed": 1234,
@@ -115,10 +115,13 @@ def test_a_killed_workers_batch_resumes_from_its_checkpoints_with_the_same_image
         # Queued before the worker looks: claimed as one batch.
         ids = [submit_job(runtime.db, account.account_id, r, model=MODEL) for r in requests]
 
-        def far_enough(_: Job) -> bool:
+        def far_enough(job: Job) -> bool:
+            assert not job.is_terminal, "the job ended before the test saw its checkpoints"
             found = checkpoints.of_jobs(runtime.db, ids)
+            # Usually one step for both; two steps (a kill between their two writes) resume as
+            # two groups, which is as right.
             steps = {c.step for c in found.values()}
-            return len(found) == 2 and len(steps) == 1 and 4 <= min(steps) <= 20
+            return len(found) == 2 and min(steps) >= 4 and max(steps) <= 40
 
         _until(runtime, ids[0], far_enough)
         first.send_signal(signal.SIGKILL)
