@@ -184,6 +184,7 @@ class AuraFlowEngine:
         resume_from: Sequence[bytes] | None = None,
         preview_every_steps: int = 0,
         on_preview: PreviewCallback | None = None,
+        previews_wanted: Callable[[], bool] | None = None,
     ) -> list[JobResult]:
         """Run a batch (see `engine.base.Engine.generate`), optionally resumable and previewed.
 
@@ -198,7 +199,9 @@ class AuraFlowEngine:
         batch: its per-row residuals (tens of MB per image) are not in checkpoints, so such
         batches never write one either. ``on_preview(step, previews)``
         gets, after every ``preview_every_steps``-th step but the last, one JPEG per image per
-        request: the step's x0 estimate through `engine.preview`'s latent → RGB projection.
+        request: the step's x0 estimate through `engine.preview`'s latent → RGB projection;
+        with ``previews_wanted``, only at the steps where it answers True (nobody watching: no
+        preview is made).
         Exceptions from either callback abort the batch, as ``on_step``'s do.
         """
         if not requests:
@@ -220,7 +223,9 @@ class AuraFlowEngine:
         for request, init in zip(requests, inits, strict=True):
             if request.image is not None and init is None:
                 raise UnsupportedRequest("image: the input image was not loaded")
-        hooks = _Hooks(preview_every=preview_every_steps, on_preview=on_preview)
+        hooks = _Hooks(
+            preview_every=preview_every_steps, on_preview=on_preview, wanted=previews_wanted
+        )
         if (on_checkpoint is not None and checkpoint_every_steps) or resume_from is not None:
             digests = tuple(
                 request_digest(r, init if r.image is not None else None)
@@ -426,7 +431,13 @@ class AuraFlowEngine:
                 cache.completed_steps = step
             if on_step is not None:
                 on_step(step, steps)
-            if latest and hooks.on_preview and step % hooks.preview_every == 0 and step < steps:
+            if (
+                latest
+                and hooks.on_preview
+                and step % hooks.preview_every == 0
+                and step < steps
+                and (hooks.wanted is None or hooks.wanted())
+            ):
                 hooks.on_preview(step, self._previews(rows, latest[0]))
             check_cancel()
 
@@ -625,6 +636,7 @@ class _Hooks:
     digests: tuple[str, ...] = ()  # checkpoint_format.request_digest of each request
     preview_every: int = 0
     on_preview: PreviewCallback | None = None
+    wanted: Callable[[], bool] | None = None
 
 
 def _recording(

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from auraserve.media.storage import MediaStore
-from auraserve.store import checkpoints
+from auraserve.store import checkpoints, previews
 from auraserve.store import media as media_rows
 from auraserve.store.db import Database
 
@@ -89,4 +89,5 @@ class MediaMaintenance:
         now = time.time() if now is None else now
         apply_retention(self.db, self.media, retention=self.retention, now=now)
         forget_finished_checkpoints(self.db, self.media)
+        previews.forget_finished(self.db)
         sweep_orphans(self.db, self.media, grace=self.grace, now=now)

@@ -126,6 +126,9 @@ jobs = Table(
     Column("progress_total", Integer, nullable=False, server_default="0"),
     # The step this attempt resumed from (a step checkpoint); NULL when it started at step 0.
     Column("progress_resumed_from", Integer, nullable=True),
+    # Someone watches this job (an open status stream renews it) until then: its worker makes
+    # live previews only while this lies ahead (store.previews).
+    Column("preview_wanted_until", Double, nullable=True),
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
     Column("error", Text, nullable=True),
     # {"media": [names], "media_type": ..., "seeds": [...], "prompt_used": ..., "warnings": [...]}
@@ -158,6 +161,18 @@ job_checkpoints = Table(
     Column("total", Integer, nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("worker_id", String(100), nullable=False),
+    Column("created_at", Double, nullable=False),
+)
+
+# The newest live preview of a running job (store.previews): small JPEGs, one per image, as a
+# JSON list of base64 strings; replaced every few steps, dropped with the job.
+job_previews = Table(
+    "job_previews",
+    metadata,
+    Column("job_id", String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("step", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("images", Text, nullable=False),
     Column("created_at", Double, nullable=False),
 )
 
