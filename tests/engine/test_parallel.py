@@ -208,3 +208,15 @@ def test_a_step_cache_engine_is_refused() -> None:
     with pytest.raises(ConfigError, match="step_cache"):
         install(engine, RowSplit(0, 2))
     assert engine.row_split is None
+
+
+def test_a_compile_engine_is_refused_for_ulysses() -> None:
+    from auraserve.engine.parallel import place
+
+    pipe = build_tiny_pipeline()
+    engine = AuraFlowEngine(pipe, description="tiny", options=EngineOptions(compile="blocks"))
+    with pytest.raises(ConfigError, match="ulysses does not combine with the compile"):
+        install(engine, place(0, ParallelSpec(ulysses=2)))
+    # Rows alone (cfg=2) leave the transformer whole: compile is fine there.
+    install(engine, RowSplit(0, 2))
+    assert engine.row_split is not None

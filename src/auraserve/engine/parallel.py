@@ -180,6 +180,14 @@ def install(engine: Any, placement: Placement | RowSplit) -> None:
             "--parallel does not combine with a step_cache engine mode yet; drop one of them"
         )
     if placement.sequence is not None:
+        options = getattr(engine, "options", None)
+        if options is not None and options.compile != "none":
+            # The all-to-alls run inside the blocks that compile wraps (as graph breaks);
+            # that path, with or without CUDA graphs, has not been run on GPUs here.
+            raise ConfigError(
+                "--parallel ulysses does not combine with the compile engine mode yet; "
+                "drop one of them"
+            )
         install_sequence_split(engine.pipe.transformer, placement.sequence)
     engine.row_split = placement.rows
 
