@@ -362,7 +362,7 @@ class GroupEngine:
         self.engine = engine
         self.group = group
         self.commands = commands
-        self.description = f"{engine.description}, parallel x{group.split.world}"
+        self.description = f"{engine.description}, parallel {group.split.spec}"
         self.is_test_model: bool = engine.is_test_model
         self.broken = False
         self.on_broken: Callable[[], None] = lambda: None
