@@ -153,7 +153,8 @@ class UlyssesAttnProcessor(AuraFlowAttnProcessor):
         layout = split.layout
         if layout is None:
             raise RuntimeError("ulysses attention outside a split transformer call")
-        q, k, v = (split.seq_to_heads(t) for t in (q, k, v))
+        # One exchange for q, k and v (stacked on the batch axis), not three.
+        q, k, v = split.seq_to_heads(torch.cat([q, k, v])).chunk(3)
         if layout.valid is None:
             return split.heads_to_seq(self._attend(q, k, v, scale))
         valid = layout.valid
