@@ -329,7 +329,7 @@ def _print_start(
     """What a first-time operator needs, on stdout: the key (first start only), where the
     playground and the API docs are, and which store and models this is."""
     base = browser_url(settings)
-    server_key = runtime.server_key if runtime.server_key and runtime.server_key.created else None
+    server_key = runtime.db.server_key if runtime.db.server_key.created else None
     if args.json:
         record: dict[str, Any] = {
             "event": "listening",
