@@ -34,7 +34,7 @@ from auraserve.store.drivers import open_driver
 from auraserve.store.drivers.base import Closeable, JobReader
 from auraserve.store.events import LocalBus, take_events, unsent_events
 from auraserve.store.migrations import HEAD_REVISION
-from auraserve.store.positions import POSITION_TTL, QueuePositions
+from auraserve.store.reads import POSITION_TTL, QueuePositions
 
 if TYPE_CHECKING:
     from auraserve.store.keys import Account

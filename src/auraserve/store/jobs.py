@@ -24,7 +24,7 @@ from auraserve.store import ledger
 from auraserve.store import media as media_rows
 from auraserve.store.db import Store, store_of
 from auraserve.store.events import JOB, WORK, emit_each_in, emit_in, unsent_events
-from auraserve.store.positions import COUNT_AHEAD, QUEUE_ORDER
+from auraserve.store.reads import COUNT_AHEAD, QUEUE_ORDER, SELECT_JOB, SELECT_TENANT_JOB
 from auraserve.store.schema import accounts, jobs
 
 QUEUED = JobStatus.QUEUED.value
@@ -461,16 +461,9 @@ def get(db: Store, job_id: str, *, account_id: str | None = None) -> Job | None:
         return get_in(conn, job_id, account_id=account_id)
 
 
-_SELECT_JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
-# Also compiled by the drivers' status reads (`drivers.base.JobReader`).
-SELECT_TENANT_JOB = select(jobs).where(
-    jobs.c.id == bindparam("job_id"), jobs.c.account_id == bindparam("acct")
-)
-
-
 def get_in(conn: Connection, job_id: str, *, account_id: str | None = None) -> Job | None:
     if account_id is None:
-        row = conn.execute(_SELECT_JOB, {"job_id": job_id}).first()
+        row = conn.execute(SELECT_JOB, {"job_id": job_id}).first()
     else:
         row = conn.execute(SELECT_TENANT_JOB, {"job_id": job_id, "acct": account_id}).first()
     return None if row is None else job_in(conn, row)

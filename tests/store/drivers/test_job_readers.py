@@ -25,7 +25,7 @@ from auraserve.store.drivers.base import JobReader
 from auraserve.store.drivers.postgresql import PG_CHECKOUT_TIMEOUT, PgJobReader
 from auraserve.store.drivers.sqlite import SqliteJobReader
 from auraserve.store.events import JOB
-from auraserve.store.positions import QueuePositions
+from auraserve.store.reads import QueuePositions
 from tests.conftest import BACKEND, free_port
 from tests.store_jobs import MODEL, submit_job, submit_one
 

@@ -26,7 +26,7 @@ from auraserve.core.jobs import Job
 
 if TYPE_CHECKING:
     from auraserve.store.events import LocalBus
-    from auraserve.store.positions import QueuePositions
+    from auraserve.store.reads import QueuePositions
 
 
 class Closeable(Protocol):
@@ -37,7 +37,7 @@ class JobReader(ABC):
     """Reads one job of one account for a status poll, without SQLAlchemy's per-call
     machinery: clients poll far more often than anything else happens. Its answer equals
     `store.jobs.get(store, job_id, account_id=...)`: the same tenant-scoped statement
-    (`jobs.SELECT_TENANT_JOB`), the same queue positions (`QueuePositions`)."""
+    (`reads.SELECT_TENANT_JOB`), the same queue positions (`QueuePositions`)."""
 
     def __init__(self, positions: QueuePositions) -> None:
         self.positions = positions

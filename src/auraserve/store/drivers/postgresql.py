@@ -58,8 +58,7 @@ from auraserve.errors import StoreUnavailable
 from auraserve.observability.logs import describe
 from auraserve.store.drivers.base import Closeable, Compiled, Driver, JobReader, payloads
 from auraserve.store.events import CHANNEL, LocalBus
-from auraserve.store.jobs import QUEUED, SELECT_TENANT_JOB
-from auraserve.store.positions import COUNT_AHEAD, QueuePositions
+from auraserve.store.reads import COUNT_AHEAD, QUEUED, SELECT_TENANT_JOB, QueuePositions
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +177,15 @@ class PostgresDriver(Driver):
     def insert_ignoring(
         self, conn: Connection, table: Table, values: dict[str, Any], key: Sequence[str]
     ) -> bool:
-        statement = pg_insert(table).values(**values).on_conflict_do_nothing(index_elements=key)
-        return conn.execute(statement).rowcount == 1
+        statement = (
+            pg_insert(table)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=list(key))
+            .returning(*(table.c[name] for name in key))
+        )
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT that SQLAlchemy gave an
+        # implicit RETURNING of its own.
+        return conn.execute(statement).first() is not None
 
     def is_unavailable(self, exc: BaseException) -> bool:
         return _is_unavailable(exc)

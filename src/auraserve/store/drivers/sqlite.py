@@ -46,8 +46,7 @@ from auraserve.core.jobs import Job
 from auraserve.errors import StoreUnavailable
 from auraserve.store.drivers.base import Closeable, Compiled, Driver, JobReader
 from auraserve.store.events import LocalBus
-from auraserve.store.jobs import SELECT_TENANT_JOB
-from auraserve.store.positions import COUNT_AHEAD, QueuePositions
+from auraserve.store.reads import COUNT_AHEAD, SELECT_TENANT_JOB, QueuePositions
 
 if sys.platform != "win32":
     import fcntl
@@ -142,8 +141,15 @@ class SqliteDriver(Driver):
     def insert_ignoring(
         self, conn: Connection, table: Table, values: dict[str, Any], key: Sequence[str]
     ) -> bool:
-        statement = sqlite_insert(table).values(**values).on_conflict_do_nothing(list(key))
-        return conn.execute(statement).rowcount == 1
+        statement = (
+            sqlite_insert(table)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=list(key))
+            .returning(*(table.c[name] for name in key))
+        )
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT that SQLAlchemy gave an
+        # implicit RETURNING of its own.
+        return conn.execute(statement).first() is not None
 
     def is_unavailable(self, exc: BaseException) -> bool:
         if isinstance(exc, OperationalError) and isinstance(exc.orig, sqlite3.Error):

@@ -1,5 +1,6 @@
-"""Queue positions, counted in one place for every read path (`jobs.get_in`, both drivers'
-status reads).
+"""The status read's statements and queue positions, in one place for every read path
+(`jobs.get_in` and both drivers' `JobReader`s): the tenant-scoped select of one job, and the
+count of the jobs queued ahead of it, each remembered for a moment (`QueuePositions`).
 
 Positions are advisory and only move when the queue head moves, so each process keeps them
 for a moment: a client (or many) polling a deep queue costs one count per job per
@@ -29,6 +30,11 @@ POSITION_CACHE_MAX = 50_000
 QUEUE_POSITION_CAP = 10_000
 
 QUEUE_ORDER = (jobs.c.priority, jobs.c.created_at, jobs.c.id)
+
+SELECT_JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
+SELECT_TENANT_JOB = select(jobs).where(
+    jobs.c.id == bindparam("job_id"), jobs.c.account_id == bindparam("acct")
+)
 
 # How many queued jobs come before a given one: built once, run through SQLAlchemy here and
 # compiled for the raw drivers of the status reads.
