@@ -235,9 +235,3 @@ def get_key(db: Store, key_id: str) -> keys.KeyInfo | None:
     return (
         None if r is None else keys.KeyInfo(r.id, r.account_id, r.name, r.created_at, r.revoked_at)
     )
-
-
-def account_exists(db: Store, account_id: str) -> bool:
-    with db.read() as conn:
-        found = conn.execute(select(accounts.c.id).where(accounts.c.id == account_id)).first()
-    return found is not None
