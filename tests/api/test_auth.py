@@ -23,7 +23,7 @@ from auraserve.api.auth import account_for_key
 from auraserve.config import Settings, load_settings
 from auraserve.store import keys
 from auraserve.store.db import AUTH_CACHE_GRACE, AUTH_CACHE_TTL, Store
-from tests.api.test_processes import SEED_PATH, Tree
+from tests.cli.test_processes import SEED_PATH, Tree
 
 JOB_BODY = {"prompt": "a lighthouse", "num_inference_steps": 1, "expand_prompt": False}
 PROMISE = 2.0  # seconds: README.md and docs/api.md promise it

@@ -81,7 +81,7 @@ async def _events(request: Request, runtime: Runtime, job: Job, key: str) -> Asy
                 if await account_for_key(runtime, key) is None:
                     yield _error_event(Unauthorized("Invalid or revoked API key"))
                     return
-                job = await runtime.db.call(results.reload, runtime, job)
+                job = await results.reload(runtime, job)
                 body = await runtime.db.call(results.render_status, runtime, job)
             except StoreUnavailable as exc:
                 # Headers are sent: no status code can say it now. A last event does, and the

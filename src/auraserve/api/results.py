@@ -29,7 +29,7 @@ from auraserve.errors import (
     SyncTimeout,
 )
 from auraserve.runtime import Runtime
-from auraserve.store import jobs, ledger, workers
+from auraserve.store import ledger, workers
 from auraserve.webhooks import outbox
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,9 @@ def render_status(runtime: Runtime, job: Job) -> dict[str, Any]:
     return body
 
 
-def reload(runtime: Runtime, job: Job) -> Job:
-    fresh = jobs.get(runtime.db, job.id, account_id=job.account_id)
+async def reload(runtime: Runtime, job: Job) -> Job:
+    """`job` as the store has it now, through the one status read."""
+    fresh = await runtime.db.job_reads.get(job.id, account_id=job.account_id)
     return fresh if fresh is not None else job
 
 
@@ -135,7 +136,7 @@ async def wait_until_terminal(
         while True:
             changed.clear()  # before reading: a change after the read wakes us
             try:
-                job = await runtime.db.call(reload, runtime, job)
+                job = await reload(runtime, job)
             except StoreUnavailable:
                 unavailable = True
             else:
