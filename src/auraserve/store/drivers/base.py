@@ -121,8 +121,8 @@ class Driver(ABC):
 
     @abstractmethod
     def notify(self, conn: Connection, events: Sequence[tuple[str, str]]) -> None:
-        """Send a transaction's events to other processes at its commit, where the database
-        carries them (PostgreSQL's NOTIFY); called just before the COMMIT."""
+        """Have the database carry a transaction's events to other processes at its commit
+        (PostgreSQL's NOTIFY); called by `Store.send_events`, before the COMMIT."""
 
     @abstractmethod
     def join(self, bus: LocalBus) -> Closeable | None:
