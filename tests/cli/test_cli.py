@@ -27,6 +27,7 @@ from auraserve.cli import SETTING_FLAGS, build_parser
 from auraserve.config import Settings
 from auraserve.media.encode import read_parameters
 from tests.conftest import PG_ADMIN_URL, LiveServer, free_port, wait_for_status
+from tests.store_jobs import submit_one
 
 
 def run_cli(
@@ -268,7 +269,7 @@ def test_worker_command_runs_jobs_from_the_store(tmp_path: Path, settings: Setti
         req = build_request(
             {"prompt": "alone", "steps": 2}, model="auraflow-v0-3-512", preset=preset
         )
-        job_id = jobs.submit(
+        job_id = submit_one(
             rt.db,
             account_id=acct.account_id,
             request=req,

@@ -39,7 +39,7 @@ from auraserve.observability.logs import OutageLog
 from auraserve.store import jobs
 from auraserve.store import media as media_rows
 from auraserve.store import workers as registry
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.worker.inputs import load_inputs
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Worker:
     def __init__(
         self,
         *,
-        db: Database,
+        db: Store,
         settings: Settings,
         engine: Engine,
         media: MediaStore,
