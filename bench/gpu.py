@@ -35,8 +35,9 @@ offload modes (`--memory-modes none,model,sequential`) run on the base pipeline 
     python bench/gpu.py --modes '' --memory-modes '' --multi-gpu   # per-GPU workers, 1 → N GPUs
 
 `--multi-gpu` (bench/multi_gpu.py) needs a machine with two GPUs or more: on one GPU it is
-skipped and says so. It measures one worker process per GPU (1 GPU against 2, 4 … all); the
-modes that split one image across GPUs are listed as not implemented yet.
+skipped and says so. It measures one worker process per GPU (1 GPU against 2, 4 … all), then
+the `--parallel` modes that split one image across GPUs (cfg=2, ulysses=2, cfg=2,ulysses=2,
+ulysses=4; a mode needing more GPUs than there are is skipped with the reason).
 
 A device command is limited to 10 minutes on the project's lent GPU machines (and a session to
 30 minutes of device time), so split the work and merge the parts with `--render`; keep

@@ -7,8 +7,12 @@ and engine (default mode) on its GPU; once all are ready they start together and
 each process, the aggregate images/s, and the scaling against one process alone (1.0 = linear).
 Measured for 1 GPU and for every power of two up to all the GPUs.
 
-The parallel modes that split one image across GPUs (CFG parallelism, Ulysses sequence
-parallelism) are not implemented in auraserve yet; their rows say so instead of a number.
+Then the parallel modes that split one image across GPUs (`--parallel cfg=2`, `ulysses=2`,
+`cfg=2,ulysses=2`, and `ulysses=4` where there are 4 GPUs): one group of ranks (rank r on GPU
+r, nccl), started here as `generate --parallel` starts it, each rank building the same engine;
+rank 0 times `--multi-images` images at `--multi-size`², batch 1, and the row gives its seconds
+per image and the speed-up against the one-GPU row. A mode that needs more GPUs than the
+machine has is skipped with that reason.
 
 It needs two CUDA GPUs or more: on one GPU, or on the CPU, the stage is skipped with that reason
 (AURASERVE_TEST_GPUS, the worker supervisor's hidden test setting, fakes a GPU list so the
@@ -32,8 +36,7 @@ from typing import Any
 from auraserve.cli.gpu_workers import TEST_GPUS_ENV, VISIBLE_ENV, available_gpus
 
 SCRIPT = Path(__file__).resolve()
-PARALLEL_MODES = ("cfg=2", "ulysses=2", "cfg=2,ulysses=2")
-NOT_IMPLEMENTED = "not implemented in auraserve yet: one image runs on one GPU"
+PARALLEL_MODES = ("cfg=2", "ulysses=2", "cfg=2,ulysses=2", "ulysses=4")
 
 
 def gpu_counts(available: int) -> list[int]:
@@ -52,6 +55,29 @@ def _child_command(args: argparse.Namespace) -> list[str]:
     command += ["--images", str(args.multi_images), "--steps", str(args.steps)]
     command += ["--guidance", str(args.guidance), "--seed", str(args.seed)]
     return command + (["--tiny"] if args.tiny else [])
+
+
+def _parallel_row(args: argparse.Namespace, mode: str, gpus: list[str]) -> dict[str, Any]:
+    """One image across `mode`'s ranks: one process (rank 0) that starts the others."""
+    from auraserve.engine.parallel import parse_parallel
+
+    world = parse_parallel(mode).world_size
+    if world > len(gpus):
+        return {
+            "mode": mode,
+            "skipped": f"needs {world} GPUs (one per rank); this machine has {len(gpus)}",
+        }
+    print(f"multi-GPU: --parallel {mode} on {world} GPUs", flush=True)
+    env = dict(os.environ, **{VISIBLE_ENV: ",".join(gpus[:world])})
+    env.pop(TEST_GPUS_ENV, None)
+    command = [*_child_command(args), "--parallel", mode]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"--parallel {mode}: the benchmark group failed (exit {done.returncode})"
+        )
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"mode": mode, "gpus": world, "s_per_image": round(record["s_per_image"], 4)}
 
 
 def _run_group(args: argparse.Namespace, gpus: list[str]) -> dict[str, Any]:
@@ -117,12 +143,17 @@ def bench_multi_gpu(args: argparse.Namespace) -> dict[str, Any]:
     single = rows[0]["images_per_s"]
     for row in rows:
         row["scaling"] = round(row["images_per_s"] / (single * row["gpus"]), 3)
+    parallel = [_parallel_row(args, mode, gpus) for mode in PARALLEL_MODES]
+    one_gpu = rows[0]["s_per_image"][0]
+    for row in parallel:
+        if "s_per_image" in row:
+            row["speedup"] = round(one_gpu / row["s_per_image"], 3)
     return {
         "size": args.multi_size,
         "images_per_process": args.multi_images,
         "gpus_available": len(gpus),
         "workers": rows,
-        "parallel": [{"mode": mode, "skipped": NOT_IMPLEMENTED} for mode in PARALLEL_MODES],
+        "parallel": parallel,
     }
 
 
@@ -144,19 +175,22 @@ def render(section: dict[str, Any] | None) -> list[str]:
         lines.append(
             f"| {row['gpus']} | {seconds} | {row['images_per_s']:.3f} | {row['scaling']:.2f} |"
         )
-    lines += ["", "One image across GPUs:", ""]
-    lines += [f"- `--parallel {row['mode']}`: {row['skipped']}" for row in section["parallel"]]
+    lines += ["", "One image across GPUs (rank 0's seconds per image, batch 1):", ""]
+    for row in section["parallel"]:
+        if "skipped" in row:
+            lines.append(f"- `--parallel {row['mode']}`: skipped, {row['skipped']}")
+        else:
+            lines.append(
+                f"- `--parallel {row['mode']}` on {row['gpus']} GPUs: "
+                f"{row['s_per_image']:.2f} s / image, {row['speedup']:.2f}x vs one GPU"
+            )
     return [*lines, ""]
 
 
 # --- the child: one process on its one GPU ---------------------------------------------------
 
 
-def child(argv: list[str]) -> None:
-    import importlib.util
-
-    import torch
-
+def _child_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="multi_gpu.py child")
     parser.add_argument("--device", required=True)
     parser.add_argument("--dtype", required=True)
@@ -166,7 +200,16 @@ def child(argv: list[str]) -> None:
     parser.add_argument("--guidance", type=float, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--tiny", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--parallel", help="a --parallel mode: this process is its rank 0")
+    return parser.parse_args(argv)
+
+
+def _build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(gpu.py's module, engine, request, device) as gpu.py's own options would make them."""
+    import importlib.util
+
+    import torch
+
     spec = importlib.util.spec_from_file_location("auraserve_bench_gpu", SCRIPT.with_name("gpu.py"))
     assert spec is not None and spec.loader is not None
     gpu = importlib.util.module_from_spec(spec)
@@ -182,6 +225,53 @@ def child(argv: list[str]) -> None:
     ctx = gpu.Context(args=bench_args, device=device, dtype=gpu.DTYPES[args.dtype], base=base)
     engine = gpu.AuraFlowEngine(base, description="bench", is_test_model=args.tiny)
     request = gpu.engine_request(ctx, args.size, args.size, 1)
+    return gpu, engine, request, device
+
+
+def _parallel_follower(index: int, port: int, mode: str, argv: list[str]) -> None:
+    """Rank index+1: the same engine, its share of every image, as many images as rank 0."""
+    from auraserve.engine.parallel import install, join_group, leave_group, parse_parallel
+
+    args = _child_args(argv)
+    placement = join_group(index + 1, parse_parallel(mode), port, args.device)
+    try:
+        _, engine, request, _ = _build(args)
+        install(engine, placement)
+        for _ in range(1 + args.images):  # the warm-up, then the timed ones
+            engine.generate([request])
+    finally:
+        leave_group()
+
+
+def _parallel(argv: list[str], args: argparse.Namespace) -> None:
+    from auraserve.engine.parallel import install, parse_parallel, start_group
+
+    spec = parse_parallel(args.parallel)
+    group = start_group(_parallel_follower, (args.parallel, argv), spec, args.device)
+    try:
+        gpu, engine, request, device = _build(args)
+        install(engine, group.split)
+        engine.generate([request])  # warm
+        times = []
+        for _ in range(args.images):
+            gpu._sync(device)
+            started = time.perf_counter()
+            engine.generate([request])
+            gpu._sync(device)
+            times.append(time.perf_counter() - started)
+    except BaseException:
+        group.abort()
+        raise
+    group.finish()
+    print(json.dumps({"s_per_image": statistics.median(times)}), flush=True)
+
+
+def child(argv: list[str]) -> None:
+    args = _child_args(argv)
+    if args.parallel:
+        _parallel(argv, args)
+        return
+    gpu, engine, request, device = _build(args)
     engine.generate([request])  # warm: kernels chosen, allocator grown
     gpu._sync(device)
     print("ready", flush=True)

@@ -25,7 +25,7 @@ import uvicorn
 from sqlalchemy import create_engine, text
 
 from auraserve.config import Settings, load_settings
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import metadata
 
 BACKEND = os.environ.get("AURASERVE_TEST_BACKEND", "sqlite")
@@ -64,7 +64,7 @@ def database_url(tmp_path: Path, pg_database_url: str | None) -> str:
     """A URL to an empty, migrated store for this test."""
     if pg_database_url is None:
         return ""  # Settings puts SQLite in the data dir
-    db = Database(Settings(database_url=pg_database_url).resolved_database_url)
+    db = Store(Settings(database_url=pg_database_url).resolved_database_url)
     db.migrate()
     with db.engine.begin() as conn:
         names = ", ".join(t.name for t in metadata.sorted_tables)
@@ -93,8 +93,8 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 
 @pytest.fixture
-def db(settings: Settings) -> Iterator[Database]:
-    database = Database(settings.resolved_database_url)
+def db(settings: Settings) -> Iterator[Store]:
+    database = Store(settings.resolved_database_url)
     database.migrate()
     yield database
     database.dispose()

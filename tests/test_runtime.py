@@ -16,6 +16,7 @@ from auraserve.core.request import build_request
 from auraserve.errors import ConfigError
 from auraserve.runtime import Maintenance, PeriodicTask, Runtime
 from auraserve.store import jobs, keys
+from tests.store_jobs import submit_one
 
 KEY = "k" * 40
 
@@ -29,10 +30,10 @@ def test_replicas_given_one_secret_key_derive_the_same_webhook_secret(tmp_path: 
         load_settings(data_dir=tmp_path / "b", database_url=db_url, secret_key=KEY)
     )
     try:
-        assert first.server_key is not None and second.server_key is not None
-        assert first.server_key.webhook_secret("acct_x", 1) == second.server_key.webhook_secret(
+        assert first.db.server_key is not None and second.db.server_key is not None
+        assert first.db.server_key.webhook_secret(
             "acct_x", 1
-        )
+        ) == second.db.server_key.webhook_secret("acct_x", 1)
         # A configured key means no key file is written into either data dir.
         assert not (tmp_path / "a" / "secret.key").exists()
         assert not (tmp_path / "b" / "secret.key").exists()
@@ -48,8 +49,10 @@ def test_a_key_file_setting_is_used(tmp_path: Path) -> None:
     a = Runtime.open(load_settings(data_dir=tmp_path / "a", secret_key_file=key_file))
     b = Runtime.open(load_settings(data_dir=tmp_path / "b", secret_key=KEY))
     try:
-        assert a.server_key is not None and b.server_key is not None
-        assert a.server_key.webhook_secret("acct_y", 2) == b.server_key.webhook_secret("acct_y", 2)
+        assert a.db.server_key is not None and b.db.server_key is not None
+        assert a.db.server_key.webhook_secret("acct_y", 2) == b.db.server_key.webhook_secret(
+            "acct_y", 2
+        )
     finally:
         a.close()
         b.close()
@@ -68,7 +71,7 @@ def _queued_job(rt: Runtime) -> tuple[str, str]:
     preset = rt.settings.presets[model]
     acct = keys.create_account(rt.db, "r", credits=10_000)
     req = build_request({"prompt": "rescue me", "steps": 2}, model=model, preset=preset)
-    job_id = jobs.submit(
+    job_id = submit_one(
         rt.db,
         account_id=acct.account_id,
         request=req,

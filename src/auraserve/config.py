@@ -37,7 +37,7 @@ from auraserve.core.lora import LoraSource, available_loras, is_hub_id
 from auraserve.core.presets import ModelPreset, default_presets
 from auraserve.errors import ConfigError
 from auraserve.outbound import OutboundPolicy, parse_allow_list
-from auraserve.store.urls import normalise_database_url
+from auraserve.store.drivers import check_url, file_url, normalise_url
 from auraserve.webhooks.settings import DEFAULT_SCHEDULE, WebhookSettings
 
 
@@ -376,8 +376,8 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _valid_database_url(cls, value: str) -> str:
-        if value and not value.startswith(("sqlite", "postgresql", "postgres://", "postgres+")):
-            raise ValueError("must start with sqlite://, postgresql:// or postgres://")
+        if value:
+            check_url(value)
         return value
 
     @classmethod
@@ -399,8 +399,8 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
-            return normalise_database_url(self.database_url)
-        return f"sqlite:///{(self.data_dir / 'auraserve.db').resolve()}"
+            return normalise_url(self.database_url)
+        return file_url(self.data_dir / "auraserve.db")
 
     @property
     def media_dir(self) -> Path:

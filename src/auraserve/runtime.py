@@ -15,15 +15,12 @@ stop_grace_seconds from the first signal, then whatever is unfinished goes back 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from auraserve.config import Settings
@@ -34,9 +31,8 @@ from auraserve.media.lifecycle import MediaMaintenance
 from auraserve.media.storage import MediaStore
 from auraserve.store import jobs, keys
 from auraserve.store import workers as registry
-from auraserve.store.credentials import ServerKey, load_server_key
-from auraserve.store.db import Database
-from auraserve.store.job_reads import JobReader, open_job_reader
+from auraserve.store.credentials import load_server_key
+from auraserve.store.db import Store
 from auraserve.webhooks import outbox
 
 if TYPE_CHECKING:
@@ -119,7 +115,7 @@ class Maintenance:
             self._stop.wait(task.interval)
 
 
-def _requeue_expired(db: Database) -> None:
+def _requeue_expired(db: Store) -> None:
     requeued, errored = jobs.recover_expired(db)
     if requeued or errored:
         log.warning(
@@ -132,10 +128,36 @@ def _requeue_expired(db: Database) -> None:
         )
 
 
+def open_store(
+    settings: Settings, on_migration_step: Callable[[int, int], None] | None = None
+) -> Store:
+    """The configured store, migrated, with the configured server key: all that admin
+    commands open (`cli.stores.open_admin`), and the first part of a `Runtime`."""
+    # 0700: the data dir holds the server key, the database and every image.
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        server_key = load_server_key(
+            settings.secret_key.get_secret_value() if settings.secret_key else None,
+            settings.secret_key_file,
+            settings.data_dir,
+        )
+    except ValueError as exc:
+        # A key file that is missing or too short: a setting to fix, not a crash.
+        named = "AURASERVE_SECRET_KEY_FILE" if settings.secret_key_file else "the server key"
+        raise ConfigError(f"{named}: {exc}") from None
+    db = Store(settings.resolved_database_url, server_key=server_key)
+    try:
+        db.migrate(on_migration_step)
+    except BaseException:
+        db.dispose()
+        raise
+    return db
+
+
 @dataclass
 class Runtime:
     settings: Settings
-    db: Database
+    db: Store
     media: MediaStore
     engine: Engine | None = None
     workers: list[Worker] = field(default_factory=list)
@@ -143,14 +165,9 @@ class Runtime:
     # per-account rate limiter. Worker-only processes have neither.
     outbox: Dispatcher | None = None
     limiter: RateLimiter | None = None
-    # The key webhook secrets derive from (store.credentials); None only for hand-built ones.
-    server_key: ServerKey | None = None
     # An API child of `serve --api-processes N` whose supervisor runs this node's workers:
     # /readyz then asks the worker registry instead of `workers`.
     workers_in_supervisor: bool = False
-    # The status poll's read path (store.job_reads); None only for hand-built ones. Its
-    # PostgreSQL pool lives on the API's loop: the app's lifespan closes it.
-    job_reads: JobReader | None = None
     # Periodic store upkeep (lease rescue, ...); started only by serving processes.
     maintenance: Maintenance = field(default_factory=Maintenance)
     # Set by `begin_stop` (a first SIGTERM): workers stop claiming, SSE streams end.
@@ -171,22 +188,7 @@ class Runtime:
         engine: Engine | None = None,
         on_migration_step: Callable[[int, int], None] | None = None,
     ) -> Runtime:
-        # 0700: the data dir holds the server key, the database and every image.
-        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            server_key = load_server_key(
-                settings.secret_key.get_secret_value() if settings.secret_key else None,
-                settings.secret_key_file,
-                settings.data_dir,
-            )
-        except ValueError as exc:
-            # A key file that is missing or too short: a setting to fix, not a crash.
-            named = "AURASERVE_SECRET_KEY_FILE" if settings.secret_key_file else "the server key"
-            raise ConfigError(f"{named}: {exc}") from None
-        _private_sqlite_files(settings.resolved_database_url)
-        db = Database(settings.resolved_database_url)
-        keys.use_server_key(db, server_key)
-        db.migrate(on_migration_step)
+        db = open_store(settings, on_migration_step)
         # Every process that changes job statuses records their webhook deliveries in the
         # same transactions (API: cancels; workers: results), whoever sends them later.
         # Disk under data_dir/media, or S3 for processes on many machines (media.factory).
@@ -225,9 +227,7 @@ class Runtime:
             db=db,
             media=media,
             engine=engine,
-            server_key=server_key,
             maintenance=maintenance,
-            job_reads=open_job_reader(db),
         )
 
     def start_maintenance(self) -> None:
@@ -302,24 +302,5 @@ class Runtime:
             worker.stop(remaining, hurry=self.hurry)
         self.workers.clear()
         self.maintenance.stop()
-        if self.job_reads is not None:
-            self.job_reads.close()
         self.db.dispose()
         self.media.close()
-
-
-def _private_sqlite_files(url: str) -> None:
-    """Make the SQLite database 0600 before SQLite opens it: SQLite gives its -wal and -shm
-    files the database file's mode, so they follow. Files made by an older version (0644)
-    are tightened too."""
-    if not url.startswith("sqlite"):
-        return
-    name = url.split(":///", 1)[-1]
-    if not name or name == ":memory:" or name.startswith("file:"):
-        return
-    path = Path(name)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(f"{path}{suffix}", 0o600)

@@ -22,8 +22,8 @@ import pytest
 from auraserve.api.auth import account_for_key
 from auraserve.config import Settings, load_settings
 from auraserve.store import keys
-from auraserve.store.db import AUTH_CACHE_GRACE, AUTH_CACHE_TTL, Database
-from tests.api.test_processes import SEED_PATH, Tree
+from auraserve.store.db import AUTH_CACHE_GRACE, AUTH_CACHE_TTL, Store
+from tests.cli.test_processes import SEED_PATH, Tree
 
 JOB_BODY = {"prompt": "a lighthouse", "num_inference_steps": 1, "expand_prompt": False}
 PROMISE = 2.0  # seconds: README.md and docs/api.md promise it
@@ -33,10 +33,10 @@ def test_the_cache_keeps_the_promise() -> None:
     assert AUTH_CACHE_TTL + AUTH_CACHE_GRACE <= PROMISE
 
 
-def _server_and_cli(settings: Settings) -> tuple[Database, Database]:
-    server = Database(settings.resolved_database_url)
+def _server_and_cli(settings: Settings) -> tuple[Store, Store]:
+    server = Store(settings.resolved_database_url)
     server.migrate()
-    return server, Database(settings.resolved_database_url)
+    return server, Store(settings.resolved_database_url)
 
 
 def test_a_stale_entry_never_answers_past_two_seconds(settings: Settings) -> None:
@@ -200,7 +200,7 @@ def test_two_api_processes_refuse_a_revoked_key_on_every_path_within_two_seconds
     url = load_settings(
         data_dir=tmp_path / "serve", database_url=database_url or None
     ).resolved_database_url
-    cli = Database(url)  # the operator's CLI: another process's Database, no shared cache
+    cli = Store(url)  # the operator's CLI: another process's Store, no shared cache
     try:
         first = httpx.post(tree.base + SEED_PATH, headers=tree.headers, json=JOB_BODY, timeout=30)
         assert first.status_code == 202, first.text

@@ -1,4 +1,4 @@
-"""Database outages on PostgreSQL: requests answer 503 with Retry-After in their dialect's
+"""Store outages on PostgreSQL: requests answer 503 with Retry-After in their dialect's
 shape, never 500; each failure is logged once; the server recovers by itself.
 
 Two outages, both against a real server on loopback: every server connection terminated

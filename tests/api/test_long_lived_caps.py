@@ -104,8 +104,9 @@ def _wait_in_background(
 
 def _held(capped: LiveServer, account_id: str) -> int:
     from auraserve.api.limits import Kind
+    from auraserve.api.state import state_of
 
-    return int(capped.app.state.long_lived.held(Kind.SYNC_WAIT, account_id))
+    return int(state_of(capped.app).long_lived.held(Kind.SYNC_WAIT, account_id))
 
 
 def test_sync_waits_beyond_the_cap_get_429_in_each_dialect(

@@ -121,13 +121,13 @@ def test_stream_is_tenant_scoped(
 def test_an_open_stream_ends_within_two_seconds_of_its_keys_revocation(
     api_only_server: LiveServer, client: httpx.Client, tenant: Tenant, settings: Settings
 ) -> None:
-    """Revoked elsewhere (the CLI: another Database, no shared cache), the key stops its
+    """Revoked elsewhere (the CLI: another Store, no shared cache), the key stops its
     open streams like every new request: a last `error` event, then the end."""
     from auraserve.store import keys
-    from auraserve.store.db import Database
+    from auraserve.store.db import Store
 
     request_id = _submit(client, tenant)  # no worker: it stays QUEUED
-    cli = Database(settings.resolved_database_url)
+    cli = Store(settings.resolved_database_url)
     try:
         url = f"/v2/requests/status/{request_id}/stream"
         with client.stream("GET", url, headers=tenant.headers) as stream:

@@ -11,6 +11,7 @@ import pytest
 import redis
 from sqlalchemy import update
 
+from auraserve.api.state import state_of
 from auraserve.config import Settings
 from auraserve.runtime import Runtime
 from auraserve.store.schema import accounts
@@ -127,7 +128,8 @@ def test_redis_budget_is_shared_by_replicas(
             assert _submit(ca, tenant).status_code == 202
             _assert_429(_submit(cb, tenant), 3)
             _assert_429(_submit(ca, tenant), 3)
-        assert a.runtime.limiter is not None and a.runtime.limiter.backend == "redis"
+        limiter = state_of(a.app).limiter
+        assert limiter is not None and limiter.backend == "redis"
         keys = list(redis.Redis.from_url(REDIS_URL).scan_iter(f"{redis_prefix}*"))
         assert keys, "the limiter did not use Redis"
     finally:

@@ -81,7 +81,7 @@ def test_concurrent_submits_of_one_account_share_transactions(
     assert remaining == [credits - PRICE * i for i in range(CONCURRENT, 0, -1)]
     # Batched: fewer transactions than submits (whatever else committed meanwhile included).
     assert len(commits) < CONCURRENT, len(commits)
-    if not runtime.db.is_sqlite:
+    if runtime.db.driver.name != "sqlite":
         # And the jobs say so themselves: PostgreSQL's xmin is the transaction that wrote them.
         with runtime.db.read() as conn:
             writers = conn.execute(

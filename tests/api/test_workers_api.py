@@ -9,6 +9,7 @@ import time
 import httpx
 
 from auraserve.store import keys, workers
+from auraserve.store.db import LIVE_MODELS_TTL
 from tests.conftest import LiveServer, Tenant
 
 SUBMIT = "/auraflow-v0-3-512/v1/auraflow-v0-3-request"
@@ -59,13 +60,13 @@ def test_a_queued_job_no_live_worker_serves_says_so(
     workers.register(
         db, worker_id="far", host="gpu-9", pid=1, models=["auraflow-v0-3-512"], device="x"
     )
-    deadline = time.monotonic() + workers.LIVE_MODELS_TTL + 2
+    deadline = time.monotonic() + LIVE_MODELS_TTL + 2
     while "note" in client.get(f"/v2/requests/status/{rid}", headers=tenant.headers).json():
         assert time.monotonic() < deadline
         time.sleep(0.1)
     # It stops: the note is back.
     workers.mark_stopped(db, "far", jobs_done=0)
-    deadline = time.monotonic() + workers.LIVE_MODELS_TTL + 2
+    deadline = time.monotonic() + LIVE_MODELS_TTL + 2
     while "note" not in client.get(f"/v2/requests/status/{rid}", headers=tenant.headers).json():
         assert time.monotonic() < deadline
         time.sleep(0.1)

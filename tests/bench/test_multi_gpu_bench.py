@@ -1,6 +1,6 @@
 """bench/gpu.py --multi-gpu (bench/multi_gpu.py) on the CPU: with a faked list of two GPUs the
-whole stage runs with the tiny model (one pinned process per "GPU", started together); with
-one GPU, or none, it is skipped and says why."""
+whole stage runs with the tiny model (one pinned process per "GPU", started together, then the
+two-rank --parallel modes on gloo); with one GPU, or none, it is skipped and says why."""
 
 from __future__ import annotations
 
@@ -46,10 +46,16 @@ def test_two_gpus_one_pinned_process_each(tmp_path: Path, gpu_bench: ModuleType)
     assert one["pinned_to"] == ["0"] and two["pinned_to"] == ["0", "1"]
     assert one["scaling"] == 1.0 and two["scaling"] > 0
     assert all(s > 0 for s in two["s_per_image"]) and two["images_per_s"] > 0
-    assert [row["mode"] for row in stage["parallel"]] == ["cfg=2", "ulysses=2", "cfg=2,ulysses=2"]
-    assert all("not implemented" in row["skipped"] for row in stage["parallel"])
+    # The two-rank modes run (gloo on the CPU here), the four-rank ones say why not.
+    cfg, ulysses, both, four = stage["parallel"]
+    assert [cfg["mode"], ulysses["mode"]] == ["cfg=2", "ulysses=2"]
+    for row in (cfg, ulysses):
+        assert row["gpus"] == 2 and row["s_per_image"] > 0 and row["speedup"] > 0, row
+    for row, mode in ((both, "cfg=2,ulysses=2"), (four, "ulysses=4")):
+        assert row == {"mode": mode, "skipped": "needs 4 GPUs (one per rank); this machine has 2"}
     assert "| 2 | " in markdown and "scaling vs 1 GPU" in markdown
-    assert "`--parallel cfg=2`: not implemented" in markdown
+    assert "`--parallel ulysses=2` on 2 GPUs: " in markdown
+    assert "`--parallel ulysses=4`: skipped, needs 4 GPUs" in markdown
 
     # --render keeps the stage; a later run without it does not erase it.
     later = dict(report, multi_gpu={"skipped": "one GPU"})

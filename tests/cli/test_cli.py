@@ -27,6 +27,7 @@ from auraserve.cli import SETTING_FLAGS, build_parser
 from auraserve.config import Settings
 from auraserve.media.encode import read_parameters
 from tests.conftest import PG_ADMIN_URL, LiveServer, free_port, wait_for_status
+from tests.store_jobs import submit_one
 
 
 def run_cli(
@@ -190,8 +191,9 @@ def test_generate_writes_an_image_with_a_progress_bar(tmp_path: Path) -> None:
     assert params is not None and params["guidance_scale"] == 4.5 and params["seed"] == 5
 
 
-def test_generate_parallel_cfg_matches_one_process(tmp_path: Path) -> None:
-    """`--parallel cfg=2` starts its second rank itself (gloo) and draws the same image."""
+def test_generate_parallel_matches_one_process(tmp_path: Path) -> None:
+    """`--parallel cfg=2` starts its second rank itself (gloo) and draws the same image; so do
+    `ulysses=4` and `cfg=2,ulysses=2` on four ranks (the tiny model has 4 heads)."""
     common = ["x", "--model", "tiny", "--device", "cpu", "--steps", "2", "--seed", "9"]
     common += ["--cfg", "4", "--sampler", "euler_ancestral", "--json"]
     env = {"AURASERVE_DATA_DIR": str(tmp_path / "d")}
@@ -205,6 +207,13 @@ def test_generate_parallel_cfg_matches_one_process(tmp_path: Path) -> None:
     assert json.loads(two.stdout.strip().splitlines()[-1])["files"] == [str(tmp_path / "two.png")]
     a, b = (np.asarray(Image.open(tmp_path / n), np.int16) for n in ("one.png", "two.png"))
     assert np.abs(a - b).max() <= 1
+    for mode in ("ulysses=4", "cfg=2,ulysses=2"):
+        out4 = str(tmp_path / "4.png")
+        four = run_cli("generate", "-o", out4, *common, "--parallel", mode, env=env, timeout=300)
+        assert four.returncode == 0, four.stderr
+        assert four.stderr.count("loading model tiny") == 4
+        c = np.asarray(Image.open(tmp_path / "4.png"), np.int16)
+        assert np.abs(a - c).max() <= 1, mode
     bad = run_cli("generate", "-o", str(tmp_path / "b.png"), *common, "--parallel", "cfg=4")
     assert bad.returncode == 2 and "--parallel cfg=4" in bad.stderr
     gpus = run_cli("worker", "--parallel", "cfg=2", "--gpus", "0", env=env)
@@ -260,7 +269,7 @@ def test_worker_command_runs_jobs_from_the_store(tmp_path: Path, settings: Setti
         req = build_request(
             {"prompt": "alone", "steps": 2}, model="auraflow-v0-3-512", preset=preset
         )
-        job_id = jobs.submit(
+        job_id = submit_one(
             rt.db,
             account_id=acct.account_id,
             request=req,

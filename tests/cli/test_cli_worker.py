@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
@@ -78,8 +79,8 @@ def _serve(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     raise AssertionError(f"serve exited with {proc.wait()} before it listened")
 
 
-def _submit(rt: Runtime, account_id: str, *, steps: int, size: int) -> str:
-    fields = {"prompt": "stop me", "steps": steps, "width": size, "height": size}
+def _submit(rt: Runtime, account_id: str, *, steps: int, size: int, **extra: Any) -> str:
+    fields = {"prompt": "stop me", "steps": steps, "width": size, "height": size, **extra}
     return submit_job(rt.db, account_id, fields, model=MODEL, max_queued=10)
 
 
@@ -185,27 +186,34 @@ def test_a_second_sigterm_hands_back_at_once_and_exits(
     assert "handing the batch in hand back to the queue now" in out
 
 
+@pytest.mark.parametrize("mode", ["cfg=2", "ulysses=2"])
 def test_parallel_worker_serves_jobs_and_a_dead_rank_hands_the_batch_back(
-    tmp_path: Path, settings: Settings, runtime: Runtime
+    tmp_path: Path, settings: Settings, runtime: Runtime, mode: str
 ) -> None:
-    """`worker --parallel cfg=2`: rank 0 claims and settles, both ranks compute; when the
-    other rank dies mid-batch, the job goes back to the queue uncharged and the worker
-    exits 1 for its supervisor."""
+    """`worker --parallel cfg=2` (rows) or `ulysses=2` (tokens): rank 0 claims and settles,
+    both ranks compute, the served image is the one-process image; when the other rank dies
+    mid-batch, the job goes back to the queue uncharged and the worker exits 1 for its
+    supervisor."""
     done_acct = keys.create_account(runtime.db, "p1", credits=100_000)
     lost_acct = keys.create_account(runtime.db, "p2", credits=100_000)
-    extra = ("--device", "cpu", "--parallel", "cfg=2")
-    with _worker(tmp_path, settings, "gpu-p", 300, *extra) as proc:
+    extra = ("--device", "cpu", "--parallel", mode)
+    worker_id = "gpu-p" + mode.replace("=", "")
+    with _worker(tmp_path, settings, worker_id, 300, *extra) as proc:
         (follower,) = [
             child
             for child in psutil.Process(proc.pid).children()
             if "resource_tracker" not in " ".join(child.cmdline())
         ]
-        job_id = _submit(runtime, done_acct.account_id, steps=2, size=512)
+        job_id = _submit(
+            runtime, done_acct.account_id, steps=2, size=512, seed=21, output_format="png",
+            sampler="euler_ancestral",
+        )  # fmt: skip
         job = _until(runtime, job_id, lambda j: j.status != JobStatus.PROCESSING and
                      j.status != JobStatus.QUEUED, timeout=120)  # fmt: skip
         assert job.status == JobStatus.COMPLETED, job
         kinds = [e["kind"] for e in ledger.entries(runtime.db, done_acct.account_id)]
         assert kinds.count("capture") == 1
+        _assert_one_process_image(settings, job, tmp_path / worker_id / "media")
         # A client's cancel stops every rank at the same step: the group serves on.
         cancel_id = _submit(runtime, done_acct.account_id, steps=60, size=512)
         _in_hand(runtime, cancel_id)
@@ -224,6 +232,26 @@ def test_parallel_worker_serves_jobs_and_a_dead_rank_hands_the_batch_back(
     assert "a rank of the parallel group died" in out
     kinds = [e["kind"] for e in ledger.entries(runtime.db, lost_acct.account_id)]
     assert kinds == ["grant", "reserve"]
+
+
+def _assert_one_process_image(settings: Settings, job: Job, media: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from auraserve.cli.engine import load_models
+    from auraserve.media.storage import LocalMediaStore
+
+    assert job.output is not None
+    (name,) = job.output["media"]
+    data = LocalMediaStore(media).get(name)
+    assert data is not None
+    served = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.int16)
+    engine = load_models(settings.model_copy(update={"device": "cpu"}), [MODEL])
+    (result,) = engine.generate([job.request])
+    alone = np.asarray(result.images[0].convert("RGB"), np.int16)
+    assert np.abs(served - alone).max() <= 1
 
 
 def test_keys_create_admin_makes_an_operator_account(settings: Settings) -> None:

@@ -22,6 +22,7 @@ from auraserve.errors import UnsupportedRequest
 from auraserve.runtime import Runtime
 from auraserve.store import jobs, keys
 from tests.engine.weights.writers import COMFY, write_original
+from tests.store_jobs import submit_one
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_two_models_side_by_side(tmp_path: Path, database_url: str, models_file:
             request = build_request(
                 {"prompt": "a fox", "steps": 2, "seed": 3}, model=model, preset=preset
             )
-            job = jobs.submit(
+            job = submit_one(
                 rt.db,
                 account_id=account.account_id,
                 request=request,

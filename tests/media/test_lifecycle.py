@@ -15,7 +15,7 @@ from auraserve.media.factory import open_media_store
 from auraserve.media.lifecycle import MediaMaintenance, apply_retention, sweep_orphans
 from auraserve.media.storage import MediaStore, new_media_name
 from auraserve.store import jobs, keys
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from tests.media.conftest import with_settings
 from tests.s3_server import S3Server
 from tests.store_jobs import submit_job
@@ -37,7 +37,7 @@ def media(request: pytest.FixtureRequest, settings: Settings) -> Iterator[MediaS
     store.close()
 
 
-def _completed_job(db: Database, media: MediaStore, n: int = 1) -> tuple[str, list[str]]:
+def _completed_job(db: Store, media: MediaStore, n: int = 1) -> tuple[str, list[str]]:
     acct = keys.create_account(db, "l", credits=10_000)
     job_id = submit_job(db, acct.account_id, {"prompt": "l"}, model=MODEL)
     jobs.claim(db, worker_id="w", models=[MODEL], max_images=4, lease_seconds=30)
@@ -54,7 +54,7 @@ def _stored(media: MediaStore) -> set[str]:
     return set(media.names_older_than(time.time() + 10))
 
 
-def test_sweep_removes_old_orphans_only(db: Database, media: MediaStore) -> None:
+def test_sweep_removes_old_orphans_only(db: Store, media: MediaStore) -> None:
     _, owned = _completed_job(db, media, n=2)
     old_orphan = new_media_name("webp")
     media.put(old_orphan, b"RIFF orphan")
@@ -78,7 +78,7 @@ def test_sweep_removes_old_orphans_only(db: Database, media: MediaStore) -> None
     assert _stored(media) == set(owned)
 
 
-def test_retention_deletes_outputs_and_says_so(db: Database, media: MediaStore) -> None:
+def test_retention_deletes_outputs_and_says_so(db: Store, media: MediaStore) -> None:
     old_job, old_names = _completed_job(db, media, n=2)
     time.sleep(0.05)
     cutoff_now = time.time()
@@ -106,13 +106,13 @@ def test_retention_deletes_outputs_and_says_so(db: Database, media: MediaStore) 
     assert apply_retention(db, media, retention=retention, now=cutoff_now + retention) == 0
 
 
-def test_retention_off_keeps_everything(db: Database, media: MediaStore) -> None:
+def test_retention_off_keeps_everything(db: Store, media: MediaStore) -> None:
     _, names = _completed_job(db, media)
     assert apply_retention(db, media, retention=0, now=time.time() + 10**9) == 0
     assert _stored(media) == set(names)
 
 
-def test_maintenance_round_runs_both(db: Database, media: MediaStore) -> None:
+def test_maintenance_round_runs_both(db: Store, media: MediaStore) -> None:
     _, names = _completed_job(db, media)
     orphan = new_media_name("png")
     media.put(orphan, b"orphan")
@@ -122,7 +122,7 @@ def test_maintenance_round_runs_both(db: Database, media: MediaStore) -> None:
     assert _stored(media) == set()
 
 
-def test_disk_sweep_ignores_foreign_files(db: Database, settings: Settings) -> None:
+def test_disk_sweep_ignores_foreign_files(db: Store, settings: Settings) -> None:
     store = open_media_store(settings)
     root: Path = settings.media_dir
     (root / "ab").mkdir(parents=True, exist_ok=True)

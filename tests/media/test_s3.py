@@ -32,6 +32,7 @@ from auraserve.worker.loop import Worker
 from tests.conftest import LiveServer, Tenant, make_tenant, wait_for_status
 from tests.media.conftest import with_settings
 from tests.s3_server import S3Server
+from tests.store_jobs import submit_one
 
 MODEL = "auraflow-v0-3-512"
 SEED_PATH = f"/{MODEL}/v1/auraflow-v0-3-request"
@@ -337,7 +338,7 @@ def _queued_job(rt: Runtime) -> tuple[str, str]:
     acct = keys.create_account(rt.db, "w", credits=10_000)
     preset = rt.settings.presets[MODEL]
     req = build_request({"prompt": "lease", "steps": 2}, model=MODEL, preset=preset)
-    job_id = jobs.submit(
+    job_id = submit_one(
         rt.db,
         account_id=acct.account_id,
         request=req,
@@ -399,7 +400,7 @@ def test_failed_write_errors_the_job_and_is_logged(
 def _completions_refused(rt: Runtime) -> Iterator[None]:
     """A database that fails every completion (a trigger aborts it), as a connection lost at
     COMMIT or a violated constraint fails it: the transaction rolls back and the call raises."""
-    sqlite = rt.db.is_sqlite
+    sqlite = rt.db.driver.name == "sqlite"
     with rt.db.write() as conn:
         if sqlite:
             conn.exec_driver_sql(

@@ -10,10 +10,10 @@ import pytest
 
 from auraserve.errors import DeductExceedsBalance, InsufficientBalance
 from auraserve.store import admin, keys, ledger
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 
 
-def test_concurrent_deducts_take_all_or_nothing(db: Database) -> None:
+def test_concurrent_deducts_take_all_or_nothing(db: Store) -> None:
     account = keys.create_account(db, "target", credits=55).account_id
     results: list[int | str] = []
     start = threading.Barrier(8)
@@ -41,7 +41,7 @@ def test_concurrent_deducts_take_all_or_nothing(db: Database) -> None:
     assert [e["kind"] for e in entries].count("deduct") == 5
 
 
-def test_a_deduct_racing_reservations_never_overdraws(db: Database) -> None:
+def test_a_deduct_racing_reservations_never_overdraws(db: Store) -> None:
     account = keys.create_account(db, "busy", credits=100).account_id
     outcomes: list[str] = []
     start = threading.Barrier(2)
@@ -50,7 +50,7 @@ def test_a_deduct_racing_reservations_never_overdraws(db: Database) -> None:
         start.wait()
         try:
             with db.write() as conn:  # rolled back when refused
-                ledger.reserve_in(conn, account, "0" * 35 + "1", 70, max_active=10)
+                ledger.reserve_many_in(conn, account, [("0" * 35 + "1", 70)], max_active=10)
             outcomes.append("reserved")
         except InsufficientBalance:
             outcomes.append("reserve refused")
@@ -75,7 +75,7 @@ def test_a_deduct_racing_reservations_never_overdraws(db: Database) -> None:
     assert ledger.balance(db, account) == 30
 
 
-def test_grant_and_deduct_refuse_what_is_not_a_positive_amount(db: Database) -> None:
+def test_grant_and_deduct_refuse_what_is_not_a_positive_amount(db: Store) -> None:
     account = keys.create_account(db, "x", credits=5).account_id
     for amount in (0, -1):
         with pytest.raises(ValueError, match="must be positive"), db.write() as conn:
@@ -87,7 +87,7 @@ def test_grant_and_deduct_refuse_what_is_not_a_positive_amount(db: Database) -> 
     assert ledger.balance(db, account) == 5
 
 
-def test_accounts_page_counts_only_its_accounts_usage(db: Database) -> None:
+def test_accounts_page_counts_only_its_accounts_usage(db: Store) -> None:
     first = keys.create_account(db, "first", credits=10)
     keys.create_account(db, "second", credits=20, is_admin=True)
     keys.revoke_key(db, first.key_id)

@@ -6,11 +6,11 @@ from __future__ import annotations
 from auraserve.core.jobs import JobStatus
 from auraserve.store import checkpoints, jobs, keys
 from auraserve.store import media as media_rows
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from tests.store_jobs import MODEL, submit_job
 
 
-def _running(db: Database, worker_id: str = "w1") -> str:
+def _running(db: Store, worker_id: str = "w1") -> str:
     account = keys.create_account(db, "ckpt", credits=10_000)
     job_id = submit_job(db, account.account_id)
     [claimed] = jobs.claim(db, worker_id=worker_id, models=[MODEL], max_images=4, lease_seconds=30)
@@ -18,7 +18,7 @@ def _running(db: Database, worker_id: str = "w1") -> str:
     return job_id
 
 
-def test_one_row_per_job_replaced_as_it_moves_on(db: Database) -> None:
+def test_one_row_per_job_replaced_as_it_moves_on(db: Store) -> None:
     job_id = _running(db)
     first = checkpoints.save(
         db, worker_id="w1", job_id=job_id, name="a.ckpt", step=2, total=8, size=100
@@ -35,7 +35,7 @@ def test_one_row_per_job_replaced_as_it_moves_on(db: Database) -> None:
     assert media_rows.owned(db, ["a.ckpt", "b.ckpt"]) == {"b.ckpt"}
 
 
-def test_a_worker_that_lost_the_job_writes_no_checkpoint(db: Database) -> None:
+def test_a_worker_that_lost_the_job_writes_no_checkpoint(db: Store) -> None:
     job_id = _running(db, worker_id="w1")
     assert (
         checkpoints.save(db, worker_id="w2", job_id=job_id, name="x.ckpt", step=1, total=8, size=1)
@@ -49,7 +49,7 @@ def test_a_worker_that_lost_the_job_writes_no_checkpoint(db: Database) -> None:
     assert checkpoints.of_jobs(db, [job_id]) == {}
 
 
-def test_a_takeover_keeps_the_old_checkpoint_until_it_writes_its_own(db: Database) -> None:
+def test_a_takeover_keeps_the_old_checkpoint_until_it_writes_its_own(db: Store) -> None:
     job_id = _running(db, worker_id="w1")
     checkpoints.save(db, worker_id="w1", job_id=job_id, name="old.ckpt", step=3, total=8, size=9)
     jobs.hand_back(db, worker_id="w1", job_ids=[job_id])
@@ -70,7 +70,7 @@ def test_a_takeover_keeps_the_old_checkpoint_until_it_writes_its_own(db: Databas
 
 
 def test_maintenance_forgets_the_checkpoints_of_jobs_that_ended_without_their_worker(
-    db: Database,
+    db: Store,
 ) -> None:
     job_id = _running(db, worker_id="w1")
     checkpoints.save(db, worker_id="w1", job_id=job_id, name="left.ckpt", step=3, total=8, size=9)
@@ -83,7 +83,7 @@ def test_maintenance_forgets_the_checkpoints_of_jobs_that_ended_without_their_wo
     assert checkpoints.forget_finished(db) == []
 
 
-def test_a_fresh_attempt_clears_an_earlier_resume_mark(db: Database) -> None:
+def test_a_fresh_attempt_clears_an_earlier_resume_mark(db: Store) -> None:
     job_id = _running(db, worker_id="w1")
     checkpoints.mark_resumed(db, worker_id="w1", job_ids=[job_id], step=4)
     checkpoints.mark_resumed(db, worker_id="w1", job_ids=[job_id], step=None)

@@ -1,4 +1,4 @@
-"""The SQLite fan-out: events committed through one `Database` wake waiters of another that
+"""The SQLite fan-out: events committed through one `Store` wake waiters of another that
 shares the file, as they would in another process (unix datagram sockets, real ones). The bus's
 job-event subscriptions and listening state (what `store.job_reads`' row cache relies on), and
 the events of bulk job updates."""
@@ -16,17 +16,23 @@ import pytest
 
 from auraserve.store import jobs, keys
 from auraserve.store import media as media_rows
-from auraserve.store.db import Database
-from auraserve.store.events import JOB, WORK, LocalBus, SqliteFanout
+from auraserve.store.db import Store
+from auraserve.store.drivers.sqlite import SqliteFanout
+from auraserve.store.events import JOB, WORK, LocalBus
 from tests.conftest import BACKEND
 from tests.store_jobs import MODEL, submit_job
 
 
+def _join(db: Store) -> SqliteFanout | None:
+    file = db.driver.local_file
+    return SqliteFanout.join(file, db.bus) if file is not None else None
+
+
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Database, Database, list[SqliteFanout]]]:
+def pair(tmp_path: Path) -> Iterator[tuple[Store, Store, list[SqliteFanout]]]:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    one, two = Database(url), Database(url)
-    fanouts = [f for f in (SqliteFanout.join(one), SqliteFanout.join(two)) if f is not None]
+    one, two = Store(url), Store(url)
+    fanouts = [f for f in (_join(one), _join(two)) if f is not None]
     yield one, two, fanouts
     for fanout in fanouts:
         fanout.close()
@@ -35,7 +41,7 @@ def pair(tmp_path: Path) -> Iterator[tuple[Database, Database, list[SqliteFanout
 
 
 def test_a_job_event_reaches_the_other_member(
-    pair: tuple[Database, Database, list[SqliteFanout]],
+    pair: tuple[Store, Store, list[SqliteFanout]],
 ) -> None:
     one, two, fanouts = pair
     assert len(fanouts) == 2
@@ -51,7 +57,7 @@ def test_a_job_event_reaches_the_other_member(
 
 
 def test_a_batch_of_events_reaches_the_other_member_whole(
-    pair: tuple[Database, Database, list[SqliteFanout]],
+    pair: tuple[Store, Store, list[SqliteFanout]],
 ) -> None:
     """A transaction's events go in as few datagrams as fit (several here: 300 events are
     over 4,000 bytes), and every one of them arrives."""
@@ -70,7 +76,7 @@ def test_a_batch_of_events_reaches_the_other_member_whole(
 
 
 def test_work_wakes_the_other_members_workers(
-    pair: tuple[Database, Database, list[SqliteFanout]],
+    pair: tuple[Store, Store, list[SqliteFanout]],
 ) -> None:
     one, two, _ = pair
     seen = two.bus.work_seq()
@@ -79,7 +85,7 @@ def test_work_wakes_the_other_members_workers(
 
 
 def test_a_dead_members_socket_is_removed(
-    pair: tuple[Database, Database, list[SqliteFanout]],
+    pair: tuple[Store, Store, list[SqliteFanout]],
 ) -> None:
     one, _, fanouts = pair
     directory = fanouts[0].directory
@@ -94,8 +100,8 @@ def test_a_dead_members_socket_is_removed(
 
 
 def test_closing_leaves_the_directory(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'alone.db'}")
-    fanout = SqliteFanout.join(db)
+    db = Store(f"sqlite:///{tmp_path / 'alone.db'}")
+    fanout = _join(db)
     assert fanout is not None
     assert [p.name for p in fanout.directory.iterdir()] != []
     fanout.close()
@@ -104,9 +110,10 @@ def test_closing_leaves_the_directory(tmp_path: Path) -> None:
 
 
 def test_not_on_postgresql() -> None:
-    """PostgreSQL has LISTEN/NOTIFY (store.events.PgListener). No connection is made here."""
-    db = Database("postgresql+psycopg://127.0.0.1:5432/test")
-    assert SqliteFanout.join(db) is None
+    """PostgreSQL has LISTEN/NOTIFY (its driver's PgListener) and no local file to fan out
+    beside. No connection is made here."""
+    db = Store("postgresql+psycopg://127.0.0.1:5432/test")
+    assert db.driver.local_file is None and db.driver.hears_every_commit
     db.dispose()
 
 
@@ -138,7 +145,7 @@ def test_job_subscribers_hear_job_and_work_events_and_listening_changes() -> Non
     asyncio.run(woken())
 
 
-def test_media_retention_emits_an_event_per_job(db: Database) -> None:
+def test_media_retention_emits_an_event_per_job(db: Store) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     done = []
     for _ in range(3):
@@ -156,14 +163,14 @@ def test_media_retention_emits_an_event_per_job(db: Database) -> None:
 
 
 @pytest.mark.skipif(BACKEND != "postgresql", reason="PostgreSQL's LISTEN")
-def test_the_bus_listens_from_listen_until_the_listener_stops(db: Database) -> None:
+def test_the_bus_listens_from_listen_until_the_listener_stops(db: Store) -> None:
     assert not db.bus.listening
     db.start_listener()
     deadline = time.monotonic() + 5.0
     while not db.bus.listening:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    listener = db._listener
+    listener = db._events
     assert listener is not None and listener.backend_pid is not None
     db.dispose()
     assert not db.bus.listening and listener.backend_pid is None

@@ -5,23 +5,23 @@ from __future__ import annotations
 from auraserve.core.jobs import JobStatus
 from auraserve.core.presets import default_presets
 from auraserve.store import jobs, keys, ledger
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from tests.store_jobs import submit_job
 
 MODEL = "auraflow-v0-3-512"
 PRESET = default_presets()[MODEL]
 
 
-def _submit(db: Database, account_id: str, prompt: str) -> str:
+def _submit(db: Store, account_id: str, prompt: str) -> str:
     return submit_job(db, account_id, {"prompt": prompt, "steps": 2}, model=MODEL, max_queued=10)
 
 
-def _claim(db: Database, worker_id: str) -> list[str]:
+def _claim(db: Store, worker_id: str) -> list[str]:
     claimed = jobs.claim(db, worker_id=worker_id, models=[MODEL], max_images=4, lease_seconds=30)
     return [j.id for j in claimed]
 
 
-def test_handed_back_jobs_are_queued_with_the_attempt_returned(db: Database) -> None:
+def test_handed_back_jobs_are_queued_with_the_attempt_returned(db: Store) -> None:
     acct = keys.create_account(db, "a", credits=10_000)
     first, second = _submit(db, acct.account_id, "one"), _submit(db, acct.account_id, "two")
     assert set(_claim(db, "w1")) == {first, second}
@@ -46,7 +46,7 @@ def test_handed_back_jobs_are_queued_with_the_attempt_returned(db: Database) -> 
     assert jobs.hand_back(db, worker_id="w1", job_ids=[first]) == []
 
 
-def test_a_job_the_client_cancelled_meanwhile_ends_cancelled_and_refunded(db: Database) -> None:
+def test_a_job_the_client_cancelled_meanwhile_ends_cancelled_and_refunded(db: Store) -> None:
     acct = keys.create_account(db, "a", credits=10_000)
     job_id = _submit(db, acct.account_id, "one")
     _claim(db, "w1")

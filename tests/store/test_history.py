@@ -9,7 +9,8 @@ from auraserve.core.presets import default_presets
 from auraserve.core.request import GenerationRequest, build_request
 from auraserve.errors import BadCursor
 from auraserve.store import history, jobs, keys, ledger
-from auraserve.store.db import Database
+from auraserve.store.db import Store
+from tests.store_jobs import submit_one
 
 MODEL = "auraflow-v0-3-512"
 PRESET = default_presets()[MODEL]
@@ -19,9 +20,9 @@ def _req(prompt: str) -> GenerationRequest:
     return build_request({"prompt": prompt, "steps": 4}, model=MODEL, preset=PRESET)
 
 
-def _submit(db: Database, account_id: str, prompt: str) -> str:
+def _submit(db: Store, account_id: str, prompt: str) -> str:
     req = _req(prompt)
-    sub = jobs.submit(
+    sub = submit_one(
         db,
         account_id=account_id,
         request=req,
@@ -32,7 +33,7 @@ def _submit(db: Database, account_id: str, prompt: str) -> str:
     return sub.job.id
 
 
-def test_lists_only_the_accounts_jobs_newest_first_across_pages(db: Database) -> None:
+def test_lists_only_the_accounts_jobs_newest_first_across_pages(db: Store) -> None:
     mine = keys.create_account(db, "mine", credits=10_000).account_id
     theirs = keys.create_account(db, "theirs", credits=10_000).account_id
     submitted = []
@@ -60,7 +61,7 @@ def test_lists_only_the_accounts_jobs_newest_first_across_pages(db: Database) ->
     ]
 
 
-def test_filters_by_status_and_reports_queue_positions(db: Database) -> None:
+def test_filters_by_status_and_reports_queue_positions(db: Store) -> None:
     acct = keys.create_account(db, "f", credits=10_000).account_id
     first = _submit(db, acct, "one")
     second = _submit(db, acct, "two")
@@ -74,7 +75,7 @@ def test_filters_by_status_and_reports_queue_positions(db: Database) -> None:
     assert history.list_jobs(db, acct, status=JobStatus.COMPLETED).jobs == []
 
 
-def test_a_cursor_from_elsewhere_is_refused(db: Database) -> None:
+def test_a_cursor_from_elsewhere_is_refused(db: Store) -> None:
     acct = keys.create_account(db, "c", credits=0).account_id
     for bad in ("nope", "", "W10", history.encode_cursor(1.0, "short")):
         with pytest.raises(BadCursor):
@@ -85,7 +86,7 @@ def test_a_cursor_from_elsewhere_is_refused(db: Database) -> None:
         history.list_jobs(db, acct, limit=history.MAX_PAGE + 1)
 
 
-def test_account_summary_shows_balance_reservations_and_entries(db: Database) -> None:
+def test_account_summary_shows_balance_reservations_and_entries(db: Store) -> None:
     created = keys.create_account(db, "sum", credits=1000)
     other = keys.create_account(db, "other", credits=1000)
     acct = created.account_id
@@ -113,7 +114,7 @@ def test_account_summary_shows_balance_reservations_and_entries(db: Database) ->
     assert history.account_summary(db, "no-such-account") is None
 
 
-def test_a_page_is_read_through_the_account_time_index(db: Database) -> None:
+def test_a_page_is_read_through_the_account_time_index(db: Store) -> None:
     """The listing is ordered by the index itself (no sort of all the account's jobs), with and
     without a cursor. PostgreSQL is told to avoid sequential scans and sorts (on a tiny table
     its planner would pick either), so the plan shows whether the index can serve the page."""
@@ -124,7 +125,7 @@ def test_a_page_is_read_through_the_account_time_index(db: Database) -> None:
         query = history.page_query(account_id, limit=20, cursor=page_cursor, status=None)
         sql = str(query.compile(db.engine, compile_kwargs={"literal_binds": True}))
         with db.engine.connect() as conn:
-            if db.is_sqlite:
+            if db.driver.name == "sqlite":
                 rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
                 plan = " ".join(str(row[-1]) for row in rows)
                 assert "ix_jobs_account_created" in plan, plan

@@ -12,17 +12,17 @@ from auraserve.core.presets import default_presets
 from auraserve.core.request import build_request
 from auraserve.errors import InsufficientBalance, QueueLimitReached
 from auraserve.store import jobs, keys, ledger
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import accounts
 from auraserve.store.schema import jobs as jobs_table
 from auraserve.store.schema import ledger as ledger_table
-from tests.store_jobs import submit_job
+from tests.store_jobs import submit_job, submit_one
 
 PRESET = default_presets()["auraflow-v0-3-512"]
 MODEL = "auraflow-v0-3-512"
 
 
-def test_concurrent_submits_never_overdraw_and_every_reservation_settles_once(db: Database) -> None:
+def test_concurrent_submits_never_overdraw_and_every_reservation_settles_once(db: Store) -> None:
     req = build_request({"prompt": "p", "steps": 25}, model=MODEL, preset=PRESET)
     price = req.price(PRESET)
     affordable = 7
@@ -37,7 +37,7 @@ def test_concurrent_submits_never_overdraw_and_every_reservation_settles_once(db
         barrier.wait()
         for _ in range(3):
             try:
-                sub = jobs.submit(
+                sub = submit_one(
                     db,
                     account_id=acct.account_id,
                     request=req,
@@ -100,37 +100,50 @@ def test_concurrent_submits_never_overdraw_and_every_reservation_settles_once(db
     assert ledger.balance(db, acct.account_id) == price * (affordable - captured) + price // 2
 
 
-def test_a_submit_touches_the_account_row_last(db: Database) -> None:
+def test_a_submit_touches_the_account_row_last(db: Store) -> None:
     """Every submit of an account waits for the account row's lock (PostgreSQL) from the
-    reserving UPDATE to the COMMIT, so that UPDATE is the transaction's last statement (on
-    PostgreSQL it also writes the ledger entry, in the same statement)."""
+    reserving UPDATE to the COMMIT, so that UPDATE is the transaction's last statement; where
+    the driver submits at once, the whole submit is one statement."""
     acct = keys.create_account(db, "a", credits=10**9)
+    req = build_request({"prompt": "p", "steps": 2}, model=MODEL, preset=PRESET)
     statements: list[str] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         statements.append(" ".join(statement.split()))
 
-    event.listen(db.engine, "before_cursor_execute", record)
-    try:
-        submit_job(db, acct.account_id, {"steps": 2})
-    finally:
-        event.remove(db.engine, "before_cursor_execute", record)
-    statements = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
+    def submit(at_once: bool) -> None:
+        new = [jobs.NewJob(req, req.price(PRESET))]
+        kw: dict[str, Any] = {"account_id": acct.account_id, "new_jobs": new}
+        statements.clear()
+        event.listen(db.engine, "before_cursor_execute", record)
+        try:
+            if at_once:
+                jobs.submit(db, **kw, max_queued=10, max_attempts=1)
+            else:
+                with db.write() as conn:
+                    jobs.submit_in(conn, **kw, max_queued=10, max_attempts=1)
+        finally:
+            event.remove(db.engine, "before_cursor_execute", record)
+        statements[:] = [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))]
+
+    submit(at_once=False)
     touching = [i for i, s in enumerate(statements) if "accounts" in s]
     assert touching == [len(statements) - 1], statements
     assert statements[0].startswith("INSERT INTO jobs")
-    if db.is_sqlite:
-        assert statements[-2].startswith("INSERT INTO ledger")
-    else:
-        assert statements[-1].startswith("WITH reserved AS (UPDATE accounts")
-        assert "INSERT INTO ledger" in statements[-1]
-        assert sum("pg_notify" in s for s in statements) == 1
+    assert statements[-2].startswith("INSERT INTO ledger")
+    assert statements[-1].startswith("UPDATE accounts")
+    assert sum("pg_notify" in s for s in statements) == (db.driver.name == "postgresql")
+    if db.driver.submits_at_once:
+        submit(at_once=True)
+        [statement] = statements
+        assert statement.startswith("WITH reserved AS ( UPDATE accounts"), statement
+        assert "INSERT INTO ledger" in statement and "pg_notify" in statement
     entries = ledger.entries(db, acct.account_id)
-    assert [e["kind"] for e in entries] == ["grant", "reserve"]
+    assert [e["kind"] for e in entries][:2] == ["grant", "reserve"]
     assert entries[-1]["balance_delta"] == -entries[-1]["amount"]
 
 
-def test_concurrent_submits_never_pass_the_queue_limit(db: Database) -> None:
+def test_concurrent_submits_never_pass_the_queue_limit(db: Store) -> None:
     """The queue slots are taken last, after the job's INSERT: refused submits must still
     roll back whole, whatever the interleaving."""
     limit = 5

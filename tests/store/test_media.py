@@ -12,7 +12,7 @@ from auraserve.core.presets import default_presets
 from auraserve.media.storage import new_media_name
 from auraserve.store import jobs, keys
 from auraserve.store import media as media_rows
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import media_objects
 from tests.store_jobs import submit_job
 
@@ -20,7 +20,7 @@ MODEL = "auraflow-v0-3-512"
 PRESET = default_presets()[MODEL]
 
 
-def _claimed_job(db: Database, worker_id: str = "w1") -> str:
+def _claimed_job(db: Store, worker_id: str = "w1") -> str:
     acct = keys.create_account(db, "m", credits=10_000)
     job_id = submit_job(db, acct.account_id, {"prompt": "m"}, model=MODEL)
     claimed = jobs.claim(db, worker_id=worker_id, models=[MODEL], max_images=1, lease_seconds=30)
@@ -28,12 +28,12 @@ def _claimed_job(db: Database, worker_id: str = "w1") -> str:
     return job_id
 
 
-def _complete(db: Database, job_id: str, names: list[str], worker_id: str = "w1") -> object:
+def _complete(db: Store, job_id: str, names: list[str], worker_id: str = "w1") -> object:
     output = {"media": names, "media_type": "image/png", "seeds": [1] * len(names)}
     return jobs.complete(db, worker_id=worker_id, job_id=job_id, output=output, engine_seconds=0.1)
 
 
-def test_completion_records_its_images_in_its_transaction(db: Database) -> None:
+def test_completion_records_its_images_in_its_transaction(db: Store) -> None:
     job_id = _claimed_job(db)
     names = [new_media_name("png"), new_media_name("png")]
     before = time.time()
@@ -47,7 +47,7 @@ def test_completion_records_its_images_in_its_transaction(db: Database) -> None:
     assert all(before <= c <= time.time() for c in created)
 
 
-def test_a_refused_completion_records_nothing(db: Database) -> None:
+def test_a_refused_completion_records_nothing(db: Store) -> None:
     job_id = _claimed_job(db)
     names = [new_media_name("webp")]
     # Another worker's completion (its lease is not ours) is fenced out, and so are its rows.
@@ -56,7 +56,7 @@ def test_a_refused_completion_records_nothing(db: Database) -> None:
     assert media_rows.names_of(db, job_id) == []
 
 
-def test_expire_marks_outputs_and_forgets_rows_once(db: Database) -> None:
+def test_expire_marks_outputs_and_forgets_rows_once(db: Store) -> None:
     old_job = _claimed_job(db)
     old_names = [new_media_name("png"), new_media_name("png")]
     _complete(db, old_job, old_names)
@@ -83,7 +83,7 @@ def test_expire_marks_outputs_and_forgets_rows_once(db: Database) -> None:
     assert again.job_ids == [] and again.names == []
 
 
-def test_concurrent_expiry_deletes_each_row_once(db: Database) -> None:
+def test_concurrent_expiry_deletes_each_row_once(db: Store) -> None:
     names_by_job = {}
     for _ in range(6):
         job_id = _claimed_job(db)

@@ -5,17 +5,17 @@ from pathlib import Path
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import metadata
 
 
-def test_migrations_match_the_declared_schema(db: Database) -> None:
+def test_migrations_match_the_declared_schema(db: Store) -> None:
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
 
 
-def test_migrate_is_idempotent(db: Database) -> None:
+def test_migrate_is_idempotent(db: Store) -> None:
     db.migrate()
     db.migrate()
 
@@ -32,9 +32,9 @@ def test_head_revision_constant_is_alembics_head() -> None:
     assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
 
 
-def test_a_current_store_is_recognised_and_a_new_one_is_not(db: Database, tmp_path: Path) -> None:
+def test_a_current_store_is_recognised_and_a_new_one_is_not(db: Store, tmp_path: Path) -> None:
     assert db.schema_is_current()
-    fresh = Database(f"sqlite:///{tmp_path / 'new.db'}")
+    fresh = Store(f"sqlite:///{tmp_path / 'new.db'}")
     try:
         assert not fresh.schema_is_current()
         fresh.migrate()

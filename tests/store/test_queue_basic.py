@@ -2,7 +2,8 @@ from auraserve.core.jobs import JobStatus
 from auraserve.core.presets import default_presets
 from auraserve.core.request import build_request
 from auraserve.store import jobs, keys, ledger
-from auraserve.store.db import Database
+from auraserve.store.db import Store
+from tests.store_jobs import submit_one
 
 PRESET = default_presets()["auraflow-v0-3-512"]
 
@@ -11,11 +12,11 @@ def _req(prompt: str = "a cat", **kw: object):
     return build_request({"prompt": prompt, **kw}, model="auraflow-v0-3-512", preset=PRESET)
 
 
-def test_submit_claim_complete_captures(db: Database) -> None:
+def test_submit_claim_complete_captures(db: Store) -> None:
     acct = keys.create_account(db, "a", credits=1000)
     req = _req()
     price = req.price(PRESET)
-    sub = jobs.submit(
+    sub = submit_one(
         db, account_id=acct.account_id, request=req, price=price, max_queued=10, max_attempts=3
     )
     assert sub.balance == 1000 - price
@@ -45,7 +46,7 @@ def test_submit_claim_complete_captures(db: Database) -> None:
     ]
 
 
-def test_only_a_hash_of_the_key_is_stored(db: Database) -> None:
+def test_only_a_hash_of_the_key_is_stored(db: Store) -> None:
     from sqlalchemy import text
 
     created = keys.create_account(db, "h", credits=1)

@@ -16,9 +16,10 @@ from auraserve.config import Settings, default_presets
 from auraserve.core.jobs import JobStatus
 from auraserve.core.request import build_request
 from auraserve.store import jobs, keys, ledger
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import jobs as jobs_table
 from auraserve.store.schema import ledger as ledger_table
+from tests.store_jobs import submit_one
 
 PRESET = default_presets()["auraflow-v0-3-512"]
 MODEL = "auraflow-v0-3-512"
@@ -32,7 +33,7 @@ def _request(i: int):
 
 
 def _worker_process(url: str, worker_id: str, queue: mp.Queue) -> None:
-    db = Database(url)
+    db = Store(url)
     claimed: list[str] = []
     idle_since = time.monotonic()
     while time.monotonic() - idle_since < 1.5:
@@ -51,14 +52,12 @@ def _worker_process(url: str, worker_id: str, queue: mp.Queue) -> None:
     db.dispose()
 
 
-def test_many_worker_processes_claim_each_job_exactly_once(
-    db: Database, settings: Settings
-) -> None:
+def test_many_worker_processes_claim_each_job_exactly_once(db: Store, settings: Settings) -> None:
     acct = keys.create_account(db, "load", credits=10**9)
     n_jobs = 300
     for i in range(n_jobs):
         req = _request(i)
-        jobs.submit(
+        submit_one(
             db,
             account_id=acct.account_id,
             request=req,
@@ -95,12 +94,12 @@ def test_many_worker_processes_claim_each_job_exactly_once(
     assert captures == n_jobs
 
 
-def test_claim_order_is_priority_then_age_and_batches_share_a_key(db: Database) -> None:
+def test_claim_order_is_priority_then_age_and_batches_share_a_key(db: Store) -> None:
     acct = keys.create_account(db, "order", credits=10**6)
     ids = []
     for i in range(5):
         req = _request(i)
-        sub = jobs.submit(
+        sub = submit_one(
             db,
             account_id=acct.account_id,
             request=req,
@@ -118,7 +117,7 @@ def test_claim_order_is_priority_then_age_and_batches_share_a_key(db: Database) 
     assert order == [ids[0], ids[1], ids[2], ids[4], ids[3]]
 
 
-def test_batches_share_the_heads_key_and_fit_max_images(db: Database) -> None:
+def test_batches_share_the_heads_key_and_fit_max_images(db: Store) -> None:
     acct = keys.create_account(db, "batch", credits=10**6)
     ids = []
     for i in range(6):
@@ -128,7 +127,7 @@ def test_batches_share_the_heads_key_and_fit_max_images(db: Database) -> None:
             preset=PRESET,
         )
         ids.append(
-            jobs.submit(
+            submit_one(
                 db, account_id=acct.account_id, request=req, price=1, max_queued=100, max_attempts=3
             ).job.id
         )
@@ -143,11 +142,11 @@ def test_batches_share_the_heads_key_and_fit_max_images(db: Database) -> None:
     assert jobs.claim(db, worker_id="w", models=["other"], max_images=10, lease_seconds=30) == []
 
 
-def test_expired_lease_is_requeued_then_errors_and_refunds(db: Database) -> None:
+def test_expired_lease_is_requeued_then_errors_and_refunds(db: Store) -> None:
     acct = keys.create_account(db, "lease", credits=1000)
     req = _request(0)
     price = req.price(PRESET)
-    sub = jobs.submit(
+    sub = submit_one(
         db, account_id=acct.account_id, request=req, price=price, max_queued=10, max_attempts=2
     )
     for attempt in (1, 2):
@@ -179,10 +178,10 @@ def test_expired_lease_is_requeued_then_errors_and_refunds(db: Database) -> None
     ]
 
 
-def test_heartbeat_keeps_a_lease_and_fences_a_stale_owner(db: Database) -> None:
+def test_heartbeat_keeps_a_lease_and_fences_a_stale_owner(db: Store) -> None:
     acct = keys.create_account(db, "hb", credits=1000)
     req = _request(0)
-    sub = jobs.submit(
+    sub = submit_one(
         db, account_id=acct.account_id, request=req, price=1, max_queued=10, max_attempts=3
     )
     jobs.claim(db, worker_id="w1", models=[MODEL], max_images=1, lease_seconds=0.2)

@@ -18,7 +18,7 @@ from auraserve.errors import (
     StoreUnavailable,
 )
 from auraserve.store import jobs, keys, ledger, submissions
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.events import WORK
 from auraserve.store.schema import idempotency_keys
 from auraserve.store.schema import jobs as jobs_table
@@ -31,36 +31,35 @@ def _req(prompt: str = "a cat") -> GenerationRequest:
     return build_request({"prompt": prompt}, model="auraflow-v0-3-512", preset=PRESET)
 
 
-def _submit(db: Database, account_id: str, idem: IdempotencyKey | None, **kw: Any) -> Submitted:
+def _submit(db: Store, account_id: str, idem: IdempotencyKey | None, **kw: Any) -> Submitted:
+    """A submit as the API makes it: a batch of one; its refusal raised."""
     req = _req()
     kw.setdefault("max_queued", 100)
-    return submissions.submit(
+    [answer] = submissions.submit(
         db,
         account_id=account_id,
-        request=req,
-        price=req.price(PRESET),
+        new_jobs=[jobs.NewJob(req, req.price(PRESET))],
         max_attempts=3,
         idem=idem,
         **kw,
     )
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
-def _count(db: Database, table: Any) -> int:
+def _count(db: Store, table: Any) -> int:
     with db.read() as conn:
         return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 
 
-def test_submit_with_a_key_replays_the_first_job_and_its_response(db: Database) -> None:
+def test_submit_with_a_key_replays_the_first_job_and_its_response(db: Store) -> None:
     acct = keys.create_account(db, "a", credits=1000)
-    idem = IdempotencyKey("k1", "digest-a", ttl=3600)
-    assert submissions.replay(db, acct.account_id, idem) is None
-    first = _submit(
-        db,
-        acct.account_id,
-        idem,
-        build_response=lambda job: {"request_id": job.request_id},
-        response_status=202,
+    idem = IdempotencyKey(
+        "k1", "digest-a", ttl=3600, build=lambda job: {"request_id": job.request_id}, status=202
     )
+    assert submissions.replay(db, acct.account_id, idem) is None
+    first = _submit(db, acct.account_id, idem)
     assert not first.replayed and first.response == {"request_id": first.job.request_id}
     again = submissions.replay(db, acct.account_id, idem)
     assert again is not None and again.replayed
@@ -72,7 +71,7 @@ def test_submit_with_a_key_replays_the_first_job_and_its_response(db: Database) 
     assert _count(db, jobs_table) == 1
 
 
-def test_a_key_reused_with_another_request_is_refused(db: Database) -> None:
+def test_a_key_reused_with_another_request_is_refused(db: Store) -> None:
     acct = keys.create_account(db, "a", credits=1000)
     _submit(db, acct.account_id, IdempotencyKey("k1", "digest-a", ttl=3600))
     with pytest.raises(IdempotencyKeyReused) as err:
@@ -85,7 +84,7 @@ def test_a_key_reused_with_another_request_is_refused(db: Database) -> None:
     assert not _submit(db, other.account_id, IdempotencyKey("k1", "digest-b", ttl=3600)).replayed
 
 
-def test_a_refused_submit_leaves_its_key_free(db: Database) -> None:
+def test_a_refused_submit_leaves_its_key_free(db: Store) -> None:
     acct = keys.create_account(db, "poor", credits=1)
     idem = IdempotencyKey("k1", "digest-a", ttl=3600)
     with pytest.raises(InsufficientBalance):
@@ -95,14 +94,14 @@ def test_a_refused_submit_leaves_its_key_free(db: Database) -> None:
     assert not _submit(db, acct.account_id, idem).replayed
 
 
-def test_without_a_key_every_submit_is_new(db: Database) -> None:
+def test_without_a_key_every_submit_is_new(db: Store) -> None:
     acct = keys.create_account(db, "a", credits=1000)
     a, b = _submit(db, acct.account_id, None), _submit(db, acct.account_id, None)
     assert a.job.id != b.job.id and not a.replayed and not b.replayed
     assert _count(db, idempotency_keys) == 0
 
 
-def test_concurrent_duplicates_make_one_job_and_one_charge(db: Database) -> None:
+def test_concurrent_duplicates_make_one_job_and_one_charge(db: Store) -> None:
     acct = keys.create_account(db, "a", credits=100_000)
     idem = IdempotencyKey("same-key", "digest-a", ttl=3600)
     n = 8
@@ -137,7 +136,7 @@ def test_concurrent_duplicates_make_one_job_and_one_charge(db: Database) -> None
     assert ledger.balance(db, acct.account_id) == 100_000 - _req().price(PRESET)
 
 
-def test_the_submitted_job_is_the_row_the_store_holds(db: Database) -> None:
+def test_the_submitted_job_is_the_row_the_store_holds(db: Store) -> None:
     acct = keys.create_account(db, "a", credits=1000)
     submitted = _submit(db, acct.account_id, None)
     stored = jobs.get(db, submitted.job.id)
@@ -146,7 +145,7 @@ def test_the_submitted_job_is_the_row_the_store_holds(db: Database) -> None:
 
 
 @pytest.mark.parametrize("refusal", ["balance", "queue limit"])
-def test_a_submit_refused_at_its_reservation_leaves_no_trace(db: Database, refusal: str) -> None:
+def test_a_submit_refused_at_its_reservation_leaves_no_trace(db: Store, refusal: str) -> None:
     """The job is inserted before the credits are reserved (the account row is locked for the
     shortest time); a refused reservation rolls all of it back, its events and hook calls
     included."""
@@ -190,16 +189,14 @@ def _new_jobs(n: int, **kw: Any) -> list[jobs.NewJob]:
     return [jobs.NewJob(req, req.price(PRESET), **kw) for _ in range(n)]
 
 
-def _submit_many(
-    db: Database, account_id: str, new: list[jobs.NewJob], max_queued: int = 100
-) -> Any:
-    return submissions.submit_many(
+def _submit_many(db: Store, account_id: str, new: list[jobs.NewJob], max_queued: int = 100) -> Any:
+    return submissions.submit(
         db, account_id=account_id, new_jobs=new, max_queued=max_queued, max_attempts=3
     )
 
 
 def test_submits_that_all_fit_go_in_one_transaction_answered_as_if_one_by_one(
-    db: Database,
+    db: Store,
 ) -> None:
     price = _req().price(PRESET)
     acct = keys.create_account(db, "a", credits=10 * price)
@@ -223,7 +220,7 @@ def test_submits_that_all_fit_go_in_one_transaction_answered_as_if_one_by_one(
     assert [(e["kind"], e["job_id"]) for e in entries[1:]] == [("reserve", i) for i in ids]
     assert jobs.count_active(db, acct.account_id) == 4
     assert ledger.balance(db, acct.account_id) == 6 * price
-    if not db.is_sqlite:
+    if db.driver.name != "sqlite":
         # One transaction: every row was written by the same one (PostgreSQL's xmin).
         with db.read() as conn:
             writers = conn.execute(
@@ -235,7 +232,7 @@ def test_submits_that_all_fit_go_in_one_transaction_answered_as_if_one_by_one(
 
 @pytest.mark.parametrize("refusal", ["balance", "queue limit"])
 def test_submits_that_do_not_all_fit_get_each_the_answer_it_would_have_alone(
-    db: Database, refusal: str
+    db: Store, refusal: str
 ) -> None:
     price = _req().price(PRESET)
     credits = 3 * price if refusal == "balance" else 100 * price
@@ -270,13 +267,13 @@ FOR EACH ROW EXECUTE FUNCTION auraserve_test_die();
 
 @pytest.mark.postgres
 def test_a_store_lost_midway_one_by_one_keeps_the_answers_of_those_that_committed(
-    db: Database,
+    db: Store,
 ) -> None:
     """Issue 18: a batch that does not fit goes one by one; when the store is lost at the
     second, the first committed and keeps its job (a 503 would tell its client "nothing was
     written" and invite a second, charged job), the second gets the store's error and the
     third, never sent, a plain StoreUnavailable."""
-    if db.is_sqlite:
+    if db.driver.name == "sqlite":
         pytest.skip("a connection killed mid-transaction: PostgreSQL")
     price = _req().price(PRESET)
     acct = keys.create_account(db, "a", credits=2 * price)  # 2 of the 3 fit

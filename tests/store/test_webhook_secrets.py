@@ -11,19 +11,19 @@ from sqlalchemy import inspect, select, text
 
 from auraserve.store import keys
 from auraserve.store.credentials import ServerKey
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import accounts
 
 
-def _row_values(db: Database, account_id: str) -> list[object]:
+def _row_values(db: Store, account_id: str) -> list[object]:
     with db.read() as conn:
         row = conn.execute(select(accounts).where(accounts.c.id == account_id)).one()
     return list(row)
 
 
-def test_the_secret_is_derived_not_stored(db: Database) -> None:
+def test_the_secret_is_derived_not_stored(db: Store) -> None:
     key = ServerKey(b"k" * 32)
-    keys.use_server_key(db, key)
+    db.server_key = key
     created = keys.create_account(db, "a")
     assert created.webhook_secret == key.webhook_secret(created.account_id, 1)
     assert keys.webhook_secret(db, created.account_id) == created.webhook_secret
@@ -36,14 +36,14 @@ def test_the_secret_is_derived_not_stored(db: Database) -> None:
     assert keys.create_key(db, created.account_id, "b").webhook_secret == created.webhook_secret
 
 
-def test_another_server_key_derives_other_secrets(db: Database) -> None:
-    keys.use_server_key(db, ServerKey(b"a" * 32))
+def test_another_server_key_derives_other_secrets(db: Store) -> None:
+    db.server_key = ServerKey(b"a" * 32)
     created = keys.create_account(db, "a")
-    keys.use_server_key(db, ServerKey(b"b" * 32))
+    db.server_key = ServerKey(b"b" * 32)
     assert keys.webhook_secret(db, created.account_id) != created.webhook_secret
 
 
-def test_rotation_keeps_the_previous_secret_for_the_grace_period(db: Database) -> None:
+def test_rotation_keeps_the_previous_secret_for_the_grace_period(db: Store) -> None:
     created = keys.create_account(db, "a")
     rotation = keys.rotate_webhook_secret(db, created.account_id, grace_seconds=3600)
     assert rotation.previous_secret == created.webhook_secret
@@ -55,7 +55,7 @@ def test_rotation_keeps_the_previous_secret_for_the_grace_period(db: Database) -
     assert keys.webhook_secrets(db, created.account_id, now=later) == (rotation.secret,)
 
 
-def test_a_second_rotation_retires_the_oldest_secret(db: Database) -> None:
+def test_a_second_rotation_retires_the_oldest_secret(db: Store) -> None:
     created = keys.create_account(db, "a")
     first = keys.rotate_webhook_secret(db, created.account_id)
     second = keys.rotate_webhook_secret(db, created.account_id)
@@ -64,13 +64,13 @@ def test_a_second_rotation_retires_the_oldest_secret(db: Database) -> None:
     assert created.webhook_secret not in keys.webhook_secrets(db, created.account_id)
 
 
-def test_no_grace_period_retires_the_old_secret_at_once(db: Database) -> None:
+def test_no_grace_period_retires_the_old_secret_at_once(db: Store) -> None:
     created = keys.create_account(db, "a")
     rotation = keys.rotate_webhook_secret(db, created.account_id, grace_seconds=0)
     assert keys.webhook_secrets(db, created.account_id) == (rotation.secret,)
 
 
-def test_rotating_an_unknown_account_is_a_lookup_error(db: Database) -> None:
+def test_rotating_an_unknown_account_is_a_lookup_error(db: Store) -> None:
     with pytest.raises(LookupError):
         keys.rotate_webhook_secret(db, "acct_missing")
     with pytest.raises(LookupError):
@@ -85,7 +85,7 @@ def test_the_migration_drops_plaintext_secrets(tmp_path: Path) -> None:
 
     from auraserve.store.db import MIGRATIONS_DIR
 
-    db = Database(f"sqlite:///{tmp_path / 'old.db'}")
+    db = Store(f"sqlite:///{tmp_path / 'old.db'}")
     try:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))

@@ -8,17 +8,17 @@ import time
 from sqlalchemy import update
 
 from auraserve.store import workers
-from auraserve.store.db import Database
+from auraserve.store.db import LIVE_MODELS_TTL, Store
 from auraserve.store.schema import workers as workers_table
 
 
-def _register(db: Database, worker_id: str, models: list[str]) -> None:
+def _register(db: Store, worker_id: str, models: list[str]) -> None:
     workers.register(
         db, worker_id=worker_id, host="gpu-1", pid=42, models=models, device="tiny (cpu)"
     )
 
 
-def _age(db: Database, worker_id: str, seconds: float) -> None:
+def _age(db: Store, worker_id: str, seconds: float) -> None:
     with db.write() as conn:
         conn.execute(
             update(workers_table)
@@ -27,7 +27,7 @@ def _age(db: Database, worker_id: str, seconds: float) -> None:
         )
 
 
-def test_a_worker_registers_heartbeats_and_says_goodbye(db: Database) -> None:
+def test_a_worker_registers_heartbeats_and_says_goodbye(db: Store) -> None:
     _register(db, "w1", ["m-512", "m-1024"])
     (row,) = workers.list_workers(db)
     assert (row.id, row.host, row.pid, row.models, row.state) == (
@@ -53,7 +53,7 @@ def test_a_worker_registers_heartbeats_and_says_goodbye(db: Database) -> None:
     assert not workers.heartbeat(db, "nobody", state="ready", jobs_done=0)
 
 
-def test_re_registering_under_the_same_id_takes_the_row_over(db: Database) -> None:
+def test_re_registering_under_the_same_id_takes_the_row_over(db: Store) -> None:
     _register(db, "fixed", ["a"])
     workers.mark_stopped(db, "fixed", jobs_done=3)
     _register(db, "fixed", ["b"])
@@ -62,7 +62,7 @@ def test_re_registering_under_the_same_id_takes_the_row_over(db: Database) -> No
     assert row.jobs_done == 0
 
 
-def test_live_models_count_only_live_workers_and_are_cached_briefly(db: Database) -> None:
+def test_live_models_count_only_live_workers_and_are_cached_briefly(db: Store) -> None:
     _register(db, "live", ["m-512"])
     _register(db, "stale", ["m-stale"])
     _age(db, "stale", 100)
@@ -78,11 +78,11 @@ def test_live_models_count_only_live_workers_and_are_cached_briefly(db: Database
             .where(workers_table.c.id == "stale")
             .values(last_seen_at=time.time())
         )
-    time.sleep(workers.LIVE_MODELS_TTL + 0.1)
+    time.sleep(LIVE_MODELS_TTL + 0.1)
     assert workers.live_models(db, 30) == {"m-512", "m-stale"}
 
 
-def test_report_and_pruning(db: Database) -> None:
+def test_report_and_pruning(db: Store) -> None:
     _register(db, "new", ["a"])
     _register(db, "old", ["b"])
     _age(db, "old", 8 * 24 * 3600)

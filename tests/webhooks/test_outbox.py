@@ -29,6 +29,7 @@ from auraserve.store import jobs, keys, ledger
 from auraserve.store.schema import jobs as jobs_table
 from auraserve.store.schema import webhook_deliveries
 from tests.conftest import LiveServer, Tenant, free_port, wait_for_status
+from tests.store_jobs import submit_one
 from tests.webhooks.conftest import Receiver, Recorded
 
 SUBMIT = "/auraflow-v0-3-512/v1/auraflow-v0-3-request"
@@ -330,8 +331,14 @@ def test_delivery_row_commits_with_the_status(runtime: Runtime, tenant: Tenant) 
 
     def submit_then_roll_back() -> None:
         with db.write() as conn:
-            sub = jobs.submit_in(conn, **kwargs, webhook_mode="sync")
-            assert len(_deliveries_in(conn, sub.job.id)) == 1  # written, not yet committed
+            [made], _ = jobs.submit_in(
+                conn,
+                account_id=tenant.account_id,
+                new_jobs=[jobs.NewJob(gen, gen.price(preset), kwargs["webhook_url"], "sync")],
+                max_queued=10,
+                max_attempts=1,
+            )
+            assert len(_deliveries_in(conn, made.id)) == 1  # written, not yet committed
             raise RuntimeError("roll back")
 
     with pytest.raises(RuntimeError, match="roll back"):
@@ -339,7 +346,7 @@ def test_delivery_row_commits_with_the_status(runtime: Runtime, tenant: Tenant) 
     with db.read() as conn:
         assert conn.execute(select(jobs_table.c.id)).first() is None
         assert conn.execute(select(webhook_deliveries.c.id)).first() is None
-    sub = jobs.submit(db, **kwargs, webhook_mode="terminal")
+    sub = submit_one(db, **kwargs, webhook_mode="terminal")
     assert _deliveries(runtime, sub.job.id) == []  # terminal mode: nothing before the end
     [claimed] = jobs.claim(
         db, worker_id="w", models=["auraflow-v0-3-512"], max_images=4, lease_seconds=30

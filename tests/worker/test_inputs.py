@@ -20,7 +20,7 @@ from auraserve.core.request import GenerationRequest, build_request
 from auraserve.errors import UnsupportedRequest
 from auraserve.outbound import OutboundLimits, OutboundPolicy
 from auraserve.runtime import Runtime
-from auraserve.store import jobs, keys, ledger
+from auraserve.store import keys, ledger
 from auraserve.worker.inputs import (
     FETCH_TIMEOUT_SECONDS,
     IMAGE_FETCH_LIMITS,
@@ -29,6 +29,7 @@ from auraserve.worker.inputs import (
     load_image,
     resolve_size,
 )
+from tests.store_jobs import submit_one
 from tests.worker.test_worker import MODEL, _wait
 
 
@@ -193,7 +194,7 @@ def test_a_bad_image_fails_its_own_job_uncharged_and_the_batch_goes_on(
                 model=MODEL,
                 preset=preset,
             )
-            return jobs.submit(
+            return submit_one(
                 rt.db,
                 account_id=account.account_id,
                 request=req,
@@ -228,7 +229,7 @@ def test_a_size_from_the_image_reaches_the_stored_output(
             model=MODEL,
             preset=preset,
         )
-        job_id = jobs.submit(
+        job_id = submit_one(
             rt.db,
             account_id=account.account_id,
             request=req,

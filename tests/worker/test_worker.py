@@ -16,6 +16,7 @@ from auraserve.media.encode import read_parameters
 from auraserve.runtime import Runtime
 from auraserve.store import jobs, keys, ledger
 from auraserve.worker.loop import Worker, WorkerState
+from tests.store_jobs import submit_one
 
 MODEL = "auraflow-v0-3-512"
 
@@ -23,7 +24,7 @@ MODEL = "auraflow-v0-3-512"
 def _submit(rt: Runtime, account_id: str, **fields: Any) -> str:
     preset = rt.settings.presets[MODEL]
     req = build_request({"prompt": "w", "steps": 2, **fields}, model=MODEL, preset=preset)
-    return jobs.submit(
+    return submit_one(
         rt.db,
         account_id=account_id,
         request=req,

@@ -27,7 +27,6 @@ from auraserve.api.auth import require_admin
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
 from auraserve.api.openapi import ErrorBody, StatusBody
-from auraserve.api.store_calls import call_store
 from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.core.lora import LoraSource
@@ -252,8 +251,7 @@ async def list_requests(
     status: Annotated[JobStatus | None, Query(description="Only requests in this status")] = None,
 ) -> Response:
     # A cursor the server did not make raises errors.BadCursor, a 400 naming `cursor`.
-    page = await call_store(
-        runtime,
+    page = await runtime.db.call(
         history.list_jobs,
         runtime.db,
         account.id,
@@ -283,8 +281,8 @@ async def account_state(
         Query(ge=0, le=history.MAX_LEDGER_ENTRIES, description="Ledger entries to include"),
     ] = 20,
 ) -> Response:
-    summary = await call_store(
-        runtime, history.account_summary, runtime.db, account.id, entries=entries
+    summary = await runtime.db.call(
+        history.account_summary, runtime.db, account.id, entries=entries
     )
     if summary is None:  # deleted between the key check and this read
         raise Unauthorized()
@@ -325,7 +323,7 @@ async def account_state(
 )
 async def list_workers(runtime: RuntimeDep, account: CurrentAccount) -> Response:
     require_admin(account)
-    rows = await call_store(runtime, registry.list_workers, runtime.db)
+    rows = await runtime.db.call(registry.list_workers, runtime.db)
     return JSONResponse(
         registry.report(rows, stale_seconds=runtime.settings.worker_stale_seconds, now=time.time())
     )
@@ -341,7 +339,7 @@ async def list_workers(runtime: RuntimeDep, account: CurrentAccount) -> Response
 async def models(runtime: RuntimeDep) -> Response:
     settings = runtime.settings
     try:
-        rows = await call_store(runtime, registry.list_workers, runtime.db)
+        rows = await runtime.db.call(registry.list_workers, runtime.db)
     except StoreUnavailable:
         # The playground builds its form from this; it must not fail with the database.
         return JSONResponse(model_catalogue(settings))

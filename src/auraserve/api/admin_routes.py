@@ -22,7 +22,6 @@ from auraserve.api.auth import current_account, presented_key, require_admin
 from auraserve.api.deps import RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
 from auraserve.api.openapi import ErrorBody, StatusBody
-from auraserve.api.store_calls import call_store
 from auraserve.core.jobs import JobStatus
 from auraserve.core.status import iso, status_body
 from auraserve.errors import RequestConflict, RequestNotFound
@@ -231,7 +230,7 @@ async def list_accounts(
     limit: Annotated[int, Query(ge=1, le=admin.MAX_ACCOUNTS, description="Accounts")] = 100,
     offset: Annotated[int, Query(ge=0, le=10**9, description="Accounts to skip")] = 0,
 ) -> Response:
-    page = await call_store(runtime, admin.list_accounts, runtime.db, limit=limit, offset=offset)
+    page = await runtime.db.call(admin.list_accounts, runtime.db, limit=limit, offset=offset)
     return JSONResponse({"accounts": [_account(a) for a in page.accounts], "total": page.total})
 
 
@@ -265,8 +264,7 @@ async def list_jobs(
         Query(max_length=40, pattern=_ID, description="Only this account's requests"),
     ] = None,
 ) -> Response:
-    page = await call_store(
-        runtime,
+    page = await runtime.db.call(
         admin.recent_jobs,
         runtime.db,
         limit=limit,
@@ -295,16 +293,15 @@ async def create_key(runtime: RuntimeDep, body: NewKey, request: Request) -> Res
                 f"POST /v2/admin/accounts/{body.account_id}/credits"
             )
         try:
-            created = await call_store(runtime, keys.create_key, db, body.account_id, body.name)
+            created = await runtime.db.call(keys.create_key, db, body.account_id, body.name)
         except LookupError:
             raise RequestNotFound(f"No account {body.account_id}") from None
         balance = created.credits
     else:
-        created = await call_store(runtime, keys.create_account, db, body.name)
+        created = await runtime.db.call(keys.create_account, db, body.name)
         balance = 0
         if body.credits:
-            change = await call_store(
-                runtime,
+            change = await runtime.db.call(
                 admin.adjust_credits,
                 db,
                 created.account_id,
@@ -345,14 +342,14 @@ async def revoke_key(
             "This is the key you are using: create another admin key, sign in with it, then "
             "revoke this one"
         )
-    found = await call_store(runtime, admin.get_key, runtime.db, key_id)
+    found = await runtime.db.call(admin.get_key, runtime.db, key_id)
     if found is None:
         raise RequestNotFound(f"No key {key_id}")
-    if found.revoked_at is not None or not await call_store(
-        runtime, keys.revoke_key, runtime.db, key_id
+    if found.revoked_at is not None or not await runtime.db.call(
+        keys.revoke_key, runtime.db, key_id
     ):
         raise RequestConflict(f"Key {key_id} is already revoked")
-    revoked = await call_store(runtime, admin.get_key, runtime.db, key_id)
+    revoked = await runtime.db.call(admin.get_key, runtime.db, key_id)
     return JSONResponse(
         {
             "key_id": key_id,
@@ -378,8 +375,7 @@ async def change_credits(
 ) -> Response:
     actor = _caller_key_id(request)
     try:
-        change = await call_store(
-            runtime,
+        change = await runtime.db.call(
             admin.adjust_credits,
             runtime.db,
             account_id,

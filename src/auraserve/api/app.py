@@ -25,6 +25,7 @@ from auraserve.api.limits import Kind, LongLivedSlots, endpoint_is, hold_slot, m
 from auraserve.api.media_route import media_origins, serve_media
 from auraserve.api.openapi import TAGS, media_responses, tidy_document
 from auraserve.api.ratelimit import RateLimiter
+from auraserve.api.state import ApiState
 from auraserve.api.submit_batching import SubmitBatcher
 from auraserve.errors import PayloadTooLarge
 from auraserve.runtime import Runtime
@@ -150,6 +151,8 @@ def _document_presets(app: FastAPI, presets: list[str]) -> None:
 def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
     """Build the app around an open runtime. With `owns_runtime`, shutdown closes it."""
 
+    state = ApiState(runtime, SubmitBatcher(runtime), LongLivedSlots())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Hear other processes' job events (PostgreSQL NOTIFY): sync waiters, SSE streams and
@@ -158,21 +161,19 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         # Every API process rescues jobs of dead workers and sweeps media, however it was
         # started (serve, an API child, an ASGI server of the operator's): idempotent.
         runtime.start_maintenance()
-        runtime.limiter = RateLimiter(runtime.settings)
-        runtime.outbox = Dispatcher(
+        state.limiter = limiter = RateLimiter(runtime.settings)
+        state.outbox = outbox = Dispatcher(
             runtime.db, runtime.settings.webhooks, media_url=runtime.media.url
         )
-        runtime.outbox.start()
+        outbox.start()
         try:
             yield
         finally:
-            await runtime.outbox.stop()
-            await runtime.limiter.close()
-            if runtime.job_reads is not None:
-                # Its PostgreSQL pool lives on this loop (opened by the first poll).
-                await runtime.job_reads.aclose()
-            runtime.outbox = None
-            runtime.limiter = None
+            await outbox.stop()
+            await limiter.close()
+            # The status reader's PostgreSQL pool lives on this loop (opened by the first poll).
+            await runtime.db.aclose()
+            state.outbox = state.limiter = None
             if owns_runtime:
                 runtime.close()
 
@@ -187,13 +188,13 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.runtime = runtime
+    state.attach(app)
     # Innermost of the app's middlewares: the status poll's fast path stands in front of the
     # router only, so the error handler, body limit, request id and metrics still apply.
     app.add_middleware(FastStatus, runtime=runtime, routes=queue.router.routes)
-    errors.install(app, default=queue.QUEUE, prefixes=ERROR_PREFIXES)
-    app.state.long_lived = LongLivedSlots()
-    app.state.submit_batcher = SubmitBatcher(runtime)
+    errors.install(
+        app, default=queue.QUEUE, prefixes=ERROR_PREFIXES, is_unavailable=runtime.db.is_unavailable
+    )
     app.include_router(queue.router)
     app.include_router(
         request_routes.router,

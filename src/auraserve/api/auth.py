@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 from fastapi import Request
 
-from auraserve.api.store_calls import renewal
+from auraserve.api.state import api_state
 from auraserve.errors import Forbidden, Unauthorized
 from auraserve.runtime import Runtime
 from auraserve.store import keys
-from auraserve.store.db import AUTH_CACHE_TTL, Database
+from auraserve.store.db import AUTH_CACHE_TTL, Store
 from auraserve.store.keys import Account, Verified
 
 
@@ -39,7 +39,7 @@ async def current_account(request: Request) -> Account:
             "Missing API key: send it in Ocp-Apim-Subscription-Key, x-api-key or "
             "Authorization: Bearer"
         )
-    runtime: Runtime = request.app.state.runtime
+    runtime = api_state(request).runtime
     # Only reads may answer with a key's account while its lookup is renewed: a request that
     # writes (submit, sync and OpenAI generation, cancel) spends credits, so it waits for a
     # lookup unless the key was verified within AUTH_CACHE_TTL.
@@ -79,19 +79,19 @@ async def account_for_key(
     if verified.account is not None and verified.started < asked - AUTH_CACHE_TTL:
         # A lookup that began well before this request (a slow store) may predate a
         # revocation: ask again, from now.
-        verified = await asyncio.shield(renewal(runtime, ("key", raw), _lookup(db, raw)))
+        verified = await asyncio.shield(runtime.db.renewal(("key", raw), _lookup(db, raw)))
     return verified.account
 
 
 async def _looked_up(runtime: Runtime, raw: str, stale: Account | None) -> Account | Verified:
     """`stale` when there is one (a lookup renews it behind this answer), else the lookup."""
-    pending = renewal(runtime, ("key", raw), _lookup(runtime.db, raw))
+    pending = runtime.db.renewal(("key", raw), _lookup(runtime.db, raw))
     if stale is not None:
         return stale
     return await asyncio.shield(pending)
 
 
-def _lookup(db: Database, raw: str) -> Callable[[], Verified]:
+def _lookup(db: Store, raw: str) -> Callable[[], Verified]:
     return lambda: keys.lookup(db, raw)
 
 

@@ -16,6 +16,7 @@ from starlette.types import Scope
 
 from auraserve.api.auth import current_account
 from auraserve.api.dialect import Dialect
+from auraserve.api.state import api_state
 from auraserve.runtime import Runtime
 from auraserve.store.keys import Account
 
@@ -25,8 +26,7 @@ _SCOPE_KEY = "auraserve.dialect"
 
 
 async def runtime_dep(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
+    return api_state(request).runtime
 
 
 def use_dialect(dialect: Dialect) -> DependsParam:

@@ -8,9 +8,9 @@ path below their `base_url`), else the default one (the Queue API's). The body l
 (`api.app.BodyLimit`) answers before routing and chooses the same way (`dialect_for_path`).
 
 A database that cannot be reached is a 503 with `Retry-After` (`StoreUnavailable`), never a
-500, whether the store already translated the failure (`store.db.Database.read`/`write`) or a
-raw SQLAlchemy error escaped: `store.db.is_unavailable` decides. Each failure is logged once,
-on one line, at error level.
+500, whether the store already translated the failure (`store.db.Store.read`/`write`) or a
+raw SQLAlchemy error escaped: `Store.is_unavailable` (its driver) decides. Each failure is
+logged once, on one line, at error level.
 
 Unexpected exceptions are caught by `ServerErrors`, a middleware inside Starlette's own
 `ServerErrorMiddleware`: an `exception_handler(Exception)` would be called by that middleware,
@@ -21,7 +21,7 @@ hence every traceback twice. `ServerErrors` logs it once and does not re-raise.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,9 +37,11 @@ from auraserve.api.dialect import Dialect, Problem
 from auraserve.errors import AuraserveError, StoreUnavailable
 from auraserve.observability.logs import describe
 from auraserve.observability.metrics import STORE_UNAVAILABLE
-from auraserve.store.db import is_unavailable
 
 log = logging.getLogger(__name__)
+
+# Whether an exception says the store cannot be used right now (`Store.is_unavailable`).
+Unavailable = Callable[[BaseException], bool]
 
 HTTP_TITLES = {
     400: "Bad Request",
@@ -80,7 +82,13 @@ def dialect_for_path(
     return default
 
 
-def install(app: FastAPI, default: Dialect, prefixes: Mapping[str, Dialect] | None = None) -> None:
+def install(
+    app: FastAPI,
+    default: Dialect,
+    prefixes: Mapping[str, Dialect] | None = None,
+    *,
+    is_unavailable: Unavailable,
+) -> None:
     """Register the handlers; errors of requests that matched no route are rendered by the
     dialect of `prefixes` their path starts with, else by `default`."""
 
@@ -103,7 +111,7 @@ def install(app: FastAPI, default: Dialect, prefixes: Mapping[str, Dialect] | No
         unavailable.__cause__ = exc
         return await _domain(request, unavailable)
 
-    # Raw SQLAlchemy errors from code that used a connection outside Database.read/write.
+    # Raw SQLAlchemy errors from code that used a connection outside Store.read/write.
     app.add_exception_handler(DBAPIError, _database)
     app.add_exception_handler(PoolTimeout, _database)
 
@@ -123,7 +131,9 @@ def install(app: FastAPI, default: Dialect, prefixes: Mapping[str, Dialect] | No
         )
         return dialect(request).render(problem)
 
-    app.add_middleware(ServerErrors, default=default, prefixes=prefixes)
+    app.add_middleware(
+        ServerErrors, default=default, prefixes=prefixes, is_unavailable=is_unavailable
+    )
 
 
 def _log_unavailable(request: Request, exc: StoreUnavailable) -> None:
@@ -144,9 +154,15 @@ class ServerErrors:
     by the server."""
 
     def __init__(
-        self, app: ASGIApp, default: Dialect, prefixes: Mapping[str, Dialect] | None = None
+        self,
+        app: ASGIApp,
+        default: Dialect,
+        prefixes: Mapping[str, Dialect] | None = None,
+        *,
+        is_unavailable: Unavailable,
     ) -> None:
         self.app = app
+        self.is_unavailable = is_unavailable
         self.default = default
         self.prefixes = prefixes
 
@@ -170,7 +186,7 @@ class ServerErrors:
             log.debug("client disconnected during %s %s", scope["method"], scope.get("path"))
         except Exception as exc:
             path = scope.get("path", "")
-            if is_unavailable(exc):  # e.g. raised while a response was streaming
+            if self.is_unavailable(exc):  # e.g. raised while a response was streaming
                 STORE_UNAVAILABLE.labels("api").inc()
                 log.error("database unavailable on %s %s: %s", scope["method"], path, describe(exc))
                 problem = self._dialect(scope).problem(StoreUnavailable())

@@ -8,8 +8,8 @@ ran no faster than `/healthz`). This pure-ASGI layer, inside the app's own middl
 (request id, metrics, error handler, body limit), answers the common case itself: a key this
 process verified lately (`auth.account_for_key`, without waiting for the store), no query
 string, and a job of that account without a webhook. It builds the answer with the route's
-own functions (`results.load_job_fast`, `results.status_of`) and response class, so it is the
-route's answer, byte for byte (tests/api/test_fast_status.py compares them).
+own function (`results.status_response`, the one status read), so it is the route's answer,
+byte for byte (tests/api/test_fast_status.py compares them).
 
 Anything else goes to the FastAPI route untouched, which answers as it always did: no key or
 an uncached one, an unknown id or another account's (404), a job with a webhook (its body is
@@ -69,9 +69,8 @@ class FastStatus:
         if account is None:
             return None
         try:
-            job = await results.load_job_fast(self.runtime, account.id, request_id)
+            return await results.status_response(
+                self.runtime, account.id, request_id, plain_only=True
+            )
         except AuraserveError:  # a 404 or the store's 503: the route renders it in its dialect
             return None
-        if job.webhook_url is not None:
-            return None
-        return JSONResponse(await results.status_of(self.runtime, job))

@@ -19,6 +19,7 @@ from fastapi.params import Depends as DependsParam
 from auraserve.api.auth import current_account
 from auraserve.api.deps import RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect
+from auraserve.api.state import api_state
 from auraserve.config import Settings
 from auraserve.errors import LongRequestLimitReached
 
@@ -70,10 +71,7 @@ class LongLivedSlots:
 
 
 def slots_of(request: Request) -> LongLivedSlots:
-    slots = getattr(request.app.state, "long_lived", None)
-    if slots is None:
-        slots = request.app.state.long_lived = LongLivedSlots()
-    return slots
+    return api_state(request).long_lived
 
 
 def hold_slot(kind: Kind, dialect: Dialect, applies: Callable[[Request], bool]) -> DependsParam:

@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
-from auraserve.api.store_calls import call_store
 from auraserve.errors import RequestNotFound
 from auraserve.media.storage import (
     CACHE_CONTROL,
@@ -37,9 +36,7 @@ async def serve_media(runtime: Runtime, name: str) -> Response:
             media_type=media_type_of(name),
             headers={"X-Content-Type-Options": "nosniff", "Cache-Control": CACHE_CONTROL},
         )
-    if not is_media_name(name) or not await call_store(
-        runtime, media_rows.is_owned, runtime.db, name
-    ):
+    if not is_media_name(name) or not await runtime.db.call(media_rows.is_owned, runtime.db, name):
         raise RequestNotFound("No such media")
     # 307: the target (a presigned URL) changes over time, so the redirect is never cached.
     return RedirectResponse(store.url(name), status_code=307, headers={"Cache-Control": "no-store"})

@@ -25,7 +25,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from auraserve.api.store_calls import call_store
 from auraserve.errors import StoreUnavailable
 from auraserve.observability import metrics
 from auraserve.observability.logs import REQUEST_ID, describe
@@ -142,7 +141,7 @@ def install(app: FastAPI, runtime: Runtime) -> None:
         responses={503: {"model": Readiness, "description": "A check failed; see `failed`"}},
     )
     async def readyz() -> JSONResponse:
-        checks = await call_store(runtime, _store_checks, runtime)
+        checks = await runtime.db.call(_store_checks, runtime)
         if runtime.workers:
             states = [w.state.value for w in runtime.workers]
             ready = any(s in _SERVING_STATES for s in states)
@@ -150,15 +149,15 @@ def install(app: FastAPI, runtime: Runtime) -> None:
         elif runtime.workers_in_supervisor and checks["store"].ok:
             # An API child of `serve --api-processes N`: the workers run in the supervisor;
             # the registry says whether one of them has warmed up.
-            checks["workers"] = await call_store(runtime, _registry_check, runtime)
+            checks["workers"] = await runtime.db.call(_registry_check, runtime)
         failed = [name for name, check in checks.items() if not check.ok]
         body = Readiness(status="not_ready" if failed else "ready", failed=failed, checks=checks)
         return JSONResponse(body.model_dump(), status_code=503 if failed else 200)
 
     @app.get("/metrics", tags=["operations"], include_in_schema=False)
     async def metrics_route() -> Response:
-        # The store sample is a query: off the event loop on PostgreSQL (call_store).
-        body = await call_store(runtime, metrics.exposition, store_metrics)
+        # The store sample is a query: off the event loop on PostgreSQL (Store.call).
+        body = await runtime.db.call(metrics.exposition, store_metrics)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

@@ -15,7 +15,6 @@ import asyncio
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from auraserve.api.store_calls import call_store
 from auraserve.errors import StoreUnavailable
 from auraserve.runtime import Runtime
 
@@ -31,12 +30,12 @@ IN_DOUBT_SECONDS = 10.0
 async def ride_out(
     runtime: Runtime, deadline: float, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
 ) -> T:
-    """`call_store(fn, ...)`, tried again every RETRY_SECONDS while the store is unavailable,
+    """`Store.call(fn, ...)`, tried again every RETRY_SECONDS while the store is unavailable,
     until `deadline` (the event loop's clock); then the last StoreUnavailable is raised."""
     loop = asyncio.get_running_loop()
     while True:
         try:
-            return await call_store(runtime, fn, *args, **kwargs)
+            return await runtime.db.call(fn, *args, **kwargs)
         except StoreUnavailable:
             remaining = deadline - loop.time()
             if remaining <= 0:

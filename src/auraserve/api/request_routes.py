@@ -18,7 +18,6 @@ from auraserve.api.auth import account_for_key, presented_key
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
 from auraserve.api.openapi import REQUESTS_TAG, StatusBody, event_stream_schema
-from auraserve.api.store_calls import call_store
 from auraserve.core.jobs import Job, split_request_id
 from auraserve.errors import RequestConflict, RequestNotFound, StoreUnavailable, Unauthorized
 from auraserve.runtime import Runtime
@@ -60,7 +59,7 @@ def _status_responses() -> dict[int | str, dict[str, Any]]:
 async def stream(
     request_id: str, request: Request, runtime: RuntimeDep, account: CurrentAccount
 ) -> Response:
-    job = await call_store(runtime, results.load_job, runtime, account.id, request_id)
+    job = await results.load_job(runtime, account.id, request_id)
     return StreamingResponse(
         _events(request, runtime, job, presented_key(request) or ""),
         media_type="text/event-stream",
@@ -82,8 +81,8 @@ async def _events(request: Request, runtime: Runtime, job: Job, key: str) -> Asy
                 if await account_for_key(runtime, key) is None:
                     yield _error_event(Unauthorized("Invalid or revoked API key"))
                     return
-                job = await call_store(runtime, results.reload, runtime, job)
-                body = await call_store(runtime, results.render_status, runtime, job)
+                job = await results.reload(runtime, job)
+                body = await runtime.db.call(results.render_status, runtime, job)
             except StoreUnavailable as exc:
                 # Headers are sent: no status code can say it now. A last event does, and the
                 # stream ends as a stream should (not cut mid-body).
@@ -128,7 +127,7 @@ async def _cancel(request_id: str, runtime: RuntimeDep, account: CurrentAccount)
     parts = split_request_id(request_id)
     result = None
     if parts is not None:
-        result = await call_store(runtime, jobs.cancel, runtime.db, parts[1], account_id=account.id)
+        result = await runtime.db.call(jobs.cancel, runtime.db, parts[1], account_id=account.id)
     if result is None or parts is None or result.job.model_id != parts[0]:
         raise RequestNotFound(f"Request '{request_id[:200]}' not found")
     job = result.job
@@ -137,7 +136,7 @@ async def _cancel(request_id: str, runtime: RuntimeDep, account: CurrentAccount)
             f"Request already finished with status {job.status.value}; nothing to cancel",
             extra={"status": job.status.value, "request_id": job.request_id},
         )
-    body = await call_store(runtime, results.render_status, runtime, job)
+    body = await runtime.db.call(results.render_status, runtime, job)
     if result.outcome == "requested":
         body["cancel_requested"] = True
         return JSONResponse(body, status_code=202)

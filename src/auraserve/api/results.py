@@ -15,9 +15,9 @@ import logging
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from auraserve.api import outage
-from auraserve.api.store_calls import call_store, refreshed
 from auraserve.core.jobs import Job, JobStatus, split_request_id
 from auraserve.core.status import status_body
 from auraserve.errors import (
@@ -29,7 +29,7 @@ from auraserve.errors import (
     SyncTimeout,
 )
 from auraserve.runtime import Runtime
-from auraserve.store import jobs, ledger, workers
+from auraserve.store import ledger, workers
 from auraserve.webhooks import outbox
 
 log = logging.getLogger(__name__)
@@ -37,24 +37,28 @@ log = logging.getLogger(__name__)
 FALLBACK_RECHECK_SECONDS = 1.0
 
 
-def load_job(runtime: Runtime, account_id: str, request_id: str) -> Job:
+async def load_job(runtime: Runtime, account_id: str, request_id: str) -> Job:
     """The account's job named by a public request id; 404 for anything else (another
-    account's id looks exactly like a missing one: 404, never 403). Blocking: call through
-    `call_store`; status polls use `load_job_fast`."""
+    account's id looks exactly like a missing one: 404, never 403). The one status read of
+    every route and the poll's fast path: the store's `JobReader` (on the event loop, no
+    SQLAlchemy per call)."""
     parts = split_request_id(request_id)
-    job = jobs.get(runtime.db, parts[1], account_id=account_id) if parts else None
+    job = await runtime.db.job_reads.get(parts[1], account_id=account_id) if parts else None
     return _found(job, parts, request_id)
 
 
-async def load_job_fast(runtime: Runtime, account_id: str, request_id: str) -> Job:
-    """`load_job` for the hot poll path: the same job and the same 404s, read through the
-    store's `JobReader` on the event loop (no thread hand-off, no SQLAlchemy per call)."""
-    reader = runtime.job_reads
-    if reader is None:  # a hand-built Runtime (Runtime.open always makes one)
-        return await call_store(runtime, load_job, runtime, account_id, request_id)
-    parts = split_request_id(request_id)
-    job = await reader.get(parts[1], account_id=account_id) if parts else None
-    return _found(job, parts, request_id)
+async def status_response(
+    runtime: Runtime, account_id: str, request_id: str, *, plain_only: bool = False
+) -> JSONResponse | None:
+    """The status poll's answer (its route's and its fast path's). A job with a webhook has
+    its deliveries rendered through the store: `plain_only` then answers None instead."""
+    job = await load_job(runtime, account_id, request_id)
+    if job.webhook_url is None:
+        # Plain JSON types already; skip FastAPI's generic encoder on this hot path.
+        return JSONResponse(await status_of(runtime, job))
+    if plain_only:
+        return None
+    return JSONResponse(await runtime.db.call(render_status, runtime, job))
 
 
 def _found(job: Job | None, parts: tuple[str, str] | None, request_id: str) -> Job:
@@ -76,13 +80,12 @@ def plain_status(runtime: Runtime, job: Job) -> dict[str, Any]:
 
 async def status_of(runtime: Runtime, job: Job) -> dict[str, Any]:
     """`plain_status` for async code: the live models come from the cache, renewed off the
-    event loop (`store_calls.refreshed`), where one blocking read every second held every poll
+    event loop (`Store.refreshed`), where one blocking read every second held every poll
     in flight behind it (the p99 of bench/scaleout.py's polls)."""
     served = None
     if job.status == JobStatus.QUEUED:
         db, stale_after = runtime.db, runtime.settings.worker_stale_seconds
-        served = await refreshed(
-            runtime,
+        served = await runtime.db.refreshed(
             ("live models", stale_after),
             fresh=lambda: workers.cached_live_models(db, stale_after),
             stale=lambda: workers.cached_live_models(db, stale_after, stale_ok=True),
@@ -111,8 +114,9 @@ def render_status(runtime: Runtime, job: Job) -> dict[str, Any]:
     return body
 
 
-def reload(runtime: Runtime, job: Job) -> Job:
-    fresh = jobs.get(runtime.db, job.id, account_id=job.account_id)
+async def reload(runtime: Runtime, job: Job) -> Job:
+    """`job` as the store has it now, through the one status read."""
+    fresh = await runtime.db.job_reads.get(job.id, account_id=job.account_id)
     return fresh if fresh is not None else job
 
 
@@ -132,7 +136,7 @@ async def wait_until_terminal(
         while True:
             changed.clear()  # before reading: a change after the read wakes us
             try:
-                job = await call_store(runtime, reload, runtime, job)
+                job = await reload(runtime, job)
             except StoreUnavailable:
                 unavailable = True
             else:
@@ -194,7 +198,7 @@ async def balance_after(runtime: Runtime, account_id: str, job: Job) -> str | No
 
 
 def read_images(runtime: Runtime, job: Job) -> list[bytes]:
-    """The bytes of a completed job's images. Blocking: call through `call_store`."""
+    """The bytes of a completed job's images. Blocking: call through `Store.call`."""
     assert job.output is not None
     images = []
     for name in job.output["media"]:

@@ -12,10 +12,10 @@ of them when they all fit; one by one, each with its own answer, when they do no
 Nothing waits for a batch to fill: with the store idle a submit goes at once (after the
 requests already read in the same turn of the event loop), so at low load this adds no
 latency; batches grow only while the store is busy, which is when one commit for many pays.
-Submits with an Idempotency-Key are not batched (their key row needs its own transaction: a
-key race must fail that submit only).
+Submits with an Idempotency-Key go at once, each a batch of its own (their key row needs its
+own transaction: a key race must fail that submit only), through the same store operation.
 
-SQLite store calls run inline on the event loop (`api.store_calls`), so nothing arrives while
+SQLite store calls run inline on the event loop (`Store.call`), so nothing arrives while
 one runs; a batch there is what the event loop read in one turn (the submits of all the
 connections that had a request ready), which still spares a write lock, a commit and a
 wake-up datagram per submit.
@@ -27,11 +27,10 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from auraserve.api.store_calls import call_store
 from auraserve.runtime import Runtime
 from auraserve.store import submissions
 from auraserve.store.jobs import NewJob
-from auraserve.store.submissions import Answer, Submitted
+from auraserve.store.submissions import Answer, IdempotencyKey, Submitted
 
 __all__ = ["SubmitBatcher"]
 
@@ -60,10 +59,28 @@ class SubmitBatcher:
         self._running: set[asyncio.Task[None]] = set()
 
     async def submit(
-        self, account_id: str, new_job: NewJob, *, max_queued: int, max_attempts: int
+        self,
+        account_id: str,
+        new_job: NewJob,
+        *,
+        max_queued: int,
+        max_attempts: int,
+        idem: IdempotencyKey | None = None,
     ) -> Submitted:
         """Submit `new_job` for the account; raises QueueLimitReached or InsufficientBalance
-        when it does not fit, as `store.submissions.submit` would."""
+        when it does not fit (the refusal `store.submissions.submit` answered it with)."""
+        if idem is not None:
+            store = self.runtime.db
+            [answer] = await store.call(
+                submissions.submit,
+                store,
+                account_id=account_id,
+                new_jobs=[new_job],
+                max_queued=max_queued,
+                max_attempts=max_attempts,
+                idem=idem,
+            )
+            return _given(answer)
         loop = asyncio.get_running_loop()
         waiting = _Waiting(new_job, loop.create_future())
         key = (account_id, max_queued, max_attempts)
@@ -77,10 +94,7 @@ class SubmitBatcher:
             task = loop.create_task(self._send_batches(key))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
-        answer = await waiting.answer
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+        return _given(await waiting.answer)
 
     async def _send_batches(self, key: _BatchKey) -> None:
         """Send what waits for `key`, batch after batch, until nothing does."""
@@ -101,9 +115,8 @@ class SubmitBatcher:
     async def _send(self, key: _BatchKey, batch: list[_Waiting]) -> None:
         account_id, max_queued, max_attempts = key
         try:
-            answers = await call_store(
-                self.runtime,
-                submissions.submit_many,
+            answers = await self.runtime.db.call(
+                submissions.submit,
                 self.runtime.db,
                 account_id=account_id,
                 new_jobs=[w.new_job for w in batch],
@@ -119,3 +132,9 @@ class SubmitBatcher:
             # A waiter whose request was cancelled has its future cancelled: nobody reads it.
             with contextlib.suppress(asyncio.InvalidStateError):
                 waiting.answer.set_result(answer)
+
+
+def _given(answer: Answer) -> Submitted:
+    if isinstance(answer, Exception):
+        raise answer
+    return answer

@@ -12,7 +12,7 @@ from auraserve.cli.output import iso, print_fields, print_json, print_table, ref
 from auraserve.cli.stores import FIRST_START, NEEDS_ROWS, ON_REQUEST, open_admin, store_label
 
 if TYPE_CHECKING:
-    from auraserve.runtime import Runtime
+    from auraserve.store.db import Store
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -30,17 +30,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
         )
     # Only a new account makes sense on a new store (with --create); the rest needs rows.
     new_account = args.keys_cmd == "create" and not args.account
-    runtime = open_admin(args, ON_REQUEST if new_account else NEEDS_ROWS)
+    _, store = open_admin(args, ON_REQUEST if new_account else NEEDS_ROWS)
     try:
         if args.keys_cmd == "create":
             if args.account:
                 try:
-                    created = keys.create_key(runtime.db, args.account, args.name)
+                    created = keys.create_key(store, args.account, args.name)
                 except LookupError:
                     return refuse(f"--account {args.account}: no such account in this store")
             else:
                 created = keys.create_account(
-                    runtime.db, args.name, credits=args.credits or 0, is_admin=args.admin
+                    store, args.name, credits=args.credits or 0, is_admin=args.admin
                 )
             record = {
                 "key": created.key,
@@ -68,9 +68,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     )
                 print_fields(fields)
         elif args.keys_cmd == "list":
-            _list_keys(args, runtime)
+            _list_keys(args, store)
         elif args.keys_cmd == "revoke":
-            if not keys.revoke_key(runtime.db, args.key_id):
+            if not keys.revoke_key(store, args.key_id):
                 print(f"no active key {args.key_id}", file=sys.stderr)
                 return 1
             if args.json:
@@ -79,7 +79,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 print(f"revoked {args.key_id}")
         elif args.keys_cmd == "webhook-secret":
             try:
-                current = keys.webhook_secrets(runtime.db, args.account)
+                current = keys.webhook_secrets(store, args.account)
             except LookupError:
                 return refuse(f"{args.account}: no such account in this store")
             if args.json:
@@ -89,7 +89,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         elif args.keys_cmd == "rotate-webhook-secret":
             try:
                 rotation = keys.rotate_webhook_secret(
-                    runtime.db, args.account, grace_seconds=args.grace_hours * 3600
+                    store, args.account, grace_seconds=args.grace_hours * 3600
                 )
             except LookupError:
                 return refuse(f"{args.account}: no such account in this store")
@@ -111,21 +111,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 print(f"new webhook signing secret: {rotation.secret}")
                 print(f"the previous secret keeps signing beside it until {until}")
     finally:
-        runtime.close()
+        store.dispose()
     return 0
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
     from auraserve.store import history, ledger
 
-    runtime = open_admin(args)
+    _, store = open_admin(args)
     try:
         if args.credits_cmd == "grant":
             try:
-                ledger.grant(runtime.db, args.account_id, args.amount, note="cli grant")
+                ledger.grant(store, args.account_id, args.amount, note="cli grant")
             except LookupError:
                 return refuse(f"no account {args.account_id} in this store")
-        summary = history.account_summary(runtime.db, args.account_id, entries=0)
+        summary = history.account_summary(store, args.account_id, entries=0)
         if summary is None:
             # Status 1, not 2: the question was well formed and the answer is "none".
             print(f"no account {args.account_id}", file=sys.stderr)
@@ -146,7 +146,7 @@ def cmd_credits(args: argparse.Namespace) -> int:
                 [(summary.account_id, summary.name, summary.balance, summary.reserved)],
             )
     finally:
-        runtime.close()
+        store.dispose()
     return 0
 
 
@@ -155,13 +155,13 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
     from auraserve.store import workers as registry
 
-    runtime = open_admin(args)
+    settings, store = open_admin(args)
     try:
-        stale = runtime.settings.worker_stale_seconds
+        stale = settings.worker_stale_seconds
         now = time.time()
         rows = [
             w
-            for w in registry.list_workers(runtime.db)
+            for w in registry.list_workers(store)
             if args.all or w.stopped_at is None or now - w.stopped_at < _RECENTLY_STOPPED
         ]
         if args.json:
@@ -194,7 +194,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     finally:
-        runtime.close()
+        store.dispose()
     return 0
 
 
@@ -205,28 +205,26 @@ _RECENTLY_STOPPED = 3600.0
 def cmd_db(args: argparse.Namespace) -> int:
     from auraserve.store.migrations import HEAD_REVISION
 
-    runtime = open_admin(args, FIRST_START)  # opening migrates
+    settings, store = open_admin(args, FIRST_START)  # opening migrates
     try:
         if args.json:
-            print_json({"store": store_label(runtime.settings), "revision": HEAD_REVISION})
+            print_json({"store": store_label(settings), "revision": HEAD_REVISION})
         else:
-            print(f"store at head revision {HEAD_REVISION} ({store_label(runtime.settings)})")
+            print(f"store at head revision {HEAD_REVISION} ({store_label(settings)})")
     finally:
-        runtime.close()
+        store.dispose()
     return 0
 
 
-def _list_keys(args: argparse.Namespace, runtime: Runtime) -> None:
+def _list_keys(args: argparse.Namespace, store: Store) -> None:
     """Every key with its account's balance and reserved credits (never the key itself)."""
     from auraserve.store import history, keys
 
     summaries: dict[str, history.AccountSummary | None] = {}
     rows = []
-    for info in keys.list_keys(runtime.db):
+    for info in keys.list_keys(store):
         if info.account_id not in summaries:
-            summaries[info.account_id] = history.account_summary(
-                runtime.db, info.account_id, entries=0
-            )
+            summaries[info.account_id] = history.account_summary(store, info.account_id, entries=0)
         summary = summaries[info.account_id]
         rows.append(
             {

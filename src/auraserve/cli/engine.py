@@ -15,6 +15,7 @@ from auraserve.errors import ConfigError
 if TYPE_CHECKING:
     from auraserve.core.request import GenerationRequest
     from auraserve.engine.base import Engine
+    from auraserve.engine.parallel import ParallelSpec
 
 
 def load_engine(
@@ -175,11 +176,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.parallel:
         from auraserve.engine.parallel import install, parse_parallel, start_group
 
-        world = parse_parallel(args.parallel).world_size
+        spec = parse_parallel(args.parallel)
         group = start_group(
             _generate_follower,
-            (world, settings, preset_id, request),
-            world,
+            (spec, settings, preset_id, request),
+            spec,
             settings.device,
             settings.parallel_timeout_s,
         )
@@ -240,16 +241,16 @@ def _preset_engine(settings: Settings, preset_id: str) -> Engine:
 def _generate_follower(
     index: int,
     port: int,
-    world: int,
+    spec: ParallelSpec,
     settings: Settings,
     preset_id: str,
     request: GenerationRequest,
 ) -> None:
-    """Rank index+1 of `generate --parallel`: the same generation, its share of the rows;
-    rank 0 writes the files."""
+    """Rank index+1 of `generate --parallel`: the same generation, its share of the rows
+    and tokens; rank 0 writes the files."""
     from auraserve.engine.parallel import install, join_group, leave_group
 
-    split = join_group(index + 1, world, port, settings.device, settings.parallel_timeout_s)
+    split = join_group(index + 1, spec, port, settings.device, settings.parallel_timeout_s)
     try:
         engine = _preset_engine(settings, preset_id)
         install(engine, split)

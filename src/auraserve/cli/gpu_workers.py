@@ -3,7 +3,7 @@
 Each worker is a child process born with CUDA_VISIBLE_DEVICES naming its one GPU, so torch,
 its kernels and every library below it see that GPU alone (as `cuda:0`): no code path can
 drift onto a sibling's card, and an out-of-memory or a CUDA fault on one card takes one
-worker down, not the host's others. The children are supervised by `api.processes`'
+worker down, not the host's others. The children are supervised by `cli.processes`'
 `Supervisor`, as the API processes are: spawned, not forked (no inherited CUDA context, store
 connections or threads), restarted when they exit (after a growing pause if they keep dying
 young), and stopped on SIGTERM with the usual grace (the batch in hand may finish within
@@ -28,8 +28,8 @@ from collections.abc import Callable
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
-from auraserve.api.processes import ChildPlan, die_with_parent
 from auraserve.cli.engine import load_models
+from auraserve.cli.processes import ChildPlan, die_with_parent
 from auraserve.config import Settings
 from auraserve.errors import ConfigError
 

@@ -1,4 +1,5 @@
-"""`worker --parallel cfg=2`: one worker whose engine spans several processes (ranks).
+"""`worker --parallel` (cfg=2, ulysses=N, cfg=2,ulysses=N): one worker whose engine spans
+several processes (ranks).
 
 This process is rank 0: it claims, settles and hands back jobs like any worker, and hands each
 batch to the followers it spawned (`engine.parallel.GroupEngine`). The followers load the same
@@ -17,7 +18,7 @@ from auraserve.config import Settings
 from auraserve.errors import ConfigError
 
 if TYPE_CHECKING:
-    from auraserve.engine.parallel import GroupEngine
+    from auraserve.engine.parallel import GroupEngine, ParallelSpec
 
 
 def load_group(settings: Settings, models: list[str], spec: str) -> GroupEngine:
@@ -26,15 +27,15 @@ def load_group(settings: Settings, models: list[str], spec: str) -> GroupEngine:
 
     from auraserve.engine.parallel import GroupEngine, install, parse_parallel, start_group
 
-    world = parse_parallel(spec).world_size
+    parallel = parse_parallel(spec)
     if settings.gpus:
         raise ConfigError("--parallel runs one group of ranks; it does not combine with --gpus")
     context = mp.get_context("spawn")
-    commands = [context.Queue() for _ in range(world - 1)]
+    commands = [context.Queue() for _ in range(parallel.world_size - 1)]
     group = start_group(
         _follower,
-        (world, settings, models, commands, os.getpid()),
-        world,
+        (parallel, settings, models, commands, os.getpid()),
+        parallel,
         settings.device,
         settings.parallel_timeout_s,
     )
@@ -62,7 +63,7 @@ def _single_engine(settings: Settings, models: list[str]) -> Any:
 def _follower(
     index: int,
     port: int,
-    world: int,
+    spec: ParallelSpec,
     settings: Settings,
     models: list[str],
     commands: list[Any],
@@ -73,7 +74,7 @@ def _follower(
     # Rank 0 owns the signals: it stops the group (a terminal's Ctrl-C reaches every rank).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    split = join_group(index + 1, world, port, settings.device, settings.parallel_timeout_s)
+    split = join_group(index + 1, spec, port, settings.device, settings.parallel_timeout_s)
     try:
         engine = _single_engine(settings, models)
         install(engine, split)

@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     may_create(serve, _FLAG_GIVEN)
     serve.add_argument(
         "--parallel",
-        help="one image across several processes for the in-process workers: cfg=2 (two "
-        "ranks, started here; this process claims and settles, every rank computes)",
+        help="one image across several processes for the in-process workers: cfg=2, "
+        "ulysses=N or cfg=2,ulysses=N (cfg·N ranks, started here; this process claims and "
+        "settles, every rank computes)",
     )
     serve.set_defaults(func=service.cmd_serve)
 
@@ -152,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--parallel",
-        help="one image across several processes: cfg=2 (two ranks, started here; this "
-        "process claims and settles the jobs, every rank computes)",
+        help="one image across several processes: cfg=2, ulysses=N or cfg=2,ulysses=N "
+        "(cfg·N ranks, started here; this process claims and settles the jobs, every rank "
+        "computes)",
     )
     worker.set_defaults(func=service.cmd_worker)
 
@@ -184,8 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--parallel",
         help="one image across several processes: cfg=2 runs the uncond and cond rows of "
-        "every transformer call on two ranks (gloo on the CPU, nccl on two GPUs), started "
-        "here; same image as one process",
+        "every transformer call on two ranks, ulysses=N splits its tokens over N ranks (N "
+        "divides the heads: 2, 3, 4, 6 or 12 for AuraFlow), cfg=2,ulysses=N does both on 2·N "
+        "ranks (gloo on the CPU, nccl on one GPU per rank), started here; same image as one "
+        "process",
     )
     gen.set_defaults(func=engine.cmd_generate)
 

@@ -23,7 +23,7 @@ def _size() -> dict[str, int]:
 
 @contextmanager
 def migration_bar() -> Iterator[Callable[[int, int], None]]:
-    """An `on_step(done, total)` for Database.migrate; draws only once a migration starts."""
+    """An `on_step(done, total)` for Store.migrate; draws only once a migration starts."""
     bar: tqdm[None] | None = None
 
     def on_step(done: int, total: int) -> None:

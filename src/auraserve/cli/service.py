@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(runtime, owns_runtime=True)
     _print_start(args, settings, runtime, created, models or list(settings.presets))
     if settings.api_processes > 1 or settings.gpus:
-        # N API processes on one socket; the worker(s) above stay here (api/processes.py);
+        # N API processes on one socket; the worker(s) above stay here (cli/processes.py);
         # with --gpus, one worker child per GPU joins them (cli/gpu_workers.py).
         code = _serve_processes(args, settings, runtime)
         return _end_group(group, broken, code)
@@ -135,8 +135,8 @@ def _serve_gracefully(config: Any, runtime: Runtime) -> None:
 def _serve_processes(args: argparse.Namespace, settings: Settings, runtime: Runtime) -> int:
     import functools
 
-    from auraserve.api.processes import ChildPlan, ChildSpec, serve_processes
     from auraserve.cli.gpu_workers import gpu_worker_plans
+    from auraserve.cli.processes import ChildPlan, ChildSpec, serve_processes
 
     # On SQLite, the worker here and the API children hear each other's commits at once
     # (store.events.SqliteFanout, joined by every process that listens).
@@ -273,8 +273,8 @@ def _gpu_workers(args: argparse.Namespace, settings: Settings) -> int:
     """`worker --gpus`: this process supervises one pinned worker child per GPU."""
     import functools
 
-    from auraserve.api.processes import Supervisor
     from auraserve.cli.gpu_workers import gpu_worker_plans
+    from auraserve.cli.processes import Supervisor
 
     plans = gpu_worker_plans(
         settings,
@@ -329,7 +329,7 @@ def _print_start(
     """What a first-time operator needs, on stdout: the key (first start only), where the
     playground and the API docs are, and which store and models this is."""
     base = browser_url(settings)
-    server_key = runtime.server_key if runtime.server_key and runtime.server_key.created else None
+    server_key = runtime.db.server_key if runtime.db.server_key.created else None
     if args.json:
         record: dict[str, Any] = {
             "event": "listening",

@@ -19,7 +19,6 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from auraserve.cli.flags import given_flags, settings_from
@@ -28,17 +27,14 @@ from auraserve.errors import ConfigError
 
 if TYPE_CHECKING:
     from auraserve.runtime import Runtime
+    from auraserve.store.db import Store
 
 
 def store_label(settings: Settings) -> str:
-    """Where the store is, for people: the SQLite file, or the PostgreSQL URL without password."""
-    url = settings.resolved_database_url
-    if url.startswith("sqlite"):
-        return f"SQLite {url.split(':///', 1)[-1]}"
-    from sqlalchemy.engine import make_url
+    """Where the store is, for people (its driver's label: no password)."""
+    from auraserve.store.drivers import open_driver
 
-    shown = make_url(url).set(drivername="postgresql").render_as_string(hide_password=True)
-    return f"PostgreSQL {shown}"
+    return open_driver(settings.resolved_database_url).label()
 
 
 def store_setting(args: argparse.Namespace) -> str:
@@ -51,20 +47,9 @@ def store_setting(args: argparse.Namespace) -> str:
 
 
 def store_exists(settings: Settings) -> bool:
-    url = settings.resolved_database_url
-    if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1]
-        return path not in ("", ":memory:") and Path(path).is_file()
-    from sqlalchemy import create_engine, inspect
-    from sqlalchemy.pool import NullPool
+    from auraserve.store.drivers import open_driver
 
-    # Migrations record themselves in alembic_version: without it the database holds no store.
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            return inspect(conn).has_table("alembic_version")
-    finally:
-        engine.dispose()
+    return open_driver(settings.resolved_database_url).exists()
 
 
 @contextmanager
@@ -173,27 +158,34 @@ def check_media(settings: Settings, runtime: Runtime) -> None:
     raise ConfigError(f"cannot reach the media bucket {settings.media_url}: {reason} ({origin})")
 
 
-def open_admin(args: argparse.Namespace, policy: StorePolicy = NEEDS_ROWS) -> Runtime:
-    """Open the configured store for an admin command and say on stderr which one it is.
+def open_admin(
+    args: argparse.Namespace, policy: StorePolicy = NEEDS_ROWS
+) -> tuple[Settings, Store]:
+    """Open the configured store for an admin command (the store only: no media, no
+    maintenance, no runtime) and say on stderr which one it is.
 
     A store that does not exist is refused unless `policy` lets this command create it (module
     docstring): the command was most likely run from another directory than the server, and
     an empty new store would hand out keys and credits that the server never sees."""
+    from auraserve.cli.progress import migration_bar
+    from auraserve.runtime import open_store
+
     settings = settings_from(args)
     exists = check_store(args, settings, policy)
-    runtime = open_runtime(args, settings)
+    with reaching_store(settings, store_setting(args)), migration_bar() as on_step:
+        store = open_store(settings, on_step)
     note = "" if exists else " (new and empty: created by this command)"
     print(
-        f"store: {store_label(settings)}{note}{new_server_key(runtime)}",
+        f"store: {store_label(settings)}{note}{new_server_key(store)}",
         file=sys.stderr,
         flush=True,
     )
-    return runtime
+    return settings, store
 
 
-def new_server_key(runtime: Runtime) -> str:
+def new_server_key(store: Store) -> str:
     """Where a server key made by this process lives, for the line the command prints."""
-    key = runtime.server_key
-    if key is None or not key.created:
+    key = store.server_key
+    if not key.created:
         return ""
     return f"; webhook secrets derive from the new server key {key.source} (0600): back it up"

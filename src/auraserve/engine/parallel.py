@@ -1,8 +1,12 @@
-"""One image across several processes: CFG-parallel transformer rows over torch.distributed.
+"""One image across several processes over torch.distributed: CFG-parallel transformer rows
+(`cfg=2`), Ulysses sequence parallelism (`ulysses=N`, `engine.ulysses`) and their product.
 
 No library does this for AuraFlow (xDiT has no AuraFlow pipeline; diffusers' context
-parallelism has no plan for AuraFlow's transformer), so the split is ours, and deliberately
-the simplest one that is exact: *row* (batch) parallelism of the one transformer call.
+parallelism has no plan for AuraFlow's transformer, see docs/architecture.md), so the split
+is ours. This module holds the groups (spawning, sub-groups, the cancel broadcast, rank 0's
+`GroupEngine`) and the *row* (batch) split of the one transformer call; `engine.ulysses` the
+token split inside it. With `cfg=2,ulysses=M` rank c·M+u computes row half c and token
+shard u: the tokens are gathered inside each sequence group, then the rows across them.
 
 Every rank runs the whole engine (text encoding, seeded noise, sampler, VAE) on the same
 requests, so every rank holds the same latents at every step. Only the transformer forward on
@@ -39,61 +43,69 @@ from PIL import Image
 
 from auraserve.core.request import GenerationRequest
 from auraserve.engine.base import CancelCheck, JobResult, StepCallback
+from auraserve.engine.ulysses import SequenceSplit, install_sequence_split
 from auraserve.errors import ConfigError, JobCancelled, UnsupportedRequest
 
 Forward = Callable[[torch.Tensor, float], torch.Tensor]
 
-MODES = ("cfg",)  # ulysses (sequence parallel attention) is not implemented
+MODES = ("cfg", "ulysses")
 # How long a rank waits in a collective for a hung peer (AURASERVE_PARALLEL_TIMEOUT_S).
 DEFAULT_GROUP_TIMEOUT_S = 300.0
+EXPECTED = "cfg=2, ulysses=N or cfg=2,ulysses=N"
 
 
 @dataclass(frozen=True)
 class ParallelSpec:
-    """How many ranks one image runs on, by mode (`cfg=2`)."""
+    """How many ranks one image runs on, by mode: `cfg=2` (the uncond and cond rows),
+    `ulysses=N` (the tokens, heads around attention) or both (cfg·ulysses ranks)."""
 
     cfg: int = 1
+    ulysses: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.cfg
+        return self.cfg * self.ulysses
 
     def __str__(self) -> str:
-        return f"cfg={self.cfg}"
+        parts = [f"cfg={self.cfg}"] if self.cfg > 1 else []
+        parts += [f"ulysses={self.ulysses}"] if self.ulysses > 1 else []
+        return ",".join(parts)
 
 
 def parse_parallel(text: str) -> ParallelSpec:
-    """`cfg=2` → ParallelSpec(cfg=2); anything else is a ConfigError naming what is allowed."""
+    """`cfg=2`, `ulysses=4`, `cfg=2,ulysses=2` → a ParallelSpec; anything else is a
+    ConfigError naming what is allowed. Whether N divides the model's heads is checked when
+    the model is there (`engine.ulysses.install_sequence_split`)."""
     fields: dict[str, int] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         name, sep, value = part.partition("=")
         name = name.strip()
-        if name == "ulysses":
-            raise ConfigError(
-                f"--parallel {text}: ulysses (sequence-parallel attention) is not available "
-                "yet; use cfg=2"
-            )
-        if not sep or name not in MODES:
-            raise ConfigError(f"--parallel {text}: expected cfg=2")
+        if not sep or name not in MODES or name in fields:
+            raise ConfigError(f"--parallel {text}: expected {EXPECTED}")
         try:
             fields[name] = int(value)
         except ValueError:
             raise ConfigError(f"--parallel {text}: {name} must be an integer") from None
-    if fields.get("cfg") != 2:
+    if not fields:
+        raise ConfigError(f"--parallel {text}: expected {EXPECTED}")
+    if "cfg" in fields and fields["cfg"] != 2:
         raise ConfigError(f"--parallel {text}: cfg must be 2 (uncond and cond halves)")
+    if "ulysses" in fields and fields["ulysses"] < 2:
+        raise ConfigError(f"--parallel {text}: ulysses must be 2 or more (ranks per image)")
     return ParallelSpec(**fields)
 
 
 class RowSplit:
     """This rank's share of the transformer rows, and the all_gather that rejoins them."""
 
-    def __init__(self, rank: int, world: int) -> None:
+    def __init__(self, rank: int, world: int, group: Any = None) -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a group of {world}")
         self.rank = rank
         self.world = world
+        self.group = group  # None: the default (world) group
 
     def indices(self, total: int) -> list[int]:
         """Rows this rank computes: its contiguous slice, padded to the common length by
@@ -114,21 +126,70 @@ class RowSplit:
         def forward(x: torch.Tensor, sigma: float) -> torch.Tensor:
             v = local(x.index_select(0, index), sigma).contiguous()
             parts = [torch.empty_like(v) for _ in range(self.world)]
-            dist.all_gather(parts, v)
+            dist.all_gather(parts, v, group=self.group)
             return torch.cat(parts)[:total]
 
         return forward
 
 
-def install(engine: Any, split: RowSplit) -> None:
-    """Make `engine` (an AuraFlowEngine) compute only this rank's rows of each forward. The
-    step cache keeps per-row state and per-job skip counts over the whole batch, which one
-    rank does not see: the two do not combine (yet)."""
+@dataclass(frozen=True)
+class Placement:
+    """This rank's shares of each transformer call: its rows (cfg; None without) and its
+    tokens (ulysses; None without). Rank = cfg index · ulysses + ulysses index: the ranks of
+    one sequence group are neighbours (on one machine, nccl's fastest pairs)."""
+
+    rank: int
+    spec: ParallelSpec
+    rows: RowSplit | None
+    sequence: SequenceSplit | None
+
+    @property
+    def world(self) -> int:
+        return self.spec.world_size
+
+
+def place(rank: int, spec: ParallelSpec) -> Placement:
+    """This rank's Placement, with the sub-groups it needs. Every rank must call it (in the
+    same order, once the group is up): new_group is a collective over the whole world."""
+    cfg, ulysses = spec.cfg, spec.ulysses
+    row_index, seq_index = divmod(rank, ulysses)
+    rows = sequence = None
+    if cfg > 1 and ulysses > 1:
+        # Rows are gathered across sequence groups, between ranks with the same token shard.
+        row_groups = [dist.new_group([c * ulysses + u for c in range(cfg)]) for u in range(ulysses)]
+        seq_groups = [dist.new_group([c * ulysses + u for u in range(ulysses)]) for c in range(cfg)]
+        rows = RowSplit(row_index, cfg, row_groups[seq_index])
+        sequence = SequenceSplit(seq_index, ulysses, seq_groups[row_index])
+    elif cfg > 1:
+        rows = RowSplit(rank, cfg)
+    else:
+        sequence = SequenceSplit(rank, ulysses)
+    return Placement(rank, spec, rows, sequence)
+
+
+def install(engine: Any, placement: Placement | RowSplit) -> None:
+    """Make `engine` (an AuraFlowEngine) compute only this rank's rows and tokens of each
+    forward (a bare RowSplit: rows only). The step cache keeps per-row state and per-job skip
+    counts over the whole batch and decides from the whole output, which one rank does not
+    see: the two do not combine (yet)."""
+    if isinstance(placement, RowSplit):
+        spec = ParallelSpec(cfg=placement.world)
+        placement = Placement(placement.rank, spec, placement, None)
     if getattr(engine, "cache_settings", None) is not None:
         raise ConfigError(
             "--parallel does not combine with a step_cache engine mode yet; drop one of them"
         )
-    engine.row_split = split
+    if placement.sequence is not None:
+        options = getattr(engine, "options", None)
+        if options is not None and options.compile != "none":
+            # The all-to-alls run inside the blocks that compile wraps (as graph breaks);
+            # that path, with or without CUDA graphs, has not been run on GPUs here.
+            raise ConfigError(
+                "--parallel ulysses does not combine with the compile engine mode yet; "
+                "drop one of them"
+            )
+        install_sequence_split(engine.pipe.transformer, placement.sequence)
+    engine.row_split = placement.rows
 
 
 def free_port() -> int:
@@ -151,10 +212,17 @@ def check_devices(device: str, world: int) -> None:
 
 
 def join_group(
-    rank: int, world: int, port: int, device: str, timeout_s: float = DEFAULT_GROUP_TIMEOUT_S
-) -> RowSplit:
-    """Join the group (blocks until every rank has joined) and pin this rank's GPU.
-    `timeout_s`: how long a collective waits for a hung peer before it fails."""
+    rank: int,
+    spec: ParallelSpec | int,
+    port: int,
+    device: str,
+    timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
+) -> Placement:
+    """Join the group (blocks until every rank has joined) and pin this rank's GPU; `spec`
+    (an int: cfg over that many ranks) says how the work is shared. `timeout_s`: how long a
+    collective waits for a hung peer before it fails."""
+    spec = spec if isinstance(spec, ParallelSpec) else ParallelSpec(cfg=spec)
+    world = spec.world_size
     cuda = uses_cuda(device)
     if cuda:
         # Before the model loads: "cuda" then means this rank's own GPU.
@@ -166,7 +234,7 @@ def join_group(
         world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
-    return RowSplit(rank, world)
+    return place(rank, spec)
 
 
 def leave_group() -> None:
@@ -177,7 +245,7 @@ def leave_group() -> None:
 class Group:
     """Rank 0's handle on the followers it spawned."""
 
-    def __init__(self, split: RowSplit, context: Any) -> None:
+    def __init__(self, split: Placement, context: Any) -> None:
         self.split = split
         self._context = context
 
@@ -208,7 +276,7 @@ class Group:
 def start_group(
     follower: Callable[..., None],
     args: tuple[object, ...],
-    world: int,
+    spec: ParallelSpec | int,
     device: str,
     timeout_s: float = DEFAULT_GROUP_TIMEOUT_S,
 ) -> Group:
@@ -219,17 +287,19 @@ def start_group(
     the rendezvous timeout."""
     import torch.multiprocessing as mp
 
+    spec = spec if isinstance(spec, ParallelSpec) else ParallelSpec(cfg=spec)
+    world = spec.world_size
     check_devices(device, world)
     port = free_port()
     context = mp.start_processes(
         follower, args=(port, *args), nprocs=world - 1, join=False, start_method="spawn"
     )
-    joined: list[RowSplit] = []
+    joined: list[Placement] = []
     errors: list[BaseException] = []
 
     def rendezvous() -> None:
         try:
-            joined.append(join_group(0, world, port, device, timeout_s))
+            joined.append(join_group(0, spec, port, device, timeout_s))
         except BaseException as exc:  # handed to the main thread
             errors.append(exc)
 
@@ -296,7 +366,7 @@ class GroupEngine:
         self.engine = engine
         self.group = group
         self.commands = commands
-        self.description = f"{engine.description}, parallel x{group.split.world}"
+        self.description = f"{engine.description}, parallel {group.split.spec}"
         self.is_test_model: bool = engine.is_test_model
         self.broken = False
         self.on_broken: Callable[[], None] = lambda: None
@@ -380,6 +450,7 @@ __all__ = [
     "Group",
     "GroupEngine",
     "ParallelSpec",
+    "Placement",
     "RowSplit",
     "check_devices",
     "follow",
@@ -388,6 +459,7 @@ __all__ = [
     "join_group",
     "leave_group",
     "parse_parallel",
+    "place",
     "start_group",
     "synced_cancel",
     "uses_cuda",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from auraserve.media.storage import MediaStore
 from auraserve.store import checkpoints, previews
 from auraserve.store import media as media_rows
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 _CHUNK = 500
 
 
-def sweep_orphans(db: Database, media: MediaStore, *, grace: float, now: float) -> int:
+def sweep_orphans(db: Store, media: MediaStore, *, grace: float, now: float) -> int:
     """Delete objects written before `now - grace` that no job owns; returns how many.
 
     An image is written before its job completes and owned from the completing transaction on,
@@ -42,7 +42,7 @@ def sweep_orphans(db: Database, media: MediaStore, *, grace: float, now: float) 
     return deleted
 
 
-def apply_retention(db: Database, media: MediaStore, *, retention: float, now: float) -> int:
+def apply_retention(db: Store, media: MediaStore, *, retention: float, now: float) -> int:
     """Delete the outputs of jobs completed more than `retention` seconds ago and mark those
     jobs expired (their status then shows `output: null` and a note); returns how many objects
     were deleted. `retention <= 0` keeps everything."""
@@ -65,7 +65,7 @@ def apply_retention(db: Database, media: MediaStore, *, retention: float, now: f
     return deleted
 
 
-def forget_finished_checkpoints(db: Database, media: MediaStore) -> int:
+def forget_finished_checkpoints(db: Store, media: MediaStore) -> int:
     """Delete the checkpoints of jobs that ended without their worker dropping them (a job the
     lease rescue failed for good, a worker that died at the end); returns how many."""
     deleted = 0
@@ -80,7 +80,7 @@ def forget_finished_checkpoints(db: Database, media: MediaStore) -> int:
 class MediaMaintenance:
     """One maintenance round's parameters (from the settings), callable by a timer."""
 
-    db: Database
+    db: Store
     media: MediaStore
     grace: float
     retention: float

@@ -4,7 +4,7 @@ replicas on many machines with no shared disk.
 The client is boto3 (botocore underneath), chosen over aioboto3 and obstore because:
 - its API is synchronous, which is what every caller here is: the worker writes images from its
   own thread, the sweeps run on a maintenance thread and the API reaches the store through
-  `call_store`, like the database;
+  `Store.call`, like the database;
 - presigned GET URLs are built in (`generate_presigned_url`), including the response header
   overrides used below;
 - it reads the standard AWS configuration (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,

@@ -116,7 +116,7 @@ _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 
 
 def observe_transition(job: Job) -> None:
-    """Count a committed status change (registered by `store.db.Database`)."""
+    """Count a committed status change (registered by `store.db.Store`)."""
     if not job.is_terminal:
         return
     model = job.model_id

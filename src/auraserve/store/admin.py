@@ -15,7 +15,7 @@ from sqlalchemy import case, func, select
 
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.store import keys, ledger
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.jobs import ACTIVE
 from auraserve.store.schema import accounts, api_keys, jobs
 from auraserve.store.schema import ledger as ledger_table
@@ -85,7 +85,7 @@ class Adjustment:
     balance: int
 
 
-def list_accounts(db: Database, *, limit: int = 100, offset: int = 0) -> AccountsPage:
+def list_accounts(db: Store, *, limit: int = 100, offset: int = 0) -> AccountsPage:
     """Accounts, newest first, each with its balance, reservations, usage totals and keys.
 
     Usage is summed over the page's accounts' jobs and ledger entries (the per-account
@@ -182,7 +182,7 @@ def _account(
 
 
 def recent_jobs(
-    db: Database,
+    db: Store,
     *,
     limit: int = 50,
     before: str | None = None,
@@ -211,7 +211,7 @@ def recent_jobs(
 
 
 def adjust_credits(
-    db: Database,
+    db: Store,
     account_id: str,
     kind: Literal["grant", "deduct"],
     amount: int,
@@ -229,15 +229,9 @@ def adjust_credits(
     return Adjustment(account_id, kind, amount, balance)
 
 
-def get_key(db: Database, key_id: str) -> keys.KeyInfo | None:
+def get_key(db: Store, key_id: str) -> keys.KeyInfo | None:
     with db.read() as conn:
         r = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
     return (
         None if r is None else keys.KeyInfo(r.id, r.account_id, r.name, r.created_at, r.revoked_at)
     )
-
-
-def account_exists(db: Database, account_id: str) -> bool:
-    with db.read() as conn:
-        found = conn.execute(select(accounts.c.id).where(accounts.c.id == account_id)).first()
-    return found is not None

@@ -2,7 +2,7 @@
 
 `cachetools.TTLCache` does the expiry and the bounding (least recently used entries go first
 when full); it is not thread-safe, and the API's thread pool and the worker threads share a
-`Database`, hence the lock. Entries are never handed out past their deadline: `get` not past
+`Store`, hence the lock. Entries are never handed out past their deadline: `get` not past
 `ttl`, `get_stale` not past `ttl + grace`, both counted from when the value was read (`put`'s
 `at`), not from when it was stored.
 """

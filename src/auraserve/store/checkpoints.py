@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, insert, select, update
 
 from auraserve.core.jobs import TERMINAL
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.events import JOB, emit_each_in
 from auraserve.store.schema import job_checkpoints, jobs
 
@@ -46,7 +46,7 @@ class Saved:
 
 
 def save(
-    db: Database,
+    db: Store,
     *,
     worker_id: str,
     job_id: str,
@@ -87,7 +87,7 @@ def save(
     return Saved(replaced=replaced)
 
 
-def of_jobs(db: Database, job_ids: Collection[str]) -> dict[str, Checkpoint]:
+def of_jobs(db: Store, job_ids: Collection[str]) -> dict[str, Checkpoint]:
     """The newest checkpoint of each of `job_ids` that has one."""
     if not job_ids:
         return {}
@@ -98,7 +98,7 @@ def of_jobs(db: Database, job_ids: Collection[str]) -> dict[str, Checkpoint]:
     }
 
 
-def drop(db: Database, *, job_id: str) -> str | None:
+def drop(db: Store, *, job_id: str) -> str | None:
     """Forget `job_id`'s checkpoint once the job has ended; the name of its object, for the
     caller to delete. While the job is live (requeued, or another worker's now) it is kept:
     whoever runs the job next resumes from it."""
@@ -111,9 +111,7 @@ def drop(db: Database, *, job_id: str) -> str | None:
         ).scalar()
 
 
-def mark_resumed(
-    db: Database, *, worker_id: str, job_ids: Collection[str], step: int | None
-) -> None:
+def mark_resumed(db: Store, *, worker_id: str, job_ids: Collection[str], step: int | None) -> None:
     """Show in the jobs' progress that this attempt resumed at `step` (None: from step 0)."""
     if not job_ids:
         return
@@ -131,7 +129,7 @@ def mark_resumed(
         emit_each_in(conn, JOB, changed)  # cached status rows of these jobs are stale now
 
 
-def forget_finished(db: Database, *, limit: int = 500) -> list[str]:
+def forget_finished(db: Store, *, limit: int = 500) -> list[str]:
     """Drop the rows of jobs that ended (or were deleted) with a checkpoint still recorded, e.g.
     failed for good by the lease rescue; returns their objects' names for the caller to delete
     (the orphan sweep removes any it could not)."""
@@ -147,7 +145,7 @@ def forget_finished(db: Database, *, limit: int = 500) -> list[str]:
         )
 
 
-def bytes_held(db: Database) -> int:
+def bytes_held(db: Store) -> int:
     """The checkpoint bytes the media store holds for running jobs (one per job at most)."""
     with db.read() as conn:
         return int(conn.execute(select(func.coalesce(func.sum(_C.size), 0))).scalar_one())

@@ -1,53 +1,51 @@
-"""Database access: one SQLAlchemy engine, explicit read and write transactions, migrations.
+"""The store: one `Store` object per store, its driver, its caches, its transactions.
 
-SQLite runs in WAL mode with one writer at a time. Python's sqlite3 driver would otherwise
-open a deferred transaction and upgrade it to a write lock at the first write, which deadlocks
-two writers against each other; we therefore issue `BEGIN IMMEDIATE` for write transactions
-ourselves. Writers take turns on two locks first: a thread lock for this process's writers and
-an flock on `<database>.write-lock` for other processes' (`serve --api-processes N`, a worker,
-the CLI). SQLite's busy handler would also make them take turns, but it *sleeps* between
-retries (1, 2, 5, 10 ms ...), so a writer that lost the race idles long after the lock is free;
-a writer waiting on the flock is woken by the kernel the moment it is released. busy_timeout
-stays as the fallback for writers that do not take the flock (other tools on the file).
+A `Store` holds the engine and the backend's driver (`store.drivers`, chosen once from the
+URL), and everything that belongs to one store rather than to the process: the transition
+hooks, the event bus, the short-lived caches (verified keys, queue positions, live models),
+the status poll's reader with its row cache, and the server key webhook secrets derive from.
+Two `Store` objects (tests, a CLI next to a server) never see each other's. It is passed
+explicitly; store functions that get only a connection (`jobs.submit_in`, run in a caller's
+transaction) find theirs with `store_of`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-import os
-import sqlite3
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+import weakref
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from sqlalchemy import Connection, create_engine, event, text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, InvalidatePoolError, OperationalError
+from anyio import to_thread
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from auraserve.core.jobs import Job
 from auraserve.errors import StoreUnavailable
 from auraserve.observability import metrics
 from auraserve.store.cache import TtlCache
-from auraserve.store.events import LocalBus, PgListener, SqliteFanout, take_events
+from auraserve.store.credentials import ServerKey
+from auraserve.store.drivers import open_driver
+from auraserve.store.drivers.base import Closeable, JobReader
+from auraserve.store.events import LocalBus, take_events, unsent_events
 from auraserve.store.migrations import HEAD_REVISION
-from auraserve.store.urls import normalise_database_url
-
-if sys.platform != "win32":
-    import fcntl
+from auraserve.store.reads import POSITION_TTL, QueuePositions
 
 if TYPE_CHECKING:
     from auraserve.store.keys import Account
 
 log = logging.getLogger(__name__)
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-_MIGRATION_LOCK_ID = 0x61757261  # "aura": advisory lock so replicas never migrate at once
-_DATABASE_OPTION = "auraserve_database"
+_STORE_OPTION = "auraserve_store"
 
 TransitionHook = Callable[[Connection, Job], None]
 """Runs inside the transaction that moves a job to a new status, so whatever it writes (the
@@ -58,14 +56,10 @@ CommittedHook = Callable[[Job], None]
 change is never seen, and a failing hook cannot undo the change."""
 _COMMITTED_KEY = "auraserve_committed_jobs"
 
-# SQLite's OperationalError also means "no such table" or a syntax error; only these messages
-# say the file cannot be used right now.
-_SQLITE_UNAVAILABLE = ("database is locked", "unable to open", "disk i/o", "disk is full")
-
 # Every request authenticates; a verified key is remembered for a moment so hot polling does
-# not repeat the lookup. Revoking through a Database clears its cache at once; a revocation
-# made elsewhere (the CLI, another replica) takes effect within AUTH_CACHE_TTL +
-# AUTH_CACHE_GRACE = 2 seconds (the documented promise), counted from the lookup's start.
+# not repeat the lookup. Revoking through a Store clears its cache at once; a revocation made
+# elsewhere (the CLI, another replica) takes effect within AUTH_CACHE_TTL + AUTH_CACHE_GRACE
+# = 2 seconds (the documented promise), counted from the lookup's start.
 AUTH_CACHE_TTL = 1.0
 # After the TTL, reads (GET) may still answer with a key's account while one lookup renews it
 # (api.auth), so no poll waits on the store each time it expires; never longer than this, and
@@ -73,28 +67,14 @@ AUTH_CACHE_TTL = 1.0
 AUTH_CACHE_GRACE = 1.0
 AUTH_CACHE_MAX = 10_000
 
-# Queue positions are advisory and only move when the queue head moves, so each process keeps
-# them for a moment: a client (or many) polling a deep queue costs one count per job per
-# POSITION_TTL instead of one per poll.
-POSITION_TTL = 0.5
-# After that a position may still answer async polls while one count renews it
-# (store.job_reads), so no poll waits for a count each time it expires.
-POSITION_GRACE = 30.0
-POSITION_CACHE_MAX = 50_000
-
-# PostgreSQL: a pooled connection unused for longer than this is pinged before it is handed
-# out (see `_ping_when_idle`).
-PING_AFTER_IDLE_SECONDS = 1.0
-_LAST_USED = "auraserve_last_used"
+# Status polls ask "does a live worker serve this model?" (store.workers.live_models); one
+# lookup per process per second keeps that off the hot path however many clients poll.
+LIVE_MODELS_TTL = 1.0
+LIVE_MODELS_GRACE = 30.0
 
 
-class Database:
-    """Owns the engine; hands out short transactions. Thread-safe.
-
-    It also carries what belongs to one store rather than to the process: the transition hooks
-    and the short-lived caches, so two `Database` objects (tests, a CLI next to a server) never
-    see each other's.
-    """
+class Store:
+    """Owns the engine and the driver; hands out short transactions. Thread-safe."""
 
     def __init__(
         self,
@@ -103,64 +83,41 @@ class Database:
         pool_size: int = 10,
         auth_cache_ttl: float = AUTH_CACHE_TTL,
         position_ttl: float = POSITION_TTL,
+        server_key: ServerKey | None = None,
     ) -> None:
-        url = normalise_database_url(url)
-        self.url = url
-        self.is_sqlite = url.startswith("sqlite")
+        self.driver = open_driver(url)
+        self.url = self.driver.url
         self.bus = LocalBus()
+        # A store opened without the configured key (tests, one-off tools) gets a random one
+        # for its lifetime: its webhook secrets are unguessable, only not stable.
+        self.server_key = server_key if server_key is not None else ServerKey.random()
         self.auth_cache: TtlCache[str, Account] = TtlCache(
             ttl=auth_cache_ttl, maxsize=AUTH_CACHE_MAX, grace=AUTH_CACHE_GRACE
         )
-        self.positions: TtlCache[str, int] = TtlCache(
-            ttl=position_ttl, maxsize=POSITION_CACHE_MAX, grace=POSITION_GRACE
+        self.positions = QueuePositions(ttl=position_ttl)
+        # Keyed by the staleness bound asked with.
+        self.live_models: TtlCache[float, frozenset[str]] = TtlCache(
+            ttl=LIVE_MODELS_TTL, maxsize=8, grace=LIVE_MODELS_GRACE
         )
+        self._job_reads: JobReader | None = None
         self._transition_hooks: list[TransitionHook] = []
         self._committed_hooks: list[CommittedHook] = []
-        # Every connection names its Database, so store functions that get only a connection
-        # (`jobs.submit_in`, run in a caller's transaction) still find its hooks and caches.
-        options = {_DATABASE_OPTION: self}
-        self._listener: PgListener | None = None
-        self._fanout: SqliteFanout | None = None
-        self._write_lock = threading.Lock() if self.is_sqlite else None
-        self.writer_file_lock: WriterFileLock | None = None
-        if self.is_sqlite:
-            if sqlite3.sqlite_version_info < (3, 35):
-                raise RuntimeError(
-                    f"SQLite {sqlite3.sqlite_version} is too old: auraserve needs 3.35+ "
-                    "for UPDATE … RETURNING"
-                )
-            db_path = url.split(":///", 1)[-1]
-            if db_path and db_path != ":memory:":
-                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-                if not db_path.startswith("file:"):  # a URI names no plain path to put it beside
-                    self.writer_file_lock = WriterFileLock.beside(Path(db_path))
-            self.engine: Engine = create_engine(
-                url,
-                pool_size=pool_size,
-                max_overflow=20,
-                connect_args={"check_same_thread": False, "timeout": 30},
-                execution_options=options,
-            )
-            event.listen(self.engine, "connect", _sqlite_on_connect)
-            event.listen(self.engine, "begin", _sqlite_on_begin)
-        else:
-            self.engine = create_engine(
-                url,
-                pool_size=pool_size,
-                max_overflow=20,
-                execution_options=options,
-            )
-            _ping_when_idle(self.engine)
+        self._events: Closeable | None = None
+        # Per event loop: the store calls in flight, by what they renew (`renewal`).
+        self._renewing: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]
+        ] = weakref.WeakKeyDictionary()
+        self.engine = self.driver.create_engine(pool_size=pool_size, options={_STORE_OPTION: self})
         self.on_committed_transition(metrics.observe_transition)
 
     def on_transition(self, hook: TransitionHook) -> None:
-        """Run `hook` in every status change made through this database (once per hook)."""
+        """Run `hook` in every status change made through this store (once per hook)."""
         if hook not in self._transition_hooks:
             self._transition_hooks.append(hook)
 
     def on_committed_transition(self, hook: CommittedHook) -> None:
-        """Run `hook(job)` after each committed status change made in `write()` (once per
-        hook). A hook's exception is swallowed: the change is already committed."""
+        """Run `hook(job)` after each committed status change (once per hook). A hook's
+        exception is swallowed: the change is already committed."""
         if hook not in self._committed_hooks:
             self._committed_hooks.append(hook)
         self.on_transition(_remember_transition)
@@ -169,51 +126,55 @@ class Database:
     def transition_hooks(self) -> tuple[TransitionHook, ...]:
         return tuple(self._transition_hooks)
 
+    @property
+    def job_reads(self) -> JobReader:
+        """The status poll's read (the driver's), sharing this store's queue positions."""
+        if self._job_reads is None:
+            self._job_reads = self.driver.job_reader(self.positions, self.bus)
+        return self._job_reads
+
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A transaction that will write. On SQLite, writers take turns: this process's on a
-        thread lock, other processes' on the lock file (see the module docstring).
+        """A transaction that will write; writers take turns as the driver needs.
 
         A database that cannot be reached raises `StoreUnavailable` (see `is_unavailable`):
         before the COMMIT, nothing of the transaction happened; during it (`in_doubt`), the
         server may have committed it, and only a later read can tell."""
         stage = _Stage()
-        with _unavailable_as_error(stage):
-            if self._write_lock is None:
-                with self.engine.begin() as conn:
-                    _take_committed(conn)  # drop leftovers of a rolled-back transaction
-                    take_events(conn)
-                    yield conn
-                    events = take_events(conn)
-                    changed = _take_committed(conn)
-                    stage.committing = True  # leaving `begin()` sends the COMMIT
-            else:
-                # The thread lock first: flock excludes open files, not threads, and this
-                # process's writers share one.
-                with self._write_lock, self.engine.connect() as conn:
-                    conn = conn.execution_options(auraserve_immediate=True)
-                    _take_committed(conn)  # drop leftovers of a rolled-back transaction
-                    take_events(conn)
-                    file_lock = self.writer_file_lock
-                    with file_lock.held() if file_lock else nullcontext(), conn.begin():
-                        yield conn
-                        stage.committing = True
-                    events = take_events(conn)
-                    changed = _take_committed(conn)
+        transaction = self.driver.transaction(self.engine, write=True)
+        with self._unavailable_as_error(stage), transaction as conn:
+            _take_committed(conn)  # drop leftovers of a rolled-back transaction
+            take_events(conn)
+            yield conn
+            self.send_events(conn)
+            events, changed = take_events(conn), _take_committed(conn)
+            stage.committing = True  # leaving the block sends the COMMIT
         self.committed(events, changed)
 
     @contextmanager
-    def statement(self) -> Iterator[Connection]:
-        """PostgreSQL: a connection in autocommit, for one statement that is a whole
-        transaction. The server commits it before it answers, so a lock the statement takes is
-        not held across a round trip to this process (and its GIL) until a COMMIT arrives.
-        The caller reports what it changed to `committed`. An unreachable database raises
-        `StoreUnavailable`, `in_doubt` once the connection was handed out: a statement that
-        reached the server may have committed."""
+    def at_once(self) -> Iterator[Connection]:
+        """A connection in autocommit, for one statement that is a whole transaction (the
+        driver's `submit_at_once`, which notifies the `unsent_events` itself): the server
+        commits it before it answers, so a lock the statement takes is not held across a
+        round trip to this process (and its GIL). The events and transitions recorded
+        meanwhile are delivered after it, as `write`'s are.
+        An unreachable database raises `StoreUnavailable`, `in_doubt` once the connection was
+        handed out: a statement that reached the server may have committed."""
         stage = _Stage()
-        with _unavailable_as_error(stage), self.engine.connect() as conn:
+        with self._unavailable_as_error(stage), self.engine.connect() as conn:
             stage.committing = True
-            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            _take_committed(conn)
+            take_events(conn)
+            yield conn
+            events, changed = take_events(conn), _take_committed(conn)
+        self.committed(events, changed)
+
+    def send_events(self, conn: Connection) -> None:
+        """Hand the transaction's events recorded so far to the driver's `notify` (delivered
+        to other processes at the COMMIT). `write` does so at the end; a transaction that
+        must end on a given statement (a submit's account-row lock) does it before that."""
+        self.driver.notify(conn, unsent_events(conn))
 
     def committed(self, events: list[tuple[str, str]], changed: list[Job]) -> None:
         """After a commit: wake whoever waits on these jobs (now it is safe: they can see the
@@ -230,16 +191,56 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read-only transaction; on SQLite it never blocks writers (WAL).
+        """A read-only transaction (on SQLite it never blocks writers). An unreachable
+        database raises `StoreUnavailable`."""
+        with self._unavailable_as_error(), self.driver.transaction(self.engine, write=False) as c:
+            yield c
 
-        On SQLite no BEGIN is sent: each statement then reads its own consistent snapshot,
-        which is all the readers here need, and it saves a round of statement overhead on
-        the hottest path (status polls). An unreachable database raises `StoreUnavailable`."""
-        with _unavailable_as_error(), self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn = conn.execution_options(auraserve_autocommit=True)
-            with conn.begin():
-                yield conn
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call the (synchronous) store from async code: inline where the driver's calls take
+        microseconds (a thread hand-off makes the loop and the pool threads contend for the
+        GIL, queueing each behind the 5 ms switch interval: inline calls raised poll
+        throughput several-fold, docs/benchmarks.md), else in a thread (they wait on the
+        network). An inline write that waits for another process's lock (the CLI) blocks the
+        loop for that moment; such writes are single short transactions."""
+        if self.driver.inline_calls:
+            return fn(*args, **kwargs)
+        return await to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+    def renewal(self, key: Hashable, fetch: Callable[[], T]) -> asyncio.Future[T]:
+        """The store call in flight for `key` on this event loop, or a new one running
+        `fetch`: however many requests ask meanwhile, one call. Await it through
+        `asyncio.shield` (a cancelled request must not cancel the others' answer)."""
+        loop = asyncio.get_running_loop()
+        pending = self._renewing.setdefault(loop, {})
+        running: asyncio.Future[T] | None = pending.get(key)
+        if running is None:
+            running = asyncio.ensure_future(self.call(fetch))
+            pending[key] = running
+            running.add_done_callback(functools.partial(_renewed, pending, key))
+        return running
+
+    async def refreshed(
+        self,
+        key: Hashable,
+        *,
+        fresh: Callable[[], T | None],
+        stale: Callable[[], T | None],
+        fetch: Callable[[], T],
+    ) -> T:
+        """A value the store's caches hold: `fresh()` when it has one; else `fetch()` renews it
+        (once per `key` at a time) and `stale()` answers now if it can (stale-while-
+        revalidate), or the caller waits for the renewal. Why: every such entry expires every
+        second or two, and the requests that then found it empty each went to the store: tens
+        of polls per expiry, 50-250 ms each, were the p99 of bench/scaleout.py's polls."""
+        value = fresh()
+        if value is not None:
+            return value
+        pending = self.renewal(key, fetch)
+        value = stale()
+        if value is not None:
+            return value
+        return await asyncio.shield(pending)
 
     def migrate(self, on_step: Callable[[int, int], None] | None = None) -> None:
         """Bring the schema to the newest revision; safe to call from many processes at once.
@@ -256,8 +257,7 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self.write() as conn:
-            if not self.is_sqlite:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            self.driver.lock_migrations(conn)
             cfg.attributes["connection"] = conn
             if on_step is not None:
                 current = MigrationContext.configure(conn).get_current_revision()
@@ -284,148 +284,48 @@ class Database:
         return version == HEAD_REVISION
 
     def start_listener(self) -> None:
-        """Hear other processes' events: PostgreSQL's LISTEN, or on SQLite the file's datagram
-        fan-out (`serve --api-processes N`, a worker beside a server on one machine)."""
-        if self.is_sqlite:
-            if self._fanout is None:
-                self._fanout = SqliteFanout.join(self)
-            return
-        if self._listener is not None:
-            return
-        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self._listener = PgListener(dsn, self.bus)
-        self._listener.start()
+        """Hear other processes' events (the driver's LISTEN, or SQLite's fan-out)."""
+        if self._events is None:
+            self._events = self.driver.join(self.bus)
+
+    def is_unavailable(self, exc: BaseException) -> bool:
+        """True when `exc` says the database cannot be used right now (down, restarting, the
+        connection cut, the pool exhausted, or what the driver says means that) rather than
+        that a statement is wrong: such a failure is a 503 to retry, never a 500."""
+        if isinstance(exc, StoreUnavailable | PoolTimeout):
+            return True
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        return self.driver.is_unavailable(exc)
+
+    async def aclose(self) -> None:
+        """Close what lives on the event loop (the status reader's pool)."""
+        if self._job_reads is not None:
+            await self._job_reads.aclose()
 
     def dispose(self) -> None:
-        if self._fanout is not None:
-            self._fanout.close()
-            self._fanout = None
-        if self._listener is not None:
-            self._listener.stop()
-            self._listener = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        if self._job_reads is not None:
+            self._job_reads.close()
         self.engine.dispose()
-        if self.writer_file_lock is not None:
-            self.writer_file_lock.close()
-
-
-class WriterFileLock:
-    """An exclusive flock on a file beside a SQLite database, taken by every write transaction,
-    so writers in different processes queue in the kernel instead of in SQLite's sleeping busy
-    handler.
-
-    Not thread-safe: callers hold `Database._write_lock` around it (flock excludes open file
-    descriptions, so two threads sharing the descriptor would both get it). The descriptor is
-    opened per process: a forked child that kept its parent's would share the parent's lock
-    instead of waiting for it. It is never held across an await: writes are synchronous.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-        self._pid = 0
-
-    @classmethod
-    def beside(cls, database: Path) -> WriterFileLock | None:
-        """The lock for `database` (`<database>.write-lock`); None where there is no flock."""
-        if sys.platform == "win32":
-            return None
-        return cls(database.with_name(database.name + ".write-lock"))
-
-    def fileno(self) -> int | None:
-        """This process's descriptor, opened on first use; None when the file cannot be
-        opened (then writers rely on busy_timeout alone)."""
-        pid = os.getpid()
-        if self._pid == pid:
-            return self._fd
-        self.close()  # inherited over fork: closing our copy leaves the parent's lock alone
-        self._pid = pid
-        try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            log.warning("no writer lock file %s (%s): writers rely on busy_timeout", self.path, exc)
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._pid = 0
+        self.driver.close()
 
     @contextmanager
-    def held(self) -> Iterator[None]:
-        fd = self.fileno()
-        if fd is None:
-            yield
-            return
-        fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+    def _unavailable_as_error(self, stage: _Stage | None = None) -> Iterator[None]:
         try:
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-def _ping_when_idle(engine: Engine) -> None:
-    """Ping a pooled connection at checkout only when it sat unused for longer than
-    `PING_AFTER_IDLE_SECONDS` (what `pool_pre_ping` does at every checkout, one round trip per
-    transaction).
-
-    A connection used a moment ago is alive but for an outage that began since; a statement on
-    it then fails with a disconnect, which answers 503 (`is_unavailable`) and makes SQLAlchemy
-    replace every pooled connection at its next checkout. Connections idle for longer (all of
-    them, after an outage without traffic) are pinged, and a dead one is replaced before use,
-    as pre-ping would. A failed ping invalidates the whole pool, as pre-ping's does."""
-
-    def stamp(_dbapi_connection: Any, record: Any) -> None:
-        record.info[_LAST_USED] = time.monotonic()
-
-    def ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        last_used = record.info.get(_LAST_USED)
-        if last_used is not None and time.monotonic() - last_used < PING_AFTER_IDLE_SECONDS:
-            return
-        try:
-            engine.dialect.do_ping(dbapi_connection)
-        except engine.dialect.loaded_dbapi.Error as exc:
-            raise InvalidatePoolError(f"ping failed: {exc}") from exc
-
-    event.listen(engine, "connect", stamp)  # a new connection needs no ping
-    event.listen(engine, "checkin", stamp)
-    event.listen(engine, "checkout", ping_if_idle)
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """True when `exc` says the database cannot be used right now (down, restarting, the
-    connection cut, the pool exhausted, SQLite's file locked or unreadable) rather than that
-    a statement is wrong: such a failure is a 503 to retry, never a 500."""
-    if isinstance(exc, StoreUnavailable | PoolTimeout):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    if isinstance(exc, OperationalError) and _is_sqlite_error(exc):
-        return any(part in str(exc.orig).lower() for part in _SQLITE_UNAVAILABLE)
-    # psycopg raises OperationalError for every server or network failure (refused, reset,
-    # "terminating connection due to administrator command", timeouts) and InterfaceError
-    # for a connection that is already closed.
-    return isinstance(exc, OperationalError | InterfaceError)
-
-
-def _is_sqlite_error(exc: DBAPIError) -> bool:
-    return isinstance(exc.orig, sqlite3.Error)
+        except (DBAPIError, PoolTimeout) as exc:
+            if not self.is_unavailable(exc):
+                raise
+            raise StoreUnavailable(in_doubt=stage is not None and stage.committing) from exc
 
 
 class _Stage:
     """How far a write got: set once its COMMIT (or its one autocommit statement) is sent."""
 
     committing = False
-
-
-@contextmanager
-def _unavailable_as_error(stage: _Stage | None = None) -> Iterator[None]:
-    try:
-        yield
-    except (DBAPIError, PoolTimeout) as exc:
-        if not is_unavailable(exc):
-            raise
-        raise StoreUnavailable(in_doubt=stage is not None and stage.committing) from exc
 
 
 def _remember_transition(conn: Connection, job: Job) -> None:
@@ -437,36 +337,16 @@ def _take_committed(conn: Connection) -> list[Job]:
     return changed
 
 
-def database_of(conn: Connection) -> Database:
-    """The `Database` whose engine opened `conn`."""
-    db = conn.get_execution_options().get(_DATABASE_OPTION)
-    if not isinstance(db, Database):
-        raise RuntimeError("this connection was not opened by an auraserve Database")
-    return db
+def _renewed(pending: dict[Hashable, asyncio.Future[Any]], key: Hashable, renewal: Any) -> None:
+    if pending.get(key) is renewal:
+        del pending[key]
+    if not renewal.cancelled():
+        renewal.exception()  # whoever awaited it has it; a renewal nobody awaited may fail quietly
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Take transaction control away from the driver (see the module docstring).
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    # NORMAL is durable against process crashes in WAL mode; only an OS crash can lose the
-    # last commits, which is the standard trade for a local single-node store.
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-def _sqlite_on_begin(conn: Connection) -> None:
-    options = conn.get_execution_options()
-    if options.get("auraserve_autocommit"):
-        return  # the driver is in autocommit mode; its commit at the end is a no-op
-    statement = "BEGIN IMMEDIATE" if options.get("auraserve_immediate") else "BEGIN"
-    # Straight to the driver: SQLAlchemy's statement machinery (exec_driver_sql) cost several
-    # times the BEGIN itself. Errors are wrapped as SQLAlchemy wraps them, so a locked or
-    # unreadable file still reads as unavailable (`is_unavailable`).
-    try:
-        conn.connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
-    except sqlite3.Error as exc:
-        raise DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
+def store_of(conn: Connection) -> Store:
+    """The `Store` whose engine opened `conn`."""
+    store = conn.get_execution_options().get(_STORE_OPTION)
+    if not isinstance(store, Store):
+        raise RuntimeError("this connection was not opened by an auraserve Store")
+    return store

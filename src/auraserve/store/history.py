@@ -15,12 +15,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 
 from auraserve.core.jobs import Job, JobStatus, request_id
 from auraserve.errors import BadCursor
-from auraserve.store.db import Database
-from auraserve.store.jobs import ACTIVE, QUEUED, queue_position_in
+from auraserve.store.db import Store
+from auraserve.store.jobs import ACTIVE, job_in
 from auraserve.store.schema import accounts, jobs, ledger
 
 MAX_PAGE = 100
@@ -100,7 +100,7 @@ def page_query(
 
 
 def list_jobs(
-    db: Database,
+    db: Store,
     account_id: str,
     *,
     limit: int = 20,
@@ -114,19 +114,14 @@ def list_jobs(
     query = page_query(account_id, limit=limit, cursor=cursor, status=status)
     with db.read() as conn:
         rows = conn.execute(query).all()
-        found = [_job(conn, row) for row in rows[:limit]]
+        found = [job_in(conn, row) for row in rows[:limit]]
     more = len(rows) > limit
     last = found[-1] if found else None
     next_cursor = encode_cursor(last.created_at, last.id) if more and last else None
     return Page(jobs=found, next_cursor=next_cursor)
 
 
-def _job(conn: Connection, row: Any) -> Job:
-    position = queue_position_in(conn, row) if row.status == QUEUED else None
-    return Job.from_row(row, queue_position=position)
-
-
-def account_summary(db: Database, account_id: str, *, entries: int = 20) -> AccountSummary | None:
+def account_summary(db: Store, account_id: str, *, entries: int = 20) -> AccountSummary | None:
     """Balance, reserved credits and the `entries` newest ledger entries (newest first), or
     None for an unknown account."""
     if not 0 <= entries <= MAX_LEDGER_ENTRIES:

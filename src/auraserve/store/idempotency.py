@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, insert, select, update
 
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import idempotency_keys
 
 _T = idempotency_keys.c
@@ -32,7 +32,7 @@ class StoredKey:
     created_at: float
 
 
-def lookup(db: Database, account_id: str, key: str, *, ttl: float) -> StoredKey | None:
+def lookup(db: Store, account_id: str, key: str, *, ttl: float) -> StoredKey | None:
     """The live (younger than `ttl`) record of `key`, or None."""
     with db.read() as conn:
         return lookup_in(conn, account_id, key, ttl=ttl)

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, insert, select, text, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
 from auraserve.core.ids import uuid7
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.core.request import GenerationRequest
 from auraserve.store import ledger
 from auraserve.store import media as media_rows
-from auraserve.store.db import Database, database_of
-from auraserve.store.events import CHANNEL, JOB, WORK, emit_each_in, emit_in
+from auraserve.store.db import Store, store_of
+from auraserve.store.events import JOB, WORK, emit_each_in, emit_in, unsent_events
+from auraserve.store.reads import COUNT_AHEAD, QUEUE_ORDER, SELECT_JOB, SELECT_TENANT_JOB
 from auraserve.store.schema import accounts, jobs
 
 QUEUED = JobStatus.QUEUED.value
@@ -31,9 +32,6 @@ PROCESSING = JobStatus.PROCESSING.value
 ACTIVE = (QUEUED, PROCESSING)
 _MAX_LOG_LINES = 50
 
-# A new job's row is exactly what submit inserts, every other column NULL: it is built from the
-# inserted values rather than read back with RETURNING (every column through SQLAlchemy's
-# result handling, on the hottest write).
 _INSERT_JOB = insert(jobs)
 _NEW_JOB_NULLS: dict[str, Any] = dict.fromkeys(jobs.c.keys())
 _RELEASE_SLOT = (
@@ -43,62 +41,34 @@ _RELEASE_SLOT = (
 )
 
 
-def _transitioned_in(conn: Connection, row: Any, *, event: str | None = JOB) -> Job:
-    """Every status change goes through here, in its transaction: the account's active-job
-    counter, the wake-up event and the database's transition hooks (webhook outbox) stay in
-    step. A job that became claimable passes `event=WORK`: that one event wakes the workers
-    and, like JOB, whoever watches the job (one NOTIFY on PostgreSQL instead of two). `None`:
-    the caller emits the events itself (several jobs' in one statement)."""
-    job = Job.from_row(row)
+def transitioned_in(conn: Connection, rows: Sequence[Any], *, event: str = JOB) -> list[Job]:
+    """Every status change goes through here, in its transaction (or, for `submit`'s
+    one-statement batches, on its connection right before that statement): the account's
+    active-job counter, the wake-up events and the store's transition hooks (webhook outbox)
+    stay in step. Jobs that became claimable pass `event=WORK`: that one event wakes the
+    workers and, like JOB, whoever watches the job (one NOTIFY on PostgreSQL instead of two)."""
+    made = [Job.from_row(row) for row in rows]
     # Callers only pass rows that just changed status (their UPDATEs are fenced on the old
     # status), so a terminal row here is always a new arrival in a terminal state: settle its
     # money (capture if COMPLETED, else release) and free its queue slot, here and only here.
-    if job.is_terminal:
-        if job.status == JobStatus.COMPLETED:
-            ledger.capture_in(conn, job.account_id, job.id, job.price)
-        else:
-            ledger.release_in(conn, job.account_id, job.id, job.price)
-        conn.execute(_RELEASE_SLOT, {"acct": job.account_id})
-    if event is not None:
-        emit_in(conn, event, job.id)
-    for hook in database_of(conn).transition_hooks:
-        hook(conn, job)
-    return job
-
-
-@dataclass(frozen=True)
-class Submission:
-    job: Job
-    balance: int
-
-
-def submit_in(
-    conn: Connection,
-    *,
-    account_id: str,
-    request: GenerationRequest,
-    price: int,
-    max_queued: int,
-    max_attempts: int,
-    priority: int = 0,
-    webhook_url: str | None = None,
-    webhook_mode: str | None = None,
-) -> Submission:
-    """Insert the job, then take a queue slot and reserve its credits (one guarded UPDATE,
-    the last statement: see `ledger.reserve_in`), in `conn`'s transaction. Raises
-    QueueLimitReached or InsufficientBalance; the transaction then rolls back, so nothing is
-    written (its events and hook rows go with it)."""
-    new = NewJob(request, price, webhook_url, webhook_mode)
-    values = _job_values(account_id, new, max_attempts, priority, time.time())
-    conn.execute(_INSERT_JOB, values)
-    job = _transitioned_in(conn, SimpleNamespace(**{**_NEW_JOB_NULLS, **values}), event=WORK)
-    balance = ledger.reserve_in(conn, account_id, job.id, price, max_active=max_queued)
-    return Submission(job, balance)
+    for job in made:
+        if job.is_terminal:
+            if job.status == JobStatus.COMPLETED:
+                ledger.capture_in(conn, job.account_id, job.id, job.price)
+            else:
+                ledger.release_in(conn, job.account_id, job.id, job.price)
+            conn.execute(_RELEASE_SLOT, {"acct": job.account_id})
+    emit_each_in(conn, event, [job.id for job in made])
+    hooks = store_of(conn).transition_hooks
+    for job in made:
+        for hook in hooks:
+            hook(conn, job)
+    return made
 
 
 @dataclass(frozen=True)
 class NewJob:
-    """What one submit asks for, as `submit_many_in` takes it."""
+    """What one submit asks for."""
 
     request: GenerationRequest
     price: int
@@ -109,102 +79,54 @@ class NewJob:
     id: str = field(default_factory=uuid7)
 
 
-def submit_many_in(
+def submit_in(
     conn: Connection,
     *,
     account_id: str,
-    new_jobs: list[NewJob],
+    new_jobs: Sequence[NewJob],
     max_queued: int,
     max_attempts: int,
     priority: int = 0,
-) -> list[Submission]:
-    """Several submits of one account in `conn`'s transaction, answered as if made one after
-    another in this order: the jobs and their reservations inserted in one statement each, then
-    one guarded UPDATE takes all their queue slots and credits, the last statement as in
-    `submit_in`. One lock of the account row per batch instead of one per job: that row is
-    what a busy account's submits queue on. All or nothing: raises QueueLimitReached or
-    InsufficientBalance when they do not all fit (some may: `store.submissions` then submits
-    them one by one)."""
-    rows = [_job_values(account_id, new, max_attempts, priority, time.time()) for new in new_jobs]
+) -> tuple[list[Job], int]:
+    """Submits of one account in `conn`'s transaction: the jobs and their reservations
+    inserted in one statement each, then one guarded UPDATE takes all their queue slots and
+    credits, the last statement (see `ledger.reserve_many_in`): one lock of the account row
+    per batch, which is what a busy account's submits queue on. All or nothing: raises
+    QueueLimitReached or InsufficientBalance when they do not all fit; the transaction then
+    rolls back (its events and hook rows go with it). Returns the jobs and the balance left."""
+    rows = _job_values(account_id, new_jobs, max_attempts, priority)
     conn.execute(_INSERT_JOB, rows)
-    made = [
-        _transitioned_in(conn, SimpleNamespace(**{**_NEW_JOB_NULLS, **values}), event=None)
-        for values in rows
-    ]
-    emit_each_in(conn, WORK, [job.id for job in made])
-    balance = ledger.reserve_many_in(
-        conn, account_id, [(job.id, job.price) for job in made], max_active=max_queued
-    )
-    return _one_by_one(made, balance)
+    made = transitioned_in(conn, [_new_row(values) for values in rows], event=WORK)
+    store_of(conn).send_events(conn)  # now: the reservation must be the last statement
+    reservations = [(job.id, job.price) for job in made]
+    return made, ledger.reserve_many_in(conn, account_id, reservations, max_active=max_queued)
 
 
-def _one_by_one(made: list[Job], balance_after: int) -> list[Submission]:
-    """Each submit with the balance it would have left alone, in this order: the later ones'
-    credits were still there."""
-    submissions: list[Submission] = []
-    balance = balance_after
-    for job in reversed(made):
-        submissions.append(Submission(job, balance))
-        balance += job.price
-    return submissions[::-1]
-
-
-# PostgreSQL: a batch of new jobs without webhooks in one statement, run in autocommit
-# (`_submit_many_at_once`). The guarded UPDATE runs first (the inserts read its result, so they
-# happen only when it took the credits and slots); the statement commits on the server before
-# it answers, so the account row is locked for the statement and its commit only.
-_SUBMIT_MANY_PG = text(
-    """
-WITH reserved AS (
-    UPDATE accounts
-    SET balance = balance - :total, active_jobs = active_jobs + :count
-    WHERE id = :acct AND balance >= :total AND active_jobs + :count <= :max_active
-    RETURNING balance
-), new AS (
-    SELECT * FROM unnest(
-        CAST(:ids AS text[]), CAST(:models AS text[]), CAST(:params AS text[]),
-        CAST(:batch_keys AS text[]), CAST(:num_images AS integer[]),
-        CAST(:prices AS bigint[]), CAST(:steps AS integer[]), CAST(:times AS float8[])
-    ) AS n(id, model_id, params, batch_key, num_images, price, steps, created_at)
-    WHERE EXISTS (SELECT 1 FROM reserved)
-), inserted AS (
-    INSERT INTO jobs (
-        id, account_id, model_id, status, priority, params, batch_key, num_images, price,
-        attempts, max_attempts, progress_step, progress_total, cancel_requested,
-        created_at, updated_at
-    )
-    SELECT id, :acct, model_id, :status, :priority, params, batch_key, num_images, price,
-        0, :max_attempts, 0, steps, false, created_at, created_at
-    FROM new
-    RETURNING id
-), entries AS (
-    INSERT INTO ledger (account_id, job_id, kind, amount, balance_delta, created_at)
-    SELECT :acct, id, 'reserve', price, -price, created_at FROM new
-), notified AS (
-    SELECT pg_notify(:channel, :work_prefix || id) FROM inserted
-)
-SELECT balance, (SELECT count(*) FROM notified) AS notified FROM reserved
-"""
-)
-
-
-def submit_many(
-    db: Database,
+def submit(
+    store: Store,
     *,
     account_id: str,
-    new_jobs: list[NewJob],
+    new_jobs: Sequence[NewJob],
     max_queued: int,
     max_attempts: int,
     priority: int = 0,
-) -> list[Submission]:
-    """All of `new_jobs` or none, answered as `submit_many_in` answers: on PostgreSQL, when
-    none has a webhook, one statement that commits on the server (the account row is locked
-    for that statement only); else one transaction. Raises QueueLimitReached or
-    InsufficientBalance with nothing written when they do not all fit."""
-    if not db.is_sqlite and all(new.webhook_url is None for new in new_jobs):
-        return _submit_many_at_once(db, account_id, new_jobs, max_queued, max_attempts, priority)
-    with db.write() as conn:
-        return submit_many_in(
+) -> tuple[list[Job], int]:
+    """`submit_in` in a transaction of its own; where the driver `submits_at_once` and no
+    job has a webhook (no transition hook has anything to record for them), as one statement
+    that commits on the server (the account row is locked for that statement only), its
+    transitions recorded through `transitioned_in` on the same connection first."""
+    driver = store.driver
+    if driver.submits_at_once and all(new.webhook_url is None for new in new_jobs):
+        rows = _job_values(account_id, new_jobs, max_attempts, priority)
+        with store.at_once() as conn:
+            made = transitioned_in(conn, [_new_row(values) for values in rows], event=WORK)
+            events = unsent_events(conn)
+            balance = driver.submit_at_once(conn, rows, max_active=max_queued, events=events)
+            if balance is None:
+                ledger.refuse(conn, account_id, len(rows), max_queued)
+        return made, balance
+    with store.write() as conn:
+        return submit_in(
             conn,
             account_id=account_id,
             new_jobs=new_jobs,
@@ -214,84 +136,45 @@ def submit_many(
         )
 
 
-def _submit_many_at_once(
-    db: Database,
-    account_id: str,
-    new_jobs: list[NewJob],
-    max_queued: int,
-    max_attempts: int,
-    priority: int,
-) -> list[Submission]:
-    """`submit_many_in` as one statement that is its own transaction (PostgreSQL, jobs
-    without webhooks: no transition hook has anything to record for them)."""
-    rows = [_job_values(account_id, new, max_attempts, priority, time.time()) for new in new_jobs]
-    with db.statement() as conn:
-        reserved = conn.execute(
-            _SUBMIT_MANY_PG,
-            {
-                "acct": account_id,
-                "total": sum(r["price"] for r in rows),
-                "count": len(rows),
-                "max_active": max_queued,
-                "status": QUEUED,
-                "priority": priority,
-                "max_attempts": max_attempts,
-                "ids": [r["id"] for r in rows],
-                "models": [r["model_id"] for r in rows],
-                "params": [r["params"] for r in rows],
-                "batch_keys": [r["batch_key"] for r in rows],
-                "num_images": [r["num_images"] for r in rows],
-                "prices": [r["price"] for r in rows],
-                "steps": [r["progress_total"] for r in rows],
-                "times": [r["created_at"] for r in rows],
-                "channel": CHANNEL,
-                "work_prefix": f"{WORK}:",
-            },
-        ).first()
-        if reserved is None:
-            ledger.refuse(conn, account_id, len(rows), max_queued)
-    made = [Job.from_row(SimpleNamespace(**{**_NEW_JOB_NULLS, **values})) for values in rows]
-    db.committed([(WORK, job.id) for job in made], made)
-    return _one_by_one(made, int(reserved.balance))
-
-
 def _job_values(
-    account_id: str, new: NewJob, max_attempts: int, priority: int, now: float
-) -> dict[str, Any]:
-    """A new job's row: QUEUED, nothing tried yet."""
-    return {
-        "id": new.id,
-        "account_id": account_id,
-        "model_id": new.request.model,
-        "status": QUEUED,
-        "priority": priority,
-        "params": new.request.model_dump_json(),
-        "batch_key": new.request.batch_key,
-        "num_images": new.request.num_images,
-        "price": new.price,
-        "attempts": 0,
-        "max_attempts": max_attempts,
-        "progress_step": 0,
-        "progress_total": new.request.steps,
-        "cancel_requested": False,
-        "webhook_url": new.webhook_url,
-        "webhook_mode": new.webhook_mode,
-        "created_at": now,
-        "updated_at": now,
-    }
+    account_id: str, new_jobs: Sequence[NewJob], max_attempts: int, priority: int
+) -> list[dict[str, Any]]:
+    """New jobs' rows: QUEUED, nothing tried yet."""
+    now = time.time()
+    return [
+        {
+            "id": new.id,
+            "account_id": account_id,
+            "model_id": new.request.model,
+            "status": QUEUED,
+            "priority": priority,
+            "params": new.request.model_dump_json(),
+            "batch_key": new.request.batch_key,
+            "num_images": new.request.num_images,
+            "price": new.price,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "progress_step": 0,
+            "progress_total": new.request.steps,
+            "cancel_requested": False,
+            "webhook_url": new.webhook_url,
+            "webhook_mode": new.webhook_mode,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for new in new_jobs
+    ]
 
 
-def submit(db: Database, **kwargs: Any) -> Submission:
-    with db.write() as conn:
-        return submit_in(conn, **kwargs)
-
-
-def _queue_order() -> tuple[Any, ...]:
-    return (jobs.c.priority, jobs.c.created_at, jobs.c.id)
+def _new_row(values: dict[str, Any]) -> Any:
+    """A new job's row, built from what submit inserts (every other column NULL) rather than
+    read back with RETURNING (every column through SQLAlchemy's result handling, on the
+    hottest write)."""
+    return SimpleNamespace(**{**_NEW_JOB_NULLS, **values})
 
 
 def claim(
-    db: Database,
+    db: Store,
     *,
     worker_id: str,
     models: Collection[str],
@@ -309,7 +192,7 @@ def claim(
         head = conn.execute(
             select(jobs.c.id, jobs.c.batch_key, jobs.c.num_images)
             .where(jobs.c.status == QUEUED, jobs.c.model_id.in_(list(models)))
-            .order_by(*_queue_order())
+            .order_by(*QUEUE_ORDER)
             .limit(1)
             .with_for_update(skip_locked=True)
         ).first()
@@ -326,7 +209,7 @@ def claim(
                     jobs.c.id != head.id,
                     jobs.c.num_images <= room,
                 )
-                .order_by(*_queue_order())
+                .order_by(*QUEUE_ORDER)
                 .limit(max_images)
                 .with_for_update(skip_locked=True)
             ).all()
@@ -348,7 +231,7 @@ def claim(
             )
             .returning(*jobs.c)
         ).all()
-        claimed = [_transitioned_in(conn, r) for r in rows]
+        claimed = transitioned_in(conn, rows)
     order = {job_id: i for i, job_id in enumerate(ids)}
     return sorted(claimed, key=lambda j: order[j.id])
 
@@ -362,7 +245,7 @@ def _fenced(job_ids: Collection[str], worker_id: str) -> Any:
 
 
 def report_progress(
-    db: Database,
+    db: Store,
     *,
     worker_id: str,
     job_ids: Collection[str],
@@ -392,7 +275,7 @@ def report_progress(
             .returning(jobs.c.id, jobs.c.cancel_requested)
         ).all()
         # A heartbeat too: it moves `updated_at` (and may add a log line), which the status
-        # shows, and API processes' row caches must hear of every change (store.job_reads).
+        # shows, and API processes' row caches must hear of every change (JobRowCache).
         emit_each_in(conn, JOB, [r.id for r in rows])
     return {r.id for r in rows}, {r.id for r in rows if r.cancel_requested}
 
@@ -410,13 +293,13 @@ def _append_log_in(
 
 
 def _finish(
-    db: Database,
+    db: Store,
     worker_id: str,
     job_id: str,
     values: dict[str, Any],
     media: Collection[str] = (),
 ) -> Job | None:
-    """Move a job we still own to a terminal status (settled by `_transitioned_in`); the job
+    """Move a job we still own to a terminal status (settled by `transitioned_in`); the job
     owns `media` from the same transaction on (store.media), so no image is ever both
     referenced by a status and swept as an orphan."""
     now = time.time()
@@ -430,11 +313,11 @@ def _finish(
         if row is None:
             return None
         media_rows.record_in(conn, job_id, media, now)
-        return _transitioned_in(conn, row)
+        return transitioned_in(conn, [row])[0]
 
 
 def complete(
-    db: Database,
+    db: Store,
     *,
     worker_id: str,
     job_id: str,
@@ -457,7 +340,7 @@ def complete(
 
 
 def finish_unsuccessful(
-    db: Database,
+    db: Store,
     *,
     worker_id: str,
     job_id: str,
@@ -470,7 +353,7 @@ def finish_unsuccessful(
     return _finish(db, worker_id, job_id, {"status": status.value, "error": error})
 
 
-def hand_back(db: Database, *, worker_id: str, job_ids: Collection[str]) -> list[str]:
+def hand_back(db: Store, *, worker_id: str, job_ids: Collection[str]) -> list[str]:
     """A stopping worker gives jobs it still owns back to the queue, as if never claimed: the
     attempt its claim counted is returned (a graceful stop is not the job's fault) and the
     lease cleared. A job whose client asked to cancel it meanwhile ends CANCELLED instead (not
@@ -479,7 +362,6 @@ def hand_back(db: Database, *, worker_id: str, job_ids: Collection[str]) -> list
     if not job_ids:
         return []
     now = time.time()
-    requeued: list[str] = []
     with db.write() as conn:
         _append_log_in(
             conn, job_ids, worker_id, now, f"handed back to the queue: {worker_id} stopped"
@@ -496,8 +378,7 @@ def hand_back(db: Database, *, worker_id: str, job_ids: Collection[str]) -> list
             )
             .returning(*jobs.c)
         ).all()
-        for row in cancelled:
-            _transitioned_in(conn, row)
+        transitioned_in(conn, cancelled)
         rows = conn.execute(
             update(jobs)
             .where(_fenced(job_ids, worker_id))
@@ -511,13 +392,11 @@ def hand_back(db: Database, *, worker_id: str, job_ids: Collection[str]) -> list
             )
             .returning(*jobs.c)
         ).all()
-        for row in rows:
-            requeued.append(row.id)
-            _transitioned_in(conn, row, event=WORK)
+        requeued = [job.id for job in transitioned_in(conn, rows, event=WORK)]
     return requeued
 
 
-def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str], list[str]]:
+def recover_expired(db: Store, *, now: float | None = None) -> tuple[list[str], list[str]]:
     """Requeue jobs whose worker stopped heartbeating; past the attempt cap, ERROR and refund.
 
     Any worker (or the API) may call this; SKIP LOCKED keeps two callers from fighting.
@@ -553,7 +432,7 @@ def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str
                 ).first()
                 if row is not None:
                     requeued.append(job.id)
-                    _transitioned_in(conn, row, event=WORK)
+                    transitioned_in(conn, [row], event=WORK)
             else:
                 row = conn.execute(
                     update(jobs)
@@ -572,78 +451,34 @@ def recover_expired(db: Database, *, now: float | None = None) -> tuple[list[str
                 ).first()
                 if row is not None:
                     errored.append(job.id)
-                    _transitioned_in(conn, row)
+                    transitioned_in(conn, [row])
     return requeued, errored
 
 
-# Counting the jobs ahead costs time proportional to the answer; past this many, the exact
-# number no longer helps a client decide anything, so polls stay cheap on deep queues.
-QUEUE_POSITION_CAP = 10_000
-
-
-def queue_position_in(conn: Connection, row: Any) -> int:
-    """How many queued jobs run before this one (0 = next), capped at QUEUE_POSITION_CAP.
-
-    Remembered for `store.db.POSITION_TTL` seconds in the database's position cache."""
-    positions = database_of(conn).positions
-    position = positions.get(row.id)
-    if position is None:
-        position = _count_ahead(conn, row)
-        positions.put(row.id, position)
-    return position
-
-
-# How many queued jobs come before a given one, with bind parameters: built once here, and
-# compiled by `store.job_reads` for the status poll's own path.
-COUNT_AHEAD = select(func.count()).select_from(
-    select(jobs.c.id)
-    .where(
-        jobs.c.status == QUEUED,
-        tuple_(*_queue_order())
-        < tuple_(
-            bindparam("priority", type_=jobs.c.priority.type),
-            bindparam("created_at", type_=jobs.c.created_at.type),
-            bindparam("job_id", type_=jobs.c.id.type),
-        ),
-    )
-    .limit(QUEUE_POSITION_CAP)
-    .subquery()
-)
-
-
-def count_ahead_params(row: Any) -> dict[str, object]:
-    """`COUNT_AHEAD`'s parameters for a job row."""
-    return {"priority": row.priority, "created_at": row.created_at, "job_id": row.id}
-
-
-def _count_ahead(conn: Connection, row: Any) -> int:
-    return int(conn.execute(COUNT_AHEAD, count_ahead_params(row)).scalar_one())
-
-
-def get(db: Database, job_id: str, *, account_id: str | None = None) -> Job | None:
+def get(db: Store, job_id: str, *, account_id: str | None = None) -> Job | None:
     """A job by id; with `account_id`, only if it belongs to that account (tenant scoping)."""
     with db.read() as conn:
         return get_in(conn, job_id, account_id=account_id)
 
 
-_SELECT_JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
-_SELECT_TENANT_JOB = select(jobs).where(
-    jobs.c.id == bindparam("job_id"), jobs.c.account_id == bindparam("acct")
-)
-
-
 def get_in(conn: Connection, job_id: str, *, account_id: str | None = None) -> Job | None:
     if account_id is None:
-        row = conn.execute(_SELECT_JOB, {"job_id": job_id}).first()
+        row = conn.execute(SELECT_JOB, {"job_id": job_id}).first()
     else:
-        row = conn.execute(_SELECT_TENANT_JOB, {"job_id": job_id, "acct": account_id}).first()
-    if row is None:
-        return None
-    position = queue_position_in(conn, row) if row.status == QUEUED else None
-    return Job.from_row(row, queue_position=position)
+        row = conn.execute(SELECT_TENANT_JOB, {"job_id": job_id, "acct": account_id}).first()
+    return None if row is None else job_in(conn, row)
 
 
-def count_active(db: Database, account_id: str) -> int:
+def job_in(conn: Connection, row: Any) -> Job:
+    """The job of a row read in `conn`, with its queue position (`QueuePositions`)."""
+
+    def count(params: dict[str, object]) -> int:
+        return int(conn.execute(COUNT_AHEAD, params).scalar_one())
+
+    return Job.from_row(row, queue_position=store_of(conn).positions.of(row, count))
+
+
+def count_active(db: Store, account_id: str) -> int:
     with db.read() as conn:
         return int(
             conn.execute(
@@ -664,7 +499,7 @@ class Cancellation:
     job: Job
 
 
-def cancel(db: Database, job_id: str, *, account_id: str) -> Cancellation | None:
+def cancel(db: Store, job_id: str, *, account_id: str) -> Cancellation | None:
     """Cancel a job of `account_id`; None if there is no such job (or it is another's)."""
     now = time.time()
     with db.write() as conn:
@@ -682,7 +517,7 @@ def cancel(db: Database, job_id: str, *, account_id: str) -> Cancellation | None
             .returning(*jobs.c)
         ).first()
         if row is not None:
-            return Cancellation("cancelled", _transitioned_in(conn, row))
+            return Cancellation("cancelled", transitioned_in(conn, [row])[0])
         row = conn.execute(
             update(jobs)
             .where(

@@ -5,9 +5,9 @@ the secret is 32 random bytes (base64url). Only SHA-256 of the whole key is stor
 constant time; the key itself is shown once, at creation.
 
 Webhook secrets are not stored: an account row holds a version, and the secret is derived from
-the server key (`credentials.ServerKey`), which the runtime hands to its `Database` with
-`use_server_key`. A rotation bumps the version and keeps the previous secret signing beside the
-new one until its grace period ends (Standard Webhooks receivers accept any one signature).
+the server key (`credentials.ServerKey`) the `Store` was opened with. A rotation bumps the
+version and keeps the previous secret signing beside the new one until its grace period ends
+(Standard Webhooks receivers accept any one signature).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from sqlalchemy import bindparam, insert, select, update
 from auraserve.core.ids import short_id
 from auraserve.store import ledger
 from auraserve.store.credentials import KEY_PREFIX, ServerKey, new_api_key
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import accounts, api_keys
 
 
@@ -70,36 +69,17 @@ class Rotation:
 DEFAULT_ROTATION_GRACE = 24 * 3600.0
 """How long a rotated-out webhook secret keeps signing: a day, as Svix does."""
 
-# Per Database, like its hooks and caches; kept here so the key never reaches db.py's users.
-_SERVER_KEYS: weakref.WeakKeyDictionary[Database, ServerKey] = weakref.WeakKeyDictionary()
-
-
-def use_server_key(db: Database, key: ServerKey) -> None:
-    """Derive this database's webhook secrets from `key` (the runtime's configured one)."""
-    _SERVER_KEYS[db] = key
-
-
-def server_key(db: Database) -> ServerKey:
-    """The key `use_server_key` set; a Database opened without one (tests, one-off tools) gets
-    a random key for its lifetime: its secrets are unguessable, only not stable."""
-    key = _SERVER_KEYS.get(db)
-    if key is None:
-        key = _SERVER_KEYS.setdefault(db, ServerKey.random())
-    return key
-
 
 def _hash(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
 
 
-def create_account(
-    db: Database, name: str, credits: int = 0, *, is_admin: bool = False
-) -> CreatedKey:
+def create_account(db: Store, name: str, credits: int = 0, *, is_admin: bool = False) -> CreatedKey:
     """A new account with one key and `credits` granted (`is_admin`: an operator's account,
     whose keys may also read deployment state). Returns the key (shown once)."""
     account_id = short_id("acct")
     key_id, raw = new_api_key()
-    secret = server_key(db).webhook_secret(account_id, 1)
+    secret = db.server_key.webhook_secret(account_id, 1)
     now = time.time()
     with db.write() as conn:
         conn.execute(
@@ -122,7 +102,7 @@ def create_account(
     return CreatedKey(raw, key_id, account_id, credits, secret, name)
 
 
-def create_key(db: Database, account_id: str, name: str) -> CreatedKey:
+def create_key(db: Store, account_id: str, name: str) -> CreatedKey:
     """Another key for an existing account."""
     key_id, raw = new_api_key()
     with db.write() as conn:
@@ -141,17 +121,17 @@ def create_key(db: Database, account_id: str, name: str) -> CreatedKey:
             )
         )
         balance = ledger.balance_in(conn, account_id)
-    secret = server_key(db).webhook_secret(account_id, row.webhook_secret_version)
+    secret = db.server_key.webhook_secret(account_id, row.webhook_secret_version)
     return CreatedKey(raw, key_id, account_id, balance, secret, name)
 
 
-def list_keys(db: Database) -> list[KeyInfo]:
+def list_keys(db: Store) -> list[KeyInfo]:
     with db.read() as conn:
         rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
     return [KeyInfo(r.id, r.account_id, r.name, r.created_at, r.revoked_at) for r in rows]
 
 
-def revoke_key(db: Database, key_id: str) -> bool:
+def revoke_key(db: Store, key_id: str) -> bool:
     with db.write() as conn:
         result = conn.execute(
             update(api_keys)
@@ -164,7 +144,7 @@ def revoke_key(db: Database, key_id: str) -> bool:
     return result.rowcount == 1
 
 
-def count_keys(db: Database) -> int:
+def count_keys(db: Store) -> int:
     with db.read() as conn:
         return len(conn.execute(select(api_keys.c.id).limit(1)).all())
 
@@ -185,13 +165,13 @@ _KEY_LOOKUP = (
 )
 
 
-def cached_account(db: Database, raw_key: str) -> Account | None:
+def cached_account(db: Store, raw_key: str) -> Account | None:
     """The account of a key verified within `AUTH_CACHE_TTL`, without touching the database
     (so async callers can ask on their event loop); None means "ask `authenticate`"."""
     return db.auth_cache.get(_hash(raw_key))
 
 
-def stale_account(db: Database, raw_key: str) -> Account | None:
+def stale_account(db: Store, raw_key: str) -> Account | None:
     """`cached_account`, or the account of a key verified a little longer ago (within
     `store.db.AUTH_CACHE_GRACE` more): only to answer a read with while `lookup` renews it."""
     return db.auth_cache.get_stale(_hash(raw_key))
@@ -206,7 +186,7 @@ class Verified:
     started: float
 
 
-def lookup(db: Database, raw_key: str) -> Verified:
+def lookup(db: Store, raw_key: str) -> Verified:
     """Ask the database (never the cache) and remember the answer in `db.auth_cache`, aged from
     the moment the read began: a lookup that waited for a pool thread or a connection is not
     trusted for longer than one that ran at once."""
@@ -220,7 +200,7 @@ def lookup(db: Database, raw_key: str) -> Verified:
     return Verified(account, started)
 
 
-def authenticate(db: Database, raw_key: str) -> Account | None:
+def authenticate(db: Store, raw_key: str) -> Account | None:
     """The account a presented key belongs to, or None for malformed, unknown or revoked keys.
 
     A verified key is remembered for `store.db.AUTH_CACHE_TTL` seconds in `db.auth_cache`."""
@@ -230,7 +210,7 @@ def authenticate(db: Database, raw_key: str) -> Account | None:
     return lookup(db, raw_key).account
 
 
-def _authenticate_uncached(db: Database, raw_key: str, digest: str) -> Account | None:
+def _authenticate_uncached(db: Store, raw_key: str, digest: str) -> Account | None:
     parts = raw_key.split("_")
     if len(parts) < 3 or parts[0] != KEY_PREFIX or len(raw_key) > 200:
         return None
@@ -253,7 +233,7 @@ def _authenticate_uncached(db: Database, raw_key: str, digest: str) -> Account |
     )
 
 
-def webhook_secret(db: Database, account_id: str) -> str:
+def webhook_secret(db: Store, account_id: str) -> str:
     """The account's current webhook secret (the newest, after a rotation).
 
     Raises:
@@ -265,7 +245,7 @@ def webhook_secret(db: Database, account_id: str) -> str:
         ).scalar()
     if version is None:
         raise LookupError(f"no account {account_id}")
-    return server_key(db).webhook_secret(account_id, version)
+    return db.server_key.webhook_secret(account_id, version)
 
 
 def signing_secrets(
@@ -284,7 +264,7 @@ def signing_secrets(
     return (current, key.webhook_secret(account_id, previous_version))
 
 
-def webhook_secrets(db: Database, account_id: str, now: float | None = None) -> Sequence[str]:
+def webhook_secrets(db: Store, account_id: str, now: float | None = None) -> Sequence[str]:
     """Every secret that signs the account's deliveries now (two during a rotation)."""
     with db.read() as conn:
         row = conn.execute(
@@ -297,7 +277,7 @@ def webhook_secrets(db: Database, account_id: str, now: float | None = None) -> 
     if row is None:
         raise LookupError(f"no account {account_id}")
     return signing_secrets(
-        server_key(db),
+        db.server_key,
         account_id,
         row.webhook_secret_version,
         row.webhook_previous_version,
@@ -307,7 +287,7 @@ def webhook_secrets(db: Database, account_id: str, now: float | None = None) -> 
 
 
 def rotate_webhook_secret(
-    db: Database, account_id: str, grace_seconds: float = DEFAULT_ROTATION_GRACE
+    db: Store, account_id: str, grace_seconds: float = DEFAULT_ROTATION_GRACE
 ) -> Rotation:
     """A new webhook secret for the account; the current one keeps signing beside it for
     `grace_seconds`. A second rotation within the grace period retires the oldest at once.
@@ -334,7 +314,7 @@ def rotate_webhook_secret(
         ).first()
     if row is None:
         raise LookupError(f"no account {account_id}")
-    key = server_key(db)
+    key = db.server_key
     version = row.webhook_secret_version
     return Rotation(
         account_id=account_id,

@@ -14,10 +14,10 @@ from __future__ import annotations
 import time
 from typing import NoReturn
 
-from sqlalchemy import Connection, Select, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from auraserve.errors import DeductExceedsBalance, InsufficientBalance, QueueLimitReached
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import accounts, ledger
 
 
@@ -115,21 +115,6 @@ _ACCOUNT_STATE = select(accounts.c.balance, accounts.c.active_jobs).where(
 )
 
 
-def _reserve_and_record() -> Select[tuple[int]]:
-    """PostgreSQL: `_RESERVE` and its ledger entry in one statement (a data-modifying CTE),
-    the entry written only when the guarded UPDATE took the credits. SQLite has no such CTEs:
-    it runs the two statements (its writers hold the whole file, so order does not matter)."""
-    reserved = _RESERVE.cte("reserved")
-    columns = ("account_id", "job_id", "kind", "amount", "balance_delta", "created_at")
-    # Prefixed: an UPDATE given parameters named like its table's columns would SET them.
-    values = [bindparam(f"entry_{name}", type_=ledger.c[name].type) for name in columns]
-    entry = insert(ledger).from_select(list(columns), select(*values).select_from(reserved))
-    return select(reserved.c.balance).add_cte(entry.cte("entry"))
-
-
-_RESERVE_AND_RECORD = _reserve_and_record()
-
-
 def _entry(
     account_id: str, job_id: str | None, kind: str, amount: int, delta: int
 ) -> dict[str, object]:
@@ -144,37 +129,18 @@ def _entry(
     }
 
 
-def reserve_in(
-    conn: Connection, account_id: str, job_id: str, amount: int, *, max_active: int
+def reserve_many_in(
+    conn: Connection, account_id: str, reservations: list[tuple[str, int]], *, max_active: int
 ) -> int:
-    """Take `amount` from the balance and one of the account's `max_active` queue slots for
-    `job_id`, and record the reservation. Raises QueueLimitReached or InsufficientBalance;
-    the caller's transaction must then roll back (nothing of it is written). Returns the
-    balance left.
+    """Take the credits and a queue slot (of the account's `max_active`) for each of
+    `reservations`, `(job_id, amount)` each: one entry per job and one guarded UPDATE for all
+    of them, which must all fit, else it raises QueueLimitReached or InsufficientBalance and
+    the caller's transaction must roll back (nothing of it is written). Returns the balance
+    left after the last.
 
     Call it last, right before COMMIT: its guarded UPDATE locks the account row until the
     transaction ends, and every other submit of the account waits for that lock (PostgreSQL),
     so each round trip made after it would be one that all of them wait for."""
-    entry = _entry(account_id, job_id, "reserve", amount, -amount)
-    guard = {"acct": account_id, "amount": amount, "count": 1, "max_active": max_active}
-    if conn.dialect.name == "postgresql":
-        row = conn.execute(
-            _RESERVE_AND_RECORD, {**guard, **{f"entry_{k}": v for k, v in entry.items()}}
-        ).first()
-    else:
-        conn.execute(_INSERT_ENTRY, entry)
-        row = conn.execute(_RESERVE, guard).first()
-    if row is None:
-        refuse(conn, account_id, 1, max_active)
-    return int(row.balance)
-
-
-def reserve_many_in(
-    conn: Connection, account_id: str, reservations: list[tuple[str, int]], *, max_active: int
-) -> int:
-    """`reserve_in` for several jobs at once, `(job_id, amount)` each: one entry per job and
-    one guarded UPDATE for all of them, which must all fit (else it raises as `reserve_in`
-    does, and the caller rolls back). Returns the balance left after the last."""
     entries = [
         _entry(account_id, job_id, "reserve", amount, -amount) for job_id, amount in reservations
     ]
@@ -223,17 +189,17 @@ def balance_in(conn: Connection, account_id: str) -> int:
     return int(value)
 
 
-def grant(db: Database, account_id: str, amount: int, note: str | None = None) -> int:
+def grant(db: Store, account_id: str, amount: int, note: str | None = None) -> int:
     with db.write() as conn:
         return grant_in(conn, account_id, amount, note)
 
 
-def balance(db: Database, account_id: str) -> int:
+def balance(db: Store, account_id: str) -> int:
     with db.read() as conn:
         return balance_in(conn, account_id)
 
 
-def entries(db: Database, account_id: str) -> list[dict[str, object]]:
+def entries(db: Store, account_id: str) -> list[dict[str, object]]:
     with db.read() as conn:
         rows = conn.execute(
             select(ledger).where(ledger.c.account_id == account_id).order_by(ledger.c.id)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, delete, insert, select, update
 
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.events import JOB, emit_each_in
 from auraserve.store.schema import job_checkpoints, jobs, media_objects
 
@@ -30,7 +30,7 @@ def record_in(conn: Connection, job_id: str, names: Iterable[str], now: float) -
         conn.execute(insert(media_objects), rows)
 
 
-def owned(db: Database, names: Collection[str]) -> set[str]:
+def owned(db: Store, names: Collection[str]) -> set[str]:
     """Those of `names` that some job owns: its images, or a running job's checkpoint."""
     if not names:
         return set()
@@ -44,12 +44,12 @@ def owned(db: Database, names: Collection[str]) -> set[str]:
         return {*images, *checkpoints}
 
 
-def is_owned(db: Database, name: str) -> bool:
+def is_owned(db: Store, name: str) -> bool:
     with db.read() as conn:
         return conn.execute(select(_M.name).where(_M.name == name)).first() is not None
 
 
-def names_of(db: Database, job_id: str) -> list[str]:
+def names_of(db: Store, job_id: str) -> list[str]:
     with db.read() as conn:
         return list(conn.scalars(select(_M.name).where(_M.job_id == job_id).order_by(_M.name)))
 
@@ -61,7 +61,7 @@ class Expired:
 
 
 def expire_older_than(
-    db: Database, *, cutoff: float, retention: float, now: float, limit: int = 500
+    db: Store, *, cutoff: float, retention: float, now: float, limit: int = 500
 ) -> Expired:
     """Forget the images of up to `limit` jobs completed before `cutoff` and mark those jobs'
     outputs expired (`output.expired_at`, `output.retention_seconds`), in one transaction.

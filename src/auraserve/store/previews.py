@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select, update
 
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.events import JOB, emit_in
 from auraserve.store.schema import job_previews, jobs
 
@@ -32,7 +32,7 @@ class Preview:
     images: list[str]  # base64 JPEGs, one per image of the job
 
 
-def want(db: Database, job_id: str, *, seconds: float, now: float | None = None) -> None:
+def want(db: Store, job_id: str, *, seconds: float, now: float | None = None) -> None:
     """Someone watches `job_id` for the next `seconds` (a stream renews this while open)."""
     now = time.time() if now is None else now
     with db.write() as conn:
@@ -43,7 +43,7 @@ def want(db: Database, job_id: str, *, seconds: float, now: float | None = None)
         )
 
 
-def wanted(db: Database, job_ids: Collection[str], *, now: float | None = None) -> set[str]:
+def wanted(db: Store, job_ids: Collection[str], *, now: float | None = None) -> set[str]:
     """Those of `job_ids` someone watches now."""
     if not job_ids:
         return set()
@@ -59,7 +59,7 @@ def wanted(db: Database, job_ids: Collection[str], *, now: float | None = None) 
 
 
 def save(
-    db: Database,
+    db: Store,
     *,
     worker_id: str,
     job_id: str,
@@ -89,7 +89,7 @@ def save(
     return True
 
 
-def newest(db: Database, job_id: str, *, after_step: int = 0) -> Preview | None:
+def newest(db: Store, job_id: str, *, after_step: int = 0) -> Preview | None:
     """The job's newest preview, if it is past `after_step`."""
     with db.read() as conn:
         row = conn.execute(
@@ -100,13 +100,13 @@ def newest(db: Database, job_id: str, *, after_step: int = 0) -> Preview | None:
     return Preview(step=row.step, total=row.total, images=json.loads(row.images))
 
 
-def drop(db: Database, job_id: str) -> None:
+def drop(db: Store, job_id: str) -> None:
     """The job ended: its preview is of no more use."""
     with db.write() as conn:
         conn.execute(delete(job_previews).where(_P.job_id == job_id))
 
 
-def forget_finished(db: Database) -> int:
+def forget_finished(db: Store) -> int:
     """Drop the previews of jobs that ended without their worker dropping them."""
     ended = select(jobs.c.id).where(jobs.c.status.notin_(("QUEUED", "PROCESSING")))
     with db.write() as conn:

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from auraserve.core.jobs import JobStatus
 from auraserve.observability.metrics import ModelQueue, StoreSample
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import job_checkpoints, jobs, workers
 
 _QUEUED = JobStatus.QUEUED.value
@@ -23,7 +23,7 @@ _BY_MODEL = (
 )
 
 
-def sample(db: Database, *, stale_seconds: float) -> StoreSample:
+def sample(db: Store, *, stale_seconds: float) -> StoreSample:
     now = time.time()
     queued: dict[str, tuple[int, float | None]] = {}
     processing: dict[str, int] = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,20 +19,11 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 
 from auraserve.core.status import iso
-from auraserve.store.cache import TtlCache
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import workers
 
 STOPPED = "stopped"
 STATES = ("starting", "ready", "busy", "stopping", STOPPED)
-
-# Status polls ask "does a live worker serve this model?"; one lookup per process per second
-# keeps that off the hot path however many clients poll.
-LIVE_MODELS_TTL = 1.0
-LIVE_MODELS_GRACE = 30.0
-_LIVE_CACHES: weakref.WeakKeyDictionary[Database, TtlCache[float, frozenset[str]]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 @dataclass(frozen=True)
@@ -60,7 +50,7 @@ class WorkerInfo:
 
 
 def register(
-    db: Database,
+    db: Store,
     *,
     worker_id: str,
     host: str,
@@ -90,7 +80,7 @@ def register(
     _forget_live_models(db)
 
 
-def heartbeat(db: Database, worker_id: str, *, state: str, jobs_done: int) -> bool:
+def heartbeat(db: Store, worker_id: str, *, state: str, jobs_done: int) -> bool:
     """Refresh the row: the worker is alive, in `state`, with `jobs_done` jobs completed.
     False when there is no row to refresh (the worker must register)."""
     with db.write() as conn:
@@ -102,7 +92,7 @@ def heartbeat(db: Database, worker_id: str, *, state: str, jobs_done: int) -> bo
     return result.rowcount == 1
 
 
-def mark_stopped(db: Database, worker_id: str, *, jobs_done: int) -> None:
+def mark_stopped(db: Store, worker_id: str, *, jobs_done: int) -> None:
     now = time.time()
     with db.write() as conn:
         conn.execute(
@@ -113,7 +103,7 @@ def mark_stopped(db: Database, worker_id: str, *, jobs_done: int) -> None:
     _forget_live_models(db)
 
 
-def list_workers(db: Database) -> list[WorkerInfo]:
+def list_workers(db: Store) -> list[WorkerInfo]:
     """Every registered worker, the most recently heard from first."""
     with db.read() as conn:
         rows = conn.execute(
@@ -137,24 +127,19 @@ def list_workers(db: Database) -> list[WorkerInfo]:
 
 
 def cached_live_models(
-    db: Database, stale_seconds: float, *, stale_ok: bool = False
+    db: Store, stale_seconds: float, *, stale_ok: bool = False
 ) -> frozenset[str] | None:
     """`live_models` if this process remembers them, else None: never touches the store, so
     async code may ask on the event loop. `stale_ok`: also what it remembered up to
-    LIVE_MODELS_GRACE longer, to answer with while `live_models` renews it."""
-    cache = _LIVE_CACHES.get(db)
-    if cache is None:
-        return None
+    `store.db.LIVE_MODELS_GRACE` longer, to answer with while `live_models` renews it."""
+    cache = db.live_models
     return cache.get_stale(stale_seconds) if stale_ok else cache.get(stale_seconds)
 
 
-def live_models(db: Database, stale_seconds: float) -> frozenset[str]:
-    """The models at least one live worker serves; remembered LIVE_MODELS_TTL s per Database."""
-    cache = _LIVE_CACHES.get(db)
-    if cache is None:
-        cache = _LIVE_CACHES.setdefault(
-            db, TtlCache(ttl=LIVE_MODELS_TTL, maxsize=8, grace=LIVE_MODELS_GRACE)
-        )
+def live_models(db: Store, stale_seconds: float) -> frozenset[str]:
+    """The models at least one live worker serves; remembered `store.db.LIVE_MODELS_TTL` s in
+    the store's `live_models` cache."""
+    cache = db.live_models
     served = cache.get(stale_seconds)
     if served is None:
         since = time.time() - stale_seconds
@@ -169,7 +154,7 @@ def live_models(db: Database, stale_seconds: float) -> frozenset[str]:
     return served
 
 
-def forget_old(db: Database, *, older_than_seconds: float) -> int:
+def forget_old(db: Store, *, older_than_seconds: float) -> int:
     """Delete rows not heard from for this long (stopped or crashed workers), so the registry
     does not grow with every restart. Returns how many went."""
     with db.write() as conn:
@@ -204,8 +189,6 @@ def report(rows: Sequence[WorkerInfo], *, stale_seconds: float, now: float) -> d
     }
 
 
-def _forget_live_models(db: Database) -> None:
+def _forget_live_models(db: Store) -> None:
     # This process's own worker came or went: its next poll should know at once.
-    cache = _LIVE_CACHES.get(db)
-    if cache is not None:
-        cache.clear()
+    db.live_models.clear()

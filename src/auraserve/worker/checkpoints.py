@@ -32,7 +32,7 @@ from auraserve.media.storage import CHECKPOINT_SUFFIX, MediaStore, new_media_nam
 from auraserve.observability import metrics
 from auraserve.observability.logs import OutageLog
 from auraserve.store import checkpoints
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Checkpointer:
     def __init__(
         self,
         *,
-        db: Database,
+        db: Store,
         media: MediaStore,
         worker_id: str,
         interval: float,

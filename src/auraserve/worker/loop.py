@@ -45,7 +45,7 @@ from auraserve.observability.logs import OutageLog
 from auraserve.store import jobs
 from auraserve.store import media as media_rows
 from auraserve.store import workers as registry
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.worker.checkpoints import Checkpointer
 from auraserve.worker.inputs import Inputs, load_inputs
 
@@ -90,7 +90,7 @@ class Worker:
     def __init__(
         self,
         *,
-        db: Database,
+        db: Store,
         settings: Settings,
         engine: Engine,
         media: MediaStore,

@@ -41,7 +41,6 @@ from auraserve.api.openapi import (
     int_range_pattern,
     request_body_model,
 )
-from auraserve.api.store_calls import call_store
 from auraserve.api.submit import accept
 from auraserve.core.request import bounds
 from auraserve.errors import AuraserveError, InsufficientBalance, InvalidParameter, ModelNotFound
@@ -341,7 +340,9 @@ async def generations(
         )
     model_id = OPENAI.resolve_model(runtime.settings, data.get("model"))
     gen = OPENAI.build(runtime.settings, model_id, OPENAI.canonical(data))
-    accepted = await accept(request, runtime, account, gen, dialect=OPENAI, raw_fields=data)
+    accepted, headers = await accept(
+        request, runtime, account, gen, dialect=OPENAI, raw_fields=data
+    )
     job = await results.finished_job(request, runtime, accepted.job)
     assert job.output is not None
     revised = job.output.get("prompt_used") or gen.prompt
@@ -351,7 +352,7 @@ async def generations(
             for name in job.output["media"]
         ]
     else:
-        images = await call_store(runtime, results.read_images, runtime, job)
+        images = await runtime.db.call(results.read_images, runtime, job)
         items = [
             {"b64_json": base64.b64encode(i).decode("ascii"), "revised_prompt": revised}
             for i in images
@@ -365,7 +366,7 @@ async def generations(
     if data.get("quality") is not None:
         body["quality"] = data["quality"]
     balance = await results.balance_after(runtime, account.id, job)
-    headers = {"x-request-id": job.request_id, **accepted.headers}
+    headers = {"x-request-id": job.request_id, **headers}
     if balance is not None:
         headers["x-remaining-credits"] = balance
     return JSONResponse(body, headers=headers)

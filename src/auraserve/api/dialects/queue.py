@@ -18,7 +18,6 @@ from auraserve.api.body import json_object
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName
 from auraserve.api.openapi import QUEUE_TAG, StatusBody, request_body_model
-from auraserve.api.store_calls import call_store
 from auraserve.api.submit import Webhook, accept
 from auraserve.core.jobs import Job
 from auraserve.errors import InvalidParameter
@@ -150,7 +149,7 @@ async def submit(
     data = await json_object(request)
     gen = QUEUE.build(runtime.settings, model_id, QUEUE.canonical(data))
     webhook = webhook_of(request, runtime)
-    accepted = await accept(
+    accepted, headers = await accept(
         request,
         runtime,
         account,
@@ -168,7 +167,7 @@ async def submit(
         headers={
             "x-remaining-credits": str(accepted.balance),
             "x-request-id": job.request_id,
-            **accepted.headers,
+            **headers,
         },
     )
 
@@ -180,8 +179,6 @@ async def submit(
     responses=QUEUE.error_responses(401, 404),
 )
 async def status(request_id: str, runtime: RuntimeDep, account: CurrentAccount) -> Response:
-    job = await results.load_job_fast(runtime, account.id, request_id)
-    if job.webhook_url is None:
-        # Plain JSON types already; skip FastAPI's generic encoder on this hot path.
-        return JSONResponse(await results.status_of(runtime, job))
-    return JSONResponse(await call_store(runtime, results.render_status, runtime, job))
+    response = await results.status_response(runtime, account.id, request_id)
+    assert response is not None  # answered whole unless `plain_only`
+    return response

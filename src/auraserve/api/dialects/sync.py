@@ -30,7 +30,6 @@ from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName
 from auraserve.api.image_field import upload_as_field
 from auraserve.api.openapi import SYNC_TAG, image_content, request_body_model
-from auraserve.api.store_calls import call_store
 from auraserve.api.submit import accept, remaining_credits
 from auraserve.config import Settings
 from auraserve.core.jobs import Job
@@ -192,9 +191,9 @@ async def _generate(
         SYNC.canonical(data),
         defaults=SYNC.defaults_for(named_preset=named_preset),
     )
-    accepted = await accept(request, runtime, account, gen, dialect=SYNC, raw_fields=data)
+    accepted, headers = await accept(request, runtime, account, gen, dialect=SYNC, raw_fields=data)
     job = await results.finished_job(request, runtime, accepted.job)
-    return await image_response(request, runtime, account, job, as_base64, accepted.headers)
+    return await image_response(request, runtime, account, job, as_base64, headers)
 
 
 async def image_response(
@@ -205,7 +204,7 @@ async def image_response(
     as_base64: bool,
     extra_headers: Mapping[str, str],
 ) -> Response:
-    images = await call_store(runtime, results.read_images, runtime, job)
+    images = await runtime.db.call(results.read_images, runtime, job)
     seeds = list(job.output.get("seeds") or job.request.seeds) if job.output else job.request.seeds
     balance = await results.balance_after(runtime, account.id, job)
     headers = {

@@ -136,6 +136,11 @@ class AuraFlowAttnProcessor:
             )
         return out.transpose(1, 2)
 
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Any:
+        """Attention over the whole joint sequence, (batch, tokens, heads, head_dim) in and
+        out: the seam a sequence-parallel processor (`engine.ulysses`) wraps."""
+        return self._attend(q, k, v, scale)
+
     def __call__(
         self,
         attn: Any,
@@ -180,7 +185,7 @@ class AuraFlowAttnProcessor:
             query = torch.cat([e_q, query], dim=1)
             key = torch.cat([e_k, key], dim=1)
             value = torch.cat([e_v, value], dim=1)
-        out = self._attend(query, key, value, attn.scale)
+        out = self._core(query, key, value, attn.scale)
         out = out.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
             text_len = encoder_hidden_states.shape[1]

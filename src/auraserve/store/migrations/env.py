@@ -1,4 +1,4 @@
-"""Alembic environment: always driven programmatically by `Database.migrate()`, which hands
+"""Alembic environment: always driven programmatically by `Store.migrate()`, which hands
 us an open connection inside its transaction."""
 
 from alembic import context
@@ -11,7 +11,7 @@ context.configure(
     target_metadata=metadata,
     render_as_batch=connection.dialect.name == "sqlite",
     transactional_ddl=True,
-    # Database.migrate(on_step=...): the CLI's progress bar counts revisions as they apply.
+    # Store.migrate(on_step=...): the CLI's progress bar counts revisions as they apply.
     on_version_apply=context.config.attributes.get("on_version_apply"),
 )
 context.run_migrations()

@@ -31,7 +31,7 @@ from auraserve.core.status import MediaUrl
 from auraserve.errors import StoreUnavailable
 from auraserve.observability.logs import OutageLog
 from auraserve.store import keys
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import accounts, webhook_deliveries
 from auraserve.store.schema import jobs as jobs_table
 from auraserve.webhooks.delivery import DeliveryResult, deliver, next_delay, webhook_limits
@@ -74,7 +74,7 @@ class _Claimed:
 class Dispatcher:
     """Sends due deliveries; one per API process, started and stopped by the app lifespan."""
 
-    def __init__(self, db: Database, settings: WebhookSettings, *, media_url: MediaUrl) -> None:
+    def __init__(self, db: Store, settings: WebhookSettings, *, media_url: MediaUrl) -> None:
         self.db = db
         self.settings = settings
         # Renders image URLs in the progress bodies it records (the process's media store).
@@ -209,7 +209,7 @@ class Dispatcher:
                 .where(_W.id.in_(ids))
                 .order_by(_W.id)
             ).all()
-        key = keys.server_key(self.db)
+        key = self.db.server_key
         return [
             _Claimed(
                 r.id,

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, select
 
 from auraserve.core.jobs import Job
 from auraserve.core.status import iso
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 from auraserve.store.schema import webhook_deliveries
 from auraserve.webhooks.outbox.transaction import PENDING, TERMINAL_MODE
 
@@ -51,7 +51,7 @@ def deliveries_in(conn: Connection, job_id: str) -> list[dict[str, Any]]:
     return out
 
 
-def webhook_section(db: Database, job: Job) -> dict[str, Any] | None:
+def webhook_section(db: Store, job: Job) -> dict[str, Any] | None:
     """The `webhook` part of a status body: where callbacks go and how each one fared."""
     if job.webhook_url is None:
         return None

@@ -1,6 +1,6 @@
 """The writing side of the outbox: what runs inside the transaction of a status change.
 
-`install` registers a transition hook on a `Database`, so the `webhook_deliveries` row is
+`install` registers a transition hook on a `Store`, so the `webhook_deliveries` row is
 inserted in the *same* transaction as the status change it reports, in any process that
 changes job statuses (API: cancels; workers: results). A crash can therefore never lose a
 callback for a status that committed, nor send one for a status that rolled back.
@@ -18,12 +18,10 @@ import time
 from typing import Any
 
 from sqlalchemy import Connection, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.core.status import MediaUrl, status_body
-from auraserve.store.db import Database, TransitionHook
+from auraserve.store.db import Store, TransitionHook, store_of
 from auraserve.store.events import emit_in
 from auraserve.store.schema import webhook_deliveries
 from auraserve.webhooks.settings import WebhookSettings
@@ -65,7 +63,7 @@ OUTBOX_KEY = "__webhook_outbox__"
 _W = webhook_deliveries.c
 
 
-def install(db: Database, settings: WebhookSettings, *, media_url: MediaUrl) -> None:
+def install(db: Store, settings: WebhookSettings, *, media_url: MediaUrl) -> None:
     """Record deliveries for every status change made through `db`. Call once per `db`.
     `media_url` renders the image URLs in the bodies (the process's media store)."""
     db.on_transition(transition_hook(settings, media_url=media_url))
@@ -127,13 +125,7 @@ def recent_progress_in(conn: Connection, job_id: str, since: float) -> bool:
 
 def _insert_ignoring_duplicates(conn: Connection, values: dict[str, Any]) -> bool:
     """Insert a delivery unless its event_id exists; True if inserted."""
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    stmt = (
-        insert(webhook_deliveries)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["event_id"])
-    )
-    return conn.execute(stmt).rowcount == 1
+    return store_of(conn).driver.insert_ignoring(conn, webhook_deliveries, values, ["event_id"])
 
 
 def enqueue_in(

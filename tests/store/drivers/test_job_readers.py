@@ -1,7 +1,7 @@
-"""The status poll's read path (store.job_reads) against the store's own read (store.jobs.get):
-the same Job for every status, the same tenant scoping, the same queue positions; on
-PostgreSQL, a broken connection is retried and an unreachable database is a quick
-StoreUnavailable that heals by itself."""
+"""The status poll's read path (each driver's `JobReader`) against the store's own read
+(store.jobs.get): the same Job for every status, the same tenant scoping, the same queue
+positions; on PostgreSQL, a broken connection is retried and an unreachable database is a
+quick StoreUnavailable that heals by itself."""
 
 from __future__ import annotations
 
@@ -20,32 +20,28 @@ from auraserve.core.request import GenerationRequest
 from auraserve.errors import StoreUnavailable
 from auraserve.store import jobs, keys
 from auraserve.store import media as media_rows
-from auraserve.store.cache import TtlCache
-from auraserve.store.db import Database
+from auraserve.store.db import Store
+from auraserve.store.drivers.base import JobReader
+from auraserve.store.drivers.postgresql import PG_CHECKOUT_TIMEOUT, PgJobReader
+from auraserve.store.drivers.sqlite import SqliteJobReader
 from auraserve.store.events import JOB
-from auraserve.store.job_reads import (
-    PG_CHECKOUT_TIMEOUT,
-    JobReader,
-    PgJobReader,
-    SqliteJobReader,
-    open_job_reader,
-)
+from auraserve.store.reads import QueuePositions
 from tests.conftest import BACKEND, free_port
-from tests.store_jobs import MODEL, submit_job
+from tests.store_jobs import MODEL, submit_job, submit_one
 
 pg_only = pytest.mark.skipif(BACKEND != "postgresql", reason="PostgreSQL connections")
 
 
 @asynccontextmanager
-async def reader_of(db: Database) -> AsyncIterator[JobReader]:
-    reader = open_job_reader(db)
+async def reader_of(db: Store) -> AsyncIterator[JobReader]:
+    reader = db.driver.job_reader(db.positions, db.bus)
     try:
         yield reader
     finally:
         await reader.aclose()
 
 
-async def _both(reader: JobReader, db: Database, job_id: str, account_id: str) -> Job | None:
+async def _both(reader: JobReader, db: Store, job_id: str, account_id: str) -> Job | None:
     """The reader's answer, checked against `jobs.get`, each counting queue positions itself
     (the shared cache is emptied before each)."""
     db.positions.clear()
@@ -59,13 +55,13 @@ async def _both(reader: JobReader, db: Database, job_id: str, account_id: str) -
     return fast
 
 
-async def _position(reader: JobReader, db: Database, job_id: str, account_id: str) -> int | None:
+async def _position(reader: JobReader, db: Store, job_id: str, account_id: str) -> int | None:
     job = await _both(reader, db, job_id, account_id)
     assert job is not None
     return job.queue_position
 
 
-async def test_every_status_reads_as_jobs_get_reads_it(db: Database) -> None:
+async def test_every_status_reads_as_jobs_get_reads_it(db: Store) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     running, done, first, second = (submit_job(db, account) for _ in range(4))
     claimed = jobs.claim(db, worker_id="w", models=[MODEL], max_images=1, lease_seconds=30)
@@ -92,10 +88,10 @@ async def test_every_status_reads_as_jobs_get_reads_it(db: Database) -> None:
     assert [seen[first].queue_position, seen[second].queue_position] == [0, 1]
 
 
-async def test_queue_positions_follow_priority_and_share_the_store_cache(db: Database) -> None:
+async def test_queue_positions_follow_priority_and_share_the_store_cache(db: Store) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     ids = [submit_job(db, account) for _ in range(3)]
-    urgent = jobs.submit(
+    urgent = submit_one(
         db,
         account_id=account,
         request=seen_request(db, ids[0]),
@@ -117,13 +113,13 @@ async def test_queue_positions_follow_priority_and_share_the_store_cache(db: Dat
         assert db.positions.get(ids[1]) == 2
 
 
-def seen_request(db: Database, job_id: str) -> GenerationRequest:
+def seen_request(db: Store, job_id: str) -> GenerationRequest:
     job = jobs.get(db, job_id)
     assert job is not None
     return job.request
 
 
-async def test_another_accounts_job_and_a_missing_id_read_as_none(db: Database) -> None:
+async def test_another_accounts_job_and_a_missing_id_read_as_none(db: Store) -> None:
     owner = keys.create_account(db, "owner", credits=10**6).account_id
     other = keys.create_account(db, "other", credits=10**6).account_id
     job_id = submit_job(db, owner)
@@ -133,7 +129,7 @@ async def test_another_accounts_job_and_a_missing_id_read_as_none(db: Database) 
         assert await _both(reader, db, job_id, owner) is not None
 
 
-async def test_the_reader_serves_again_after_close(db: Database) -> None:
+async def test_the_reader_serves_again_after_close(db: Store) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     job_id = submit_job(db, account)
     async with reader_of(db) as reader:
@@ -144,7 +140,7 @@ async def test_the_reader_serves_again_after_close(db: Database) -> None:
 
 
 @pytest.mark.skipif(BACKEND != "sqlite", reason="SQLite connections")
-async def test_sqlite_reads_on_a_read_only_connection_of_this_thread(db: Database) -> None:
+async def test_sqlite_reads_on_a_read_only_connection_of_this_thread(db: Store) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     job_id = submit_job(db, account)
     async with reader_of(db) as reader:
@@ -178,7 +174,7 @@ def _terminate_other_backends(database_url: str) -> int:
 
 
 @pg_only
-async def test_reads_survive_terminated_connections(db: Database) -> None:
+async def test_reads_survive_terminated_connections(db: Store) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     job_id = submit_job(db, account)
     async with reader_of(db) as reader:
@@ -197,7 +193,7 @@ async def test_reads_survive_terminated_connections(db: Database) -> None:
 @pg_only
 async def test_an_unreachable_database_is_a_quick_store_unavailable() -> None:
     closed = f"postgresql://127.0.0.1:{free_port()}/nowhere"
-    reader = PgJobReader(closed, TtlCache(ttl=1.0, maxsize=10))
+    reader = PgJobReader(closed, QueuePositions(ttl=1.0))
     try:
         started = time.monotonic()
         with pytest.raises(StoreUnavailable):
@@ -214,7 +210,7 @@ async def test_an_unreachable_database_is_a_quick_store_unavailable() -> None:
 
 
 @pg_only
-async def test_reads_recover_as_soon_as_the_database_returns(db: Database) -> None:
+async def test_reads_recover_as_soon_as_the_database_returns(db: Store) -> None:
     from tests.api.test_db_outage import TcpProxy
 
     account = keys.create_account(db, "a", credits=10**6).account_id
@@ -253,7 +249,7 @@ async def _until(check: Callable[[], bool], timeout: float = 2.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _listening(db: Database) -> Database:
+async def _listening(db: Store) -> Store:
     db.start_listener()
     await _until(lambda: db.bus.listening, timeout=5.0)
     return db
@@ -288,7 +284,7 @@ async def _cached(reader: PgJobReader, job_id: str, account_id: str) -> Job:
 
 
 @asynccontextmanager
-async def cached_reader(db: Database, url: str | None = None) -> AsyncIterator[PgJobReader]:
+async def cached_reader(db: Store, url: str | None = None) -> AsyncIterator[PgJobReader]:
     """A reader of `db` (through `url` if given) whose cache hears `db`'s listening bus."""
     await _listening(db)
     reader = PgJobReader(url or db.url, db.positions, bus=db.bus, row_cache_ttl=_LONG_TTL)
@@ -299,9 +295,9 @@ async def cached_reader(db: Database, url: str | None = None) -> AsyncIterator[P
 
 
 @pytest.fixture
-def other_process(db: Database) -> Iterator[Database]:
+def other_process(db: Store) -> Iterator[Store]:
     """The same store through its own engine and listener, as another process has them."""
-    other = Database(db.url)
+    other = Store(db.url)
     other.start_listener()
     yield other
     other.dispose()
@@ -320,7 +316,7 @@ def _terminate(database_url: str, pid: int) -> None:
 
 @pg_only
 async def test_changes_made_by_another_process_reach_the_next_poll(
-    db: Database, other_process: Database
+    db: Store, other_process: Store
 ) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     job_id = submit_job(db, account)
@@ -344,7 +340,7 @@ async def test_changes_made_by_another_process_reach_the_next_poll(
 
 @pg_only
 async def test_media_retention_by_another_process_reaches_the_next_poll(
-    db: Database, other_process: Database
+    db: Store, other_process: Store
 ) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     job_id = submit_job(db, account)
@@ -363,7 +359,7 @@ async def test_media_retention_by_another_process_reaches_the_next_poll(
 
 
 @pg_only
-async def test_this_process_reads_its_own_commits_at_once(db: Database) -> None:
+async def test_this_process_reads_its_own_commits_at_once(db: Store) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     job_id = submit_job(db, account)
     jobs.claim(db, worker_id="w", models=[MODEL], max_images=1, lease_seconds=30)
@@ -378,7 +374,7 @@ async def test_this_process_reads_its_own_commits_at_once(db: Database) -> None:
 
 
 @pg_only
-async def test_a_repeated_poll_of_an_unchanged_job_makes_no_round_trip(db: Database) -> None:
+async def test_a_repeated_poll_of_an_unchanged_job_makes_no_round_trip(db: Store) -> None:
     from tests.api.test_db_outage import TcpProxy
 
     account = keys.create_account(db, "a", credits=10**6).account_id
@@ -407,7 +403,7 @@ async def test_a_repeated_poll_of_an_unchanged_job_makes_no_round_trip(db: Datab
 
 @pg_only
 async def test_no_caching_while_the_listener_is_disconnected(
-    db: Database, other_process: Database
+    db: Store, other_process: Store
 ) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     job_id = submit_job(db, account)
@@ -415,7 +411,7 @@ async def test_no_caching_while_the_listener_is_disconnected(
         rows = reader.rows
         assert rows is not None
         await _cached(reader, job_id, account)
-        listener = db._listener
+        listener = db._events
         assert listener is not None and listener.backend_pid is not None
         _terminate(db.url, listener.backend_pid)
         await _until(lambda: not db.bus.listening)
@@ -433,7 +429,7 @@ async def test_no_caching_while_the_listener_is_disconnected(
 
 @pg_only
 async def test_an_event_during_the_read_keeps_its_row_out_of_the_cache(
-    db: Database, monkeypatch: pytest.MonkeyPatch
+    db: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     job_id = submit_job(db, account)
@@ -462,10 +458,10 @@ async def test_an_event_during_the_read_keeps_its_row_out_of_the_cache(
 
 
 @pg_only
-async def test_without_a_listener_nothing_is_cached(db: Database) -> None:
+async def test_without_a_listener_nothing_is_cached(db: Store) -> None:
     account = keys.create_account(db, "a", credits=10**6).account_id
     job_id = submit_job(db, account)
-    async with reader_of(db) as reader:  # as a CLI process: the Database never listens
+    async with reader_of(db) as reader:  # as a CLI process: the Store never listens
         assert isinstance(reader, PgJobReader) and reader.rows is not None
         for _ in range(3):
             assert await reader.get(job_id, account_id=account) is not None

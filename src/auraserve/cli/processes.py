@@ -26,7 +26,7 @@ Where things run, and why:
   its own instead of sharing an API child's; the model is loaded once; and a crashed or
   restarted API child never takes a batch in progress with it. The children stay torch-free.
 - Cross-process wake-ups: on PostgreSQL every process LISTENs; on SQLite every process joins
-  the store's datagram fan-out (`store.events.SqliteFanout`), so a child's sync waiter hears
+  the store's datagram fan-out (`store.drivers.sqlite.SqliteFanout`), so a child's sync waiter hears
   the supervisor's worker complete its job at once, and the worker hears a child's submit.
 
 A child that exits is started again (after a growing pause if it keeps dying young). SIGTERM or

@@ -1,5 +1,6 @@
-"""Store calls from async code: `refreshed` renews a cached value once while callers answer
-with the stale one; a key revoked elsewhere stops working once its renewal comes back."""
+"""Store calls from async code (`Store.call`, `Store.refreshed`): `refreshed` renews a cached
+value once while callers answer with the stale one; a key revoked elsewhere stops working once
+its renewal comes back."""
 
 from __future__ import annotations
 
@@ -9,14 +10,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from auraserve.api.auth import account_for_key
-from auraserve.api.store_calls import refreshed
 from auraserve.config import Settings
 from auraserve.store import keys
 from auraserve.store.cache import TtlCache
-from auraserve.store.db import Database
+from auraserve.store.db import Store
 
 
-def test_one_renewal_at_a_time_while_callers_answer_with_the_stale_value(db: Database) -> None:
+def test_one_renewal_at_a_time_while_callers_answer_with_the_stale_value(db: Store) -> None:
     cache: TtlCache[str, int] = TtlCache(ttl=0.1, maxsize=4, grace=60)
     fetches: list[int] = []
 
@@ -26,11 +26,8 @@ def test_one_renewal_at_a_time_while_callers_answer_with_the_stale_value(db: Dat
         cache.put("k", 100 + len(fetches))
         return 100 + len(fetches)
 
-    runtime: Any = SimpleNamespace(db=db)
-
     async def ask() -> int:
-        return await refreshed(
-            runtime,
+        return await db.refreshed(
             "k",
             fresh=lambda: cache.get("k"),
             stale=lambda: cache.get_stale("k"),
@@ -53,9 +50,9 @@ def test_one_renewal_at_a_time_while_callers_answer_with_the_stale_value(db: Dat
 
 
 def test_a_key_revoked_elsewhere_is_refused_once_its_renewal_returns(settings: Settings) -> None:
-    server = Database(settings.resolved_database_url, auth_cache_ttl=0.2)
+    server = Store(settings.resolved_database_url, auth_cache_ttl=0.2)
     server.migrate()
-    cli = Database(settings.resolved_database_url)
+    cli = Store(settings.resolved_database_url)
     try:
         created = keys.create_account(cli, "a", credits=1)
         runtime: Any = SimpleNamespace(db=server)
