@@ -201,6 +201,9 @@ class Settings(BaseSettings):
     # A running job's sampler state is saved into the media store at most this often (at step
     # boundaries), so a worker that takes it over resumes there instead of at step 0. 0: off.
     checkpoint_seconds: float = Field(10.0, ge=0, le=86400)
+    # While a status stream watches a job, its worker makes a small preview of each image every
+    # this many steps (a latent-to-RGB projection, no VAE pass). 0: no previews.
+    preview_every_steps: int = Field(2, ge=0, le=1000)
     # API processes `serve` runs over the one store (the in-process worker stays single).
     api_processes: int = Field(1, ge=1, le=64)
     # One worker process per GPU, each pinned to its device (worker/supervisor.py): "all",

@@ -3,6 +3,7 @@ the same objects as a server-sent event stream."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -143,3 +144,64 @@ def test_an_open_stream_ends_within_two_seconds_of_its_keys_revocation(
     assert events[-2:-1] == ["event: error"], rest
     assert json.loads(events[-1].removeprefix("data: "))["error"] == "Unauthorized"
     assert ended < 2.0 + 1.0, ended  # the promise, plus one wake-up of the stream
+
+
+def _previews(lines: list[str]) -> list[dict[str, Any]]:
+    """The `event: preview` events' bodies, in order."""
+    found = []
+    for kind, data in itertools.pairwise(lines):
+        if kind == "event: preview":
+            assert data.startswith("data: "), data
+            found.append(json.loads(data[len("data: ") :]))
+    return found
+
+
+def _previews_posted() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("auraserve_worker_previews_total") or 0.0
+
+
+def test_a_stream_that_asks_for_previews_sees_the_images_form(
+    server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    steps = 24
+    before = _previews_posted()
+    request_id = _submit(client, tenant, num_inference_steps=steps, num_images=2)
+    lines: list[str] = []
+    url = f"/v2/requests/status/{request_id}/stream?previews=true"
+    _read_stream(client, url, tenant.headers, lines)
+    previews = _previews(lines)
+    assert previews, lines[:20]
+    assert _previews_posted() > before
+    seen = [p["step"] for p in previews]
+    assert seen == sorted(set(seen)) and all(0 < s < steps for s in seen), seen
+    assert all(s % 2 == 0 for s in seen)  # every AURASERVE_PREVIEW_EVERY_STEPS (2) steps
+    for preview in previews:
+        assert preview["total_steps"] == steps and len(preview["images"]) == 2
+        for url_ in preview["images"]:
+            prefix = "data:image/jpeg;base64,"
+            assert url_.startswith(prefix)
+            image = Image.open(io.BytesIO(base64.b64decode(url_[len(prefix) :])))
+            assert image.format == "JPEG" and max(image.size) <= 256
+    # The status events are still only status objects, ending COMPLETED.
+    statuses = [e["status"] for e in _events(lines) if "status" in e]
+    assert statuses[-1] == "COMPLETED" and len(statuses) == len(_events(lines)) - len(previews)
+
+
+def test_nobody_watching_no_previews_are_made(
+    server: LiveServer, client: httpx.Client, tenant: Tenant
+) -> None:
+    before = _previews_posted()
+    request_id = _submit(client, tenant, num_inference_steps=16)
+    lines: list[str] = []
+    # A plain stream (no previews asked for) and polls: the worker makes none.
+    _read_stream(client, f"/v2/requests/status/{request_id}/stream", tenant.headers, lines)
+    assert _events(lines)[-1]["status"] == "COMPLETED"
+    assert _previews(lines) == []
+    assert _previews_posted() == before

@@ -8,9 +8,9 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from auraserve.api import results
@@ -22,6 +22,7 @@ from auraserve.core.jobs import Job, split_request_id
 from auraserve.errors import RequestConflict, RequestNotFound, StoreUnavailable, Unauthorized
 from auraserve.runtime import Runtime
 from auraserve.store import jobs
+from auraserve.store import previews as preview_rows
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,11 @@ def _status_responses() -> dict[int | str, dict[str, Any]]:
         "status, or when the server shuts down (reconnect, or poll). When the database "
         "becomes unavailable the last event is `event: error` with the error body and "
         "`retry_after` (seconds): reconnect or poll after it; when its key is revoked, the "
-        "last event is `event: error` with the 401 body. A `: keep-alive` comment is "
-        "sent when nothing changed for a while."
+        "last event is `event: error` with the 401 body. With `previews=true`, while the "
+        "job runs, `event: preview` events carry `{step, total_steps, images}`: each image "
+        "as it stands at that step, a small JPEG data URL, every few steps "
+        "(AURASERVE_PREVIEW_EVERY_STEPS); the worker makes them only while such a stream "
+        "watches. A `: keep-alive` comment is sent when nothing changed for a while."
     ),
     response_class=StreamingResponse,
     responses={
@@ -57,24 +61,37 @@ def _status_responses() -> dict[int | str, dict[str, Any]]:
     },
 )
 async def stream(
-    request_id: str, request: Request, runtime: RuntimeDep, account: CurrentAccount
+    request_id: str,
+    request: Request,
+    runtime: RuntimeDep,
+    account: CurrentAccount,
+    previews: Annotated[
+        bool,
+        Query(description="Also send `event: preview` events: the images as they form"),
+    ] = False,
 ) -> Response:
     job = await results.load_job(runtime, account.id, request_id)
     return StreamingResponse(
-        _events(request, runtime, job, presented_key(request) or ""),
+        _events(request, runtime, job, presented_key(request) or "", previews=previews),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _events(request: Request, runtime: Runtime, job: Job, key: str) -> AsyncIterator[str]:
+async def _events(
+    request: Request, runtime: Runtime, job: Job, key: str, *, previews: bool
+) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     keepalive = runtime.settings.sse_keepalive_seconds
     last_sent: str | None = None
     last_write = loop.time()
+    watched = _Watching(
+        runtime, job.id, enabled=previews and runtime.settings.preview_every_steps > 0
+    )
     with runtime.db.bus.watch(job.id) as changed:
         while True:
             changed.clear()
+            preview = None
             try:
                 # A key revoked while its stream is open stops it too (within the key cache's
                 # 2 s, like every new request): a cache hit on all but one wake-up a second.
@@ -83,6 +100,8 @@ async def _events(request: Request, runtime: Runtime, job: Job, key: str) -> Asy
                     return
                 job = await results.reload(runtime, job)
                 body = await runtime.db.call(results.render_status, runtime, job)
+                if not job.is_terminal:
+                    preview = await watched.renew_and_read(loop.time())
             except StoreUnavailable as exc:
                 # Headers are sent: no status code can say it now. A last event does, and the
                 # stream ends as a stream should (not cut mid-body).
@@ -93,6 +112,9 @@ async def _events(request: Request, runtime: Runtime, job: Job, key: str) -> Asy
                 last_sent = text
                 last_write = loop.time()
                 yield f"data: {text}\n\n"
+            if preview is not None:
+                last_write = loop.time()
+                yield _preview_event(preview)
             if job.is_terminal:
                 return
             if runtime.stopping.is_set():
@@ -106,6 +128,44 @@ async def _events(request: Request, runtime: Runtime, job: Job, key: str) -> Asy
             wait = min(results.FALLBACK_RECHECK_SECONDS, keepalive - (loop.time() - last_write))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), max(0.01, wait))
+
+
+class _Watching:
+    """A stream's interest in previews: it marks its job watched (renewed every
+    `RENEW_SECONDS`, lasting `WANT_SECONDS`, so a stream that dies stops the previews soon) and
+    reads each preview newer than the last it sent."""
+
+    RENEW_SECONDS = 2.0
+    WANT_SECONDS = 6.0
+
+    def __init__(self, runtime: Runtime, job_id: str, *, enabled: bool) -> None:
+        self.runtime = runtime
+        self.job_id = job_id
+        self.enabled = enabled
+        self.renewed_at: float | None = None
+        self.last_step = 0
+
+    async def renew_and_read(self, now: float) -> preview_rows.Preview | None:
+        if not self.enabled:
+            return None
+        db = self.runtime.db
+        if self.renewed_at is None or now - self.renewed_at >= self.RENEW_SECONDS:
+            self.renewed_at = now
+            await db.call(preview_rows.want, db, self.job_id, seconds=self.WANT_SECONDS)
+        preview = await db.call(preview_rows.newest, db, self.job_id, after_step=self.last_step)
+        if preview is not None:
+            self.last_step = preview.step
+        return preview
+
+
+def _preview_event(preview: preview_rows.Preview) -> str:
+    """An SSE `preview` event: the job's images as they stand at `step`, as small JPEGs."""
+    body = {
+        "step": preview.step,
+        "total_steps": preview.total,
+        "images": [f"data:image/jpeg;base64,{image}" for image in preview.images],
+    }
+    return f"event: preview\ndata: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
 def _error_event(exc: StoreUnavailable | Unauthorized) -> str:

@@ -85,6 +85,10 @@ CHECKPOINTS_WRITTEN = Counter(
 CHECKPOINT_BYTES_WRITTEN = Counter(
     "auraserve_worker_checkpoint_bytes", "Bytes of step checkpoints a worker saved"
 )
+PREVIEWS_POSTED = Counter(
+    "auraserve_worker_previews",
+    "Live previews a worker posted for a job (made only while a status stream watches it)",
+)
 CHECKPOINT_SECONDS = Histogram(
     "auraserve_worker_checkpoint_seconds",
     "Time to save one step checkpoint (media store write and fenced row), per checkpoint",

@@ -48,6 +48,7 @@ from auraserve.store import workers as registry
 from auraserve.store.db import Store
 from auraserve.worker.checkpoints import Checkpointer
 from auraserve.worker.inputs import Inputs, load_inputs
+from auraserve.worker.previews import Previewer
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,19 @@ class Worker:
         # A database outage is logged once, whichever of the worker's threads meets it first
         # (the loop, a batch's progress or heartbeat, the presence heartbeat).
         self._outage = OutageLog(log, f"worker {self.worker_id}")
-        # Step checkpoints, where the engine can resume (`--parallel` groups cannot yet).
+        # Step checkpoints and live previews, where the engine takes them (`--parallel` groups
+        # do not yet).
+        resumable = bool(getattr(engine, "supports_checkpoints", False))
+        self._previewer: Previewer | None = None
+        if settings.preview_every_steps > 0 and resumable:
+            self._previewer = Previewer(
+                db=db,
+                worker_id=self.worker_id,
+                every_steps=settings.preview_every_steps,
+                outage=self._outage,
+            )
         self._checkpointer: Checkpointer | None = None
-        if settings.checkpoint_seconds > 0 and getattr(engine, "supports_checkpoints", False):
+        if settings.checkpoint_seconds > 0 and resumable:
             self._checkpointer = Checkpointer(
                 db=db,
                 media=media,
@@ -394,7 +405,8 @@ class Worker:
         everything = list(range(len(batch.jobs)))
         checkpointer = self._checkpointer
         if checkpointer is None:
-            return self._engine_call(batch, everything, inputs, {})
+            hooks = self._previewer.hooks(batch.jobs) if self._previewer is not None else {}
+            return self._engine_call(batch, everything, inputs, hooks)
         groups = checkpointer.groups(batch.jobs, inputs.images)
         results: dict[int, JobResult] = {}
         for group in groups:
@@ -405,6 +417,8 @@ class Worker:
                 "checkpoint_every_steps": 1,
                 "on_checkpoint": checkpointer.saver(members),
             }
+            if self._previewer is not None:
+                extra.update(self._previewer.hooks(members))
             if group.resume_from is not None:
                 extra["resume_from"] = group.resume_from
                 log.info("jobs %s resume at step %d", [j.id for j in members], group.resume_step)
@@ -523,7 +537,7 @@ class Worker:
             discard(names, "after a refused completion")
         else:
             self.jobs_done += 1
-            self._drop_checkpoint(job)
+            self._forget_extras(job)
 
     def _finish(self, batch: _Batch, job: Job, status: JobStatus, error: str | None) -> None:
         if job.id in batch.owned:
@@ -531,11 +545,14 @@ class Worker:
                 self.db, worker_id=self.worker_id, job_id=job.id, status=status, error=error
             )
             batch.owned.discard(job.id)
-            self._drop_checkpoint(job)
+            self._forget_extras(job)
 
-    def _drop_checkpoint(self, job: Job) -> None:
+    def _forget_extras(self, job: Job) -> None:
+        """The job ended: its step checkpoint and live preview are of no more use."""
         if self._checkpointer is not None:
             self._checkpointer.drop(job)
+        if self._previewer is not None:
+            self._previewer.drop(job)
 
     def _finish_all(self, batch: _Batch, status: JobStatus, error: str) -> None:
         for job in batch.jobs:
