@@ -245,6 +245,47 @@ def test_generate_watch_progress_download_and_copy_code(
     watched.assert_clean()
 
 
+def test_the_picture_sharpens_on_the_stage_while_it_forms(
+    serve: Serve, open_page: Opener, screenshot_dir: Path
+) -> None:
+    """Live previews: the stage shows the image as it stands every few steps (the stream's
+    `preview` events), then the finished image."""
+    key = serve.new_key("previews", 10_000)
+    watched = open_page("/", width=1440, height=1000)
+    page = watched.page
+    _use_key(page, key)
+    page.evaluate(
+        """() => {
+          window.__previews = [];
+          new MutationObserver(() => {
+            const img = document.getElementById('preview-image');
+            if (img && window.__previews.at(-1) !== img.dataset.step) {
+              window.__previews.push(img.dataset.step);
+            }
+          }).observe(document.getElementById('stage'),
+                     {attributes: true, childList: true, subtree: true});
+        }"""
+    )
+    _fill(page, "a lighthouse at dusk", steps=40)
+    page.click("#submit")
+    page.wait_for_function(
+        "() => { const i = document.getElementById('preview-image');"
+        " return i && i.complete && i.naturalWidth > 0 && Number(i.dataset.step) >= 4; }",
+        timeout=60_000,
+    )
+    save_screenshot(page, screenshot_dir / "playground-preview.png")
+    _state(page, "COMPLETED")
+    steps = [int(step) for step in page.evaluate("() => window.__previews")]
+    assert len(steps) >= 2 and steps == sorted(steps) and max(steps) < 40, steps
+    # The finished image replaced the preview.
+    page.wait_for_function(
+        "() => { const i = document.getElementById('result-image');"
+        " return i && i.complete && i.naturalWidth > 0; }"
+    )
+    assert page.locator("#preview-image").count() == 0
+    watched.assert_clean()
+
+
 def test_cancel_marks_the_request_cancelled_and_restores_the_balance(
     serve: Serve, open_page: Opener
 ) -> None:

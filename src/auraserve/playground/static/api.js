@@ -70,8 +70,11 @@ export async function api(path, { method = "GET", body, signal } = {}) {
 }
 
 // Yields each status object of GET /v2/requests/status/{id}/stream until the stream ends.
-export async function* statusStream(requestId, signal) {
-  const path = `/v2/requests/status/${encodeURIComponent(requestId)}/stream`;
+// With `onPreview`, the stream also asks for live previews and hands each `preview` event's
+// body ({step, total_steps, images: [data URLs]}) to it.
+export async function* statusStream(requestId, signal, onPreview = null) {
+  const query = onPreview ? "?previews=true" : "";
+  const path = `/v2/requests/status/${encodeURIComponent(requestId)}/stream${query}`;
   let response;
   try {
     response = await fetch(path, {
@@ -104,12 +107,17 @@ export async function* statusStream(requestId, signal) {
       while ((end = buffer.indexOf("\n\n")) >= 0) {
         const event = buffer.slice(0, end);
         buffer = buffer.slice(end + 2);
-        const data = event
-          .split("\n")
+        const lines = event.split("\n");
+        const data = lines
           .filter((line) => line.startsWith("data:"))
           .map((line) => line.slice(5).trimStart())
           .join("\n");
-        if (data) yield JSON.parse(data);
+        if (!data) continue;
+        if (lines.includes("event: preview")) {
+          if (onPreview) onPreview(JSON.parse(data));
+          continue;
+        }
+        yield JSON.parse(data);
       }
     }
   } catch (error) {

@@ -228,6 +228,23 @@ function showOnStage(url, alt) {
   $("stage").replaceChildren(open);
 }
 
+// A live preview while the image forms: the first image as it stands at this step (a small
+// JPEG the worker projects from its latents), replaced by the finished image at the end.
+function showPreview(preview) {
+  if (!preview.images || !preview.images.length) return;
+  const current = $("preview-image");
+  const label = `Preview at step ${preview.step} of ${preview.total_steps}`;
+  if (current) {
+    current.src = preview.images[0];
+    current.alt = label;
+    current.dataset.step = String(preview.step);
+    return;
+  }
+  const img = el("img", { id: "preview-image", className: "preview", src: preview.images[0], alt: label });
+  img.dataset.step = String(preview.step);
+  $("stage").replaceChildren(img);
+}
+
 function clearStage(text = "Your image appears here.") {
   $("stage").replaceChildren(el("p", { id: "stage-empty", className: "stage-empty", text }));
   $("thumbs").replaceChildren();
@@ -293,7 +310,7 @@ function closeOnBackdrop(dialog) {
 async function follow(requestId, controller) {
   let last = null;
   try {
-    for await (const status of statusStream(requestId, controller.signal)) {
+    for await (const status of statusStream(requestId, controller.signal, showPreview)) {
       last = status;
       showProgress(status);
       if (TERMINAL.has(status.status)) break;
