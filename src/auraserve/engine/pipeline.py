@@ -185,6 +185,7 @@ class AuraFlowEngine:
         preview_every_steps: int = 0,
         on_preview: PreviewCallback | None = None,
         previews_wanted: Callable[[], bool] | None = None,
+        checkpoint_wanted: Callable[[], bool] | None = None,
     ) -> list[JobResult]:
         """Run a batch (see `engine.base.Engine.generate`), optionally resumable and previewed.
 
@@ -201,7 +202,8 @@ class AuraFlowEngine:
         gets, after every ``preview_every_steps``-th step but the last, one JPEG per image per
         request: the step's x0 estimate through `engine.preview`'s latent → RGB projection;
         with ``previews_wanted``, only at the steps where it answers True (nobody watching: no
-        preview is made).
+        preview is made). Likewise ``checkpoint_wanted`` gates checkpoints (the worker's clock:
+        a state is serialised only when one is due).
         Exceptions from either callback abort the batch, as ``on_step``'s do.
         """
         if not requests:
@@ -243,6 +245,7 @@ class AuraFlowEngine:
                 )
             hooks = replace(
                 hooks,
+                checkpoint_wanted=checkpoint_wanted,
                 checkpoint_every=checkpoint_every_steps,
                 on_checkpoint=on_checkpoint,
                 resume=resume,
@@ -449,6 +452,8 @@ class AuraFlowEngine:
             def on_state(state: SamplerState) -> None:
                 if state.step % hooks.checkpoint_every:
                     return
+                if hooks.checkpoint_wanted is not None and not hooks.checkpoint_wanted():
+                    return
                 for r, part in enumerate(state.split(counts)):
                     if r not in dropped:
                         digest = hooks.digests[r]
@@ -637,6 +642,7 @@ class _Hooks:
     preview_every: int = 0
     on_preview: PreviewCallback | None = None
     wanted: Callable[[], bool] | None = None
+    checkpoint_wanted: Callable[[], bool] | None = None
 
 
 def _recording(

@@ -1,8 +1,8 @@
 """Step checkpoints, the worker's half: where a claimed job resumes, and saving as it runs.
 
-The engine hands over each request's sampler state after every step (`on_checkpoint`; a copy
-of the latents and history, well under a millisecond to serialise at 1024²); this module keeps
-one every `checkpoint_seconds` at most: the bytes go into the media store under a fresh name,
+The engine asks at each step boundary whether a checkpoint is due (`checkpoint_wanted`: the
+worker's clock, one every `checkpoint_seconds` at most) and only then hands over each request's
+sampler state (`on_checkpoint`): the bytes go into the media store under a fresh name,
 then a row fenced on the job's lease names them (`store.checkpoints.save`), then the object the
 row named before is deleted. A worker that lost the job writes no row and deletes its object.
 
@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
@@ -49,24 +50,27 @@ class Group:
 
 @dataclass
 class Saver:
-    """`on_checkpoint` for one engine call: keeps at most one step's states per interval."""
+    """`checkpoint_wanted` and `on_checkpoint` for one engine call: a state is serialised and
+    saved only when `checkpoint_seconds` have passed since the last one."""
 
     owner: Checkpointer
     jobs: Sequence[Job]
     last_saved: float = field(default_factory=time.monotonic)
-    _step: int = -1
-    _due: bool = False
+
+    def due(self) -> bool:
+        """Asked by the engine at a step boundary, before it serialises anything."""
+        now = time.monotonic()
+        if now - self.last_saved < self.owner.interval:
+            return False
+        self.last_saved = now
+        return True
 
     def __call__(self, index: int, data: bytes) -> None:
-        step = int(read_header(data)["step"])
-        if step != self._step:  # the first request's state of a new step decides for all
-            self._step = step
-            now = time.monotonic()
-            self._due = now - self.last_saved >= self.owner.interval
-            if self._due:
-                self.last_saved = now
-        if self._due:
-            self.owner.save(self.jobs[index], data, step)
+        self.owner.save(self.jobs[index], data, int(read_header(data)["step"]))
+
+    def hooks(self) -> dict[str, Any]:
+        """generate's checkpoint arguments."""
+        return {"checkpoint_every_steps": 1, "on_checkpoint": self, "checkpoint_wanted": self.due}
 
 
 class Checkpointer:

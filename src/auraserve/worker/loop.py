@@ -412,11 +412,7 @@ class Worker:
         for group in groups:
             members = [batch.jobs[i] for i in group.indexes]
             checkpointer.mark_resumed(members, group.resume_step)
-            extra: dict[str, Any] = {
-                # The engine hands over every step's state; the saver keeps one per interval.
-                "checkpoint_every_steps": 1,
-                "on_checkpoint": checkpointer.saver(members),
-            }
+            extra: dict[str, Any] = checkpointer.saver(members).hooks()
             if self._previewer is not None:
                 extra.update(self._previewer.hooks(members))
             if group.resume_from is not None:
