@@ -80,6 +80,12 @@ SUBMIT_INTERVAL = 0.15  # seconds between new submissions, so the faults hit a l
 CRASH_PRESET = "auraflow-crash"
 PROMPT = "a lighthouse at dusk"  # one prompt: the workers' text cache spares the encoder
 
+# A few queue jobs run many steps, so a worker killed mid-job holds one past a step checkpoint
+# and the test can count the steps its successor runs again (and those it was spared).
+LONG_JOB_EVERY = 10  # every 10th queue job
+LONG_JOB_STEPS = 20
+CHECKPOINT_SECONDS = 0.5
+
 # Short enough that rescues happen in seconds, long enough that a worker starved of CPU by its
 # neighbours (three workers, two API processes and the clients share two cores) keeps its jobs.
 LEASE_SECONDS = 8.0
@@ -111,6 +117,8 @@ def _env(
             "AURASERVE_STOP_GRACE_SECONDS": "5",
             "AURASERVE_MAX_ATTEMPTS": "4",
             "AURASERVE_MAX_BATCH": "2",
+            # Step checkpoints often enough that the long jobs below hold one when a worker dies.
+            "AURASERVE_CHECKPOINT_SECONDS": str(CHECKPOINT_SECONDS),
             # Limits that would only slow a test that sends everything from one client.
             "AURASERVE_MAX_QUEUED_PER_ACCOUNT": "1000",
             "AURASERVE_RATE_LIMIT_PER_MINUTE": "0",
@@ -178,7 +186,7 @@ def _submissions(accounts: list[Account], receiver: WebhookReceiver) -> list[Sub
                     },
                     json_body={
                         "prompt": PROMPT,
-                        "num_inference_steps": 1,
+                        "num_inference_steps": LONG_JOB_STEPS if i % LONG_JOB_EVERY == 5 else 1,
                         "seed": i,
                         "num_images": 2 if i % 10 == 0 else 1,
                     },
@@ -232,6 +240,9 @@ class Faults:
         self.total = total
         self.worker_ids = worker_ids
         self.killed_jobs: list[str] = []
+        # Jobs that held a step checkpoint when their worker was killed: id -> (steps done by
+        # then as the job's progress showed, the checkpoint's step, steps per second so far).
+        self.checkpointed_at_kill: dict[str, tuple[int, int, float]] = {}
         self.sigterm_rc: int | None = None
         self.sigterm_left: list[str] = []
         self.terminated_connections = 0
@@ -261,6 +272,18 @@ class Faults:
             time.sleep(0.1)
 
     def kill_worker_mid_job(self, index: int) -> None:
+        # Better than worker `index`: whichever of the first two holds a long job past a step
+        # checkpoint (the short jobs never reach one), if one does within 30 s.
+        progress: dict[str, tuple[int, int, float]] = {}
+        patience = time.monotonic() + 30
+        while time.monotonic() < patience and not progress:
+            for candidate in (index, 1 - index):
+                progress = self._checkpointed(self.worker_ids[candidate])
+                if progress:
+                    index = candidate
+                    break
+            else:
+                time.sleep(0.05)
         worker = self.cluster.workers[index]
         wid = self.worker_ids[index]
         deadline = time.monotonic() + 60
@@ -271,10 +294,37 @@ class Faults:
         worker.send(signal.SIGKILL)
         rc = worker.wait(10)
         self.killed_jobs += held
-        self.report.event(f"SIGKILL worker{index} ({wid}, rc {rc}) holding {sample(held)}")
+        # The progress read just before the kill may trail the worker by a write: read the
+        # checkpoints again now that it is dead (they are what the next worker resumes from).
+        for job_id, (done, _, rate) in progress.items():
+            step = self.store.scalar(
+                "SELECT coalesce(max(step), 0) FROM job_checkpoints WHERE job_id = :j", j=job_id
+            )
+            self.checkpointed_at_kill[job_id] = (done, int(step), rate)
+        self.report.event(
+            f"SIGKILL worker{index} ({wid}, rc {rc}) holding {sample(held)}; checkpoints at "
+            f"kill (steps done, checkpoint step): "
+            f"{ {j: v[:2] for j, v in self.checkpointed_at_kill.items() if j in progress} }"
+        )
         worker.start()
         self.worker_ids[index] = self.cluster.worker_id(index)
         self.report.event(f"worker{index} restarted as {self.worker_ids[index]}")
+
+    def _checkpointed(self, worker_id: str) -> dict[str, tuple[int, int, float]]:
+        """The jobs `worker_id` runs that hold a checkpoint: their steps done, checkpoint step
+        and steps per second since they started."""
+        rows = self.store.rows(
+            "SELECT j.id, j.progress_step, c.step, extract(epoch FROM now()) - j.started_at "
+            "AS running FROM jobs j JOIN job_checkpoints c ON c.job_id = j.id "
+            # Some way in (a checkpoint past step 5), so the steps spared are worth counting.
+            "WHERE j.status = 'PROCESSING' AND j.lease_owner = :w AND c.worker_id = :w "
+            "AND c.step >= 5",
+            w=worker_id,
+        )
+        return {
+            r.id: (int(r.progress_step), int(r.step), r.progress_step / max(float(r.running), 1e-3))
+            for r in rows
+        }
 
     def terminate_database_connections(self) -> None:
         self.terminated_connections = self.store.terminate_connections(PG_ADMIN_URL)
@@ -446,6 +496,46 @@ def _wait_for_webhooks(store: Store, deadline: float) -> None:
         time.sleep(0.2)
 
 
+def _check_resumed(report: Report, faults: Faults, store: Store) -> None:
+    """Step checkpoints: a job killed past a checkpoint resumed from it, so its successor ran
+    again at most the steps of one checkpoint interval, not every step done."""
+    killed = faults.checkpointed_at_kill
+    report.check("a SIGKILLed worker held a job past a step checkpoint", bool(killed), "")
+    if not killed:
+        return
+    rows = {
+        r.id: r
+        for r in store.rows(
+            "SELECT id, status, attempts, progress_resumed_from FROM jobs WHERE id = ANY(:ids)",
+            ids=list(killed),
+        )
+    }
+    rerun_total = spared_total = 0
+    for job_id, (done, checkpoint, rate) in killed.items():
+        row = rows[job_id]
+        resumed = row.progress_resumed_from
+        if row.attempts > 2:  # killed again later: the last attempt's mark says nothing of this one
+            continue
+        # Steps run in one checkpoint interval at the rate this job ran, plus one for the
+        # step in flight and one for a progress write that trailed the worker.
+        bound = int(CHECKPOINT_SECONDS * rate) + 2
+        rerun = done - (resumed or 0)
+        rerun_total += max(rerun, 0)
+        spared_total += resumed or 0
+        report.check(
+            f"job {job_id[:8]} resumed from its checkpoint (killed at step {done}, checkpoint "
+            f"{checkpoint}, resumed from {resumed}); steps run again {rerun} <= one interval "
+            f"({bound})",
+            row.status == "COMPLETED"
+            and resumed is not None
+            and resumed >= checkpoint
+            and rerun <= bound,
+            f"status {row.status}, attempts {row.attempts}",
+        )
+    report.facts["steps run again after kills (with checkpoints)"] = rerun_total
+    report.facts["steps spared by checkpoints (run again without them)"] = spared_total
+
+
 def _check_faults(report: Report, faults: Faults, store: Store) -> None:
     report.check("fault script ran to the end", faults.error is None, repr(faults.error))
     report.facts["jobs held by SIGKILLed workers"] = len(faults.killed_jobs)
@@ -461,6 +551,7 @@ def _check_faults(report: Report, faults: Faults, store: Store) -> None:
         faults.sigterm_rc == 0 and not faults.sigterm_left,
         f"exit {faults.sigterm_rc}, still leased {faults.sigterm_left}",
     )
+    _check_resumed(report, faults, store)
     if faults.killed_jobs:
         rows = store.rows(
             "SELECT id, status, attempts FROM jobs WHERE id = ANY(:ids)", ids=faults.killed_jobs
