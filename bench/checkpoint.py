@@ -8,7 +8,10 @@ each: the checkpoint's size, `SamplerState.to_bytes` time, and the time to write
 to a local directory (write + fsync, as a store write that must survive a crash does) and,
 with --s3, to a moto S3 server on loopback (tests/s3_server.py; the HTTP round trip, not a
 real network). Medians over --repeats. Numbers are per checkpoint, i.e. per checkpointed
-step; with checkpoint_every_steps = n a job pays them once every n steps.
+step. The worker saves one every AURASERVE_CHECKPOINT_SECONDS at most (the engine asks its
+clock before serialising anything), so the share of a job's time checkpoints take is the cost
+of one divided by that interval, whatever the GPU's step time: each row reports it for the
+--interval given (default 10 s, the setting's default), for disk and for S3.
 
     python bench/checkpoint.py                # writes bench/results/checkpoint.json
     python bench/checkpoint.py --s3 --batch 4
@@ -75,7 +78,7 @@ def state_at(sampler: str, batch: int, latent: int, steps: int = 10, at: int = 5
 
 
 def measure(
-    batch: int, latent: int, repeats: int, s3: bool
+    batch: int, latent: int, repeats: int, s3: bool, interval: float = 10.0
 ) -> list[dict[str, Any]]:  # pragma: no cover - timing
     rows: list[dict[str, Any]] = []
     server = bucket = client = None
@@ -119,6 +122,15 @@ def measure(
                 row["serialize_and_write_local_ms"] = (
                     row["serialize_ms"] + row["write_local_fsync_ms"]
                 )
+                # The share of a job's wall time at one checkpoint per interval.
+                row["interval_s"] = interval
+                row["share_of_job_time_local"] = row["serialize_and_write_local_ms"] / (
+                    1000 * interval
+                )
+                if "put_s3_moto_ms" in row:
+                    row["share_of_job_time_s3"] = (row["serialize_ms"] + row["put_s3_moto_ms"]) / (
+                        1000 * interval
+                    )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -134,6 +146,9 @@ def main() -> None:  # pragma: no cover - CLI
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--s3", action="store_true", help="also PUT to a moto S3 server")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--interval", type=float, default=10.0, help="AURASERVE_CHECKPOINT_SECONDS to report for"
+    )
     args = parser.parse_args()
     import torch
 
@@ -141,7 +156,7 @@ def main() -> None:  # pragma: no cover - CLI
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
-        "rows": measure(args.batch, args.latent, args.repeats, args.s3),
+        "rows": measure(args.batch, args.latent, args.repeats, args.s3, args.interval),
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

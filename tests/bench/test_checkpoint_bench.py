@@ -21,6 +21,9 @@ def test_checkpoint_bench_sizes_grow_with_history() -> None:
     }.items():
         assert (1 + extra) * latents < sizes[sampler] < (1 + extra) * latents + 16_000, sampler
     assert all(row["serialize_ms"] > 0 and row["write_local_fsync_ms"] > 0 for row in rows)
+    # The share of a job's time: one checkpoint's cost over the interval (10 s by default).
+    for row in rows:
+        assert row["share_of_job_time_local"] == row["serialize_and_write_local_ms"] / 10_000
 
 
 def test_preview_bench_reports_both_formats() -> None:
