@@ -3,8 +3,10 @@ sweep will find it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from auraserve.core.lora import LoraSource
 from auraserve.core.presets import default_presets
 from auraserve.core.request import GenerationRequest, build_request
 from auraserve.store import jobs
@@ -21,11 +23,14 @@ def submit_job(
     *,
     model: str = MODEL,
     max_queued: int = 100,
+    loras: Mapping[str, LoraSource] | None = None,
 ) -> str:
     """Queue a job of `account_id` with `fields` (canonical names; a prompt by default), priced
-    and reserved as the API would; returns its id."""
+    and reserved as the API would; returns its id. `loras`: the registry LoRA names must be in."""
     preset = default_presets()[model]
-    request = build_request({"prompt": "a test", **(fields or {})}, model=model, preset=preset)
+    request = build_request(
+        {"prompt": "a test", **(fields or {})}, model=model, preset=preset, loras=loras
+    )
     made, _ = jobs.submit(
         db,
         account_id=account_id,

@@ -7,6 +7,7 @@ the status a client would poll."""
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import signal
@@ -21,6 +22,7 @@ from PIL import Image
 
 from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.lora import available_loras
 from auraserve.core.status import status_body
 from auraserve.runtime import Runtime
 from auraserve.store import checkpoints, jobs, keys
@@ -46,6 +48,7 @@ def _worker(settings: Settings, worker_id: str) -> subprocess.Popen[bytes]:
         AURASERVE_DATA_DIR=str(settings.data_dir),
         AURASERVE_DATABASE_URL=settings.database_url or settings.resolved_database_url,
         AURASERVE_WORKER_ID=worker_id,
+        AURASERVE_LORA_DIR=str(Path(settings.data_dir) / "loras"),
         AURASERVE_CHECKPOINT_SECONDS="0.2",
         AURASERVE_LEASE_SECONDS="2",
         AURASERVE_HEARTBEAT_SECONDS="0.5",
@@ -96,24 +99,60 @@ def _pixels(runtime: Runtime, job: Job) -> list[bytes]:
     return images
 
 
-@pytest.mark.parametrize(
-    ("sampler", "scheduler"), [("dpmpp_2m_sde", "karras"), ("lms", "exponential")]
-)
+def _input_image() -> str:
+    """A 512² PNG as a data URL: a gradient, so image-to-image has something to keep."""
+    pixels = bytes((x // 2) % 256 for _ in range(512) for x in range(512 * 3))
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (512, 512), pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# (sampler, scheduler, what both jobs of the batch add): CFG on one job and not the other, a
+# batch of 2 + 1 images; then a LoRA and image-to-image on a third sampler family.
+CASES = {
+    "sde-cfg": ("dpmpp_2m_sde", "karras", {}),
+    "lms-cfg": ("lms", "exponential", {}),
+    "lora-img2img": (
+        "euler_ancestral",
+        "beta",
+        {"loras": [{"name": "style", "scale": 1.0}], "strength": 0.7, "image": "input"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_a_killed_workers_batch_resumes_from_its_checkpoints_with_the_same_images(
-    settings: Settings, runtime: Runtime, sampler: str, scheduler: str
+    settings: Settings, runtime: Runtime, case: str
 ) -> None:
     """Two jobs that share a batch (one with two images) die together at a step and resume
     together; each image equals the one an uninterrupted run of its request gives."""
+    sampler, scheduler, extra = CASES[case]
+    if extra.get("image") == "input":
+        extra = {**extra, "image": _input_image()}
+    registry = None
+    if "loras" in extra:
+        from tests.engine.test_lora import save_adapter
+
+        save_adapter(Path(settings.data_dir) / "loras" / "style", rank=4, alpha=8, seed=1)
+        registry = available_loras(Path(settings.data_dir) / "loras", [])
     account = keys.create_account(runtime.db, "resume", credits=1_000_000)
+    common = {**REQUEST, **extra, "sampler": sampler, "scheduler": scheduler}
     requests = [
-        {**REQUEST, "sampler": sampler, "scheduler": scheduler, "seed": 7, "num_images": 2},
-        {**REQUEST, "sampler": sampler, "scheduler": scheduler, "seed": 8, "guidance_scale": 1.0},
+        {**common, "seed": 7, "num_images": 2},
+        {**common, "seed": 8, "guidance_scale": 1.0},
     ]
+
+    def submit(fields: dict[str, Any]) -> str:
+        return submit_job(runtime.db, account.account_id, fields, model=MODEL, loras=registry)
+
     first = _worker(settings, "gpu-a")
     second: subprocess.Popen[bytes] | None = None
     try:
         # Queued before the worker looks: claimed as one batch.
-        ids = [submit_job(runtime.db, account.account_id, r, model=MODEL) for r in requests]
+        ids = [
+            submit_job(runtime.db, account.account_id, r, model=MODEL, loras=registry)
+            for r in requests
+        ]
 
         def far_enough(job: Job) -> bool:
             assert not job.is_terminal, "the job ended before the test saw its checkpoints"
@@ -143,7 +182,8 @@ def test_a_killed_workers_batch_resumes_from_its_checkpoints_with_the_same_image
 
         # The same requests run start to finish by the same worker: the same pixels.
         reference_ids = [
-            submit_job(runtime.db, account.account_id, r, model=MODEL) for r in requests
+            submit_job(runtime.db, account.account_id, r, model=MODEL, loras=registry)
+            for r in requests
         ]
         references = [_until(runtime, job_id, lambda j: j.is_terminal) for job_id in reference_ids]
         for job, reference in zip(done, references, strict=True):
