@@ -63,11 +63,18 @@ def hooks(receiver: Receiver, tenant: Tenant) -> Iterator[Receiver]:
 
 
 def _submit(
-    client: httpx.Client, tenant: Tenant, url: str, mode: str | None = None, **body: Any
+    client: httpx.Client,
+    tenant: Tenant,
+    url: str,
+    mode: str | None = None,
+    previews: bool = False,
+    **body: Any,
 ) -> str:
     headers = {**tenant.headers, "X-Webhook-URL": url}
     if mode:
         headers["X-Webhook-Mode"] = mode
+    if previews:
+        headers["X-Webhook-Previews"] = "true"
     resp = client.post(SUBMIT, headers=headers, json={"prompt": "p", **body})
     assert resp.status_code == 202, resp.text
     return str(resp.json()["request_id"])
@@ -205,6 +212,61 @@ def test_sync_mode_sends_throttled_progress_then_final(
     gaps = [b - a for a, b in itertools.pairwise(created)]
     assert all(g >= 0.3 * 0.99 for g in gaps), gaps
     assert len({r.headers["webhook-id"] for r in hooks.requests}) == len(hooks.requests)
+
+
+def test_progress_callbacks_carry_previews_when_asked(
+    server: LiveServer, client: httpx.Client, tenant: Tenant, hooks: Receiver
+) -> None:
+    """`X-Webhook-Previews: true` with sync mode: the job counts as watched while it runs, so
+    its worker makes previews, and each progress callback carries the newest one."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    url = f"https://127.0.0.1:{hooks.port}/hook"
+    # As for the plain sync test: long enough for progress callbacks at the 0.3 s interval.
+    request_id = _submit(
+        client,
+        tenant,
+        url,
+        mode="sync",
+        previews=True,
+        num_inference_steps=100,
+        guidance_scale=1.0,
+        width=1024,
+        height=1024,
+    )
+    status = wait_for_status(client, request_id, tenant.headers, timeout=120)
+    assert status["status"] == "COMPLETED"
+    assert status["webhook"]["mode"] == "sync" and status["webhook"]["previews"] is True
+    _wait(
+        lambda: any(json.loads(r.body)["status"] == "COMPLETED" for r in hooks.requests),
+        what="the final callback",
+    )
+    payloads = [_verify(tenant.webhook_secret, r) for r in hooks.requests]
+    with_preview = [p for p in payloads if "preview" in p]
+    assert with_preview, [p["status"] for p in payloads]
+    assert all(p["status"] == "PROCESSING" for p in with_preview)  # never on the final one
+    for payload in with_preview:
+        preview = payload["preview"]
+        assert 0 < preview["step"] <= payload["progress"]["step"] + 2
+        assert len(preview["images"]) == 1
+        data = preview["images"][0].removeprefix("data:image/jpeg;base64,")
+        assert Image.open(io.BytesIO(base64.b64decode(data))).format == "JPEG"
+
+
+def test_previews_need_progress_callbacks(
+    api_only_server: LiveServer, client: httpx.Client, tenant: Tenant, hooks: Receiver
+) -> None:
+    url = f"https://127.0.0.1:{hooks.port}/hook"
+    headers = {**tenant.headers, "X-Webhook-URL": url, "X-Webhook-Previews": "true"}
+    resp = client.post(SUBMIT, headers=headers, json={"prompt": "p"})
+    assert resp.status_code == 400 and resp.json()["field"] == "X-Webhook-Previews", resp.text
+    assert "X-Webhook-Mode: sync" in resp.json()["message"]
+    headers["X-Webhook-Previews"] = "maybe"
+    resp = client.post(SUBMIT, headers={**headers, "X-Webhook-Mode": "sync"}, json={"prompt": "p"})
+    assert resp.status_code == 400 and "true or false" in resp.json()["message"]
 
 
 def test_cancel_fires_the_terminal_webhook(

@@ -103,6 +103,9 @@ class WebhookSection(BaseModel):
     url: str
     mode: str
     deliveries: list[WebhookDelivery]
+    previews: bool | None = Field(
+        None, description="Present (true) when progress callbacks carry `preview`"
+    )
 
 
 class Fidelity(BaseModel):

@@ -1,7 +1,8 @@
 """Live previews: who watches a job, and the newest preview its worker made.
 
 An open status stream marks its job watched for a few seconds at a time
-(`jobs.preview_wanted_until`, renewed while the stream lives); the job's worker asks (`wanted`,
+(`jobs.preview_wanted_until`, renewed while the stream lives), and a job whose progress webhooks
+ask for previews is watched while it runs; the job's worker asks (`wanted`,
 at most once a second) and makes previews only for watched jobs, so nobody pays for pictures
 nobody sees. A preview is a few small JPEGs (one per image, ~10 KB each), kept as the job's one
 `job_previews` row and replaced every few steps; writing one emits the job's event, which wakes
@@ -16,13 +17,17 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, or_, select, update
 
 from auraserve.store.db import Store
 from auraserve.store.events import JOB, emit_in
 from auraserve.store.schema import job_previews, jobs
 
 _P = job_previews.c
+
+# The webhook mode of a job whose progress callbacks carry previews (`X-Webhook-Mode: sync`
+# with `X-Webhook-Previews: true`): such a job is watched for as long as it runs.
+PREVIEWS_WEBHOOK_MODE = "sync_previews"
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,11 @@ def wanted(db: Store, job_ids: Collection[str], *, now: float | None = None) -> 
         return set(
             conn.scalars(
                 select(jobs.c.id).where(
-                    jobs.c.id.in_(list(job_ids)), jobs.c.preview_wanted_until > now
+                    jobs.c.id.in_(list(job_ids)),
+                    or_(
+                        jobs.c.preview_wanted_until > now,
+                        jobs.c.webhook_mode == PREVIEWS_WEBHOOK_MODE,
+                    ),
                 )
             )
         )
@@ -92,9 +101,14 @@ def save(
 def newest(db: Store, job_id: str, *, after_step: int = 0) -> Preview | None:
     """The job's newest preview, if it is past `after_step`."""
     with db.read() as conn:
-        row = conn.execute(
-            select(_P.step, _P.total, _P.images).where(_P.job_id == job_id, _P.step > after_step)
-        ).first()
+        return newest_in(conn, job_id, after_step=after_step)
+
+
+def newest_in(conn: Connection, job_id: str, *, after_step: int = 0) -> Preview | None:
+    """`newest`, in the caller's transaction (a progress webhook's body is built in one)."""
+    row = conn.execute(
+        select(_P.step, _P.total, _P.images).where(_P.job_id == job_id, _P.step > after_step)
+    ).first()
     if row is None:
         return None
     return Preview(step=row.step, total=row.total, images=json.loads(row.images))

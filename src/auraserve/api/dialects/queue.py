@@ -22,6 +22,7 @@ from auraserve.api.submit import Webhook, accept
 from auraserve.core.jobs import Job
 from auraserve.errors import InvalidParameter
 from auraserve.runtime import Runtime
+from auraserve.store.previews import PREVIEWS_WEBHOOK_MODE
 from auraserve.webhooks import outbox
 from auraserve.webhooks.settings import check_webhook_url
 
@@ -72,6 +73,7 @@ router = APIRouter(tags=[QUEUE_TAG], dependencies=[use_dialect(QUEUE)])
 
 WEBHOOK_URL_HEADER = "X-Webhook-URL"
 WEBHOOK_MODE_HEADER = "X-Webhook-Mode"
+WEBHOOK_PREVIEWS_HEADER = "X-Webhook-Previews"
 
 
 def webhook_of(request: Request, runtime: Runtime) -> Webhook | None:
@@ -87,6 +89,22 @@ def webhook_of(request: Request, runtime: Runtime) -> Webhook | None:
     chosen = (mode or outbox.TERMINAL_MODE).strip().lower()
     if chosen not in outbox.MODES:
         raise _bad_mode()
+    previews = request.headers.get(WEBHOOK_PREVIEWS_HEADER, "false").strip().lower()
+    if previews not in ("true", "false"):
+        raise InvalidParameter(
+            field=WEBHOOK_PREVIEWS_HEADER,
+            message=f"{WEBHOOK_PREVIEWS_HEADER}: must be true or false",
+            allowed="true, false",
+        )
+    if previews == "true":
+        if chosen != outbox.SYNC_MODE:
+            raise InvalidParameter(
+                field=WEBHOOK_PREVIEWS_HEADER,
+                message=f"{WEBHOOK_PREVIEWS_HEADER}: previews ride on progress callbacks; "
+                f"send {WEBHOOK_MODE_HEADER}: sync too",
+                allowed="true with X-Webhook-Mode: sync",
+            )
+        chosen = PREVIEWS_WEBHOOK_MODE
     return Webhook(url=normalised, mode=chosen)
 
 
@@ -141,6 +159,15 @@ async def submit(
             description="terminal (default): one callback at the final status; sync: progress "
             "callbacks too",
             json_schema_extra={"enum": list(outbox.MODES)},
+        ),
+    ] = None,
+    x_webhook_previews: Annotated[
+        str | None,
+        Header(
+            alias=WEBHOOK_PREVIEWS_HEADER,
+            description="With X-Webhook-Mode: sync, true adds `preview` (the images as they "
+            "stand, small JPEG data URLs) to the progress callbacks",
+            json_schema_extra={"enum": ["true", "false"]},
         ),
     ] = None,
     idempotency_key: idempotency.IdempotencyKeyHeader = None,

@@ -32,6 +32,7 @@ from auraserve.errors import StoreUnavailable
 from auraserve.observability.logs import OutageLog
 from auraserve.store import keys
 from auraserve.store.db import Store
+from auraserve.store.previews import PREVIEWS_WEBHOOK_MODE
 from auraserve.store.schema import accounts, webhook_deliveries
 from auraserve.store.schema import jobs as jobs_table
 from auraserve.webhooks.delivery import DeliveryResult, deliver, next_delay, webhook_limits
@@ -320,7 +321,7 @@ class Dispatcher:
                 for r in conn.execute(
                     select(jobs_table.c.id).where(
                         jobs_table.c.status == JobStatus.PROCESSING.value,
-                        jobs_table.c.webhook_mode == SYNC_MODE,
+                        jobs_table.c.webhook_mode.in_((SYNC_MODE, PREVIEWS_WEBHOOK_MODE)),
                         jobs_table.c.webhook_url.is_not(None),
                     )
                 ).all()

@@ -10,8 +10,9 @@ from sqlalchemy import Connection, select
 from auraserve.core.jobs import Job
 from auraserve.core.status import iso
 from auraserve.store.db import Store
+from auraserve.store.previews import PREVIEWS_WEBHOOK_MODE
 from auraserve.store.schema import webhook_deliveries
-from auraserve.webhooks.outbox.transaction import PENDING, TERMINAL_MODE
+from auraserve.webhooks.outbox.transaction import PENDING, SYNC_MODE, TERMINAL_MODE
 
 __all__ = ["deliveries_in", "webhook_section"]
 
@@ -57,8 +58,11 @@ def webhook_section(db: Store, job: Job) -> dict[str, Any] | None:
         return None
     with db.read() as conn:
         deliveries = deliveries_in(conn, job.id)
-    return {
+    section: dict[str, Any] = {
         "url": job.webhook_url,
         "mode": job.webhook_mode or TERMINAL_MODE,
         "deliveries": deliveries,
     }
+    if job.webhook_mode == PREVIEWS_WEBHOOK_MODE:  # stored apart; shown as the client asked
+        section.update(mode=SYNC_MODE, previews=True)
+    return section

@@ -23,6 +23,7 @@ from auraserve.core.jobs import Job, JobStatus
 from auraserve.core.status import MediaUrl, status_body
 from auraserve.store.db import Store, TransitionHook, store_of
 from auraserve.store.events import emit_in
+from auraserve.store.previews import PREVIEWS_WEBHOOK_MODE, newest_in
 from auraserve.store.schema import webhook_deliveries
 from auraserve.webhooks.settings import WebhookSettings
 
@@ -84,7 +85,7 @@ def transition_hook(settings: WebhookSettings, *, media_url: MediaUrl) -> Transi
                 media_url=media_url,
             )
             return
-        if (job.webhook_mode or TERMINAL_MODE) != SYNC_MODE:
+        if not sends_progress(job.webhook_mode):
             return
         # The first callback (accepted) is never throttled.
         first = job.status == JobStatus.QUEUED and job.attempts == 0
@@ -98,6 +99,11 @@ def transition_hook(settings: WebhookSettings, *, media_url: MediaUrl) -> Transi
             )
 
     return on_transition
+
+
+def sends_progress(mode: str | None) -> bool:
+    """Whether a job's webhooks report progress (mode sync, with or without previews)."""
+    return mode in (SYNC_MODE, PREVIEWS_WEBHOOK_MODE)
 
 
 def event_id(job_id: str, suffix: str) -> str:
@@ -150,6 +156,13 @@ def enqueue_in(
         return False
     if body is None:
         body = status_body(job, media_url)
+        if job.webhook_mode == PREVIEWS_WEBHOOK_MODE and not terminal:
+            preview = newest_in(conn, job.id)
+            if preview is not None:  # the images as they stood at `step`: small JPEGs
+                body["preview"] = {
+                    "step": preview.step,
+                    "images": [f"data:image/jpeg;base64,{i}" for i in preview.images],
+                }
     inserted = _insert_ignoring_duplicates(
         conn,
         {
