@@ -256,17 +256,21 @@ def test_progress_callbacks_carry_previews_when_asked(
         assert Image.open(io.BytesIO(base64.b64decode(data))).format == "JPEG"
 
 
-def test_previews_need_progress_callbacks(
+def test_previews_header_values(
     api_only_server: LiveServer, client: httpx.Client, tenant: Tenant, hooks: Receiver
 ) -> None:
     url = f"https://127.0.0.1:{hooks.port}/hook"
-    headers = {**tenant.headers, "X-Webhook-URL": url, "X-Webhook-Previews": "true"}
-    resp = client.post(SUBMIT, headers=headers, json={"prompt": "p"})
-    assert resp.status_code == 400 and resp.json()["field"] == "X-Webhook-Previews", resp.text
-    assert "X-Webhook-Mode: sync" in resp.json()["message"]
-    headers["X-Webhook-Previews"] = "maybe"
+    headers = {**tenant.headers, "X-Webhook-URL": url, "X-Webhook-Previews": "maybe"}
     resp = client.post(SUBMIT, headers={**headers, "X-Webhook-Mode": "sync"}, json={"prompt": "p"})
-    assert resp.status_code == 400 and "true or false" in resp.json()["message"]
+    assert resp.status_code == 400 and resp.json()["field"] == "X-Webhook-Previews", resp.text
+    assert "true or false" in resp.json()["message"]
+    # Terminal mode sends no progress callbacks: previews have nothing to ride on, no error.
+    headers["X-Webhook-Previews"] = "true"
+    resp = client.post(SUBMIT, headers=headers, json={"prompt": "p"})
+    assert resp.status_code == 202, resp.text
+    status = client.get(f"/v2/requests/status/{resp.json()['request_id']}", headers=tenant.headers)
+    assert status.json()["webhook"]["mode"] == "terminal"
+    assert status.json()["webhook"].get("previews") is None
 
 
 def test_cancel_fires_the_terminal_webhook(

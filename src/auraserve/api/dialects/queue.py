@@ -96,14 +96,8 @@ def webhook_of(request: Request, runtime: Runtime) -> Webhook | None:
             message=f"{WEBHOOK_PREVIEWS_HEADER}: must be true or false",
             allowed="true, false",
         )
-    if previews == "true":
-        if chosen != outbox.SYNC_MODE:
-            raise InvalidParameter(
-                field=WEBHOOK_PREVIEWS_HEADER,
-                message=f"{WEBHOOK_PREVIEWS_HEADER}: previews ride on progress callbacks; "
-                f"send {WEBHOOK_MODE_HEADER}: sync too",
-                allowed="true with X-Webhook-Mode: sync",
-            )
+    if previews == "true" and chosen == outbox.SYNC_MODE:
+        # Previews ride on progress callbacks: in terminal mode there are none to carry them.
         chosen = PREVIEWS_WEBHOOK_MODE
     return Webhook(url=normalised, mode=chosen)
 
@@ -166,7 +160,8 @@ async def submit(
         Header(
             alias=WEBHOOK_PREVIEWS_HEADER,
             description="With X-Webhook-Mode: sync, true adds `preview` (the images as they "
-            "stand, small JPEG data URLs) to the progress callbacks",
+            "stand, small JPEG data URLs) to the progress callbacks (terminal mode has none, "
+            "so there it changes nothing)",
             json_schema_extra={"enum": ["true", "false"]},
         ),
     ] = None,
