@@ -5,6 +5,7 @@ declared). No worker runs, so generation requests end as documented 504s (sync d
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -60,6 +61,15 @@ DEVIATIONS = {
 }
 
 
+# A LoRA name: the schema says a string; the server also requires a name of its registry,
+# which the operator changes without a restart (so no enum in the document can hold it).
+_LORA_NAME = re.compile(r"loras\[\d+\]\.name")
+
+
+def _is_deviation(field: str) -> bool:
+    return field in DEVIATIONS or _LORA_NAME.fullmatch(field) is not None
+
+
 def _refused_field(response: Any) -> str | None:
     try:
         body = response.json()
@@ -78,7 +88,8 @@ def schema_valid_data_accepted(ctx: Any, response: Any, case: Any) -> bool | Non
     documented deviations."""
     if not _all_parts_positive(case):
         return None
-    if response.status_code == 400 and _refused_field(response) in DEVIATIONS:
+    refused = _refused_field(response)
+    if response.status_code == 400 and refused is not None and _is_deviation(refused):
         return None
     return positive_data_acceptance(ctx, response, case)
 
@@ -255,6 +266,11 @@ def test_documented_deviations(api_only_server: LiveServer, rich_tenant: Tenant)
         assert private.status_code == 400 and private.json()["field"] == "X-Webhook-URL"
         alone = client.post("/auraflow-v0-3/v1/x-request", json={"prompt": "a", "strength": 0.5})
         assert alone.status_code == 400 and alone.json()["field"] == "strength"
+        unknown = client.post(
+            "/auraflow-v0-3/v1/x-request",
+            json={"prompt": "a", "loras": [{"name": "not-in-the-registry"}]},
+        )
+        assert unknown.status_code == 400 and unknown.json()["field"] == "loras[0].name"
         text_to_image = client.post(
             "/auraflow-v0-3/v1/x-request", json={"prompt": "a", "strength": 1}
         )
