@@ -26,13 +26,12 @@ from auraserve.api import results
 from auraserve.api.auth import require_admin
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
-from auraserve.api.openapi import ErrorBody, StatusBody
+from auraserve.api.openapi import IsoTime, StatusBody
 from auraserve.config import Settings
 from auraserve.core.jobs import Job, JobStatus
 from auraserve.core.lora import LoraSource
 from auraserve.core.request import PRESET_DEFAULTS, GenerationRequest
 from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
-from auraserve.core.status import iso
 from auraserve.errors import StoreUnavailable, Unauthorized
 from auraserve.runtime import Runtime
 from auraserve.store import history
@@ -152,7 +151,7 @@ class LedgerEntryBody(BaseModel):
     kind: str = Field(description="grant | reserve | release | capture")
     amount: int = Field(description="Credits concerned, never negative")
     balance_delta: int = Field(description="Effect on the balance: reserve −, release +")
-    created_at: str | None
+    created_at: IsoTime
     note: str | None
     request_id: str | None = Field(description="The request it belongs to; null for grants")
 
@@ -286,27 +285,16 @@ async def account_state(
     )
     if summary is None:  # deleted between the key check and this read
         raise Unauthorized()
-    return JSONResponse(
-        {
-            "account_id": summary.account_id,
-            "name": summary.name,
-            "is_admin": account.is_admin,
-            "balance": summary.balance,
-            "reserved": summary.reserved,
-            "ledger": [
-                {
-                    "id": e.id,
-                    "kind": e.kind,
-                    "amount": e.amount,
-                    "balance_delta": e.balance_delta,
-                    "created_at": iso(e.created_at),
-                    "note": e.note,
-                    "request_id": e.request_id,
-                }
-                for e in summary.entries
-            ],
-        }
+    ledger = [LedgerEntryBody.model_validate(e, from_attributes=True) for e in summary.entries]
+    body = AccountBody(
+        account_id=summary.account_id,
+        name=summary.name,
+        is_admin=account.is_admin,
+        balance=summary.balance,
+        reserved=summary.reserved,
+        ledger=ledger,
     )
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 @router.get(
@@ -316,10 +304,7 @@ async def account_state(
     "worker` processes on any machine), the most recently heard from first. Only keys of an "
     "admin account (`auraserve keys create --admin`) may read it; other keys get 403.",
     response_model=WorkersBody,
-    responses={
-        **QUEUE.error_responses(401),
-        403: {"model": ErrorBody, "description": "The key's account is not an admin account"},
-    },
+    responses=QUEUE.error_responses(401, 403),
 )
 async def list_workers(runtime: RuntimeDep, account: CurrentAccount) -> Response:
     require_admin(account)

@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -26,10 +25,6 @@ from auraserve.store import jobs
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=[REQUESTS_TAG], dependencies=[use_dialect(QUEUE)])
-
-
-def _status_responses() -> dict[int | str, dict[str, Any]]:
-    return QUEUE.error_responses(401, 404)
 
 
 @router.get(
@@ -53,7 +48,7 @@ def _status_responses() -> dict[int | str, dict[str, Any]]:
                 "Cache-Control": {"schema": {"type": "string", "enum": ["no-cache"]}},
             },
         },
-        **_status_responses(),
+        **QUEUE.error_responses(401, 404),
     },
 )
 async def stream(

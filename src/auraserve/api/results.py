@@ -157,11 +157,7 @@ async def finished_job(request: Request, runtime: Runtime, job: Job) -> Job:
     """Wait for the job up to the sync timeout; anything but COMPLETED raises (SyncTimeout or
     the JobOutcome of its status), carrying the ids to poll it by."""
     done = await wait_until_terminal(request, runtime, job, runtime.settings.sync_timeout_seconds)
-    base = runtime.settings.resolved_public_url
-    ids = {
-        "request_id": job.request_id,
-        "polling_url": f"{base}/v2/requests/status/{job.request_id}",
-    }
+    ids = outage.request_ids(runtime, job.request_id)
     headers = {"x-request-id": job.request_id}
     if done is None:
         raise SyncTimeout(

@@ -28,7 +28,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from auraserve.core.jobs import Job
 from auraserve.errors import StoreUnavailable
 from auraserve.observability import metrics
-from auraserve.store.cache import TtlCache
+from auraserve.store.cache import Flights, TtlCache
 from auraserve.store.credentials import ServerKey
 from auraserve.store.drivers import open_driver
 from auraserve.store.drivers.base import Closeable, JobReader
@@ -105,7 +105,7 @@ class Store:
         self._events: Closeable | None = None
         # Per event loop: the store calls in flight, by what they renew (`renewal`).
         self._renewing: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]
+            asyncio.AbstractEventLoop, Flights[Hashable, Any]
         ] = weakref.WeakKeyDictionary()
         self.engine = self.driver.create_engine(pool_size=pool_size, options={_STORE_OPTION: self})
         self.on_committed_transition(metrics.observe_transition)
@@ -209,15 +209,9 @@ class Store:
 
     def renewal(self, key: Hashable, fetch: Callable[[], T]) -> asyncio.Future[T]:
         """The store call in flight for `key` on this event loop, or a new one running
-        `fetch`: however many requests ask meanwhile, one call. Await it through
-        `asyncio.shield` (a cancelled request must not cancel the others' answer)."""
-        loop = asyncio.get_running_loop()
-        pending = self._renewing.setdefault(loop, {})
-        running: asyncio.Future[T] | None = pending.get(key)
-        if running is None:
-            running = asyncio.ensure_future(self.call(fetch))
-            pending[key] = running
-            running.add_done_callback(functools.partial(_renewed, pending, key))
+        `fetch`: however many requests ask meanwhile, one call (`Flights`)."""
+        flights = self._renewing.setdefault(asyncio.get_running_loop(), Flights())
+        running: asyncio.Future[T] = flights.start(key, lambda: self.call(fetch))
         return running
 
     async def refreshed(
@@ -335,13 +329,6 @@ def _remember_transition(conn: Connection, job: Job) -> None:
 def _take_committed(conn: Connection) -> list[Job]:
     changed: list[Job] = conn.info.pop(_COMMITTED_KEY, [])
     return changed
-
-
-def _renewed(pending: dict[Hashable, asyncio.Future[Any]], key: Hashable, renewal: Any) -> None:
-    if pending.get(key) is renewal:
-        del pending[key]
-    if not renewal.cancelled():
-        renewal.exception()  # whoever awaited it has it; a renewal nobody awaited may fail quietly
 
 
 def store_of(conn: Connection) -> Store:

@@ -29,7 +29,7 @@ from auraserve.api.body import FORM_TYPES, JSON, media_type, read_json_body, rea
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName
 from auraserve.api.image_field import upload_as_field
-from auraserve.api.openapi import SYNC_TAG, image_content, request_body_model
+from auraserve.api.openapi import SYNC_TAG, image_content, not_null, request_body_model
 from auraserve.api.submit import accept, remaining_credits
 from auraserve.config import Settings
 from auraserve.core.jobs import Job
@@ -226,10 +226,7 @@ def _form_schema(schema: dict[str, Any]) -> dict[str, Any]:
     hold a list or an object have no form spelling and are documented for JSON bodies only."""
     properties = {}
     for name, prop in schema["properties"].items():
-        options = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
-        if len(options) == 1:
-            rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
-            prop = {**options[0], **rest}
+        prop = not_null(prop)
         if prop.get("type") in ("array", "object"):
             continue
         properties[name] = prop

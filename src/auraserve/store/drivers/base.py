@@ -150,11 +150,22 @@ class Driver(ABC):
         autocommit connection. Returns the balance left, or None when they did not fit."""
         raise NotImplementedError
 
-    @abstractmethod
+    # The dialect's INSERT construct, which has ON CONFLICT DO NOTHING (`insert_ignoring`).
+    insert: ClassVar[staticmethod[[Table], Any]]
+
     def insert_ignoring(
         self, conn: Connection, table: Table, values: dict[str, Any], key: Sequence[str]
     ) -> bool:
         """Insert a row unless one with the same `key` columns exists; True if inserted."""
+        statement = (
+            self.insert(table)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=list(key))
+            .returning(*(table.c[name] for name in key))
+        )
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT that SQLAlchemy gave an
+        # implicit RETURNING of its own.
+        return conn.execute(statement).first() is not None
 
     @abstractmethod
     def is_unavailable(self, exc: BaseException) -> bool:
