@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -28,12 +27,11 @@ from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
 from auraserve.api.openapi import IsoTime, StatusBody
 from auraserve.config import Settings
-from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.jobs import JobStatus
 from auraserve.core.lora import LoraSource
 from auraserve.core.request import PRESET_DEFAULTS, GenerationRequest
 from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
 from auraserve.errors import StoreUnavailable, Unauthorized
-from auraserve.runtime import Runtime
 from auraserve.store import history
 from auraserve.store import workers as registry
 
@@ -63,10 +61,6 @@ def queue_parameters(request: GenerationRequest) -> dict[str, Any]:
         dumped.pop("image", None)
         dumped.pop("strength", None)
     return {own: dumped[canonical] for canonical, own in QUEUE.names.items() if canonical in dumped}
-
-
-def history_item(runtime: Runtime, job: Job) -> dict[str, Any]:
-    return {**results.plain_status(runtime, job), "parameters": queue_parameters(job.request)}
 
 
 def parameter_ranges() -> dict[str, dict[str, Any]]:
@@ -260,7 +254,10 @@ async def list_requests(
     )
     return JSONResponse(
         {
-            "items": [history_item(runtime, job) for job in page.jobs],
+            "items": [
+                {**results.plain_status(runtime, job), "parameters": queue_parameters(job.request)}
+                for job in page.jobs
+            ],
             "next_cursor": page.next_cursor,
         }
     )
@@ -333,18 +330,14 @@ async def models(runtime: RuntimeDep) -> Response:
     )
 
 
-def install(app: FastAPI, settings: Settings, media_origins: list[str] | None = None) -> None:
+def install(app: FastAPI, media_origins: list[str]) -> None:
     """Add the account routes, the playground and the offline docs to `app` (which must be
     built with `docs_url=None, redoc_url=None`: these replace FastAPI's CDN pages).
-    `media_origins`: where the playground's images come from (an S3 endpoint, a CDN); the
-    public URL's origin when None."""
+    `media_origins`: where the playground's images come from (this API, an S3 endpoint, a
+    CDN)."""
     app.include_router(router)
-    # Built per app: the pages' headers depend on the settings.
+    # Built per app: the pages' headers depend on where media come from.
     pages = APIRouter(include_in_schema=False)
-
-    if media_origins is None:
-        media = urlsplit(settings.resolved_public_url)
-        media_origins = [f"{media.scheme}://{media.netloc}"] if media.netloc else []
     page_headers = playground.security_headers(playground.page_policy(media_origins))
     asset_headers = playground.security_headers(playground.page_policy())
     app.mount(

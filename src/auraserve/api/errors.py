@@ -59,17 +59,6 @@ HTTP_TITLES = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
-NOT_FOUND = "The requested URL does not exist"
-METHOD_NOT_ALLOWED = "The requested HTTP method is not allowed"
-
-
-def http_problem(status: int, detail: str | None, headers: dict[str, str]) -> Problem:
-    message = detail or HTTP_TITLES.get(status, "Error")
-    if status == 404 and detail in (None, "Not Found"):
-        message = NOT_FOUND
-    if status == 405:
-        message = METHOD_NOT_ALLOWED
-    return Problem(status, HTTP_TITLES.get(status, "Error"), message, headers=headers)
 
 
 def dialect_for_path(
@@ -118,8 +107,14 @@ def install(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = str(exc.detail) if exc.detail else None
-        problem = http_problem(exc.status_code, detail, dict(exc.headers or {}))
+        status, detail = exc.status_code, str(exc.detail) if exc.detail else None
+        title = HTTP_TITLES.get(status, "Error")
+        message = detail or title
+        if status == 404 and detail in (None, "Not Found"):
+            message = "The requested URL does not exist"
+        if status == 405:
+            message = "The requested HTTP method is not allowed"
+        problem = Problem(status, title, message, headers=dict(exc.headers or {}))
         return dialect(request).render(problem)
 
     @app.exception_handler(RequestValidationError)

@@ -154,12 +154,9 @@ class Store:
     @contextmanager
     def at_once(self) -> Iterator[Connection]:
         """A connection in autocommit, for one statement that is a whole transaction (the
-        driver's `submit_at_once`, which notifies the `unsent_events` itself): the server
-        commits it before it answers, so a lock the statement takes is not held across a
-        round trip to this process (and its GIL). The events and transitions recorded
-        meanwhile are delivered after it, as `write`'s are.
-        An unreachable database raises `StoreUnavailable`, `in_doubt` once the connection was
-        handed out: a statement that reached the server may have committed."""
+        driver's `submit_at_once`): a lock it takes is not held across a round trip to this
+        process. Events and transitions recorded meanwhile are delivered after it, as
+        `write`'s are. `StoreUnavailable` is `in_doubt` once the connection was handed out."""
         stage = _Stage()
         with self._unavailable_as_error(stage), self.engine.connect() as conn:
             stage.committing = True
@@ -223,10 +220,9 @@ class Store:
         fetch: Callable[[], T],
     ) -> T:
         """A value the store's caches hold: `fresh()` when it has one; else `fetch()` renews it
-        (once per `key` at a time) and `stale()` answers now if it can (stale-while-
-        revalidate), or the caller waits for the renewal. Why: every such entry expires every
-        second or two, and the requests that then found it empty each went to the store: tens
-        of polls per expiry, 50-250 ms each, were the p99 of bench/scaleout.py's polls."""
+        (once per `key` at a time) and `stale()` answers now if it can, or the caller waits.
+        Why: requests that each went to the store when an entry expired (tens of polls, 50-250
+        ms each) were the p99 of bench/scaleout.py's polls."""
         value = fresh()
         if value is not None:
             return value

@@ -24,10 +24,9 @@ from auraserve.store import ledger
 from auraserve.store import media as media_rows
 from auraserve.store.db import Store, store_of
 from auraserve.store.events import JOB, WORK, emit_each_in, emit_in, unsent_events
-from auraserve.store.reads import COUNT_AHEAD, QUEUE_ORDER, SELECT_JOB, SELECT_TENANT_JOB
+from auraserve.store.reads import COUNT_AHEAD, QUEUE_ORDER, QUEUED, SELECT_JOB, SELECT_TENANT_JOB
 from auraserve.store.schema import accounts, jobs
 
-QUEUED = JobStatus.QUEUED.value
 PROCESSING = JobStatus.PROCESSING.value
 CANCELLED = JobStatus.CANCELLED.value
 ACTIVE = (QUEUED, PROCESSING)

@@ -226,18 +226,10 @@ def _authenticate_uncached(db: Store, raw_key: str, digest: str) -> Account | No
         row = conn.execute(_KEY_LOOKUP, {"key_id": key_id}).first()
     # Compare even when the row is missing so timing does not reveal which key ids exist.
     expected = row.key_hash if row is not None else "0" * 64
-    if not hmac.compare_digest(expected, digest) or row is None:
+    if not hmac.compare_digest(expected, digest) or row is None or row.revoked_at is not None:
         return None
-    if row.revoked_at is not None:
-        return None
-    return Account(
-        row.id,
-        row.name,
-        row.max_queued,
-        row.requests_per_minute,
-        row.max_concurrent,
-        is_admin=bool(row.is_admin),
-    )
+    limits = (row.max_queued, row.requests_per_minute, row.max_concurrent)
+    return Account(row.id, row.name, *limits, is_admin=bool(row.is_admin))
 
 
 def webhook_secret(db: Store, account_id: str) -> str:

@@ -206,15 +206,16 @@ async def image_response(
 ) -> Response:
     images = await runtime.db.call(results.read_images, runtime, job)
     seeds = list(job.output.get("seeds") or job.request.seeds) if job.output else job.request.seeds
-    balance = await results.balance_after(runtime, account.id, job)
-    headers = {
-        "x-request-id": job.request_id,
-        "x-seed": str(seeds[0]),
-        "x-generation-time": f"{job.engine_seconds or 0.0:.3f}",
-        **extra_headers,
-    }
-    if balance is not None:
-        headers["x-remaining-credits"] = balance
+    headers = await results.finished_headers(
+        runtime,
+        account.id,
+        job,
+        {
+            "x-seed": str(seeds[0]),
+            "x-generation-time": f"{job.engine_seconds or 0.0:.3f}",
+            **extra_headers,
+        },
+    )
     if len(images) == 1 and not as_base64:
         return Response(images[0], media_type=job.request.media_type, headers=headers)
     body = {"images": [base64.b64encode(i).decode("ascii") for i in images], "seeds": seeds}

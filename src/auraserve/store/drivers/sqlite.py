@@ -218,8 +218,7 @@ class WriterFileLock:
 
 class SqliteJobReader(JobReader):
     """Reads through a raw `sqlite3` connection per thread, autocommit (each statement reads
-    its own WAL snapshot, as `Store.read` does), `query_only`. Called inline on the event
-    loop: a read takes microseconds, a thread hand-off costs more (`Store.call`)."""
+    its own WAL snapshot, as `Store.read` does), `query_only`, inline on the event loop."""
 
     _SELECT = Compiled(SELECT_TENANT_JOB, _DIALECT)
     _COUNT = Compiled(COUNT_AHEAD, _DIALECT)
@@ -232,8 +231,7 @@ class SqliteJobReader(JobReader):
         self._lock = threading.Lock()
 
     async def get(self, job_id: str, *, account_id: str) -> Job | None:
-        # Runs to completion without awaiting: the loop is held for one indexed lookup.
-        try:
+        try:  # to completion without awaiting: the loop is held for one indexed lookup
             return self._get(job_id, account_id)
         except sqlite3.OperationalError as exc:
             wrapped = DBAPIError.instance(None, None, exc, sqlite3.Error)
@@ -243,7 +241,6 @@ class SqliteJobReader(JobReader):
 
     def _get(self, job_id: str, account_id: str) -> Job | None:
         conn = self._connection()
-        # fetchall steps each statement to its end, which ends its read snapshot at once.
         cursor = conn.execute(self._SELECT.sql, {"job_id": job_id, "acct": account_id})
         found = cursor.fetchall()
         if not found:
