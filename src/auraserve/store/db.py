@@ -1,12 +1,9 @@
 """The store: one `Store` object per store, its driver, its caches, its transactions.
 
-A `Store` holds the engine and the backend's driver (`store.drivers`, chosen once from the
-URL), and everything that belongs to one store rather than to the process: the transition
-hooks, the event bus, the short-lived caches (verified keys, queue positions, live models),
-the status poll's reader with its row cache, and the server key webhook secrets derive from.
-Two `Store` objects (tests, a CLI next to a server) never see each other's. It is passed
-explicitly; store functions that get only a connection (`jobs.submit_in`, run in a caller's
-transaction) find theirs with `store_of`.
+Everything that belongs to one store rather than to the process (hooks, the event bus, the
+short-lived caches, the status reader, the server key) lives on its `Store`, so two of them
+(tests, a CLI next to a server) never see each other's. It is passed explicitly; store
+functions that get only a connection (`jobs.submit_in`) find theirs with `store_of`.
 """
 
 from __future__ import annotations

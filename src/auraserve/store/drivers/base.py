@@ -1,13 +1,6 @@
 """The driver interface: everything that differs between SQLite and PostgreSQL, in the manner
 of River's `riverdriver.Driver`. The rest of the store (and everything above it) is written
 once against it; `drivers.open_driver` picks the implementation from the URL, once.
-
-A driver owns: the engine and its connection set-up, how a transaction begins (and, for
-writes, how writers take turns), the migration lock, cross-process wake-ups, the status
-poll's fast read (`JobReader`), the one-statement batch submit where the backend has one,
-`INSERT … ON CONFLICT DO NOTHING`, which failures mean "unavailable" (a 503, never a 500), and
-whether store calls may run inline on the event loop. Backend-neutral questions ("does this
-store hear every commit", "is it a local file") are its properties.
 """
 
 from __future__ import annotations
