@@ -222,6 +222,12 @@ def error_responses(model: type[BaseModel], *codes: int) -> dict[int | str, dict
     return {code: {"model": model, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
+def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its JSON body itself, documented by `model`."""
+    body = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": body}}
+
+
 def request_body_model(
     name: str,
     fields: Mapping[str, str],

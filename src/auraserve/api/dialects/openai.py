@@ -39,6 +39,7 @@ from auraserve.api.openapi import (
     OPENAI_TAG,
     OpenAIErrorBody,
     int_range_pattern,
+    json_request_body,
     request_body_model,
 )
 from auraserve.api.submit import accept
@@ -298,12 +299,7 @@ async def retrieve_model(model: str, runtime: RuntimeDep, account: CurrentAccoun
     PATH,
     summary="Create images (OpenAI Images API)",
     response_model=ImagesResponse,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": ImageGenerationBody.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_request_body(ImageGenerationBody),
     responses=OPENAI.error_responses(400, 401, 409, 413, 415, 422, 429, 500, 504),
 )
 async def generations(
