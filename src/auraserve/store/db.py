@@ -22,11 +22,11 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from auraserve.core.credentials import ServerKey
 from auraserve.core.jobs import Job
 from auraserve.errors import StoreUnavailable
 from auraserve.observability import metrics
 from auraserve.store.cache import Flights, TtlCache
-from auraserve.store.credentials import ServerKey
 from auraserve.store.drivers import open_driver
 from auraserve.store.drivers.base import Closeable, JobReader
 from auraserve.store.events import LocalBus, take_events, unsent_events

@@ -21,9 +21,9 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 
+from auraserve.core.credentials import KEY_PREFIX, ServerKey, new_api_key
 from auraserve.core.ids import short_id
 from auraserve.store import ledger
-from auraserve.store.credentials import KEY_PREFIX, ServerKey, new_api_key
 from auraserve.store.db import Store
 from auraserve.store.schema import accounts, api_keys
 
