@@ -12,6 +12,7 @@ parameters under the queue dialect's names, so a client can resubmit them as the
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
@@ -119,12 +120,7 @@ def _lora_bodies(adapters: Mapping[str, LoraSource]) -> list[dict[str, str]]:
 def live_worker_counts(rows: list[registry.WorkerInfo], stale_seconds: float) -> dict[str, int]:
     """How many live workers serve each model."""
     now = time.time()
-    counts: dict[str, int] = {}
-    for worker in rows:
-        if worker.is_live(stale_seconds, now):
-            for model in worker.models:
-                counts[model] = counts.get(model, 0) + 1
-    return counts
+    return dict(Counter(m for w in rows if w.is_live(stale_seconds, now) for m in w.models))
 
 
 class HistoryItem(StatusBody):

@@ -175,18 +175,15 @@ class PostgresDriver(Driver):
         ).first()
         return None if reserved is None else int(reserved.balance)
 
-    def is_unavailable(self, exc: BaseException) -> bool:
-        return _is_unavailable(exc)
+    @staticmethod
+    def is_unavailable(exc: BaseException) -> bool:
+        # psycopg raises OperationalError for every server or network failure (refused, reset,
+        # "terminating connection due to administrator command", timeouts) and InterfaceError
+        # for a connection that is already closed.
+        return isinstance(exc, OperationalError | InterfaceError)
 
     def close(self) -> None:
         pass  # it holds nothing of its own: the engine and the listener are the Store's
-
-
-def _is_unavailable(exc: BaseException) -> bool:
-    # psycopg raises OperationalError for every server or network failure (refused, reset,
-    # "terminating connection due to administrator command", timeouts) and InterfaceError
-    # for a connection that is already closed.
-    return isinstance(exc, OperationalError | InterfaceError)
 
 
 _NOTIFY = text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p")
@@ -535,7 +532,7 @@ class PgJobReader(JobReader):
     def _unavailable(exc: psycopg.Error) -> bool:
         """The SQLAlchemy path's verdict on a raw driver error (SQLAlchemy would wrap it by
         class), so this path refuses (503) exactly what that path refuses."""
-        return _is_unavailable(DBAPIError.instance(None, None, exc, psycopg.Error))
+        return PostgresDriver.is_unavailable(DBAPIError.instance(None, None, exc, psycopg.Error))
 
     async def aclose(self) -> None:
         pool = self._pool if self._loop is asyncio.get_running_loop() else None
