@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from auraserve.config import Settings
+from auraserve.core.credentials import load_server_key
 from auraserve.engine.base import Engine
 from auraserve.errors import ConfigError
 from auraserve.media.factory import open_media_store
@@ -31,7 +32,6 @@ from auraserve.media.lifecycle import MediaMaintenance
 from auraserve.media.storage import MediaStore
 from auraserve.store import jobs, keys
 from auraserve.store import workers as registry
-from auraserve.store.credentials import load_server_key
 from auraserve.store.db import Store
 from auraserve.webhooks import outbox
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, select, text
 
+from auraserve.core.credentials import ServerKey
 from auraserve.store import keys
-from auraserve.store.credentials import ServerKey
 from auraserve.store.db import Store
 from auraserve.store.schema import accounts
 

@@ -12,9 +12,9 @@ parameters under the queue dialect's names, so a client can resubmit them as the
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -26,15 +26,13 @@ from auraserve.api import results
 from auraserve.api.auth import require_admin
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
-from auraserve.api.openapi import ErrorBody, StatusBody
+from auraserve.api.openapi import IsoTime, StatusBody
 from auraserve.config import Settings
-from auraserve.core.jobs import Job, JobStatus
+from auraserve.core.jobs import JobStatus
 from auraserve.core.lora import LoraSource
 from auraserve.core.request import PRESET_DEFAULTS, GenerationRequest
 from auraserve.core.samplers import OUTPUT_FORMATS, SAMPLERS, SCHEDULERS
-from auraserve.core.status import iso
 from auraserve.errors import StoreUnavailable, Unauthorized
-from auraserve.runtime import Runtime
 from auraserve.store import history
 from auraserve.store import workers as registry
 
@@ -64,10 +62,6 @@ def queue_parameters(request: GenerationRequest) -> dict[str, Any]:
         dumped.pop("image", None)
         dumped.pop("strength", None)
     return {own: dumped[canonical] for canonical, own in QUEUE.names.items() if canonical in dumped}
-
-
-def history_item(runtime: Runtime, job: Job) -> dict[str, Any]:
-    return {**results.plain_status(runtime, job), "parameters": queue_parameters(job.request)}
 
 
 def parameter_ranges() -> dict[str, dict[str, Any]]:
@@ -126,12 +120,7 @@ def _lora_bodies(adapters: Mapping[str, LoraSource]) -> list[dict[str, str]]:
 def live_worker_counts(rows: list[registry.WorkerInfo], stale_seconds: float) -> dict[str, int]:
     """How many live workers serve each model."""
     now = time.time()
-    counts: dict[str, int] = {}
-    for worker in rows:
-        if worker.is_live(stale_seconds, now):
-            for model in worker.models:
-                counts[model] = counts.get(model, 0) + 1
-    return counts
+    return dict(Counter(m for w in rows if w.is_live(stale_seconds, now) for m in w.models))
 
 
 class HistoryItem(StatusBody):
@@ -152,7 +141,7 @@ class LedgerEntryBody(BaseModel):
     kind: str = Field(description="grant | reserve | release | capture")
     amount: int = Field(description="Credits concerned, never negative")
     balance_delta: int = Field(description="Effect on the balance: reserve −, release +")
-    created_at: str | None
+    created_at: IsoTime
     note: str | None
     request_id: str | None = Field(description="The request it belongs to; null for grants")
 
@@ -261,7 +250,10 @@ async def list_requests(
     )
     return JSONResponse(
         {
-            "items": [history_item(runtime, job) for job in page.jobs],
+            "items": [
+                {**results.plain_status(runtime, job), "parameters": queue_parameters(job.request)}
+                for job in page.jobs
+            ],
             "next_cursor": page.next_cursor,
         }
     )
@@ -286,27 +278,16 @@ async def account_state(
     )
     if summary is None:  # deleted between the key check and this read
         raise Unauthorized()
-    return JSONResponse(
-        {
-            "account_id": summary.account_id,
-            "name": summary.name,
-            "is_admin": account.is_admin,
-            "balance": summary.balance,
-            "reserved": summary.reserved,
-            "ledger": [
-                {
-                    "id": e.id,
-                    "kind": e.kind,
-                    "amount": e.amount,
-                    "balance_delta": e.balance_delta,
-                    "created_at": iso(e.created_at),
-                    "note": e.note,
-                    "request_id": e.request_id,
-                }
-                for e in summary.entries
-            ],
-        }
+    ledger = [LedgerEntryBody.model_validate(e, from_attributes=True) for e in summary.entries]
+    body = AccountBody(
+        account_id=summary.account_id,
+        name=summary.name,
+        is_admin=account.is_admin,
+        balance=summary.balance,
+        reserved=summary.reserved,
+        ledger=ledger,
     )
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 @router.get(
@@ -316,10 +297,7 @@ async def account_state(
     "worker` processes on any machine), the most recently heard from first. Only keys of an "
     "admin account (`auraserve keys create --admin`) may read it; other keys get 403.",
     response_model=WorkersBody,
-    responses={
-        **QUEUE.error_responses(401),
-        403: {"model": ErrorBody, "description": "The key's account is not an admin account"},
-    },
+    responses=QUEUE.error_responses(401, 403),
 )
 async def list_workers(runtime: RuntimeDep, account: CurrentAccount) -> Response:
     require_admin(account)
@@ -348,18 +326,14 @@ async def models(runtime: RuntimeDep) -> Response:
     )
 
 
-def install(app: FastAPI, settings: Settings, media_origins: list[str] | None = None) -> None:
+def install(app: FastAPI, media_origins: list[str]) -> None:
     """Add the account routes, the playground and the offline docs to `app` (which must be
     built with `docs_url=None, redoc_url=None`: these replace FastAPI's CDN pages).
-    `media_origins`: where the playground's images come from (an S3 endpoint, a CDN); the
-    public URL's origin when None."""
+    `media_origins`: where the playground's images come from (this API, an S3 endpoint, a
+    CDN)."""
     app.include_router(router)
-    # Built per app: the pages' headers depend on the settings.
+    # Built per app: the pages' headers depend on where media come from.
     pages = APIRouter(include_in_schema=False)
-
-    if media_origins is None:
-        media = urlsplit(settings.resolved_public_url)
-        media_origins = [f"{media.scheme}://{media.netloc}"] if media.netloc else []
     page_headers = playground.security_headers(playground.page_policy(media_origins))
     asset_headers = playground.security_headers(playground.page_policy())
     app.mount(

@@ -21,7 +21,7 @@ from auraserve.api.account_routes import queue_parameters
 from auraserve.api.auth import current_account, presented_key, require_admin
 from auraserve.api.deps import RuntimeDep, use_dialect
 from auraserve.api.dialects.queue import QUEUE
-from auraserve.api.openapi import ErrorBody, StatusBody
+from auraserve.api.openapi import IsoTime, StatusBody
 from auraserve.core.jobs import JobStatus
 from auraserve.core.status import iso, status_body
 from auraserve.errors import RequestConflict, RequestNotFound
@@ -42,8 +42,6 @@ router = APIRouter(
     # The dialect first (errors in its shape), then the admin check, before any parameter.
     dependencies=[use_dialect(QUEUE), Depends(admin_account)],
 )
-
-_FORBIDDEN = {"model": ErrorBody, "description": "The key's account is not an admin account"}
 
 # Names and reasons end up in the ledger and on the console: printable text, not blank.
 _TEXT = r"^[^\x00-\x1f\x7f]*[^\x00-\x20\x7f][^\x00-\x1f\x7f]*$"
@@ -71,7 +69,7 @@ Credits = Annotated[int, BeforeValidator(_whole_number)]
 
 
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {**QUEUE.error_responses(*codes), 403: _FORBIDDEN}
+    return QUEUE.error_responses(*codes, 403)
 
 
 def _caller_key_id(request: Request) -> str:
@@ -87,8 +85,8 @@ def _caller_key_id(request: Request) -> str:
 class KeyBody(BaseModel):
     key_id: str
     name: str
-    created_at: str | None
-    revoked_at: str | None = Field(description="null while the key works")
+    created_at: IsoTime
+    revoked_at: IsoTime = Field(description="null while the key works")
 
 
 class UsageBody(BaseModel):
@@ -98,7 +96,7 @@ class UsageBody(BaseModel):
     spent: int = Field(description="Credits captured by completed requests")
     granted: int
     deducted: int
-    last_request_at: str | None
+    last_request_at: IsoTime
 
 
 class AdminAccountBody(BaseModel):
@@ -108,7 +106,7 @@ class AdminAccountBody(BaseModel):
     balance: int = Field(description="Credits available now (reservations already taken out)")
     reserved: int = Field(description="Credits held for queued and running requests")
     active_jobs: int
-    created_at: str | None
+    created_at: IsoTime
     usage: UsageBody
     keys: list[KeyBody] = Field(description="Oldest first, revoked ones included")
 
@@ -187,38 +185,6 @@ class CreditChangeBody(BaseModel):
 # ---- routes --------------------------------------------------------------------------------
 
 
-def _key(k: admin.KeyRow) -> dict[str, Any]:
-    return {
-        "key_id": k.key_id,
-        "name": k.name,
-        "created_at": iso(k.created_at),
-        "revoked_at": iso(k.revoked_at),
-    }
-
-
-def _account(a: admin.AccountRow) -> dict[str, Any]:
-    u = a.usage
-    return {
-        "account_id": a.account_id,
-        "name": a.name,
-        "is_admin": a.is_admin,
-        "balance": a.balance,
-        "reserved": a.reserved,
-        "active_jobs": a.active_jobs,
-        "created_at": iso(a.created_at),
-        "usage": {
-            "requests": u.requests,
-            "completed": u.completed,
-            "images": u.images,
-            "spent": u.spent,
-            "granted": u.granted,
-            "deducted": u.deducted,
-            "last_request_at": iso(u.last_request_at),
-        },
-        "keys": [_key(k) for k in a.keys],
-    }
-
-
 @router.get(
     "/accounts",
     summary="Every account with its balance, usage and keys (admin keys only)",
@@ -231,7 +197,8 @@ async def list_accounts(
     offset: Annotated[int, Query(ge=0, le=10**9, description="Accounts to skip")] = 0,
 ) -> Response:
     page = await runtime.db.call(admin.list_accounts, runtime.db, limit=limit, offset=offset)
-    return JSONResponse({"accounts": [_account(a) for a in page.accounts], "total": page.total})
+    body = AccountsBody.model_validate(page, from_attributes=True)
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 def _job(runtime: Runtime, row: admin.JobRow) -> dict[str, Any]:
@@ -342,14 +309,14 @@ async def revoke_key(
             "This is the key you are using: create another admin key, sign in with it, then "
             "revoke this one"
         )
-    found = await runtime.db.call(admin.get_key, runtime.db, key_id)
+    found = await runtime.db.call(keys.get_key, runtime.db, key_id)
     if found is None:
         raise RequestNotFound(f"No key {key_id}")
     if found.revoked_at is not None or not await runtime.db.call(
         keys.revoke_key, runtime.db, key_id
     ):
         raise RequestConflict(f"Key {key_id} is already revoked")
-    revoked = await runtime.db.call(admin.get_key, runtime.db, key_id)
+    revoked = await runtime.db.call(keys.get_key, runtime.db, key_id)
     return JSONResponse(
         {
             "key_id": key_id,

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auraserve import __version__
 from auraserve.api import account_routes, admin_routes, errors, operations, request_routes
@@ -33,13 +34,9 @@ from auraserve.webhooks.outbox import Dispatcher
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
 # Who renders errors of requests no route claimed (unknown paths, wrong methods, bodies too
 # large), by path prefix; anything else is the Queue API's.
 ERROR_PREFIXES: Mapping[str, Dialect] = {openai.PREFIX: openai.OPENAI}
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 class BodyLimit:
@@ -48,7 +45,7 @@ class BodyLimit:
 
     def __init__(
         self,
-        app: Callable[..., Awaitable[None]],
+        app: ASGIApp,
         limit: int,
         dialect: Dialect,
         prefixes: Mapping[str, Dialect] | None = None,
@@ -210,7 +207,7 @@ def create_app(runtime: Runtime, *, owns_runtime: bool = False) -> FastAPI:
         openai.router,
         dependencies=[hold_slot(Kind.SYNC_WAIT, openai.OPENAI, endpoint_is(openai.generations))],
     )
-    account_routes.install(app, runtime.settings, media_origins(runtime.media))
+    account_routes.install(app, media_origins(runtime.media))
     app.include_router(admin_routes.router)
     _document_presets(app, sorted(runtime.settings.presets))
 

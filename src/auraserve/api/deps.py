@@ -1,5 +1,5 @@
-"""The routes' dependencies, as `Annotated` aliases: the runtime, the caller's account and the
-route's dialect.
+"""The routes' dependencies: the runtime and the caller's account (as `Annotated` aliases), and
+the route's dialect.
 
 Every dependency here is `async def` on purpose: FastAPI runs a plain `def` dependency in the
 thread pool, and that hand-off per request cost more than a whole status lookup
@@ -46,13 +46,5 @@ def dialect_of(scope: Scope) -> Dialect | None:
     return value if isinstance(value, Dialect) else None
 
 
-async def current_dialect(request: Request) -> Dialect:
-    dialect = dialect_of(request.scope)
-    if dialect is None:  # a route that did not declare its dialect: a programming error
-        raise RuntimeError(f"route {request.url.path} declares no dialect")
-    return dialect
-
-
 RuntimeDep = Annotated[Runtime, Depends(runtime_dep)]
 CurrentAccount = Annotated[Account, Depends(current_account)]
-DialectDep = Annotated[Dialect, Depends(current_dialect)]

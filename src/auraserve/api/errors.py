@@ -59,17 +59,6 @@ HTTP_TITLES = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
-NOT_FOUND = "The requested URL does not exist"
-METHOD_NOT_ALLOWED = "The requested HTTP method is not allowed"
-
-
-def http_problem(status: int, detail: str | None, headers: dict[str, str]) -> Problem:
-    message = detail or HTTP_TITLES.get(status, "Error")
-    if status == 404 and detail in (None, "Not Found"):
-        message = NOT_FOUND
-    if status == 405:
-        message = METHOD_NOT_ALLOWED
-    return Problem(status, HTTP_TITLES.get(status, "Error"), message, headers=headers)
 
 
 def dialect_for_path(
@@ -93,12 +82,13 @@ def install(
     dialect of `prefixes` their path starts with, else by `default`."""
 
     def dialect(request: Request) -> Dialect:
-        return dialect_of(request.scope) or dialect_for_path(request.url.path, default, prefixes)
+        return _dialect(request.scope, default, prefixes)
 
     @app.exception_handler(AuraserveError)
     async def _domain(request: Request, exc: AuraserveError) -> JSONResponse:
         if isinstance(exc, StoreUnavailable):
-            _log_unavailable(request, exc)
+            cause = exc.__cause__
+            _log_unavailable(request.scope, describe(cause) if cause is not None else exc.message)
         elif exc.status >= 500 and exc.status != 504:  # 504 is a sync wait timing out
             log.error("server fault on %s: %s", request.url.path, exc.message)
         chosen = dialect(request)
@@ -117,8 +107,14 @@ def install(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = str(exc.detail) if exc.detail else None
-        problem = http_problem(exc.status_code, detail, dict(exc.headers or {}))
+        status, detail = exc.status_code, str(exc.detail) if exc.detail else None
+        title = HTTP_TITLES.get(status, "Error")
+        message = detail or title
+        if status == 404 and detail in (None, "Not Found"):
+            message = "The requested URL does not exist"
+        if status == 405:
+            message = "The requested HTTP method is not allowed"
+        problem = Problem(status, title, message, headers=dict(exc.headers or {}))
         return dialect(request).render(problem)
 
     @app.exception_handler(RequestValidationError)
@@ -136,15 +132,13 @@ def install(
     )
 
 
-def _log_unavailable(request: Request, exc: StoreUnavailable) -> None:
+def _log_unavailable(scope: Scope, cause: str) -> None:
     STORE_UNAVAILABLE.labels("api").inc()
-    cause = exc.__cause__
-    log.error(
-        "database unavailable on %s %s: %s",
-        request.method,
-        request.url.path,
-        describe(cause) if cause is not None else exc.message,
-    )
+    log.error("database unavailable on %s %s: %s", scope["method"], scope.get("path", ""), cause)
+
+
+def _dialect(scope: Scope, default: Dialect, prefixes: Mapping[str, Dialect] | None) -> Dialect:
+    return dialect_of(scope) or dialect_for_path(scope.get("path", ""), default, prefixes)
 
 
 class ServerErrors:
@@ -185,22 +179,15 @@ class ServerErrors:
             # left to answer, and it is not a server fault worth a traceback.
             log.debug("client disconnected during %s %s", scope["method"], scope.get("path"))
         except Exception as exc:
-            path = scope.get("path", "")
+            dialect = _dialect(scope, self.default, self.prefixes)
             if self.is_unavailable(exc):  # e.g. raised while a response was streaming
-                STORE_UNAVAILABLE.labels("api").inc()
-                log.error("database unavailable on %s %s: %s", scope["method"], path, describe(exc))
-                problem = self._dialect(scope).problem(StoreUnavailable())
+                _log_unavailable(scope, describe(exc))
+                problem = dialect.problem(StoreUnavailable())
             else:
-                log.exception("unhandled error on %s %s", scope["method"], path)
+                log.exception("unhandled error on %s %s", scope["method"], scope.get("path"))
                 problem = Problem(
                     500, "Internal Server Error", "Server had some issue with processing"
                 )
             if started:
                 return
-            response = self._dialect(scope).render(problem)
-            await response(scope, receive, send)
-
-    def _dialect(self, scope: Scope) -> Dialect:
-        return dialect_of(scope) or dialect_for_path(
-            scope.get("path", ""), self.default, self.prefixes
-        )
+            await dialect.render(problem)(scope, receive, send)

@@ -70,10 +70,6 @@ class LongLivedSlots:
             self._held.pop((kind, account_id), None)
 
 
-def slots_of(request: Request) -> LongLivedSlots:
-    return api_state(request).long_lived
-
-
 def hold_slot(kind: Kind, dialect: Dialect, applies: Callable[[Request], bool]) -> DependsParam:
     """A router dependency holding a `kind` slot of the caller's account for the requests
     `applies` picks (the router's long-lived routes); others pass untouched, key check
@@ -92,7 +88,7 @@ def hold_slot(kind: Kind, dialect: Dialect, applies: Callable[[Request], bool]) 
             yield
             return
         account = await current_account(request)
-        slots = slots_of(request)
+        slots = api_state(request).long_lived
         slots.take(kind, account.id, kind.cap(runtime.settings))
         try:
             yield

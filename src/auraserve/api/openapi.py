@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, create_model
 from pydantic.config import JsonDict
 
 from auraserve.core.request import GenerationRequest
 from auraserve.core.samplers import MEDIA_TYPES
+from auraserve.core.status import iso
 
 # The document's tags: the names users know the three APIs by, in docs, logs and errors alike.
 QUEUE_TAG = "Queue API"
@@ -39,6 +40,11 @@ TAGS: list[dict[str, str]] = [
         "description": "Cancel a request or stream its status, whichever API submitted it.",
     },
 ]
+
+
+IsoTime = Annotated[float | None, PlainSerializer(iso, return_type=str | None)]
+"""A UNIX time, shown as ISO 8601 (`core.status.iso`): a body model with such fields can be
+built from the store's rows (`model_validate(row, from_attributes=True)`)."""
 
 
 class ErrorBody(BaseModel):
@@ -224,6 +230,12 @@ def error_responses(model: type[BaseModel], *codes: int) -> dict[int | str, dict
     return {code: {"model": model, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
+def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its JSON body itself, documented by `model`."""
+    body = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": body}}
+
+
 def request_body_model(
     name: str,
     fields: Mapping[str, str],
@@ -303,7 +315,7 @@ def tidy_document(doc: dict[str, Any], presets: Sequence[str]) -> dict[str, Any]
         for operation in item.values():
             for param in operation.get("parameters", []):
                 if param.get("in") in ("header", "query", "path"):
-                    param["schema"] = _not_null(param.get("schema", {}))
+                    param["schema"] = not_null(param.get("schema", {}))
                 if param.get("in") == "path" and param.get("name") == "model_id":
                     param["schema"] = {**param["schema"], "enum": list(presets)}
             responses = operation.get("responses", {})
@@ -371,7 +383,8 @@ def _hoist_defs(node: Any, components: dict[str, Any]) -> None:
             _hoist_defs(value, components)
 
 
-def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+def not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """`anyOf: [X, null]` as X: for values that are either sent or not, never JSON null."""
     options = [o for o in schema.get("anyOf", []) if o.get("type") != "null"]
     if "anyOf" not in schema or len(options) != 1:
         return schema

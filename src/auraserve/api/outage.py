@@ -43,7 +43,8 @@ async def ride_out(
             await asyncio.sleep(min(RETRY_SECONDS, remaining))
 
 
-def _ids(runtime: Runtime, request_id: str) -> dict[str, str]:
+def request_ids(runtime: Runtime, request_id: str) -> dict[str, str]:
+    """The request id and the URL to poll it at, for answers that name a request."""
     base = runtime.settings.resolved_public_url
     return {
         "request_id": request_id,
@@ -53,7 +54,7 @@ def _ids(runtime: Runtime, request_id: str) -> dict[str, str]:
 
 def request_was_accepted(runtime: Runtime, request_id: str) -> StoreUnavailable:
     """The 503 of a request whose job exists: fetch it, do not resend."""
-    ids = _ids(runtime, request_id)
+    ids = request_ids(runtime, request_id)
     return StoreUnavailable(
         f"The request was accepted as {request_id} (its credits are reserved), but the "
         "service's database became unavailable before its result could be answered. Do not "
@@ -67,7 +68,7 @@ def request_was_accepted(runtime: Runtime, request_id: str) -> StoreUnavailable:
 def request_may_exist(runtime: Runtime, request_id: str) -> StoreUnavailable:
     """The 503 of a submit whose COMMIT was cut off and whose outcome the store could not yet
     tell: the request id it would have, and how to find out."""
-    ids = _ids(runtime, request_id)
+    ids = request_ids(runtime, request_id)
     return StoreUnavailable(
         "The service's database became unavailable while this request was being committed, "
         f"so it may have been accepted as {request_id}. Before resending, GET "

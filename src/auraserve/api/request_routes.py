@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -27,10 +27,6 @@ from auraserve.store import previews as preview_rows
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=[REQUESTS_TAG], dependencies=[use_dialect(QUEUE)])
-
-
-def _status_responses() -> dict[int | str, dict[str, Any]]:
-    return QUEUE.error_responses(401, 404)
 
 
 @router.get(
@@ -57,7 +53,7 @@ def _status_responses() -> dict[int | str, dict[str, Any]]:
                 "Cache-Control": {"schema": {"type": "string", "enum": ["no-cache"]}},
             },
         },
-        **_status_responses(),
+        **QUEUE.error_responses(401, 404),
     },
 )
 async def stream(

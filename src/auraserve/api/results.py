@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import Request
@@ -44,7 +45,9 @@ async def load_job(runtime: Runtime, account_id: str, request_id: str) -> Job:
     SQLAlchemy per call)."""
     parts = split_request_id(request_id)
     job = await runtime.db.job_reads.get(parts[1], account_id=account_id) if parts else None
-    return _found(job, parts, request_id)
+    if job is None or parts is None or job.model_id != parts[0]:
+        raise RequestNotFound(f"Request '{request_id[:200]}' not found")
+    return job
 
 
 async def status_response(
@@ -59,12 +62,6 @@ async def status_response(
     if plain_only:
         return None
     return JSONResponse(await runtime.db.call(render_status, runtime, job))
-
-
-def _found(job: Job | None, parts: tuple[str, str] | None, request_id: str) -> Job:
-    if job is None or parts is None or job.model_id != parts[0]:
-        raise RequestNotFound(f"Request '{request_id[:200]}' not found")
-    return job
 
 
 def plain_status(runtime: Runtime, job: Job) -> dict[str, Any]:
@@ -157,11 +154,7 @@ async def finished_job(request: Request, runtime: Runtime, job: Job) -> Job:
     """Wait for the job up to the sync timeout; anything but COMPLETED raises (SyncTimeout or
     the JobOutcome of its status), carrying the ids to poll it by."""
     done = await wait_until_terminal(request, runtime, job, runtime.settings.sync_timeout_seconds)
-    base = runtime.settings.resolved_public_url
-    ids = {
-        "request_id": job.request_id,
-        "polling_url": f"{base}/v2/requests/status/{job.request_id}",
-    }
+    ids = outage.request_ids(runtime, job.request_id)
     headers = {"x-request-id": job.request_id}
     if done is None:
         raise SyncTimeout(
@@ -185,16 +178,22 @@ async def finished_job(request: Request, runtime: Runtime, job: Job) -> Job:
     )
 
 
-async def balance_after(runtime: Runtime, account_id: str, job: Job) -> str | None:
-    """The x-remaining-credits value to send with a finished job's answer; None when the
-    store stays away for `outage.RETRY_SECONDS` × a few: the image is ready and paid for, so
-    it is answered without the header rather than with a 503 that would invite a resend."""
+async def finished_headers(
+    runtime: Runtime, account_id: str, job: Job, headers: Mapping[str, str]
+) -> dict[str, str]:
+    """A finished job's answer's headers: its x-request-id, `headers` and x-remaining-credits,
+    left out when the store stays away for `outage.RETRY_SECONDS` × a few: the image is ready
+    and paid for, so it is answered without the header rather than with a 503 that would
+    invite a resend."""
+    answer = {"x-request-id": job.request_id, **headers}
     deadline = asyncio.get_running_loop().time() + 2 * outage.RETRY_SECONDS
     try:
-        return str(await outage.ride_out(runtime, deadline, ledger.balance, runtime.db, account_id))
+        balance = await outage.ride_out(runtime, deadline, ledger.balance, runtime.db, account_id)
     except StoreUnavailable:
         log.warning("x-remaining-credits left out of %s: the database is away", job.request_id)
-        return None
+    else:
+        answer["x-remaining-credits"] = str(balance)
+    return answer
 
 
 def read_images(runtime: Runtime, job: Job) -> list[bytes]:

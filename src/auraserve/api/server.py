@@ -25,7 +25,6 @@ import re
 import resource
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import h11
@@ -53,31 +52,6 @@ BODY_PROGRESS_BYTES = 1024
 # buffers (4,096 connections: at most 256 MiB). A longer body is streamed past it, under the
 # same pace rule.
 HOLD_BODY_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    max_header_bytes: int
-    max_header_line_bytes: int
-    header_timeout: float
-    body_timeout: float
-    keep_alive_seconds: int
-    keep_alive_max_requests: int
-    max_connections: int
-    max_body_bytes: int
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> HttpLimits:
-        return cls(
-            max_header_bytes=settings.max_header_bytes,
-            max_header_line_bytes=settings.max_header_line_bytes,
-            header_timeout=settings.header_timeout_seconds,
-            body_timeout=settings.body_timeout_seconds,
-            keep_alive_seconds=settings.keep_alive_seconds,
-            keep_alive_max_requests=settings.keep_alive_max_requests,
-            max_connections=connection_cap(settings.max_connections),
-            max_body_bytes=settings.max_body_bytes,
-        )
 
 
 def connection_cap(configured: int) -> int:
@@ -205,7 +179,9 @@ class GuardedH11Protocol(H11Protocol):
     lookup, no half-read body to clean up). uvicorn's own per-connection state is set up only
     when the first request is handed over (`_start_h11`)."""
 
-    limits: ClassVar[HttpLimits]
+    # The server's settings, and its connection cap (`connection_cap`).
+    limits: ClassVar[Settings]
+    max_connections: ClassVar[int]
     # Insertion-ordered: the first is the longest without a request, the one to close at the cap.
     holding_no_request: ClassVar[dict[GuardedH11Protocol, None]]
     # Closed to make room but not yet gone from uvicorn's set of connections.
@@ -467,7 +443,7 @@ class GuardedH11Protocol(H11Protocol):
     # --- the connection cap ----------------------------------------------------------------
 
     def _admit(self) -> None:
-        if len(self.connections) - len(self.evicted) <= self.limits.max_connections:
+        if len(self.connections) - len(self.evicted) <= self.max_connections:
             self.holding_no_request[self] = None
             return
         for other in self.holding_no_request:
@@ -480,15 +456,17 @@ class GuardedH11Protocol(H11Protocol):
         self._refuse(ServerBusy("every connection of this server holds a request; retry"))
 
 
-def protocol_class(limits: HttpLimits) -> type[GuardedH11Protocol]:
+def protocol_class(settings: Settings) -> type[GuardedH11Protocol]:
     """A protocol class of its own for one server: limits, registry and deadline queues are
     per server."""
+    protocol = GuardedH11Protocol
     attributes: dict[str, Any] = {
-        "limits": limits,
+        "limits": settings,
+        "max_connections": connection_cap(settings.max_connections),
         "holding_no_request": {},
         "evicted": set(),
-        "header_deadlines": Deadlines(limits.header_timeout, GuardedH11Protocol._header_expired),
-        "body_deadlines": Deadlines(limits.body_timeout, GuardedH11Protocol._body_expired),
+        "header_deadlines": Deadlines(settings.header_timeout_seconds, protocol._header_expired),
+        "body_deadlines": Deadlines(settings.body_timeout_seconds, protocol._body_expired),
     }
     return type("ServerH11Protocol", (GuardedH11Protocol,), attributes)
 
@@ -525,14 +503,13 @@ class FreezeAfterStartup:
 def server_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Config:
     """uvicorn's configuration for `app` under `settings`' HTTP limits; `options` go to
     uvicorn as they are (log level, graceful shutdown...)."""
-    limits = HttpLimits.from_settings(settings)
     return uvicorn.Config(
         FreezeAfterStartup(app),
         host=settings.host,
         port=settings.port,
-        http=protocol_class(limits),
-        h11_max_incomplete_event_size=limits.max_header_bytes,
-        timeout_keep_alive=limits.keep_alive_seconds,
+        http=protocol_class(settings),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.keep_alive_seconds,
         # The connection cap is ours (above); uvicorn's would hold the sockets and answer 503.
         limit_concurrency=None,
         # Connections the kernel queues before accept(); past it a SYN is dropped and the

@@ -6,7 +6,7 @@ its WAL flush: one account's submits could not go faster than one per commit, ho
 API processes and connections there were (measured: 111-393 submits/s on the 2-core machine,
 with the row held ~5.6 ms per submit). So this process keeps at most one transaction of an
 account's submits in the store: the submits that arrive meanwhile wait for it and then go
-together (`store.submissions.submit_many`: one transaction, one lock and one flush for all
+together (`store.submissions.submit`: one transaction, one lock and one flush for all
 of them when they all fit; one by one, each with its own answer, when they do not).
 
 Nothing waits for a batch to fill: with the store idle a submit goes at once (after the
@@ -69,21 +69,12 @@ class SubmitBatcher:
     ) -> Submitted:
         """Submit `new_job` for the account; raises QueueLimitReached or InsufficientBalance
         when it does not fit (the refusal `store.submissions.submit` answered it with)."""
+        key = (account_id, max_queued, max_attempts)
         if idem is not None:
-            store = self.runtime.db
-            [answer] = await store.call(
-                submissions.submit,
-                store,
-                account_id=account_id,
-                new_jobs=[new_job],
-                max_queued=max_queued,
-                max_attempts=max_attempts,
-                idem=idem,
-            )
+            [answer] = await self._submit(key, [new_job], idem)
             return _given(answer)
         loop = asyncio.get_running_loop()
         waiting = _Waiting(new_job, loop.create_future())
-        key = (account_id, max_queued, max_attempts)
         queue = self._waiting.get(key)
         if queue is not None:
             queue.append(waiting)  # the next batch takes it along
@@ -112,17 +103,24 @@ class SubmitBatcher:
                 if not waiting.answer.done():
                     waiting.answer.set_exception(RuntimeError("the submit batch stopped"))
 
-    async def _send(self, key: _BatchKey, batch: list[_Waiting]) -> None:
+    async def _submit(
+        self, key: _BatchKey, new_jobs: list[NewJob], idem: IdempotencyKey | None = None
+    ) -> list[Answer]:
         account_id, max_queued, max_attempts = key
+        store = self.runtime.db
+        return await store.call(
+            submissions.submit,
+            store,
+            account_id=account_id,
+            new_jobs=new_jobs,
+            max_queued=max_queued,
+            max_attempts=max_attempts,
+            idem=idem,
+        )
+
+    async def _send(self, key: _BatchKey, batch: list[_Waiting]) -> None:
         try:
-            answers = await self.runtime.db.call(
-                submissions.submit,
-                self.runtime.db,
-                account_id=account_id,
-                new_jobs=[w.new_job for w in batch],
-                max_queued=max_queued,
-                max_attempts=max_attempts,
-            )
+            answers = await self._submit(key, [w.new_job for w in batch])
         except Exception as exc:  # the store is unreachable (503) or worse: all share it
             for waiting in batch:
                 if not waiting.answer.done():

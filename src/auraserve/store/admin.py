@@ -14,7 +14,7 @@ from typing import Any, Literal
 from sqlalchemy import case, func, select
 
 from auraserve.core.jobs import Job, JobStatus
-from auraserve.store import keys, ledger
+from auraserve.store import ledger
 from auraserve.store.db import Store
 from auraserve.store.jobs import ACTIVE
 from auraserve.store.schema import accounts, api_keys, jobs
@@ -227,11 +227,3 @@ def adjust_credits(
         else:
             balance = ledger.deduct_in(conn, account_id, amount, reason, actor_key_id=actor_key_id)
     return Adjustment(account_id, kind, amount, balance)
-
-
-def get_key(db: Store, key_id: str) -> keys.KeyInfo | None:
-    with db.read() as conn:
-        r = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
-    return (
-        None if r is None else keys.KeyInfo(r.id, r.account_id, r.name, r.created_at, r.revoked_at)
-    )

@@ -9,8 +9,11 @@ when full); it is not thread-safe, and the API's thread pool and the worker thre
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from cachetools import TTLCache
@@ -71,3 +74,25 @@ class TtlCache(Generic[K, V]):
             self._entries.expire()
             now = time.monotonic()
             return sum(1 for _, fresh_until in self._entries.values() if now < fresh_until)
+
+
+class Flights(Generic[K, V]):
+    """At most one call in flight per key, on one event loop: whoever asks while it runs gets
+    its future. Await it through `asyncio.shield` (a cancelled request must not cancel the
+    others' answer)."""
+
+    def __init__(self) -> None:
+        self._running: dict[K, asyncio.Future[V]] = {}
+
+    def start(self, key: K, call: Callable[[], Awaitable[V]]) -> asyncio.Future[V]:
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = asyncio.ensure_future(call())
+            running.add_done_callback(functools.partial(self._landed, key))
+        return running
+
+    def _landed(self, key: K, flight: asyncio.Future[V]) -> None:
+        if self._running.get(key) is flight:
+            del self._running[key]
+        if not flight.cancelled():
+            flight.exception()  # whoever awaited it has it; one nobody awaited may fail quietly

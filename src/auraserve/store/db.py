@@ -1,12 +1,9 @@
 """The store: one `Store` object per store, its driver, its caches, its transactions.
 
-A `Store` holds the engine and the backend's driver (`store.drivers`, chosen once from the
-URL), and everything that belongs to one store rather than to the process: the transition
-hooks, the event bus, the short-lived caches (verified keys, queue positions, live models),
-the status poll's reader with its row cache, and the server key webhook secrets derive from.
-Two `Store` objects (tests, a CLI next to a server) never see each other's. It is passed
-explicitly; store functions that get only a connection (`jobs.submit_in`, run in a caller's
-transaction) find theirs with `store_of`.
+Everything that belongs to one store rather than to the process (hooks, the event bus, the
+short-lived caches, the status reader, the server key) lives on its `Store`, so two of them
+(tests, a CLI next to a server) never see each other's. It is passed explicitly; store
+functions that get only a connection (`jobs.submit_in`) find theirs with `store_of`.
 """
 
 from __future__ import annotations
@@ -25,11 +22,11 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from auraserve.core.credentials import ServerKey
 from auraserve.core.jobs import Job
 from auraserve.errors import StoreUnavailable
 from auraserve.observability import metrics
-from auraserve.store.cache import TtlCache
-from auraserve.store.credentials import ServerKey
+from auraserve.store.cache import Flights, TtlCache
 from auraserve.store.drivers import open_driver
 from auraserve.store.drivers.base import Closeable, JobReader
 from auraserve.store.events import LocalBus, take_events, unsent_events
@@ -105,7 +102,7 @@ class Store:
         self._events: Closeable | None = None
         # Per event loop: the store calls in flight, by what they renew (`renewal`).
         self._renewing: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]
+            asyncio.AbstractEventLoop, Flights[Hashable, Any]
         ] = weakref.WeakKeyDictionary()
         self.engine = self.driver.create_engine(pool_size=pool_size, options={_STORE_OPTION: self})
         self.on_committed_transition(metrics.observe_transition)
@@ -154,12 +151,9 @@ class Store:
     @contextmanager
     def at_once(self) -> Iterator[Connection]:
         """A connection in autocommit, for one statement that is a whole transaction (the
-        driver's `submit_at_once`, which notifies the `unsent_events` itself): the server
-        commits it before it answers, so a lock the statement takes is not held across a
-        round trip to this process (and its GIL). The events and transitions recorded
-        meanwhile are delivered after it, as `write`'s are.
-        An unreachable database raises `StoreUnavailable`, `in_doubt` once the connection was
-        handed out: a statement that reached the server may have committed."""
+        driver's `submit_at_once`): a lock it takes is not held across a round trip to this
+        process. Events and transitions recorded meanwhile are delivered after it, as
+        `write`'s are. `StoreUnavailable` is `in_doubt` once the connection was handed out."""
         stage = _Stage()
         with self._unavailable_as_error(stage), self.engine.connect() as conn:
             stage.committing = True
@@ -209,15 +203,9 @@ class Store:
 
     def renewal(self, key: Hashable, fetch: Callable[[], T]) -> asyncio.Future[T]:
         """The store call in flight for `key` on this event loop, or a new one running
-        `fetch`: however many requests ask meanwhile, one call. Await it through
-        `asyncio.shield` (a cancelled request must not cancel the others' answer)."""
-        loop = asyncio.get_running_loop()
-        pending = self._renewing.setdefault(loop, {})
-        running: asyncio.Future[T] | None = pending.get(key)
-        if running is None:
-            running = asyncio.ensure_future(self.call(fetch))
-            pending[key] = running
-            running.add_done_callback(functools.partial(_renewed, pending, key))
+        `fetch`: however many requests ask meanwhile, one call (`Flights`)."""
+        flights = self._renewing.setdefault(asyncio.get_running_loop(), Flights())
+        running: asyncio.Future[T] = flights.start(key, lambda: self.call(fetch))
         return running
 
     async def refreshed(
@@ -229,10 +217,9 @@ class Store:
         fetch: Callable[[], T],
     ) -> T:
         """A value the store's caches hold: `fresh()` when it has one; else `fetch()` renews it
-        (once per `key` at a time) and `stale()` answers now if it can (stale-while-
-        revalidate), or the caller waits for the renewal. Why: every such entry expires every
-        second or two, and the requests that then found it empty each went to the store: tens
-        of polls per expiry, 50-250 ms each, were the p99 of bench/scaleout.py's polls."""
+        (once per `key` at a time) and `stale()` answers now if it can, or the caller waits.
+        Why: requests that each went to the store when an entry expired (tens of polls, 50-250
+        ms each) were the p99 of bench/scaleout.py's polls."""
         value = fresh()
         if value is not None:
             return value
@@ -335,13 +322,6 @@ def _remember_transition(conn: Connection, job: Job) -> None:
 def _take_committed(conn: Connection) -> list[Job]:
     changed: list[Job] = conn.info.pop(_COMMITTED_KEY, [])
     return changed
-
-
-def _renewed(pending: dict[Hashable, asyncio.Future[Any]], key: Hashable, renewal: Any) -> None:
-    if pending.get(key) is renewal:
-        del pending[key]
-    if not renewal.cancelled():
-        renewal.exception()  # whoever awaited it has it; a renewal nobody awaited may fail quietly
 
 
 def store_of(conn: Connection) -> Store:

@@ -7,10 +7,9 @@ thread; SQLite's datagram fan-out between the processes that share its file). Wa
 re-read the store after waking and keep a short poll as a fallback, so a lost notification
 costs latency, never correctness.
 
-Caches of job rows (`drivers.postgresql.JobRowCache`) subscribe to the bus's job events
-(`on_job_event`) and trust it only while it is `listening`: on PostgreSQL from the moment the
-listener's LISTEN is in place until its connection is lost. Every change of a job row emits
-a JOB or WORK event for that job in its transaction (`emit_in`, `emit_each_in` for many jobs).
+Every change of a job row emits a JOB or WORK event for that job in its transaction (`emit_in`,
+`emit_each_in`): caches of job rows (`drivers.postgresql.JobRowCache`, whose module says how)
+rely on it.
 """
 
 from __future__ import annotations

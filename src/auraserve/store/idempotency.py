@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, insert, select, update
 
-from auraserve.store.db import Store
 from auraserve.store.schema import idempotency_keys
 
 _T = idempotency_keys.c
@@ -32,13 +31,8 @@ class StoredKey:
     created_at: float
 
 
-def lookup(db: Store, account_id: str, key: str, *, ttl: float) -> StoredKey | None:
-    """The live (younger than `ttl`) record of `key`, or None."""
-    with db.read() as conn:
-        return lookup_in(conn, account_id, key, ttl=ttl)
-
-
 def lookup_in(conn: Connection, account_id: str, key: str, *, ttl: float) -> StoredKey | None:
+    """The live (younger than `ttl`) record of `key`, or None."""
     row = conn.execute(
         select(idempotency_keys).where(
             _T.account_id == account_id,

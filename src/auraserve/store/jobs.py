@@ -24,12 +24,13 @@ from auraserve.store import ledger
 from auraserve.store import media as media_rows
 from auraserve.store.db import Store, store_of
 from auraserve.store.events import JOB, WORK, emit_each_in, emit_in, unsent_events
-from auraserve.store.reads import COUNT_AHEAD, QUEUE_ORDER, SELECT_JOB, SELECT_TENANT_JOB
+from auraserve.store.reads import COUNT_AHEAD, QUEUE_ORDER, QUEUED, SELECT_JOB, SELECT_TENANT_JOB
 from auraserve.store.schema import accounts, jobs
 
-QUEUED = JobStatus.QUEUED.value
 PROCESSING = JobStatus.PROCESSING.value
+CANCELLED = JobStatus.CANCELLED.value
 ACTIVE = (QUEUED, PROCESSING)
+CANCELLED_BY_CLIENT = "cancelled by the client"
 _MAX_LOG_LINES = 50
 
 _INSERT_JOB = insert(jobs)
@@ -236,6 +237,29 @@ def claim(
     return sorted(claimed, key=lambda j: order[j.id])
 
 
+def _ended(now: float, status: str, **values: Any) -> dict[str, Any]:
+    """The values of a job that reached terminal `status` now."""
+    return {
+        "status": status,
+        **values,
+        "lease_expires_at": None,
+        "completed_at": now,
+        "updated_at": now,
+    }
+
+
+def _requeued(now: float, **values: Any) -> dict[str, Any]:
+    """The values of a job back in the queue, as if never claimed."""
+    return {
+        "status": QUEUED,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "progress_step": 0,
+        "updated_at": now,
+        **values,
+    }
+
+
 def _fenced(job_ids: Collection[str], worker_id: str) -> Any:
     return and_(
         jobs.c.id.in_(list(job_ids)),
@@ -307,7 +331,7 @@ def _finish(
         row = conn.execute(
             update(jobs)
             .where(_fenced([job_id], worker_id))
-            .values(**values, lease_expires_at=None, completed_at=now, updated_at=now)
+            .values(**_ended(now, **values))
             .returning(*jobs.c)
         ).first()
         if row is None:
@@ -369,27 +393,14 @@ def hand_back(db: Store, *, worker_id: str, job_ids: Collection[str]) -> list[st
         cancelled = conn.execute(
             update(jobs)
             .where(_fenced(job_ids, worker_id), jobs.c.cancel_requested.is_(True))
-            .values(
-                status=JobStatus.CANCELLED.value,
-                error="cancelled by the client",
-                lease_expires_at=None,
-                completed_at=now,
-                updated_at=now,
-            )
+            .values(**_ended(now, CANCELLED, error=CANCELLED_BY_CLIENT))
             .returning(*jobs.c)
         ).all()
         transitioned_in(conn, cancelled)
         rows = conn.execute(
             update(jobs)
             .where(_fenced(job_ids, worker_id))
-            .values(
-                status=QUEUED,
-                lease_owner=None,
-                lease_expires_at=None,
-                attempts=jobs.c.attempts - 1,
-                progress_step=0,
-                updated_at=now,
-            )
+            .values(**_requeued(now, attempts=jobs.c.attempts - 1))
             .returning(*jobs.c)
         ).all()
         requeued = [job.id for job in transitioned_in(conn, rows, event=WORK)]
@@ -419,16 +430,7 @@ def recover_expired(db: Store, *, now: float | None = None) -> tuple[list[str], 
             )
             if job.attempts < job.max_attempts:
                 row = conn.execute(
-                    update(jobs)
-                    .where(still_expired)
-                    .values(
-                        status=QUEUED,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        progress_step=0,
-                        updated_at=now,
-                    )
-                    .returning(*jobs.c)
+                    update(jobs).where(still_expired).values(**_requeued(now)).returning(*jobs.c)
                 ).first()
                 if row is not None:
                     requeued.append(job.id)
@@ -438,14 +440,12 @@ def recover_expired(db: Store, *, now: float | None = None) -> tuple[list[str], 
                     update(jobs)
                     .where(still_expired)
                     .values(
-                        status=JobStatus.ERROR.value,
-                        error=(
-                            f"the worker stopped responding {job.attempts} times; "
-                            "giving up (not charged)"
-                        ),
-                        lease_expires_at=None,
-                        completed_at=now,
-                        updated_at=now,
+                        **_ended(
+                            now,
+                            JobStatus.ERROR.value,
+                            error=f"the worker stopped responding {job.attempts} times; "
+                            "giving up (not charged)",
+                        )
                     )
                     .returning(*jobs.c)
                 ).first()
@@ -508,12 +508,7 @@ def cancel(db: Store, job_id: str, *, account_id: str) -> Cancellation | None:
         row = conn.execute(
             update(jobs)
             .where(jobs.c.id == job_id, jobs.c.account_id == account_id, jobs.c.status == QUEUED)
-            .values(
-                status=JobStatus.CANCELLED.value,
-                error="cancelled by the client",
-                completed_at=now,
-                updated_at=now,
-            )
+            .values(**_ended(now, CANCELLED, error=CANCELLED_BY_CLIENT))
             .returning(*jobs.c)
         ).first()
         if row is not None:

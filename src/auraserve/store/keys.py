@@ -17,12 +17,13 @@ import hmac
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
+from auraserve.core.credentials import KEY_PREFIX, ServerKey, new_api_key
 from auraserve.core.ids import short_id
 from auraserve.store import ledger
-from auraserve.store.credentials import KEY_PREFIX, ServerKey, new_api_key
 from auraserve.store.db import Store
 from auraserve.store.schema import accounts, api_keys
 
@@ -92,11 +93,7 @@ def create_account(db: Store, name: str, credits: int = 0, *, is_admin: bool = F
                 created_at=now,
             )
         )
-        conn.execute(
-            insert(api_keys).values(
-                id=key_id, account_id=account_id, name=name, key_hash=_hash(raw), created_at=now
-            )
-        )
+        _insert_key(conn, key_id, account_id, name, raw)
         if credits:
             ledger.grant_in(conn, account_id, credits, note="initial credits")
     return CreatedKey(raw, key_id, account_id, credits, secret, name)
@@ -111,24 +108,34 @@ def create_key(db: Store, account_id: str, name: str) -> CreatedKey:
         ).first()
         if row is None:
             raise LookupError(f"no account {account_id}")
-        conn.execute(
-            insert(api_keys).values(
-                id=key_id,
-                account_id=account_id,
-                name=name,
-                key_hash=_hash(raw),
-                created_at=time.time(),
-            )
-        )
+        _insert_key(conn, key_id, account_id, name, raw)
         balance = ledger.balance_in(conn, account_id)
     secret = db.server_key.webhook_secret(account_id, row.webhook_secret_version)
     return CreatedKey(raw, key_id, account_id, balance, secret, name)
 
 
+def _insert_key(conn: Connection, key_id: str, account_id: str, name: str, raw: str) -> None:
+    conn.execute(
+        insert(api_keys).values(
+            id=key_id, account_id=account_id, name=name, key_hash=_hash(raw), created_at=time.time()
+        )
+    )
+
+
 def list_keys(db: Store) -> list[KeyInfo]:
     with db.read() as conn:
         rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
-    return [KeyInfo(r.id, r.account_id, r.name, r.created_at, r.revoked_at) for r in rows]
+    return [_key_info(r) for r in rows]
+
+
+def get_key(db: Store, key_id: str) -> KeyInfo | None:
+    with db.read() as conn:
+        row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+    return None if row is None else _key_info(row)
+
+
+def _key_info(r: Any) -> KeyInfo:
+    return KeyInfo(r.id, r.account_id, r.name, r.created_at, r.revoked_at)
 
 
 def revoke_key(db: Store, key_id: str) -> bool:
@@ -219,33 +226,16 @@ def _authenticate_uncached(db: Store, raw_key: str, digest: str) -> Account | No
         row = conn.execute(_KEY_LOOKUP, {"key_id": key_id}).first()
     # Compare even when the row is missing so timing does not reveal which key ids exist.
     expected = row.key_hash if row is not None else "0" * 64
-    if not hmac.compare_digest(expected, digest) or row is None:
+    if not hmac.compare_digest(expected, digest) or row is None or row.revoked_at is not None:
         return None
-    if row.revoked_at is not None:
-        return None
-    return Account(
-        row.id,
-        row.name,
-        row.max_queued,
-        row.requests_per_minute,
-        row.max_concurrent,
-        is_admin=bool(row.is_admin),
-    )
+    limits = (row.max_queued, row.requests_per_minute, row.max_concurrent)
+    return Account(row.id, row.name, *limits, is_admin=bool(row.is_admin))
 
 
 def webhook_secret(db: Store, account_id: str) -> str:
-    """The account's current webhook secret (the newest, after a rotation).
-
-    Raises:
-        LookupError: no such account.
-    """
-    with db.read() as conn:
-        version = conn.execute(
-            select(accounts.c.webhook_secret_version).where(accounts.c.id == account_id)
-        ).scalar()
-    if version is None:
-        raise LookupError(f"no account {account_id}")
-    return db.server_key.webhook_secret(account_id, version)
+    """The account's current webhook secret (the newest, after a rotation); LookupError for
+    no such account."""
+    return webhook_secrets(db, account_id)[0]
 
 
 def signing_secrets(

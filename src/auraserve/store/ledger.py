@@ -31,8 +31,6 @@ def grant_in(
 ) -> int:
     """Add `amount` (> 0) to the balance and record it; `actor_key_id`: the admin key that
     granted it over the API. Returns the new balance. Raises LookupError for no account."""
-    if amount <= 0:
-        raise ValueError("a grant must be positive")
     balance = _adjust_in(conn, account_id, amount, "grant", note, actor_key_id)
     if balance is None:
         raise LookupError(f"no account {account_id}")
@@ -47,13 +45,10 @@ def deduct_in(
     *,
     actor_key_id: str | None = None,
 ) -> int:
-    """Take `amount` (> 0) from the balance and record it. The guarded UPDATE (balance >=
-    amount) is serialised per row by the database, so a deduct racing submits can never take
-    the balance below zero: it takes all of `amount` or nothing. Returns the new balance.
-    Raises LookupError (no account) or DeductExceedsBalance."""
-    if amount <= 0:
-        raise ValueError("a deduct must be positive")
-    balance = _adjust_in(conn, account_id, -amount, "deduct", note, actor_key_id)
+    """Take `amount` (> 0) from the balance and record it: all of it or nothing (the guarded
+    UPDATE never takes the balance below zero, however it races submits). Returns the new
+    balance. Raises LookupError (no account) or DeductExceedsBalance."""
+    balance = _adjust_in(conn, account_id, amount, "deduct", note, actor_key_id)
     if balance is None:
         raise DeductExceedsBalance(amount, balance_in(conn, account_id))
     return balance
@@ -62,16 +57,19 @@ def deduct_in(
 def _adjust_in(
     conn: Connection,
     account_id: str,
-    delta: int,
+    amount: int,
     kind: str,
     note: str | None,
     actor_key_id: str | None,
 ) -> int | None:
-    """Move the balance by `delta` and append its ledger entry; None (nothing written) when
-    there is no such account or a negative `delta` is more than the balance."""
+    """Grant or deduct `amount` and append its ledger entry; None (nothing written) when
+    there is no such account or a deduct is more than the balance."""
+    if amount <= 0:
+        raise ValueError(f"a {kind} must be positive")
+    delta = amount if kind == "grant" else -amount
     guard = [accounts.c.id == account_id]
     if delta < 0:
-        guard.append(accounts.c.balance >= -delta)
+        guard.append(accounts.c.balance >= amount)
     row = conn.execute(
         update(accounts)
         .where(*guard)
@@ -84,7 +82,7 @@ def _adjust_in(
         insert(ledger).values(
             account_id=account_id,
             kind=kind,
-            amount=abs(delta),
+            amount=amount,
             balance_delta=delta,
             created_at=time.time(),
             note=note,

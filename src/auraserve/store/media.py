@@ -45,8 +45,7 @@ def owned(db: Store, names: Collection[str]) -> set[str]:
 
 
 def is_owned(db: Store, name: str) -> bool:
-    with db.read() as conn:
-        return conn.execute(select(_M.name).where(_M.name == name)).first() is not None
+    return bool(owned(db, [name]))
 
 
 def names_of(db: Store, job_id: str) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, select, tuple_
 
 from auraserve.core.jobs import JobStatus
-from auraserve.store.cache import TtlCache
+from auraserve.store.cache import Flights, TtlCache
 from auraserve.store.schema import jobs
 
 QUEUED = JobStatus.QUEUED.value
@@ -64,8 +64,7 @@ class QueuePositions(TtlCache[str, int]):
 
     def __init__(self, *, ttl: float = POSITION_TTL) -> None:
         super().__init__(ttl=ttl, maxsize=POSITION_CACHE_MAX, grace=POSITION_GRACE)
-        # Counts in flight (`of_async`), by job id.
-        self._counting: dict[str, asyncio.Future[int]] = {}
+        self._counting: Flights[str, int] = Flights()
 
     def of(self, row: Any, count: Callable[[dict[str, object]], int]) -> int | None:
         """The position of a job row (None unless QUEUED): remembered, else `count(params)`
@@ -91,11 +90,7 @@ class QueuePositions(TtlCache[str, int]):
         position = self.get(row.id)
         if position is not None:
             return position
-        counting = self._counting.get(row.id)
-        if counting is None:
-            counting = asyncio.ensure_future(self._count(row, count))
-            self._counting[row.id] = counting
-            counting.add_done_callback(lambda done: self._counted(row.id, done))
+        counting = self._counting.start(row.id, lambda: self._count(row, count))
         previous = self.get_stale(row.id)
         if previous is not None:
             return previous
@@ -105,9 +100,3 @@ class QueuePositions(TtlCache[str, int]):
         position = await count(count_ahead_params(row))
         self.put(row.id, position)
         return position
-
-    def _counted(self, job_id: str, task: asyncio.Future[int]) -> None:
-        if self._counting.get(job_id) is task:
-            del self._counting[job_id]
-        if not task.cancelled():
-            task.exception()  # retrieved: the polls that awaited it got it; others need not

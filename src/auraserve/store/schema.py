@@ -36,7 +36,7 @@ accounts = Table(
     # transition, so the per-account queue limit costs O(1) instead of a count of the queue.
     Column("active_jobs", Integer, nullable=False, server_default="0"),
     # The webhook signing secret is derived from the server key and this version
-    # (store.credentials.ServerKey), never stored. A rotation bumps the version and keeps the
+    # (core.credentials.ServerKey), never stored. A rotation bumps the version and keeps the
     # previous one signing until `webhook_previous_until` (UNIX seconds).
     Column("webhook_secret_version", Integer, nullable=False, server_default="1"),
     Column("webhook_previous_version", Integer, nullable=True),

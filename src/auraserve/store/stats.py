@@ -8,17 +8,15 @@ import time
 
 from sqlalchemy import func, select
 
-from auraserve.core.jobs import JobStatus
 from auraserve.observability.metrics import ModelQueue, StoreSample
 from auraserve.store.db import Store
+from auraserve.store.jobs import ACTIVE
+from auraserve.store.reads import QUEUED
 from auraserve.store.schema import job_checkpoints, jobs, workers
-
-_QUEUED = JobStatus.QUEUED.value
-_PROCESSING = JobStatus.PROCESSING.value
 
 _BY_MODEL = (
     select(jobs.c.model_id, jobs.c.status, func.count(), func.min(jobs.c.created_at))
-    .where(jobs.c.status.in_((_QUEUED, _PROCESSING)))
+    .where(jobs.c.status.in_(ACTIVE))
     .group_by(jobs.c.model_id, jobs.c.status)
 )
 
@@ -29,7 +27,7 @@ def sample(db: Store, *, stale_seconds: float) -> StoreSample:
     processing: dict[str, int] = {}
     with db.read() as conn:
         for model, status, count, oldest in conn.execute(_BY_MODEL):
-            if status == _QUEUED:
+            if status == QUEUED:
                 queued[model] = (int(count), oldest)
             else:
                 processing[model] = int(count)

@@ -6,11 +6,9 @@ A submit without an idempotency key joins whatever batch of its account the API 
 `jobs.transitioned_in`) and come back as `Submitted`.
 
 With an idempotency key, the key row, the credit reservation and the job commit together in
-one transaction, so either all exist or none does. Two concurrent submits with the same key
-cannot both insert it (the key is the table's primary key): the second waits for the first
-(PostgreSQL's row lock, SQLite's single writer), fails with IntegrityError and answers with the
-first one's job instead of making another. A key sent again with a different request is
-refused (IdempotencyKeyReused).
+one transaction; of two concurrent submits with one key, the second answers with the first
+one's job (`store.idempotency`). A key sent again with a different request is refused
+(IdempotencyKeyReused).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -23,7 +23,6 @@ from auraserve.store.db import Store
 from auraserve.store.schema import workers
 
 STOPPED = "stopped"
-STATES = ("starting", "ready", "busy", "stopping", STOPPED)
 
 
 @dataclass(frozen=True)
@@ -109,21 +108,7 @@ def list_workers(db: Store) -> list[WorkerInfo]:
         rows = conn.execute(
             select(workers).order_by(workers.c.last_seen_at.desc(), workers.c.id)
         ).all()
-    return [
-        WorkerInfo(
-            id=r.id,
-            host=r.host,
-            pid=r.pid,
-            models=list(json.loads(r.models)),
-            device=r.device,
-            state=r.state,
-            jobs_done=r.jobs_done,
-            started_at=r.started_at,
-            last_seen_at=r.last_seen_at,
-            stopped_at=r.stopped_at,
-        )
-        for r in rows
-    ]
+    return [WorkerInfo(**{**r._mapping, "models": list(json.loads(r.models))}) for r in rows]
 
 
 def cached_live_models(
@@ -169,14 +154,8 @@ def report(rows: Sequence[WorkerInfo], *, stale_seconds: float, now: float) -> d
     return {
         "workers": [
             {
-                "id": w.id,
-                "host": w.host,
-                "pid": w.pid,
-                "models": w.models,
-                "device": w.device,
-                "state": w.state,
+                **asdict(w),
                 "liveness": w.liveness(stale_seconds, now),
-                "jobs_done": w.jobs_done,
                 "started_at": iso(w.started_at),
                 "last_seen_at": iso(w.last_seen_at),
                 "stopped_at": iso(w.stopped_at),

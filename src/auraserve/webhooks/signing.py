@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 # The store issues the secret when it creates an account, so generation lives there; these
 # names stay here too because receivers and tests think of them as part of the signing scheme.
-from auraserve.store.credentials import WEBHOOK_SECRET_BYTES, WEBHOOK_SECRET_PREFIX
-from auraserve.store.credentials import new_webhook_secret as new_secret
+from auraserve.core.credentials import WEBHOOK_SECRET_BYTES, WEBHOOK_SECRET_PREFIX
+from auraserve.core.credentials import new_webhook_secret as new_secret
 
 SECRET_PREFIX = WEBHOOK_SECRET_PREFIX
 SECRET_BYTES = WEBHOOK_SECRET_BYTES

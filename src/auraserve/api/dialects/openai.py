@@ -39,6 +39,7 @@ from auraserve.api.openapi import (
     OPENAI_TAG,
     OpenAIErrorBody,
     int_range_pattern,
+    json_request_body,
     request_body_model,
 )
 from auraserve.api.submit import accept
@@ -86,11 +87,6 @@ _TYPES = {
 }
 
 
-def error_type(status: int) -> str:
-    """OpenAI's `type` for a status; a server's failure is never the request's fault."""
-    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-
-
 class OpenAIDialect(Dialect):
     name = DialectName.OPENAI
     fields: ClassVar[dict[str, str]] = {
@@ -125,10 +121,12 @@ class OpenAIDialect(Dialect):
         code = "insufficient_quota" if insufficient else None
         if isinstance(problem.error, ModelNotFound):
             code = "model_not_found"
+        # Another status's type: a server's failure is never the request's fault.
+        fallback = "server_error" if problem.status >= 500 else "invalid_request_error"
         return {
             "error": {
                 "message": problem.message,
-                "type": "insufficient_quota" if insufficient else error_type(problem.status),
+                "type": code if insufficient else _TYPES.get(problem.status, fallback),
                 "param": "model" if code == "model_not_found" else problem.field,
                 "code": code,
             }
@@ -142,14 +140,6 @@ class OpenAIDialect(Dialect):
 
 
 OPENAI = OpenAIDialect()
-
-
-def default_response_format(model: object) -> str:
-    """gpt-image models only ever answer with base64 at OpenAI; clients written for them read
-    `b64_json` without asking for it."""
-    if isinstance(model, str) and model.startswith("gpt-image-"):
-        return "b64_json"
-    return "url"
 
 
 def _size_rule() -> str:
@@ -309,12 +299,7 @@ async def retrieve_model(model: str, runtime: RuntimeDep, account: CurrentAccoun
     PATH,
     summary="Create images (OpenAI Images API)",
     response_model=ImagesResponse,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": ImageGenerationBody.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_request_body(ImageGenerationBody),
     responses=OPENAI.error_responses(400, 401, 409, 413, 415, 422, 429, 500, 504),
 )
 async def generations(
@@ -332,7 +317,10 @@ async def generations(
         raise InvalidParameter(
             field="background", message="background: transparent backgrounds are not supported"
         )
-    response_format = data.get("response_format") or default_response_format(data.get("model"))
+    # gpt-image models only ever answer with base64 at OpenAI: clients written for them read
+    # `b64_json` without asking for it.
+    gpt_image = str(data.get("model")).startswith("gpt-image-")
+    response_format = data.get("response_format") or ("b64_json" if gpt_image else "url")
     if response_format not in RESPONSE_FORMATS:
         raise InvalidParameter(
             field="response_format",
@@ -365,8 +353,5 @@ async def generations(
     }
     if data.get("quality") is not None:
         body["quality"] = data["quality"]
-    balance = await results.balance_after(runtime, account.id, job)
-    headers = {"x-request-id": job.request_id, **headers}
-    if balance is not None:
-        headers["x-remaining-credits"] = balance
+    headers = await results.finished_headers(runtime, account.id, job, headers)
     return JSONResponse(body, headers=headers)

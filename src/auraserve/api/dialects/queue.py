@@ -17,7 +17,7 @@ from auraserve.api import idempotency, results
 from auraserve.api.body import json_object
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName
-from auraserve.api.openapi import QUEUE_TAG, StatusBody, request_body_model
+from auraserve.api.openapi import QUEUE_TAG, StatusBody, json_request_body, request_body_model
 from auraserve.api.submit import Webhook, accept
 from auraserve.core.jobs import Job
 from auraserve.errors import InvalidParameter
@@ -124,12 +124,7 @@ def accepted_body(runtime: Runtime, job: Job) -> dict[str, Any]:
     status_code=202,
     response_model=QueueSubmitResponse,
     summary="Submit a generation request",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": QueueSubmitBody.model_json_schema()}},
-        }
-    },
+    openapi_extra=json_request_body(QueueSubmitBody),
     responses=QUEUE.error_responses(400, 401, 402, 413, 415, 422, 429),
 )
 async def submit(

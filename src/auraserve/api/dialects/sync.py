@@ -29,7 +29,7 @@ from auraserve.api.body import FORM_TYPES, JSON, media_type, read_json_body, rea
 from auraserve.api.deps import CurrentAccount, RuntimeDep, use_dialect
 from auraserve.api.dialect import Dialect, DialectName
 from auraserve.api.image_field import upload_as_field
-from auraserve.api.openapi import SYNC_TAG, image_content, request_body_model
+from auraserve.api.openapi import SYNC_TAG, image_content, not_null, request_body_model
 from auraserve.api.submit import accept, remaining_credits
 from auraserve.config import Settings
 from auraserve.core.jobs import Job
@@ -206,15 +206,16 @@ async def image_response(
 ) -> Response:
     images = await runtime.db.call(results.read_images, runtime, job)
     seeds = list(job.output.get("seeds") or job.request.seeds) if job.output else job.request.seeds
-    balance = await results.balance_after(runtime, account.id, job)
-    headers = {
-        "x-request-id": job.request_id,
-        "x-seed": str(seeds[0]),
-        "x-generation-time": f"{job.engine_seconds or 0.0:.3f}",
-        **extra_headers,
-    }
-    if balance is not None:
-        headers["x-remaining-credits"] = balance
+    headers = await results.finished_headers(
+        runtime,
+        account.id,
+        job,
+        {
+            "x-seed": str(seeds[0]),
+            "x-generation-time": f"{job.engine_seconds or 0.0:.3f}",
+            **extra_headers,
+        },
+    )
     if len(images) == 1 and not as_base64:
         return Response(images[0], media_type=job.request.media_type, headers=headers)
     body = {"images": [base64.b64encode(i).decode("ascii") for i in images], "seeds": seeds}
@@ -226,10 +227,7 @@ def _form_schema(schema: dict[str, Any]) -> dict[str, Any]:
     hold a list or an object have no form spelling and are documented for JSON bodies only."""
     properties = {}
     for name, prop in schema["properties"].items():
-        options = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
-        if len(options) == 1:
-            rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
-            prop = {**options[0], **rest}
+        prop = not_null(prop)
         if prop.get("type") in ("array", "object"):
             continue
         properties[name] = prop

@@ -1,13 +1,6 @@
 """The driver interface: everything that differs between SQLite and PostgreSQL, in the manner
 of River's `riverdriver.Driver`. The rest of the store (and everything above it) is written
 once against it; `drivers.open_driver` picks the implementation from the URL, once.
-
-A driver owns: the engine and its connection set-up, how a transaction begins (and, for
-writes, how writers take turns), the migration lock, cross-process wake-ups, the status
-poll's fast read (`JobReader`), the one-statement batch submit where the backend has one,
-`INSERT … ON CONFLICT DO NOTHING`, which failures mean "unavailable" (a 503, never a 500), and
-whether store calls may run inline on the event loop. Backend-neutral questions ("does this
-store hear every commit", "is it a local file") are its properties.
 """
 
 from __future__ import annotations
@@ -150,11 +143,22 @@ class Driver(ABC):
         autocommit connection. Returns the balance left, or None when they did not fit."""
         raise NotImplementedError
 
-    @abstractmethod
+    # The dialect's INSERT construct, which has ON CONFLICT DO NOTHING (`insert_ignoring`).
+    insert: ClassVar[staticmethod[[Table], Any]]
+
     def insert_ignoring(
         self, conn: Connection, table: Table, values: dict[str, Any], key: Sequence[str]
     ) -> bool:
         """Insert a row unless one with the same `key` columns exists; True if inserted."""
+        statement = (
+            self.insert(table)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=list(key))
+            .returning(*(table.c[name] for name in key))
+        )
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT that SQLAlchemy gave an
+        # implicit RETURNING of its own.
+        return conn.execute(statement).first() is not None
 
     @abstractmethod
     def is_unavailable(self, exc: BaseException) -> bool:

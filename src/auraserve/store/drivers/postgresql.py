@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 import psycopg
 from cachetools import TTLCache
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from sqlalchemy import Connection, Table, create_engine, event, inspect, text
+from sqlalchemy import Connection, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Dialect, Engine, make_url
@@ -93,6 +93,7 @@ PG_ROW_CACHE_MAX = 10_000
 class PostgresDriver(Driver):
     name = "postgresql"
     inline_calls = False
+    insert = staticmethod(pg_insert)
     hears_every_commit = True
     submits_at_once = True
 
@@ -174,31 +175,15 @@ class PostgresDriver(Driver):
         ).first()
         return None if reserved is None else int(reserved.balance)
 
-    def insert_ignoring(
-        self, conn: Connection, table: Table, values: dict[str, Any], key: Sequence[str]
-    ) -> bool:
-        statement = (
-            pg_insert(table)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=list(key))
-            .returning(*(table.c[name] for name in key))
-        )
-        # RETURNING, not rowcount: psycopg reports -1 for an INSERT that SQLAlchemy gave an
-        # implicit RETURNING of its own.
-        return conn.execute(statement).first() is not None
-
-    def is_unavailable(self, exc: BaseException) -> bool:
-        return _is_unavailable(exc)
+    @staticmethod
+    def is_unavailable(exc: BaseException) -> bool:
+        # psycopg raises OperationalError for every server or network failure (refused, reset,
+        # "terminating connection due to administrator command", timeouts) and InterfaceError
+        # for a connection that is already closed.
+        return isinstance(exc, OperationalError | InterfaceError)
 
     def close(self) -> None:
         pass  # it holds nothing of its own: the engine and the listener are the Store's
-
-
-def _is_unavailable(exc: BaseException) -> bool:
-    # psycopg raises OperationalError for every server or network failure (refused, reset,
-    # "terminating connection due to administrator command", timeouts) and InterfaceError
-    # for a connection that is already closed.
-    return isinstance(exc, OperationalError | InterfaceError)
 
 
 _NOTIFY = text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p")
@@ -547,7 +532,7 @@ class PgJobReader(JobReader):
     def _unavailable(exc: psycopg.Error) -> bool:
         """The SQLAlchemy path's verdict on a raw driver error (SQLAlchemy would wrap it by
         class), so this path refuses (503) exactly what that path refuses."""
-        return _is_unavailable(DBAPIError.instance(None, None, exc, psycopg.Error))
+        return PostgresDriver.is_unavailable(DBAPIError.instance(None, None, exc, psycopg.Error))
 
     async def aclose(self) -> None:
         pool = self._pool if self._loop is asyncio.get_running_loop() else None

@@ -36,7 +36,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Table, create_engine, event
+from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect, Engine, make_url
@@ -65,6 +65,7 @@ _DIALECT: Dialect = sqlite.dialect(paramstyle="named")
 class SqliteDriver(Driver):
     name = "sqlite"
     inline_calls = True
+    insert = staticmethod(sqlite_insert)
     hears_every_commit = False  # the fan-out drops datagrams when a peer's buffer is full
 
     def __init__(self, url: str) -> None:
@@ -136,20 +137,7 @@ class SqliteDriver(Driver):
         return None if file is None else SqliteFanout.join(file, bus)
 
     def job_reader(self, positions: QueuePositions, bus: LocalBus) -> JobReader:
-        return SqliteJobReader(self, self.path, positions, uri=self.uri)
-
-    def insert_ignoring(
-        self, conn: Connection, table: Table, values: dict[str, Any], key: Sequence[str]
-    ) -> bool:
-        statement = (
-            sqlite_insert(table)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=list(key))
-            .returning(*(table.c[name] for name in key))
-        )
-        # RETURNING, not rowcount: psycopg reports -1 for an INSERT that SQLAlchemy gave an
-        # implicit RETURNING of its own.
-        return conn.execute(statement).first() is not None
+        return SqliteJobReader(self, positions)
 
     def is_unavailable(self, exc: BaseException) -> bool:
         if isinstance(exc, OperationalError) and isinstance(exc.orig, sqlite3.Error):
@@ -230,26 +218,20 @@ class WriterFileLock:
 
 class SqliteJobReader(JobReader):
     """Reads through a raw `sqlite3` connection per thread, autocommit (each statement reads
-    its own WAL snapshot, as `Store.read` does), `query_only`. Called inline on the event
-    loop: a read takes microseconds, a thread hand-off costs more (`Store.call`)."""
+    its own WAL snapshot, as `Store.read` does), `query_only`, inline on the event loop."""
 
     _SELECT = Compiled(SELECT_TENANT_JOB, _DIALECT)
     _COUNT = Compiled(COUNT_AHEAD, _DIALECT)
 
-    def __init__(
-        self, driver: SqliteDriver, path: str, positions: QueuePositions, *, uri: bool = False
-    ) -> None:
+    def __init__(self, driver: SqliteDriver, positions: QueuePositions) -> None:
         super().__init__(positions)
         self._driver = driver
-        self.path = path
-        self._uri = uri
         self._local = threading.local()
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
 
     async def get(self, job_id: str, *, account_id: str) -> Job | None:
-        # Runs to completion without awaiting: the loop is held for one indexed lookup.
-        try:
+        try:  # to completion without awaiting: the loop is held for one indexed lookup
             return self._get(job_id, account_id)
         except sqlite3.OperationalError as exc:
             wrapped = DBAPIError.instance(None, None, exc, sqlite3.Error)
@@ -259,7 +241,6 @@ class SqliteJobReader(JobReader):
 
     def _get(self, job_id: str, account_id: str) -> Job | None:
         conn = self._connection()
-        # fetchall steps each statement to its end, which ends its read snapshot at once.
         cursor = conn.execute(self._SELECT.sql, {"job_id": job_id, "acct": account_id})
         found = cursor.fetchall()
         if not found:
@@ -277,11 +258,11 @@ class SqliteJobReader(JobReader):
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(
-                self.path,
+                self._driver.path,
                 timeout=SQLITE_BUSY_TIMEOUT,
                 isolation_level=None,  # autocommit: no transaction is left open between polls
                 check_same_thread=False,  # only so that close() may close it from any thread
-                uri=self._uri,
+                uri=self._driver.uri,
             )
             conn.execute("PRAGMA query_only=1")
             with self._lock:

@@ -1,10 +1,10 @@
 """The credentials the store issues: API keys, and webhook signing secrets derived from the
 server key.
 
-Generation lives here, below both the store (which persists them) and the webhooks (which sign
-with the secret), so neither has to import the other. Only `secrets` is used, never `random`:
-these values are all that stands between a client and someone impersonating it, or forging
-its job-status callbacks.
+Generation lives in `core`, below both the store (which persists them) and the webhooks (which
+sign with the secret), so neither has to import the other; it touches no database. Only
+`secrets` is used, never `random`: these values are all that stands between a client and
+someone impersonating it, or forging its job-status callbacks.
 """
 
 from __future__ import annotations

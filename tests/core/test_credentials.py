@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from auraserve.store.credentials import (
+from auraserve.core.credentials import (
     SERVER_KEY_FILE,
     ServerKey,
     load_server_key,
@@ -60,7 +60,7 @@ def test_a_short_server_key_is_refused() -> None:
 def test_the_default_server_key_is_made_once_in_the_data_dir_0600(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="auraserve.store.credentials"):
+    with caplog.at_level(logging.INFO, logger="auraserve.core.credentials"):
         first = load_server_key(None, None, tmp_path)
     path = tmp_path / SERVER_KEY_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
