@@ -145,17 +145,18 @@ def test_a_killed_workers_batch_resumes_from_its_checkpoints_with_the_same_image
     def submit(fields: dict[str, Any]) -> str:
         return submit_job(runtime.db, account.account_id, fields, model=MODEL, loras=registry)
 
+    # Queued before the worker starts: claimed as one batch (a worker already waiting could
+    # claim the first before the second is in).
+    ids = [submit(r) for r in requests]
     first = _worker(settings, "gpu-a")
     second: subprocess.Popen[bytes] | None = None
     try:
-        # Queued before the worker looks: claimed as one batch.
-        ids = [
-            submit_job(runtime.db, account.account_id, r, model=MODEL, loras=registry)
-            for r in requests
-        ]
 
         def far_enough(job: Job) -> bool:
-            assert not job.is_terminal, "the job ended before the test saw its checkpoints"
+            assert not job.is_terminal, (
+                "the job ended before the test saw its checkpoints",
+                _logs(runtime.settings),
+            )
             found = checkpoints.of_jobs(runtime.db, ids)
             # Usually one step for both; two steps (a kill between their two writes) resume as
             # two groups, which is as right.
