@@ -319,7 +319,9 @@ def throughput(
                 connections=c,
                 duration=duration,
                 method="POST",
-                headers=server.headers,
+                # The body's type: without it every submit is a 415 (wrk sends no header of
+                # its own; the Python client adds it).
+                headers={**server.headers, "Content-Type": "application/json"},
                 body=SUBMIT_BODY,
             ),
         )
