@@ -23,10 +23,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,20 +32,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+from timing import timed_ms  # noqa: E402 - bench/ is importable once run
+
 RESULTS = ROOT / "bench" / "results" / "checkpoint.json"
 SAMPLERS = ("euler", "dpmpp_2m", "dpmpp_3m_sde", "uni_pc", "lms")
-
-
-def _timed_ms(run: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median, min) milliseconds over ``repeats`` calls after one warm-up call. The min is
-    the cost on a quiet host; the median includes what other processes took from us."""
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times), min(times)
 
 
 def state_at(sampler: str, batch: int, latent: int, steps: int = 10, at: int = 5) -> Any:
@@ -118,7 +106,7 @@ def measure(
                         Bucket=bucket, Key=f"ckpt/{key}", Body=data
                     )
                 for name, run in timed.items():
-                    row[f"{name}_ms"], row[f"{name}_min_ms"] = _timed_ms(run, repeats)
+                    row[f"{name}_ms"], row[f"{name}_min_ms"] = timed_ms(run, repeats)
                 row["serialize_and_write_local_ms"] = (
                     row["serialize_ms"] + row["write_local_fsync_ms"]
                 )

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,19 +24,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+from timing import timed_ms  # noqa: E402 - bench/ is importable once run
+
 RESULTS = ROOT / "bench" / "results" / "preview.json"
-
-
-def _timed_ms(run: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median, min) milliseconds over ``repeats`` calls after one warm-up call. The min is
-    the cost on a quiet host; the median includes what other processes took from us."""
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times), min(times)
 
 
 def latents(kind: str, side: int) -> Any:
@@ -77,7 +65,7 @@ def measure(side: int, size: int, repeats: int) -> list[dict[str, Any]]:  # prag
                 "jpeg": lambda x=x: preview_png(x, size=size, image_format="jpeg"),
             }
             for name, run in timed.items():
-                row[f"{name}_ms"], row[f"{name}_min_ms"] = _timed_ms(run, repeats)
+                row[f"{name}_ms"], row[f"{name}_min_ms"] = timed_ms(run, repeats)
             rows.append(row)
             print(json.dumps(row), flush=True)
     torch.set_num_threads(default_threads)

@@ -4,7 +4,7 @@ while the job runs, dropped by their writer or by maintenance when the job ends.
 from __future__ import annotations
 
 from auraserve.core.jobs import JobStatus
-from auraserve.store import checkpoints, jobs, keys
+from auraserve.store import checkpoints, jobs, keys, stats
 from auraserve.store import media as media_rows
 from auraserve.store.db import Store
 from tests.store_jobs import MODEL, submit_job
@@ -30,7 +30,8 @@ def test_one_row_per_job_replaced_as_it_moves_on(db: Store) -> None:
     assert second is not None and second.replaced == "a.ckpt"  # the caller deletes it
     [record] = checkpoints.of_jobs(db, [job_id]).values()
     assert (record.name, record.step, record.total, record.size) == ("b.ckpt", 4, 8, 120)
-    assert checkpoints.bytes_held(db) == 120
+    # The bytes held, as the metrics export them (auraserve_checkpoint_bytes_stored).
+    assert stats.sample(db, stale_seconds=30).checkpoint_bytes == 120
     # The orphan sweep keeps a running job's checkpoint, not the one it replaced.
     assert media_rows.owned(db, ["a.ckpt", "b.ckpt"]) == {"b.ckpt"}
 
@@ -66,7 +67,8 @@ def test_a_takeover_keeps_the_old_checkpoint_until_it_writes_its_own(db: Store) 
     assert saved is not None and saved.replaced == "old.ckpt"
     jobs.complete(db, worker_id="w2", job_id=job_id, output={}, engine_seconds=1.0)
     assert checkpoints.drop(db, job_id=job_id) == "new.ckpt"
-    assert checkpoints.of_jobs(db, [job_id]) == {} and checkpoints.bytes_held(db) == 0
+    assert checkpoints.of_jobs(db, [job_id]) == {}
+    assert stats.sample(db, stale_seconds=30).checkpoint_bytes == 0
 
 
 def test_maintenance_forgets_the_checkpoints_of_jobs_that_ended_without_their_worker(

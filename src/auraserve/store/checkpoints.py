@@ -15,7 +15,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from auraserve.core.jobs import TERMINAL
 from auraserve.store.db import Store
@@ -143,9 +143,3 @@ def forget_finished(db: Store, *, limit: int = 500) -> list[str]:
                 delete(job_checkpoints).where(_C.job_id.in_(stale)).returning(_C.name)
             ).all()
         )
-
-
-def bytes_held(db: Store) -> int:
-    """The checkpoint bytes the media store holds for running jobs (one per job at most)."""
-    with db.read() as conn:
-        return int(conn.execute(select(func.coalesce(func.sum(_C.size), 0))).scalar_one())
